@@ -1,0 +1,214 @@
+"""Typed job configuration: one YAML file per job, dotted overrides from the command line.
+
+Everything is validated when loaded, before Ray or any worker starts; an error names the file and
+the dotted field, and suggests the closest known key for a misspelling.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the file and field."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunConfig(Section):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    seed: int = 42
+
+
+class ModelConfig(Section):
+    name_or_path: str = Field(min_length=1)  # hub id, local directory or s3://bucket/prefix
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    cache_dir: str | None = None  # where s3:// models are downloaded; default ~/.cache/rayft/models
+    trust_remote_code: bool = False
+
+
+class DataConfig(Section):
+    train_files: list[str] = Field(min_length=1)
+    eval_files: list[str] = []
+    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = "auto"
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # used only when eval_files is empty
+    max_seq_len: int = Field(1024, ge=8)
+    on_error: Literal["skip", "fail"] = "skip"
+    system_prompt: str | None = None  # prepended when a row has no system message
+
+    @field_validator("train_files", "eval_files", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class LoraConfig(Section):
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: str | list[str] = "all-linear"
+
+
+class TrainConfig(Section):
+    strategy: Literal["ddp"] = "ddp"  # fsdp and deepspeed arrive with the sharding work
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1)  # overrides epochs when set
+    micro_batch_size: int = Field(4, ge=1)  # per worker, per forward pass
+    effective_batch_size: int = Field(16, ge=1)  # across all workers and accumulation steps
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast; auto = bf16 on CUDA
+    log_every_steps: int = Field(10, ge=1)
+
+
+class ScalingConfig(Section):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    resources_per_worker: dict[str, float] = {}  # extra Ray resources, e.g. {"accelerator_type:A10G": 0.01}
+
+
+class CheckpointConfig(Section):
+    storage_path: str = "runs"  # a run lives in STORAGE_PATH/RUN_NAME; a local directory for now
+    every_steps: int | None = Field(500, ge=1)
+    keep_last: int = Field(2, ge=1)
+
+
+class EvalConfig(Section):
+    every_steps: int | None = Field(None, ge=1)  # None: only at the end
+    early_stopping_patience: int | None = Field(None, ge=1)  # evals without improvement
+    batch_size: int = Field(8, ge=1)
+    task_metric: Literal["exact_match", "none"] = "exact_match"
+    max_generate_samples: int = Field(64, ge=0)  # held-out rows used for the generated-answer metric
+    max_new_tokens: int = Field(32, ge=1)
+
+
+class TrackingConfig(Section):
+    backend: Literal["none", "wandb"] = "none"
+    project: str = "rayft"
+
+
+class JobConfig(Section):
+    run: RunConfig
+    model: ModelConfig
+    data: DataConfig
+    lora: LoraConfig | None = LoraConfig()  # null: full fine-tune (arrives with the sharding work)
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobConfig:
+        per_pass = self.train.micro_batch_size * self.scaling.num_workers
+        if self.train.effective_batch_size % per_pass:
+            raise ValueError(
+                f"train.effective_batch_size ({self.train.effective_batch_size}) must be a multiple of "
+                f"train.micro_batch_size x scaling.num_workers ({self.train.micro_batch_size} x "
+                f"{self.scaling.num_workers} = {per_pass})"
+            )
+        if not self.data.eval_files and self.data.eval_fraction == 0:
+            raise ValueError(
+                "data: no held-out set: give data.eval_files or a data.eval_fraction above 0"
+            )
+        if self.eval.early_stopping_patience and not self.eval.every_steps:
+            raise ValueError("eval.early_stopping_patience needs eval.every_steps")
+        if self.lora is None:
+            raise ValueError("lora: null (full fine-tuning) is not supported yet; give a lora section")
+        if self.train.precision == "fp16" and not self.scaling.use_gpu:
+            raise ValueError("train.precision: fp16 needs scaling.use_gpu: true")
+        return self
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.train.effective_batch_size // (
+            self.train.micro_batch_size * self.scaling.num_workers
+        )
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`a.b=1` strings to a {"a.b": 1} dict; values are parsed as YAML (numbers, bools, lists, null)."""
+    parsed = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or key != key.strip():
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
+        try:
+            parsed[key] = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+    return parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    for dotted, value in overrides.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for i, part in enumerate(parents):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(parents[: i + 1])
+                raise ConfigError(f"override {dotted}: {where} is a value, not a section")
+            node = child
+        node[leaf] = value
+    return raw
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        keys.append(prefix + name)
+        ann = field.annotation
+        for candidate in getattr(ann, "__args__", (ann,)):
+            if isinstance(candidate, type) and issubclass(candidate, BaseModel):
+                keys += _known_keys(candidate, prefix + name + ".")
+    return keys
+
+
+def _describe(error: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in error["loc"] if not str(p).startswith("function-"))
+    if error["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(loc, _known_keys(JobConfig), n=1, cutoff=0.6)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        return f"unknown key '{loc}'{hint}"
+    if error["type"] == "missing":
+        return f"{loc}: required field is missing"
+    msg = error["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg
+
+
+def validate_config(raw: dict[str, Any], source: str = "<config>") -> JobConfig:
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as e:
+        lines = [_describe(err) for err in e.errors()]
+        raise ConfigError(f"{source}: " + "; ".join(lines)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    """Read a job YAML, apply `key.sub=value` overrides and validate everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    raw = apply_overrides(raw, parse_overrides(overrides or []))
+    return validate_config(raw, str(path))

@@ -1,0 +1,96 @@
+"""The quickstart's task: classify a short product review as positive, negative or mixed.
+
+A tiny randomly initialised model can visibly learn it in a few minutes on a CPU: the answer
+depends on which adjectives appear, so a held-out review (unseen combination) tests generalisation
+rather than recall. `python -m jobs.demo_data OUT.jsonl` regenerates the shipped file exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+SYSTEM = "Classify the sentiment of the review as positive, negative or mixed."
+NOUNS = [
+    "battery", "screen", "keyboard", "camera", "speaker", "price", "design", "charger",
+    "delivery", "packaging", "manual", "handle", "lid", "strap", "app", "fabric",
+]  # fmt: skip
+POSITIVE = [
+    "excellent", "great", "superb", "reliable", "sturdy", "lovely", "fantastic", "smooth",
+    "bright", "comfortable", "fast", "solid",
+]  # fmt: skip
+NEGATIVE = [
+    "awful", "terrible", "flimsy", "broken", "noisy", "slow", "dull", "cheap", "fragile",
+    "useless", "sticky", "poor",
+]  # fmt: skip
+TEMPLATES = [
+    "The {n1} is {a1} and the {n2} is {a2}.",
+    "I found the {n1} {a1}, while the {n2} felt {a2}.",
+    "{A1} {n1}. {A2} {n2}.",
+    "Honestly the {n1} was {a1}; the {n2} was {a2} too.",
+]
+
+
+def make_review(rng: random.Random) -> tuple[str, str]:
+    label = rng.choice(["positive", "negative", "mixed"])
+    if label == "positive":
+        a1, a2 = rng.sample(POSITIVE, 2)
+    elif label == "negative":
+        a1, a2 = rng.sample(NEGATIVE, 2)
+    else:
+        a1, a2 = rng.choice(POSITIVE), rng.choice(NEGATIVE)
+        if rng.random() < 0.5:
+            a1, a2 = a2, a1
+    n1, n2 = rng.sample(NOUNS, 2)
+    text = rng.choice(TEMPLATES).format(
+        n1=n1, n2=n2, a1=a1, a2=a2, A1=a1.capitalize(), A2=a2.capitalize()
+    )
+    return text, label
+
+
+def make_rows(n: int = 800, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows, seen = [], set()
+    while len(rows) < n:
+        text, label = make_review(rng)
+        if text in seen:
+            continue
+        seen.add(text)
+        rows.append(
+            {
+                "messages": [
+                    {"role": "system", "content": SYSTEM},
+                    {"role": "user", "content": f"Review: {text}"},
+                    {"role": "assistant", "content": label},
+                ]
+            }
+        )
+    return rows
+
+
+def corpus() -> list[str]:
+    """Text the tiny tokenizer is trained on: the task's vocabulary plus common English."""
+    words = " ".join(NOUNS + POSITIVE + NEGATIVE + [w.capitalize() for w in POSITIVE + NEGATIVE])
+    filler = (
+        "the a an and or but is was were be to of in on for with as at by from this that it "
+        "you your I we they he she what which who how why when where yes no not answer question "
+        "user assistant system hello please thank thanks good bad review classify sentiment "
+        "positive negative mixed neutral translate summarize write explain list number one two "
+        "three four five six seven eight nine ten"
+    )
+    texts = [words, filler]
+    texts += [json.dumps(r) for r in make_rows(200, seed=1)]
+    return texts
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    write_jsonl(sys.argv[1] if len(sys.argv) > 1 else "data/reviews.jsonl", make_rows())

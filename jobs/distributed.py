@@ -1,0 +1,88 @@
+"""Distributed plumbing, kept apart from model and data code: Ray start-up, ranks, wrapping, reductions.
+
+`train.strategy` picks how the model is wrapped; DDP is the one implemented here, FSDP and
+DeepSpeed plug in at `wrap_model` and `unwrap`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Join the cluster named by `address` or RAY_ADDRESS (as inside `ray job submit`), else start one here.
+
+    A bare ray.init() would follow a stale /tmp/ray/ray_current_cluster into a dead cluster, so a
+    local run always asks for a fresh local instance.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def wrap_model(model, strategy: str, device: torch.device):
+    """Wrap for data-parallel training; a single worker gets the bare model."""
+    if strategy != "ddp":
+        raise ValueError(f"train.strategy={strategy!r} is not implemented")
+    _, world = rank_and_world()
+    if world == 1:
+        return model
+    device_ids = [device.index] if device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def unwrap(model):
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def no_sync(model, sync: bool):
+    """Skip the gradient all-reduce on accumulation micro-batches that are not the last."""
+    if sync or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return nullcontext()
+    return model.no_sync()
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()

@@ -1,0 +1,346 @@
+"""The LoRA fine-tuning job: a JSONL file in, an evaluated peft adapter out.
+
+    python -m jobs.finetune configs/quickstart.yaml [key.sub=value ...]
+    ray job submit --working-dir . -- python -m jobs.finetune configs/quickstart.yaml
+
+The driver (`main`) validates the config and the data before any worker starts, then runs
+`train_func` on Ray Train workers. `train_func` reads top to bottom: setup, resume, the loop,
+the final evaluation (base vs adapter) and the final save. Re-running with the same run.name
+resumes from the newest checkpoint in STORAGE_PATH/RUN_NAME.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import sys
+import tempfile
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import typer
+from transformers import get_cosine_schedule_with_warmup
+
+from jobs.checkpointing import TrainerState, load_checkpoint, read_trainer_state, save_checkpoint
+from jobs.config import ConfigError, JobConfig, load_config
+from jobs.data import collate, prepare_data, rank_micro_batches
+from jobs.distributed import (
+    all_reduce_sum,
+    init_ray,
+    no_sync,
+    rank_and_world,
+    seed_everything,
+    unwrap,
+    wrap_model,
+)
+from jobs.evaluation import eval_loss, exact_match, perplexity, token_loss_sum
+from jobs.manifest import write_run_manifest
+from jobs.model import add_lora, load_base_model, load_tokenizer, trainable_parameters
+
+
+logger = logging.getLogger(__name__)
+
+
+def print0(message: str) -> None:
+    """Progress lines from rank 0. Through logging: Ray Train routes it to the driver once, while
+    its patched print() echoes twice when a library has wrapped sys.stdout."""
+    if rank_and_world()[0] == 0:
+        logger.info(message)
+
+
+@dataclass
+class StepPlan:
+    micro_batches_per_epoch: int  # per rank
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+
+def plan_steps(n_train: int, cfg: JobConfig) -> StepPlan:
+    """How many optimizer steps the run takes; fails when the data cannot fill one step."""
+    per_rank = n_train // cfg.scaling.num_workers
+    micro = per_rank // cfg.train.micro_batch_size
+    steps_per_epoch = micro // cfg.grad_accum_steps
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"train.effective_batch_size: {n_train} training examples cannot fill one step of "
+            f"{cfg.train.effective_batch_size} examples; lower the batch size or add data"
+        )
+    total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    return StepPlan(micro, steps_per_epoch, total, math.ceil(cfg.train.warmup_ratio * total))
+
+
+def autocast_for(cfg: JobConfig, device: torch.device):
+    """bf16/fp16 autocast on GPU (precision=auto picks bf16 where supported); fp32 otherwise."""
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp32":
+        return nullcontext
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def train_step(model, optimizer, scheduler, micro_batches, device, autocast, max_grad_norm) -> tuple[float, int]:
+    """One optimizer step over a list of micro-batches (gradient accumulation).
+
+    The loss is the mean over every label token in the step on every rank, so accumulation and
+    data parallelism give the same gradient as one big batch (not a mean of micro-batch means).
+    """
+    _, world = rank_and_world()
+    local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
+    (global_tokens,) = all_reduce_sum([local_tokens], device)
+    loss_sum = 0.0
+    for i, batch in enumerate(micro_batches):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with no_sync(model, sync=i == len(micro_batches) - 1), autocast():
+            loss, _ = token_loss_sum(model, batch)
+            # DDP averages gradients over ranks; scaling by world undoes that average.
+            (loss * world / global_tokens).backward()
+        loss_sum += loss.item()
+    if max_grad_norm:
+        torch.nn.utils.clip_grad_norm_(trainable_parameters(model), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    (total_loss,) = all_reduce_sum([loss_sum], device)
+    tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+    return total_loss / global_tokens, tokens
+
+
+# ------------------------------------------------------------------------ the train function
+
+
+def train_func(config: dict) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = JobConfig.model_validate(config["job"])
+    data = config["data"]
+    if isinstance(data, ray.ObjectRef):
+        data = ray.get(data)
+    train_examples, eval_examples, eval_convs = data["train"], data["eval"], data["eval_conversations"]
+
+    # --- setup: device, threads, seeds, model, optimizer
+    rank, world = rank_and_world()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    autocast = autocast_for(cfg, device)
+    seed_everything(cfg.run.seed)  # identical LoRA init on every rank
+    tokenizer = load_tokenizer(cfg.model)
+    model = add_lora(load_base_model(cfg.model, device), cfg.lora)
+    seed_everything(cfg.run.seed + rank)  # distinct dropout masks per rank
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    plan = plan_steps(len(train_examples), cfg)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, plan.warmup_steps, plan.total_steps)
+
+    # --- resume: Ray hands back the newest checkpoint of this run name, if any
+    state = TrainerState(world_size=world)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = load_checkpoint(Path(ckpt_dir), model, optimizer, scheduler, rank)
+        if state.world_size != world:
+            print0(f"warning: resuming with {world} workers, checkpoint had {state.world_size}: data order changes")
+            state.world_size = world
+        print0(f"resumed from {checkpoint.path} at step {state.step}/{plan.total_steps}")
+    if state.completed:
+        print0("this run already finished; nothing to train")
+        ray.train.report({"step": state.step, **state.final_metrics})
+        return
+
+    def report(metrics: dict, final: bool = False) -> None:
+        # ray.train.report costs about a second on a small machine: only at eval/checkpoint steps.
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(Path(tmp), unwrap(model), tokenizer, optimizer, scheduler, state, rank)
+            name = f"checkpoint_{state.step:06d}" + ("_final" if final else "")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+
+    pad_id = tokenizer.pad_token_id
+    ddp_model = wrap_model(model, cfg.train.strategy, device)
+    ddp_model.train()
+    accum = cfg.grad_accum_steps
+    print0(
+        f"training {plan.total_steps} steps ({plan.steps_per_epoch}/epoch) on {world} worker(s), "
+        f"{accum} accumulation step(s) of {cfg.train.micro_batch_size} per worker, device {device}"
+    )
+
+    # --- the loop
+    tokens_since, time_since, epoch_batches, current_epoch = 0, 0.0, None, -1
+    while state.step < plan.total_steps and not state.stopped_early:
+        epoch, k = divmod(state.step, plan.steps_per_epoch)
+        if epoch != current_epoch:  # the order is a function of (seed, epoch): resume continues it
+            epoch_batches = rank_micro_batches(
+                len(train_examples), cfg.run.seed, epoch, rank, world, cfg.train.micro_batch_size
+            )
+            current_epoch = epoch
+        micro = [collate([train_examples[j] for j in idx], pad_id) for idx in epoch_batches[k * accum : (k + 1) * accum]]
+
+        t0 = time.perf_counter()
+        loss, tokens = train_step(ddp_model, optimizer, scheduler, micro, device, autocast, cfg.train.max_grad_norm)
+        state.step += 1
+        state.history.append({"step": state.step, "loss": loss, "lr": scheduler.get_last_lr()[0], "epoch": epoch})
+        if state.step > 1:  # the first step pays one-off costs (allocations, lazy init)
+            time_since += time.perf_counter() - t0
+            tokens_since += tokens * world
+
+        if state.step % cfg.train.log_every_steps == 0 or state.step == plan.total_steps:
+            tps = tokens_since / time_since if time_since else 0.0
+            print0(f"step {state.step}/{plan.total_steps} | loss {loss:.4f} | lr {scheduler.get_last_lr()[0]:.2e} | {tps:,.0f} tok/s")
+
+        metrics = {"step": state.step, "loss": loss, "train_tokens_per_s": tokens_since / max(time_since, 1e-9)}
+        eval_due = cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0
+        ckpt_due = cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0
+        if eval_due:
+            metrics["eval_loss"] = eval_loss(ddp_model, eval_examples, cfg.eval.batch_size, pad_id, device, autocast)
+            improved = state.record_eval(state.step, metrics["eval_loss"])
+            print0(f"eval at step {state.step}: loss {metrics['eval_loss']:.4f}" + (" (best)" if improved else ""))
+            patience = cfg.eval.early_stopping_patience
+            if patience and state.evals_without_improvement >= patience:
+                state.stopped_early = True
+                print0(f"early stop: eval loss has not improved for {patience} evals")
+        if (eval_due or ckpt_due) and state.step < plan.total_steps and not state.stopped_early:
+            report(metrics)
+
+    # --- final evaluation: the same held-out set with the adapter and without it (the base)
+    print0("final evaluation: base vs adapter on the held-out set")
+    gen_convs = eval_convs[: cfg.eval.max_generate_samples]
+    final = {"step": state.step, "train_tokens_per_s": tokens_since / max(time_since, 1e-9)}
+    for prefix, ctx in (("base_", unwrap(model).disable_adapter), ("", nullcontext)):
+        with ctx():
+            final[f"{prefix}eval_loss"] = eval_loss(model, eval_examples, cfg.eval.batch_size, pad_id, device, autocast)
+            final[f"{prefix}eval_ppl"] = perplexity(final[f"{prefix}eval_loss"])
+            if cfg.eval.task_metric == "exact_match" and gen_convs:
+                final[f"{prefix}exact_match"] = exact_match(
+                    unwrap(model), tokenizer, gen_convs, cfg.eval.max_new_tokens, cfg.eval.batch_size, device, autocast
+                )
+    state.completed, state.final_metrics = True, final
+    report(final, final=True)
+
+
+# ------------------------------------------------------------------------ the driver
+
+
+def local_paths_for_workers(cfg: JobConfig) -> JobConfig:
+    """Workers do not share the driver's working directory unless the job ships one
+    (`ray job submit --working-dir .`); otherwise a relative local model path is made absolute."""
+    import ray
+
+    in_working_dir = bool(ray.get_runtime_context().runtime_env.get("working_dir"))
+    path = Path(cfg.model.name_or_path).expanduser()
+    if not in_working_dir and path.exists():
+        cfg = cfg.model_copy(deep=True)
+        cfg.model.name_or_path = str(path.resolve())
+    return cfg
+
+
+def run_job(cfg: JobConfig, address: str | None = None) -> dict:
+    """Validate data, train on Ray, then write the adapter and run.json; returns the run summary."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    tokenizer = load_tokenizer(cfg.model)
+    data = prepare_data(cfg.data, tokenizer, cfg.run.seed)
+    report = data.report
+    print(f"data: {len(data.train)} train / {len(data.eval)} eval examples from {report.rows_read} rows, {data.dataset_hash[:19]}")
+    for reason, count in report.dropped.items():
+        print(f"data: dropped {count} row(s): {reason}")
+    for example in report.examples[:5]:
+        print(f"  {example}")
+    plan_steps(len(data.train), cfg)  # fail here, not on a worker
+
+    storage = Path(cfg.checkpoint.storage_path).expanduser().resolve()
+    run_dir = storage / cfg.run.name
+    init_ray(address)
+    cfg = local_paths_for_workers(cfg)
+    payload = {"train": data.train, "eval": data.eval, "eval_conversations": data.eval_conversations}
+    resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"job": cfg.model_dump(), "data": ray.put(payload)},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=str(storage),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+            failure_config=ray.train.FailureConfig(max_failures=0),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint in {run_dir}")
+
+    adapter_dir = run_dir / "adapter"
+    with result.checkpoint.as_directory() as ckpt_dir:
+        state = read_trainer_state(Path(ckpt_dir))
+        if adapter_dir.exists():
+            shutil.rmtree(adapter_dir)
+        shutil.copytree(Path(ckpt_dir) / "adapter", adapter_dir)
+    summary = {
+        "run_name": cfg.run.name,
+        "adapter": str(adapter_dir),
+        "base_model": cfg.model.name_or_path,
+        "dataset_hash": data.dataset_hash,
+        "data_report": report.as_dict(),
+        "metrics": state.final_metrics,
+        "steps": state.step,
+        "stopped_early": state.stopped_early,
+        "seed": cfg.run.seed,
+        "checkpoint": result.checkpoint.path,
+        "config": cfg.model_dump(),
+        "loss_history": state.history,
+        "eval_history": state.evals,
+    }
+    write_run_manifest(run_dir / "run.json", **summary)
+    return summary
+
+
+def print_summary(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    m = summary["metrics"]
+    table = Table(title=f"held-out evaluation ({summary['run_name']}, {summary['steps']} steps)")
+    table.add_column("model")
+    for col in ("eval loss", "perplexity", "exact match"):
+        table.add_column(col, justify="right")
+    for name, prefix in (("base", "base_"), ("base + adapter", "")):
+        em = m.get(f"{prefix}exact_match")
+        table.add_row(name, f"{m[f'{prefix}eval_loss']:.4f}", f"{m[f'{prefix}eval_ppl']:.2f}", "-" if em is None else f"{em:.1%}")
+    console = Console()
+    console.print(table)
+    console.print(f"adapter: {summary['adapter']}\nmanifest: {Path(summary['adapter']).parent / 'run.json'}")
+
+
+def main(
+    config: Path = typer.Argument(..., help="job YAML, e.g. configs/quickstart.yaml"),
+    overrides: list[str] = typer.Argument(None, help="dotted overrides, e.g. train.lr=1e-4 lora.r=16"),
+    address: str = typer.Option(None, help="Ray cluster to join (default: RAY_ADDRESS, else a local one)"),
+) -> None:
+    """Fine-tune a LoRA adapter as CONFIG describes."""
+    try:
+        cfg = load_config(config, overrides or [])
+        summary = run_job(cfg, address)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    except Exception as e:  # the cause goes on the last line, for `ray job submit` and CI logs
+        cause = e
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        print(f"error: training failed: {type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    print_summary(summary)
+
+
+if __name__ == "__main__":
+    typer.run(main)

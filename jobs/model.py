@@ -1,0 +1,110 @@
+"""Loading the base model and tokenizer (hub id, local directory or s3://) and adding LoRA."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from jobs.config import ConfigError, LoraConfig, ModelConfig
+
+DEFAULT_CACHE = Path.home() / ".cache" / "rayft" / "models"
+
+
+def s3_filesystem():
+    """s3fs with the endpoint from AWS_ENDPOINT_URL, so MinIO/R2/moto work like AWS."""
+    import s3fs
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint} if endpoint else {})
+
+
+def download_s3_dir(uri: str, cache_dir: str | Path | None = None) -> Path:
+    """Copy s3://bucket/prefix into the local cache once; a marker file makes a copy complete."""
+    key = uri.removeprefix("s3://").rstrip("/")
+    local = Path(cache_dir or DEFAULT_CACHE) / key
+    marker = local / ".download-complete"
+    if marker.is_file():
+        return local
+    fs = s3_filesystem()
+    try:
+        remote_files = [f for f in fs.find(key) if not f.endswith("/")]
+    except (OSError, PermissionError) as e:  # s3fs maps auth and network errors to OSError
+        raise ConfigError(f"model.name_or_path: cannot list {uri}: {type(e).__name__}: {e}") from None
+    if not remote_files:
+        raise ConfigError(f"model.name_or_path: no files under {uri}")
+    for remote in remote_files:
+        dest = local / os.path.relpath(remote, key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(remote, str(dest))
+    marker.write_text(uri)
+    return local
+
+
+def resolve_model_path(cfg: ModelConfig) -> str:
+    """A path or hub id that from_pretrained can read; s3:// is downloaded to the local cache."""
+    if cfg.name_or_path.startswith("s3://"):
+        return str(download_s3_dir(cfg.name_or_path, cfg.cache_dir))
+    return cfg.name_or_path
+
+
+def load_tokenizer(cfg: ModelConfig):
+    path = resolve_model_path(cfg)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+    except OSError as e:
+        raise ConfigError(f"model.name_or_path: cannot load a tokenizer from {path!r}: {e}") from None
+    if tokenizer.chat_template is None:
+        raise ConfigError(f"model.name_or_path: the tokenizer at {path!r} has no chat template")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def torch_dtype(cfg: ModelConfig, device: torch.device):
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype)
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if cuda_bf16 else torch.float32
+
+
+def attn_implementation(cfg: ModelConfig, device: torch.device) -> str:
+    if cfg.attn_implementation != "auto":
+        return cfg.attn_implementation
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_base_model(cfg: ModelConfig, device: torch.device):
+    path = resolve_model_path(cfg)
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        revision=cfg.revision,
+        dtype=torch_dtype(cfg, device),
+        attn_implementation=attn_implementation(cfg, device),
+        trust_remote_code=cfg.trust_remote_code,
+    )
+    return model.to(device)
+
+
+def add_lora(model, cfg: LoraConfig):
+    peft_config = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_config)
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]

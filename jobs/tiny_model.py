@@ -1,0 +1,100 @@
+"""Write a tiny Llama-architecture model and a locally trained tokenizer, with a chat template.
+
+Nothing can be downloaded here, so tests and the quickstart load this through the same
+`from_pretrained` path a real hub model takes:  python -m jobs.tiny_model OUT_DIR
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import typer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from jobs.demo_data import corpus
+
+BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
+SPECIAL = [BOS, EOS, PAD, "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
+
+# Llama-3 style: each turn is a header plus content closed by <|eot_id|>. Renders of a
+# conversation's prefixes are prefixes of the whole render, which loss masking relies on.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{{ message['content'] | trim }}<|eot_id|>"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def build_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus(), trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token="<|eot_id|>",  # generation stops at the end of the assistant's turn
+        pad_token=PAD,
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=2048,
+    )
+
+
+def build_model(vocab_size: int, seed: int = 0, hidden: int = 256, layers: int = 2):
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    # A trained model's output layer spans a wide logit range; at the default init scale the
+    # largest reachable logit is about 5, too flat for a frozen head to ever predict confidently.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    return model
+
+
+def main(
+    out_dir: Path,
+    seed: int = typer.Option(0, help="weights are a function of the seed"),
+    hidden: int = typer.Option(256),
+    layers: int = typer.Option(2),
+) -> None:
+    """Build the tiny model and tokenizer into OUT_DIR (skipped when already built the same way)."""
+    recipe = {"seed": seed, "hidden": hidden, "layers": layers, "version": 2}
+    marker = out_dir / "tiny_model.json"
+    if marker.is_file() and json.loads(marker.read_text()) == recipe:
+        print(f"tiny model already at {out_dir}")
+        return
+    tokenizer = build_tokenizer()
+    model = build_model(len(tokenizer), seed=seed, hidden=hidden, layers=layers)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    marker.write_text(json.dumps(recipe))
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"tiny model ({n_params / 1e6:.1f}M params, vocab {len(tokenizer)}) written to {out_dir}")
+
+
+if __name__ == "__main__":
+    typer.run(main)
