@@ -42,14 +42,19 @@ class TrainerState:
         return False
 
 
-def save_checkpoint(directory: Path, model, tokenizer, optimizer, scheduler, state: TrainerState, rank: int) -> None:
+def save_checkpoint(
+    directory: Path, model, tokenizer, optimizer, scheduler, state: TrainerState, rank: int
+) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(rng_state(), directory / f"rng_rank{rank}.pt")
     if rank != 0:
         return
     model.save_pretrained(directory / "adapter")
     tokenizer.save_pretrained(directory / "adapter")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, directory / "optimizer.pt")
+    torch.save(
+        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
+        directory / "optimizer.pt",
+    )
     (directory / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
 
 
@@ -59,7 +64,9 @@ def load_checkpoint(directory: Path, model, optimizer, scheduler, rank: int) -> 
     weights = load_file(directory / "adapter" / "adapter_model.safetensors")
     result = set_peft_model_state_dict(model, weights)
     if result.unexpected_keys:
-        raise RuntimeError(f"checkpoint {directory}: adapter has unexpected keys {result.unexpected_keys[:3]}")
+        raise RuntimeError(
+            f"checkpoint {directory}: adapter has unexpected keys {result.unexpected_keys[:3]}"
+        )
     opt = torch.load(directory / "optimizer.pt", weights_only=False)
     optimizer.load_state_dict(opt["optimizer"])
     scheduler.load_state_dict(opt["scheduler"])

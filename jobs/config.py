@@ -25,6 +25,9 @@ class Section(BaseModel):
 class RunConfig(Section):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     seed: int = 42
+    # Checkpoint and stop once this many steps are done (a time-boxed slice of a longer run);
+    # running the same run.name again without it continues where it stopped.
+    stop_after_steps: int | None = Field(None, ge=1)
 
 
 class ModelConfig(Section):
@@ -76,7 +79,9 @@ class ScalingConfig(Section):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
-    resources_per_worker: dict[str, float] = {}  # extra Ray resources, e.g. {"accelerator_type:A10G": 0.01}
+    resources_per_worker: dict[
+        str, float
+    ] = {}  # extra Ray resources, e.g. {"accelerator_type:A10G": 0.01}
 
 
 class CheckpointConfig(Section):
@@ -90,7 +95,9 @@ class EvalConfig(Section):
     early_stopping_patience: int | None = Field(None, ge=1)  # evals without improvement
     batch_size: int = Field(8, ge=1)
     task_metric: Literal["exact_match", "none"] = "exact_match"
-    max_generate_samples: int = Field(64, ge=0)  # held-out rows used for the generated-answer metric
+    max_generate_samples: int = Field(
+        64, ge=0
+    )  # held-out rows used for the generated-answer metric
     max_new_tokens: int = Field(32, ge=1)
 
 
@@ -126,7 +133,9 @@ class JobConfig(Section):
         if self.eval.early_stopping_patience and not self.eval.every_steps:
             raise ValueError("eval.early_stopping_patience needs eval.every_steps")
         if self.lora is None:
-            raise ValueError("lora: null (full fine-tuning) is not supported yet; give a lora section")
+            raise ValueError(
+                "lora: null (full fine-tuning) is not supported yet; give a lora section"
+            )
         if self.train.precision == "fp16" and not self.scaling.use_gpu:
             raise ValueError("train.precision: fp16 needs scaling.use_gpu: true")
         return self

@@ -93,7 +93,12 @@ def to_messages(row: Any, fmt: str = "auto", system_prompt: str | None = None) -
     if fmt == "messages":
         turns, role_key, content_key, role_map = row.get("messages"), "role", "content", None
     elif fmt == "sharegpt":
-        turns, role_key, content_key, role_map = row.get("conversations"), "from", "value", SHAREGPT_ROLES
+        turns, role_key, content_key, role_map = (
+            row.get("conversations"),
+            "from",
+            "value",
+            SHAREGPT_ROLES,
+        )
     elif fmt == "alpaca":
         prompt = _text(row, "instruction")
         extra = _text(row, "input", required=False)
@@ -139,7 +144,9 @@ def check_turn_order(messages: list[dict], key: str) -> None:
     for i, m in enumerate(body):
         expected = "user" if i % 2 == 0 else "assistant"
         if m["role"] != expected:
-            raise RowError(f"{key}: turn {i + 1} is '{m['role']}', expected '{expected}' (roles out of order)")
+            raise RowError(
+                f"{key}: turn {i + 1} is '{m['role']}', expected '{expected}' (roles out of order)"
+            )
 
 
 def read_jsonl(path: Path):
@@ -174,7 +181,9 @@ def render_and_mask(messages: list[dict], tokenizer, max_seq_len: int) -> dict[s
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+        before = tokenizer.apply_chat_template(
+            messages[:i], tokenize=False, add_generation_prompt=True
+        )
         upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
         if not (full.startswith(before) and full.startswith(upto)):
             raise ConfigError(
@@ -272,7 +281,9 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
         raise ConfigError(f"data.train_files: no usable training rows ({report.as_dict()})")
     if not eval_:
         field_name = "data.eval_files" if cfg.eval_files else "data.eval_fraction"
-        raise ConfigError(f"{field_name}: the held-out set is empty; give more rows or a larger fraction")
+        raise ConfigError(
+            f"{field_name}: the held-out set is empty; give more rows or a larger fraction"
+        )
     return PreparedData(train, eval_, eval_convs, dataset_hash(train_convs, eval_convs), report)
 
 
@@ -282,12 +293,19 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def rank_micro_batches(n: int, seed: int, epoch: int, rank: int, world: int, micro: int):
-    """This rank's micro-batches (lists of example indices) for one epoch; equal count on every rank."""
-    order = epoch_order(n, seed, epoch)
-    per_rank = len(order) // world
-    mine = order[rank * per_rank : (rank + 1) * per_rank]
-    return [mine[i : i + micro] for i in range(0, per_rank - micro + 1, micro)]
+def step_micro_batches(
+    order: list[int], step_in_epoch: int, effective: int, rank: int, world: int, micro: int
+):
+    """This rank's micro-batches (lists of example indices) for one optimizer step.
+
+    A step always takes the same `effective` examples from the epoch order, split evenly over the
+    ranks and then into micro-batches: the worker count and micro-batch size change how a step
+    is computed, never which examples it sees.
+    """
+    step = order[step_in_epoch * effective : (step_in_epoch + 1) * effective]
+    per_rank = effective // world
+    mine = step[rank * per_rank : (rank + 1) * per_rank]
+    return [mine[i : i + micro] for i in range(0, per_rank, micro)]
 
 
 def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -47,7 +47,9 @@ def perplexity(loss: float) -> float:
 
 
 @torch.no_grad()
-def exact_match(model, tokenizer, conversations, max_new_tokens: int, batch_size: int, device, autocast) -> float:
+def exact_match(
+    model, tokenizer, conversations, max_new_tokens: int, batch_size: int, device, autocast
+) -> float:
     """Share of held-out prompts whose greedy answer equals the reference (whitespace-stripped)."""
     rank, world = rank_and_world()
     was_training = model.training
@@ -56,9 +58,16 @@ def exact_match(model, tokenizer, conversations, max_new_tokens: int, batch_size
     correct, total = 0, 0
     mine = conversations[rank::world]
     for i in range(0, len(mine), batch_size):
-        prompts, answers = zip(*(prompt_and_answer(c) for c in mine[i : i + batch_size]), strict=True)
-        texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        prompts, answers = zip(
+            *(prompt_and_answer(c) for c in mine[i : i + batch_size]), strict=True
+        )
+        texts = [
+            tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+            for p in prompts
+        ]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(
+            device
+        )
         with autocast():
             out = model.generate(
                 **enc,
@@ -67,7 +76,9 @@ def exact_match(model, tokenizer, conversations, max_new_tokens: int, batch_size
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
             )
-        replies = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        replies = tokenizer.batch_decode(
+            out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
+        )
         correct += sum(r.strip() == a.strip() for r, a in zip(replies, answers, strict=True))
         total += len(answers)
     tokenizer.padding_side = "right"

@@ -20,6 +20,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import typer
@@ -27,7 +28,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from jobs.checkpointing import TrainerState, load_checkpoint, read_trainer_state, save_checkpoint
 from jobs.config import ConfigError, JobConfig, load_config
-from jobs.data import collate, prepare_data, rank_micro_batches
+from jobs.data import collate, epoch_order, prepare_data, step_micro_batches
 from jobs.distributed import (
     all_reduce_sum,
     init_ray,
@@ -41,7 +42,6 @@ from jobs.evaluation import eval_loss, exact_match, perplexity, token_loss_sum
 from jobs.manifest import write_run_manifest
 from jobs.model import add_lora, load_base_model, load_tokenizer, trainable_parameters
 
-
 logger = logging.getLogger(__name__)
 
 
@@ -54,7 +54,6 @@ def print0(message: str) -> None:
 
 @dataclass
 class StepPlan:
-    micro_batches_per_epoch: int  # per rank
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
@@ -62,16 +61,14 @@ class StepPlan:
 
 def plan_steps(n_train: int, cfg: JobConfig) -> StepPlan:
     """How many optimizer steps the run takes; fails when the data cannot fill one step."""
-    per_rank = n_train // cfg.scaling.num_workers
-    micro = per_rank // cfg.train.micro_batch_size
-    steps_per_epoch = micro // cfg.grad_accum_steps
+    steps_per_epoch = n_train // cfg.train.effective_batch_size
     if steps_per_epoch == 0:
         raise ConfigError(
             f"train.effective_batch_size: {n_train} training examples cannot fill one step of "
             f"{cfg.train.effective_batch_size} examples; lower the batch size or add data"
         )
     total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
-    return StepPlan(micro, steps_per_epoch, total, math.ceil(cfg.train.warmup_ratio * total))
+    return StepPlan(steps_per_epoch, total, math.ceil(cfg.train.warmup_ratio * total))
 
 
 def autocast_for(cfg: JobConfig, device: torch.device):
@@ -85,7 +82,9 @@ def autocast_for(cfg: JobConfig, device: torch.device):
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def train_step(model, optimizer, scheduler, micro_batches, device, autocast, max_grad_norm) -> tuple[float, int]:
+def train_step(
+    model, optimizer, scheduler, micro_batches, device, autocast, max_grad_norm
+) -> tuple[float, int]:
     """One optimizer step over a list of micro-batches (gradient accumulation).
 
     The loss is the mean over every label token in the step on every rank, so accumulation and
@@ -124,7 +123,11 @@ def train_func(config: dict) -> None:
     data = config["data"]
     if isinstance(data, ray.ObjectRef):
         data = ray.get(data)
-    train_examples, eval_examples, eval_convs = data["train"], data["eval"], data["eval_conversations"]
+    train_examples, eval_examples, eval_convs = (
+        data["train"],
+        data["eval"],
+        data["eval_conversations"],
+    )
 
     # --- setup: device, threads, seeds, model, optimizer
     rank, world = rank_and_world()
@@ -136,7 +139,9 @@ def train_func(config: dict) -> None:
     tokenizer = load_tokenizer(cfg.model)
     model = add_lora(load_base_model(cfg.model, device), cfg.lora)
     seed_everything(cfg.run.seed + rank)  # distinct dropout masks per rank
-    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    optimizer = torch.optim.AdamW(
+        trainable_parameters(model), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+    )
     plan = plan_steps(len(train_examples), cfg)
     scheduler = get_cosine_schedule_with_warmup(optimizer, plan.warmup_steps, plan.total_steps)
 
@@ -147,7 +152,9 @@ def train_func(config: dict) -> None:
         with checkpoint.as_directory() as ckpt_dir:
             state = load_checkpoint(Path(ckpt_dir), model, optimizer, scheduler, rank)
         if state.world_size != world:
-            print0(f"warning: resuming with {world} workers, checkpoint had {state.world_size}: data order changes")
+            print0(
+                f"warning: resuming with {world} workers, checkpoint had {state.world_size}: data order changes"
+            )
             state.world_size = world
         print0(f"resumed from {checkpoint.path} at step {state.step}/{plan.total_steps}")
     if state.completed:
@@ -160,53 +167,83 @@ def train_func(config: dict) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(Path(tmp), unwrap(model), tokenizer, optimizer, scheduler, state, rank)
             name = f"checkpoint_{state.step:06d}" + ("_final" if final else "")
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                checkpoint_dir_name=name,
+            )
 
     pad_id = tokenizer.pad_token_id
     ddp_model = wrap_model(model, cfg.train.strategy, device)
     ddp_model.train()
-    accum = cfg.grad_accum_steps
     print0(
         f"training {plan.total_steps} steps ({plan.steps_per_epoch}/epoch) on {world} worker(s), "
-        f"{accum} accumulation step(s) of {cfg.train.micro_batch_size} per worker, device {device}"
+        f"{cfg.grad_accum_steps} accumulation step(s) of {cfg.train.micro_batch_size} per worker, device {device}"
     )
 
     # --- the loop
-    tokens_since, time_since, epoch_batches, current_epoch = 0, 0.0, None, -1
+    tokens_since, time_since, order, current_epoch = 0, 0.0, [], -1
     while state.step < plan.total_steps and not state.stopped_early:
         epoch, k = divmod(state.step, plan.steps_per_epoch)
         if epoch != current_epoch:  # the order is a function of (seed, epoch): resume continues it
-            epoch_batches = rank_micro_batches(
-                len(train_examples), cfg.run.seed, epoch, rank, world, cfg.train.micro_batch_size
+            order, current_epoch = epoch_order(len(train_examples), cfg.run.seed, epoch), epoch
+        micro = [
+            collate([train_examples[j] for j in idx], pad_id)
+            for idx in step_micro_batches(
+                order, k, cfg.train.effective_batch_size, rank, world, cfg.train.micro_batch_size
             )
-            current_epoch = epoch
-        micro = [collate([train_examples[j] for j in idx], pad_id) for idx in epoch_batches[k * accum : (k + 1) * accum]]
+        ]
 
         t0 = time.perf_counter()
-        loss, tokens = train_step(ddp_model, optimizer, scheduler, micro, device, autocast, cfg.train.max_grad_norm)
+        loss, tokens = train_step(
+            ddp_model, optimizer, scheduler, micro, device, autocast, cfg.train.max_grad_norm
+        )
         state.step += 1
-        state.history.append({"step": state.step, "loss": loss, "lr": scheduler.get_last_lr()[0], "epoch": epoch})
+        state.history.append(
+            {"step": state.step, "loss": loss, "lr": scheduler.get_last_lr()[0], "epoch": epoch}
+        )
         if state.step > 1:  # the first step pays one-off costs (allocations, lazy init)
             time_since += time.perf_counter() - t0
             tokens_since += tokens * world
 
         if state.step % cfg.train.log_every_steps == 0 or state.step == plan.total_steps:
             tps = tokens_since / time_since if time_since else 0.0
-            print0(f"step {state.step}/{plan.total_steps} | loss {loss:.4f} | lr {scheduler.get_last_lr()[0]:.2e} | {tps:,.0f} tok/s")
+            print0(
+                f"step {state.step}/{plan.total_steps} | loss {loss:.4f} | lr {scheduler.get_last_lr()[0]:.2e} | {tps:,.0f} tok/s"
+            )
 
-        metrics = {"step": state.step, "loss": loss, "train_tokens_per_s": tokens_since / max(time_since, 1e-9)}
+        metrics = {
+            "step": state.step,
+            "loss": loss,
+            "train_tokens_per_s": tokens_since / max(time_since, 1e-9),
+        }
         eval_due = cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0
         ckpt_due = cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0
         if eval_due:
-            metrics["eval_loss"] = eval_loss(ddp_model, eval_examples, cfg.eval.batch_size, pad_id, device, autocast)
+            metrics["eval_loss"] = eval_loss(
+                ddp_model, eval_examples, cfg.eval.batch_size, pad_id, device, autocast
+            )
             improved = state.record_eval(state.step, metrics["eval_loss"])
-            print0(f"eval at step {state.step}: loss {metrics['eval_loss']:.4f}" + (" (best)" if improved else ""))
+            print0(
+                f"eval at step {state.step}: loss {metrics['eval_loss']:.4f}"
+                + (" (best)" if improved else "")
+            )
             patience = cfg.eval.early_stopping_patience
             if patience and state.evals_without_improvement >= patience:
                 state.stopped_early = True
                 print0(f"early stop: eval loss has not improved for {patience} evals")
-        if (eval_due or ckpt_due) and state.step < plan.total_steps and not state.stopped_early:
+        pause = state.step == cfg.run.stop_after_steps
+        if (
+            (eval_due or ckpt_due or pause)
+            and state.step < plan.total_steps
+            and not state.stopped_early
+        ):
             report(metrics)
+        if pause and state.step < plan.total_steps:
+            print0(
+                f"stopping after step {state.step} (run.stop_after_steps); run again to continue"
+            )
+            return
 
     # --- final evaluation: the same held-out set with the adapter and without it (the base)
     print0("final evaluation: base vs adapter on the held-out set")
@@ -214,11 +251,19 @@ def train_func(config: dict) -> None:
     final = {"step": state.step, "train_tokens_per_s": tokens_since / max(time_since, 1e-9)}
     for prefix, ctx in (("base_", unwrap(model).disable_adapter), ("", nullcontext)):
         with ctx():
-            final[f"{prefix}eval_loss"] = eval_loss(model, eval_examples, cfg.eval.batch_size, pad_id, device, autocast)
+            final[f"{prefix}eval_loss"] = eval_loss(
+                model, eval_examples, cfg.eval.batch_size, pad_id, device, autocast
+            )
             final[f"{prefix}eval_ppl"] = perplexity(final[f"{prefix}eval_loss"])
             if cfg.eval.task_metric == "exact_match" and gen_convs:
                 final[f"{prefix}exact_match"] = exact_match(
-                    unwrap(model), tokenizer, gen_convs, cfg.eval.max_new_tokens, cfg.eval.batch_size, device, autocast
+                    unwrap(model),
+                    tokenizer,
+                    gen_convs,
+                    cfg.eval.max_new_tokens,
+                    cfg.eval.batch_size,
+                    device,
+                    autocast,
                 )
     state.completed, state.final_metrics = True, final
     report(final, final=True)
@@ -249,7 +294,9 @@ def run_job(cfg: JobConfig, address: str | None = None) -> dict:
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, tokenizer, cfg.run.seed)
     report = data.report
-    print(f"data: {len(data.train)} train / {len(data.eval)} eval examples from {report.rows_read} rows, {data.dataset_hash[:19]}")
+    print(
+        f"data: {len(data.train)} train / {len(data.eval)} eval examples from {report.rows_read} rows, {data.dataset_hash[:19]}"
+    )
     for reason, count in report.dropped.items():
         print(f"data: dropped {count} row(s): {reason}")
     for example in report.examples[:5]:
@@ -260,13 +307,19 @@ def run_job(cfg: JobConfig, address: str | None = None) -> dict:
     run_dir = storage / cfg.run.name
     init_ray(address)
     cfg = local_paths_for_workers(cfg)
-    payload = {"train": data.train, "eval": data.eval, "eval_conversations": data.eval_conversations}
+    payload = {
+        "train": data.train,
+        "eval": data.eval,
+        "eval_conversations": data.eval_conversations,
+    }
     resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"job": cfg.model_dump(), "data": ray.put(payload)},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker=resources,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
@@ -287,6 +340,7 @@ def run_job(cfg: JobConfig, address: str | None = None) -> dict:
         shutil.copytree(Path(ckpt_dir) / "adapter", adapter_dir)
     summary = {
         "run_name": cfg.run.name,
+        "status": "completed" if state.completed else f"paused at step {state.step}",
         "adapter": str(adapter_dir),
         "base_model": cfg.model.name_or_path,
         "dataset_hash": data.dataset_hash,
@@ -309,22 +363,37 @@ def print_summary(summary: dict) -> None:
     from rich.table import Table
 
     m = summary["metrics"]
+    if not m:
+        print(f"{summary['run_name']}: {summary['status']}; run the same command again to continue")
+        return
     table = Table(title=f"held-out evaluation ({summary['run_name']}, {summary['steps']} steps)")
     table.add_column("model")
     for col in ("eval loss", "perplexity", "exact match"):
         table.add_column(col, justify="right")
     for name, prefix in (("base", "base_"), ("base + adapter", "")):
         em = m.get(f"{prefix}exact_match")
-        table.add_row(name, f"{m[f'{prefix}eval_loss']:.4f}", f"{m[f'{prefix}eval_ppl']:.2f}", "-" if em is None else f"{em:.1%}")
+        table.add_row(
+            name,
+            f"{m[f'{prefix}eval_loss']:.4f}",
+            f"{m[f'{prefix}eval_ppl']:.2f}",
+            "-" if em is None else f"{em:.1%}",
+        )
     console = Console()
     console.print(table)
-    console.print(f"adapter: {summary['adapter']}\nmanifest: {Path(summary['adapter']).parent / 'run.json'}")
+    console.print(
+        f"adapter: {summary['adapter']}\nmanifest: {Path(summary['adapter']).parent / 'run.json'}"
+    )
 
 
 def main(
-    config: Path = typer.Argument(..., help="job YAML, e.g. configs/quickstart.yaml"),
-    overrides: list[str] = typer.Argument(None, help="dotted overrides, e.g. train.lr=1e-4 lora.r=16"),
-    address: str = typer.Option(None, help="Ray cluster to join (default: RAY_ADDRESS, else a local one)"),
+    config: Annotated[Path, typer.Argument(help="job YAML, e.g. configs/quickstart.yaml")],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="dotted overrides: train.lr=1e-4 lora.r=16")
+    ] = None,
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster to join (default: RAY_ADDRESS, else a local one)"),
+    ] = None,
 ) -> None:
     """Fine-tune a LoRA adapter as CONFIG describes."""
     try:
@@ -337,7 +406,10 @@ def main(
         cause = e
         while cause.__cause__ is not None:
             cause = cause.__cause__
-        print(f"error: training failed: {type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}", file=sys.stderr)
+        print(
+            f"error: training failed: {type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}",
+            file=sys.stderr,
+        )
         raise typer.Exit(1) from None
     print_summary(summary)
 

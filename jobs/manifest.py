@@ -11,14 +11,27 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-SECRET_KEY = re.compile(r"(api[_-]?key|token|secret|password|credential|access[_-]?key)", re.IGNORECASE)
-LIBRARIES = ["torch", "ray", "transformers", "peft", "accelerate", "datasets", "tokenizers", "rayft"]
+SECRET_KEY = re.compile(
+    r"(api[_-]?key|token|secret|password|credential|access[_-]?key)", re.IGNORECASE
+)
+LIBRARIES = [
+    "torch",
+    "ray",
+    "transformers",
+    "peft",
+    "accelerate",
+    "datasets",
+    "tokenizers",
+    "rayft",
+]
 
 
 def redact(value: Any) -> Any:
     """A copy of a config tree with the values of secret-looking keys replaced."""
     if isinstance(value, dict):
-        return {k: "***" if SECRET_KEY.search(str(k)) and v else redact(v) for k, v in value.items()}
+        return {
+            k: "***" if SECRET_KEY.search(str(k)) and v else redact(v) for k, v in value.items()
+        }
     if isinstance(value, list):
         return [redact(v) for v in value]
     return value

@@ -35,7 +35,9 @@ def download_s3_dir(uri: str, cache_dir: str | Path | None = None) -> Path:
     try:
         remote_files = [f for f in fs.find(key) if not f.endswith("/")]
     except (OSError, PermissionError) as e:  # s3fs maps auth and network errors to OSError
-        raise ConfigError(f"model.name_or_path: cannot list {uri}: {type(e).__name__}: {e}") from None
+        raise ConfigError(
+            f"model.name_or_path: cannot list {uri}: {type(e).__name__}: {e}"
+        ) from None
     if not remote_files:
         raise ConfigError(f"model.name_or_path: no files under {uri}")
     for remote in remote_files:
@@ -60,7 +62,9 @@ def load_tokenizer(cfg: ModelConfig):
             path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
     except OSError as e:
-        raise ConfigError(f"model.name_or_path: cannot load a tokenizer from {path!r}: {e}") from None
+        raise ConfigError(
+            f"model.name_or_path: cannot load a tokenizer from {path!r}: {e}"
+        ) from None
     if tokenizer.chat_template is None:
         raise ConfigError(f"model.name_or_path: the tokenizer at {path!r} has no chat template")
     if tokenizer.pad_token is None:

@@ -59,8 +59,8 @@ def build_model(vocab_size: int, seed: int = 0, hidden: int = 256, layers: int =
         hidden_size=hidden,
         intermediate_size=hidden * 2,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=max(4, hidden // 64),
+        num_key_value_heads=max(2, hidden // 128),
         max_position_embeddings=2048,
         tie_word_embeddings=False,
     )

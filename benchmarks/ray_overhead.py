@@ -1,0 +1,106 @@
+"""Tokens/s of the Ray Train job (1 worker) against a plain PyTorch loop, same model, data and step.
+
+    python benchmarks/ray_overhead.py [--steps 150] [key.sub=value ...]     (make benchmark)
+    python benchmarks/ray_overhead.py --plain-only --device cuda           (GPU machine without Ray)
+
+Both loops run `jobs.finetune.train_step` on the same micro-batches with the same thread count,
+skip the first (warm-up) step, and count non-padding tokens. The Ray side is the real job
+(`run_job`), evaluation and checkpoints off during the loop, so the ratio is what Ray Train costs.
+Target: ratio >= 0.95.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import get_cosine_schedule_with_warmup
+
+from jobs.config import load_config
+from jobs.data import collate, epoch_order, prepare_data, step_micro_batches
+from jobs.finetune import autocast_for, plan_steps, run_job, train_step
+from jobs.model import add_lora, load_base_model, load_tokenizer, trainable_parameters
+
+
+def plain_loop(cfg, data, pad_id: int, device: torch.device, steps: int) -> float:
+    """The baseline: the job's step function in this process, no Ray; returns tokens/s."""
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    torch.manual_seed(cfg.run.seed)
+    model = add_lora(load_base_model(cfg.model, device), cfg.lora)
+    model.train()
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.train.lr)
+    plan = plan_steps(len(data.train), cfg)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, plan.warmup_steps, plan.total_steps)
+    autocast = autocast_for(cfg, device)
+    tokens, elapsed = 0, 0.0
+    for step in range(steps):
+        epoch, k = divmod(step, plan.steps_per_epoch)
+        order = epoch_order(len(data.train), cfg.run.seed, epoch)
+        batches = step_micro_batches(
+            order, k, cfg.train.effective_batch_size, 0, 1, cfg.train.micro_batch_size
+        )
+        micro = [collate([data.train[j] for j in idx], pad_id) for idx in batches]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        _, n = train_step(
+            model, optimizer, scheduler, micro, device, autocast, cfg.train.max_grad_norm
+        )
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step > 0:
+            elapsed += time.perf_counter() - t0
+            tokens += n
+    return tokens / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default="configs/quickstart.yaml")
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--plain-only", action="store_true", help="skip the Ray run (e.g. where Ray is absent)"
+    )
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as storage:
+        overrides = [
+            f"train.max_steps={args.steps}",
+            "eval.every_steps=null",
+            "eval.early_stopping_patience=null",
+            "eval.task_metric=none",
+            "checkpoint.every_steps=null",
+            f"checkpoint.storage_path={storage}",
+            "run.name=benchmark",
+            *args.overrides,
+        ]
+        cfg = load_config(args.config, overrides)
+        tokenizer = load_tokenizer(cfg.model)
+        data = prepare_data(cfg.data, tokenizer, cfg.run.seed)
+        device = torch.device(args.device)
+        threads = f"{cfg.scaling.cpus_per_worker:g} threads" if device.type == "cpu" else "GPU"
+        plain = plain_loop(cfg, data, tokenizer.pad_token_id, device, args.steps)
+        print(f"plain PyTorch loop ({device}, {threads}):   {plain:,.0f} tokens/s")
+        if args.plain_only:
+            return
+        summary = run_job(cfg)
+        ray_tps = summary["metrics"]["train_tokens_per_s"]
+        print(f"Ray Train job, 1 worker:                 {ray_tps:,.0f} tokens/s")
+        # Run the baseline again after Ray: whichever runs first pays the machine's warm-up.
+        plain = (plain + plain_loop(cfg, data, tokenizer.pad_token_id, device, args.steps)) / 2
+        print(f"plain PyTorch loop, mean of before/after: {plain:,.0f} tokens/s")
+        print(
+            f"ratio Ray / plain: {ray_tps / plain:.3f}  (target >= 0.95; {args.steps} steps, config {Path(args.config).name})"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""GPU paths of the job's components: bf16 autocast LoRA training, the saved adapter, generation.
+
+Run on a CUDA machine with `pytest -m gpu`; skipped elsewhere. No Ray here: the components are
+what Ray Train workers run.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel
+
+from jobs.config import load_config
+from jobs.data import collate, epoch_order, prepare_data, step_micro_batches
+from jobs.evaluation import eval_loss, exact_match
+from jobs.finetune import autocast_for, plan_steps, train_step
+from jobs.model import (
+    add_lora,
+    attn_implementation,
+    load_base_model,
+    load_tokenizer,
+    trainable_parameters,
+)
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def test_bf16_lora_training_on_cuda(tiny_model_dir, tmp_path):
+    cfg = load_config(
+        "configs/quickstart.yaml",
+        [f"model.name_or_path={tiny_model_dir}", "scaling.use_gpu=true", "train.max_steps=120"],
+    )
+    device = torch.device("cuda")
+    tokenizer = load_tokenizer(cfg.model)
+    data = prepare_data(cfg.data, tokenizer, cfg.run.seed)
+    torch.manual_seed(0)
+    model = add_lora(load_base_model(cfg.model, device), cfg.lora)
+    assert next(model.base_model.model.model.embed_tokens.parameters()).dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in trainable_parameters(model))  # adapters stay fp32
+    assert attn_implementation(cfg.model, device) in {"sdpa", "flash_attention_2"}
+
+    autocast = autocast_for(cfg, device)
+    pad = tokenizer.pad_token_id
+    base_loss = eval_loss(model, data.eval, 32, pad, device, autocast)
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.train.lr)
+    plan = plan_steps(len(data.train), cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    model.train()
+    for step in range(plan.total_steps):
+        epoch, k = divmod(step, plan.steps_per_epoch)
+        order = epoch_order(len(data.train), 0, epoch)
+        batches = step_micro_batches(
+            order, k, cfg.train.effective_batch_size, 0, 1, cfg.train.micro_batch_size
+        )
+        micro = [collate([data.train[j] for j in idx], pad) for idx in batches]
+        train_step(model, optimizer, scheduler, micro, device, autocast, 1.0)
+    trained_loss = eval_loss(model, data.eval, 32, pad, device, autocast)
+    assert trained_loss < base_loss / 4, (base_loss, trained_loss)
+    assert (
+        exact_match(model, tokenizer, data.eval_conversations[:32], 4, 32, device, autocast) > 0.5
+    )
+
+    model.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(load_base_model(cfg.model, device), tmp_path / "adapter")
+    assert eval_loss(reloaded, data.eval, 32, pad, device, autocast) == pytest.approx(
+        trained_loss, rel=1e-3
+    )

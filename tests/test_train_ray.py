@@ -1,0 +1,138 @@
+"""The job on real Ray Train workers: one worker end to end, resume, two workers."""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+
+import pytest
+import ray
+import torch
+from peft import PeftModel
+
+from jobs.config import load_config
+from jobs.data import prepare_data
+from jobs.evaluation import eval_loss
+from jobs.finetune import run_job
+from jobs.model import load_base_model, load_tokenizer
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def job_config(tiny_model_dir, storage, *overrides):
+    return load_config(
+        "configs/quickstart.yaml",
+        [
+            f"model.name_or_path={tiny_model_dir}",
+            f"checkpoint.storage_path={storage}",
+            "eval.max_generate_samples=16",
+            "eval.early_stopping_patience=null",
+            *overrides,
+        ],
+    )
+
+
+def test_single_worker_job_writes_an_adapter_that_reloads_exactly(
+    ray_local, tiny_model_dir, tmp_path
+):
+    cfg = job_config(
+        tiny_model_dir, tmp_path, "run.name=one", "train.max_steps=24", "eval.every_steps=8",
+        "checkpoint.every_steps=8", "checkpoint.keep_last=2",
+    )  # fmt: skip
+    summary = run_job(cfg)
+
+    run_dir = tmp_path / "one"
+    adapter = run_dir / "adapter"
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "tokenizer.json",
+        "chat_template.jinja",
+    ):
+        assert (adapter / name).is_file(), name
+    manifest = json.loads((run_dir / "run.json").read_text())
+    assert manifest["status"] == "completed"
+    assert manifest["dataset_hash"].startswith("sha256:")
+    assert manifest["base_model"] == str(tiny_model_dir)
+    assert manifest["libraries"]["ray"] == ray.__version__
+    assert manifest["config"]["lora"]["r"] == 16
+    assert [h["step"] for h in manifest["loss_history"]] == list(range(1, 25))
+    assert [e["step"] for e in manifest["eval_history"]] == [8, 16, 24]
+    assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == [
+        "checkpoint_000016",
+        "checkpoint_000024_final",
+    ]  # keep_last
+
+    metrics = summary["metrics"]
+    assert metrics["eval_loss"] < metrics["base_eval_loss"] / 2
+
+    # Plain peft loads the adapter and reproduces the trained model's held-out loss.
+    tokenizer = load_tokenizer(cfg.model)
+    data = prepare_data(cfg.data, tokenizer, cfg.run.seed)
+    cpu = torch.device("cpu")
+    base = load_base_model(cfg.model, cpu)
+    batch = tokenizer(["Review: The lid is sturdy and the app is fast."], return_tensors="pt")
+    base_logits = base(**batch).logits
+    model = PeftModel.from_pretrained(base, adapter)
+    loss = eval_loss(model, data.eval, 32, tokenizer.pad_token_id, cpu, nullcontext)
+    assert loss == pytest.approx(metrics["eval_loss"], rel=1e-5)
+    assert not torch.allclose(
+        model(**batch).logits, base_logits, atol=1e-3
+    )  # the adapter does something
+
+
+def test_resume_continues_exactly(ray_local, tiny_model_dir, tmp_path):
+    steps = [
+        "train.max_steps=12",
+        "checkpoint.every_steps=100",
+        "eval.every_steps=null",
+        "eval.task_metric=none",
+    ]
+    full = run_job(job_config(tiny_model_dir, tmp_path, "run.name=full", *steps))
+
+    first = run_job(
+        job_config(tiny_model_dir, tmp_path, "run.name=split", "run.stop_after_steps=6", *steps)
+    )
+    assert first["status"] == "paused at step 6"
+    assert [h["step"] for h in first["loss_history"]] == list(range(1, 7))
+    resumed = run_job(job_config(tiny_model_dir, tmp_path, "run.name=split", *steps))
+
+    assert resumed["status"] == "completed"
+    assert [h["step"] for h in resumed["loss_history"]] == list(
+        range(1, 13)
+    )  # none repeated or skipped
+    expected = [h["loss"] for h in full["loss_history"]]
+    got = [h["loss"] for h in resumed["loss_history"]]
+    assert got == pytest.approx(expected, rel=1e-4)
+    assert resumed["metrics"]["eval_loss"] == pytest.approx(full["metrics"]["eval_loss"], rel=1e-4)
+
+
+def test_two_workers_match_one_worker(ray_local, tiny_model_dir, tmp_path):
+    """Same seed and data: 2 DDP workers x 8 compute the same steps as 1 worker x 16."""
+    common = ["train.max_steps=6", "lora.dropout=0", "eval.every_steps=null", "eval.task_metric=none",
+              "checkpoint.every_steps=null", "train.effective_batch_size=16"]  # fmt: skip
+    one = run_job(
+        job_config(tiny_model_dir, tmp_path, "run.name=w1", "scaling.cpus_per_worker=1", *common)
+    )
+    two = run_job(
+        job_config(
+            tiny_model_dir,
+            tmp_path,
+            "run.name=w2",
+            "scaling.num_workers=2",
+            "scaling.cpus_per_worker=1",
+            "train.micro_batch_size=8",
+            *common,
+        )  # fmt: skip
+    )
+    assert [h["loss"] for h in two["loss_history"]] == pytest.approx(
+        [h["loss"] for h in one["loss_history"]], rel=1e-4
+    )
+    assert two["metrics"]["eval_loss"] == pytest.approx(one["metrics"]["eval_loss"], rel=1e-4)
