@@ -1,0 +1,118 @@
+"""model.name_or_path: a local directory, or s3:// through a real S3-compatible server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+import torch
+
+from jobs.config import ConfigError, ModelConfig
+from jobs.model import attn_implementation, load_base_model, load_tokenizer, resolve_model_path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """moto's S3 server on loopback; credentials are throwaway test values."""
+    port = free_port()
+    moto = Path(sys.executable).parent / "moto_server"
+    proc = subprocess.Popen(
+        [str(moto), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.2)
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield endpoint
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def upload_dir(endpoint: str, local: Path, bucket: str, prefix: str) -> None:
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    s3.create_bucket(Bucket=bucket)
+    for f in local.rglob("*"):
+        if f.is_file():
+            s3.upload_file(str(f), bucket, f"{prefix}/{f.relative_to(local)}")
+
+
+def test_local_directory_loads_through_from_pretrained(tiny_model_dir):
+    cfg = ModelConfig(name_or_path=str(tiny_model_dir))
+    assert resolve_model_path(cfg) == str(tiny_model_dir)
+    tokenizer = load_tokenizer(cfg)
+    model = load_base_model(cfg, torch.device("cpu"))
+    assert model.config.num_hidden_layers == 2
+    assert tokenizer.chat_template and tokenizer.pad_token_id is not None
+    assert attn_implementation(cfg, torch.device("cpu")) == "sdpa"
+
+
+def test_missing_local_model_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="model.name_or_path"):
+        load_tokenizer(ModelConfig(name_or_path=str(tmp_path / "nope")))
+
+
+@pytest.mark.integration
+def test_s3_model_is_downloaded_once_and_loads(s3_server, tiny_model_dir, tmp_path):
+    upload_dir(s3_server, tiny_model_dir, "models", "tiny/v1")
+    cfg = ModelConfig(name_or_path="s3://models/tiny/v1", cache_dir=str(tmp_path / "cache"))
+
+    local = Path(resolve_model_path(cfg))
+    assert local == tmp_path / "cache" / "models" / "tiny" / "v1"
+    assert (local / "model.safetensors").read_bytes() == (
+        tiny_model_dir / "model.safetensors"
+    ).read_bytes()
+    model = load_base_model(cfg, torch.device("cpu"))
+    reference = load_base_model(ModelConfig(name_or_path=str(tiny_model_dir)), torch.device("cpu"))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(model(ids).logits, reference(ids).logits)
+    assert load_tokenizer(cfg).chat_template
+
+    # A second resolve reads the cache: it works even when the object is gone from the bucket.
+    boto3.client("s3", endpoint_url=s3_server).delete_object(
+        Bucket="models", Key="tiny/v1/config.json"
+    )
+    assert Path(resolve_model_path(cfg)) == local
+
+
+@pytest.mark.integration
+def test_s3_errors_name_the_field(s3_server, tmp_path):
+    import boto3
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="empty")
+    with pytest.raises(ConfigError, match=r"model.name_or_path: no files under s3://empty/absent"):
+        resolve_model_path(ModelConfig(name_or_path="s3://empty/absent", cache_dir=str(tmp_path)))
+    with pytest.raises(ConfigError, match="model.name_or_path: cannot list s3://no-such-bucket"):
+        resolve_model_path(
+            ModelConfig(name_or_path="s3://no-such-bucket/x", cache_dir=str(tmp_path))
+        )
