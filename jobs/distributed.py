@@ -19,7 +19,10 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join the cluster named by `address` or RAY_ADDRESS (as inside `ray job submit`), else start one here.
 
     A bare ray.init() would follow a stale /tmp/ray/ray_current_cluster into a dead cluster, so a
-    local run always asks for a fresh local instance.
+    local run always asks for a fresh local instance. Ray starts workers at niceness 15 by default
+    (worker_niceness) so its daemons stay responsive; on a laptop that costs the training worker
+    about 12% of its throughput whenever a daemon wakes (measured, benchmarks/README.md), so the
+    embedded instance runs them at normal priority.
     """
     import ray
 
@@ -29,7 +32,12 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            include_dashboard=False,
+            _system_config={"worker_niceness": 0},
+        )
 
 
 def rank_and_world() -> tuple[int, int]:

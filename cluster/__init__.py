@@ -1,0 +1,1 @@
+"""Cluster launcher, KubeRay manifests and laptop-submit helpers (issue #9)."""

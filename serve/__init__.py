@@ -1,0 +1,1 @@
+"""The Ray Serve multi-adapter, OpenAI-compatible app (issue #8); imports from jobs/."""

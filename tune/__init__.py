@@ -1,0 +1,1 @@
+"""Ray Tune sweeps, evaluation gates and the adapter registry (issue #7); imports from jobs/."""
