@@ -56,6 +56,8 @@ def plain_loop(cfg, data, pad_id: int, device: torch.device, steps: int) -> floa
         if step > 0:
             elapsed += time.perf_counter() - t0
             tokens += n
+    if device.type == "cuda":
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
     return tokens / elapsed
 
 
