@@ -35,6 +35,7 @@ from jobs.distributed import (
     no_sync,
     rank_and_world,
     seed_everything,
+    shutdown_ray,
     unwrap,
     wrap_model,
 )
@@ -403,6 +404,7 @@ def main(
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(2) from None
     except Exception as e:  # the cause goes on the last line, for `ray job submit` and CI logs
+        shutdown_ray()  # flushes the workers' streamed logs before our last line
         cause = e
         while cause.__cause__ is not None:
             cause = cause.__cause__

@@ -52,6 +52,12 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     """A path or hub id that from_pretrained can read; s3:// is downloaded to the local cache."""
     if cfg.name_or_path.startswith("s3://"):
         return str(download_s3_dir(cfg.name_or_path, cfg.cache_dir))
+    looks_local = cfg.name_or_path.startswith(("/", ".", "~")) or cfg.name_or_path.count("/") > 1
+    if looks_local and not Path(cfg.name_or_path).expanduser().is_dir():
+        raise ConfigError(
+            f"model.name_or_path: no such directory: {cfg.name_or_path} "
+            "(a hub id looks like org/name; for the quickstart model run: python -m jobs.tiny_model DIR)"
+        )
     return cfg.name_or_path
 
 

@@ -116,3 +116,9 @@ def test_s3_errors_name_the_field(s3_server, tmp_path):
         resolve_model_path(
             ModelConfig(name_or_path="s3://no-such-bucket/x", cache_dir=str(tmp_path))
         )
+
+
+@pytest.mark.parametrize("path", ["/no/such/model", ".cache/no-such-model", "~/no-such-model"])
+def test_missing_local_path_says_so(path):
+    with pytest.raises(ConfigError, match="model.name_or_path: no such directory"):
+        resolve_model_path(ModelConfig(name_or_path=path))
