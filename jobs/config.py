@@ -102,8 +102,9 @@ class EvalConfig(Section):
 
 
 class TrackingConfig(Section):
-    backend: Literal["none", "wandb"] = "none"
-    project: str = "rayft"
+    # Experiment trackers (wandb, mlflow) arrive with the tracking work; until then a value
+    # other than none is refused at load time rather than silently ignored.
+    backend: Literal["none"] = "none"
 
 
 class JobConfig(Section):
