@@ -138,7 +138,9 @@ class JobConfig(Section):
                 "lora: null (full fine-tuning) is not supported yet; give a lora section"
             )
         if self.model.attn_implementation == "flash_attention_2" and not self.scaling.use_gpu:
-            raise ValueError("model.attn_implementation: flash_attention_2 needs scaling.use_gpu: true")
+            raise ValueError(
+                "model.attn_implementation: flash_attention_2 needs scaling.use_gpu: true"
+            )
         if self.train.precision == "fp16" and not self.scaling.use_gpu:
             raise ValueError("train.precision: fp16 needs scaling.use_gpu: true")
         return self

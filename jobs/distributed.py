@@ -16,14 +16,7 @@ import torch.distributed as dist
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join the cluster named by `address` or RAY_ADDRESS (as inside `ray job submit`), else start one here.
-
-    A bare ray.init() would follow a stale /tmp/ray/ray_current_cluster into a dead cluster, so a
-    local run always asks for a fresh local instance. Ray starts workers at niceness 15 by default
-    (worker_niceness) so its daemons stay responsive; on a laptop that costs the training worker
-    about 12% of its throughput whenever a daemon wakes (measured, benchmarks/README.md), so the
-    embedded instance runs them at normal priority.
-    """
+    """Join the cluster named by `address` or RAY_ADDRESS (as inside `ray job submit`), else start one here."""
     import ray
 
     if ray.is_initialized():
@@ -32,12 +25,31 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            _system_config={"worker_niceness": 0},
-        )
+        start_local_ray(num_cpus)
+
+
+def start_local_ray(num_cpus: int | None = None) -> None:
+    """A fresh single-node Ray for this process.
+
+    - address="local": a bare ray.init() would follow a stale /tmp/ray/ray_current_cluster into
+      a dead cluster.
+    - The dashboard stays on (bound to 127.0.0.1): it serves the state API, without which Ray
+      Train's placement-group cleaner cannot see a dead controller (it logs a warning every few
+      seconds) and would leave that run's resources held.
+    - Metrics collection is off: on a 2-core machine its periodic sampling competes with training.
+    - Ray starts workers at niceness 15 so that its daemons stay responsive; on a small machine
+      that costs the training worker ~12% of its throughput (benchmarks/README.md), so the
+      embedded instance runs them at normal priority.
+    """
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        _system_config={"worker_niceness": 0, "enable_metrics_collection": False},
+    )
 
 
 def shutdown_ray() -> None:

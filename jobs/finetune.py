@@ -86,7 +86,8 @@ def autocast_for(cfg: JobConfig, device: torch.device):
 def train_step(
     model, optimizer, scheduler, micro_batches, device, autocast, max_grad_norm
 ) -> tuple[float, int]:
-    """One optimizer step over a list of micro-batches (gradient accumulation).
+    """One optimizer step over this rank's micro-batches (gradient accumulation); returns the
+    step's loss and its non-padding input tokens, both over all ranks.
 
     The loss is the mean over every label token in the step on every rank, so accumulation and
     data parallelism give the same gradient as one big batch (not a mean of micro-batch means).
@@ -107,9 +108,9 @@ def train_step(
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    (total_loss,) = all_reduce_sum([loss_sum], device)
-    tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)
-    return total_loss / global_tokens, tokens
+    local_inputs = sum(int(b["attention_mask"].sum()) for b in micro_batches)
+    total_loss, inputs = all_reduce_sum([loss_sum, local_inputs], device)
+    return total_loss / global_tokens, int(inputs)
 
 
 # ------------------------------------------------------------------------ the train function
@@ -152,11 +153,8 @@ def train_func(config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
             state = load_checkpoint(Path(ckpt_dir), model, optimizer, scheduler, rank)
-        if state.world_size != world:
-            print0(
-                f"warning: resuming with {world} workers, checkpoint had {state.world_size}: data order changes"
-            )
-            state.world_size = world
+        # A step's examples do not depend on the worker count, so a resume may change it.
+        state.world_size = world
         print0(f"resumed from {checkpoint.path} at step {state.step}/{plan.total_steps}")
     if state.completed:
         print0("this run already finished; nothing to train")
@@ -205,7 +203,7 @@ def train_func(config: dict) -> None:
         )
         if state.step > 1:  # the first step pays one-off costs (allocations, lazy init)
             time_since += time.perf_counter() - t0
-            tokens_since += tokens * world
+            tokens_since += tokens
 
         if state.step % cfg.train.log_every_steps == 0 or state.step == plan.total_steps:
             tps = tokens_since / time_since if time_since else 0.0

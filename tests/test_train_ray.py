@@ -12,6 +12,7 @@ from peft import PeftModel
 
 from jobs.config import load_config
 from jobs.data import prepare_data
+from jobs.distributed import start_local_ray
 from jobs.evaluation import eval_loss
 from jobs.finetune import run_job
 from jobs.model import load_base_model, load_tokenizer
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def ray_local():
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    start_local_ray(num_cpus=2)
     yield
     ray.shutdown()
 
