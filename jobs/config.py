@@ -7,6 +7,7 @@ the dotted field, and suggests the closest known key for a misspelling.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -160,10 +161,18 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if not sep or not key or key != key.strip():
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. train.lr=1e-4")
         try:
-            parsed[key] = yaml.safe_load(raw) if raw else ""
+            value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
+        parsed[key] = _yaml11_float(value)
     return parsed
+
+
+def _yaml11_float(value: Any) -> Any:
+    """YAML 1.1 reads `1e-4` (no dot) as a string; on a command line it means a number."""
+    if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value):
+        return float(value)
+    return value
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

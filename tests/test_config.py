@@ -1,0 +1,157 @@
+"""Job configs: shipped YAMLs load, overrides parse, bad configs fail at load naming file and field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jobs.config import ConfigError, apply_overrides, load_config, parse_overrides
+
+CONFIGS = sorted(Path("configs").glob("*.yaml"))
+
+
+def write(tmp_path, data: dict) -> Path:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def minimal(**sections) -> dict:
+    base = {
+        "run": {"name": "t"},
+        "model": {"name_or_path": "org/model"},
+        "data": {"train_files": ["a.jsonl"]},
+    }
+    for key, value in sections.items():
+        base.setdefault(key, {}).update(value)
+    return base
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_names_its_command(path):
+    assert path.read_text().splitlines()[0].startswith(("# python -m", "# ray ", "# serve ")), path
+    cfg = load_config(path)
+    assert cfg.run.name
+
+
+def test_shipped_configs_exist():
+    assert Path("configs/quickstart.yaml") in CONFIGS
+
+
+def test_override_values_are_parsed_as_yaml():
+    assert parse_overrides(
+        [
+            "train.lr=1e-4",
+            "lora.r=8",
+            "scaling.use_gpu=true",
+            "lora.target_modules=[q_proj,v_proj]",
+            "train.max_steps=null",
+            "run.name=abc",
+            "data.system_prompt=",
+        ]
+    ) == {  # fmt: skip
+        "train.lr": 1e-4,
+        "lora.r": 8,
+        "scaling.use_gpu": True,
+        "lora.target_modules": ["q_proj", "v_proj"],
+        "train.max_steps": None,
+        "run.name": "abc",
+        "data.system_prompt": "",
+    }
+
+
+def test_overrides_reach_the_typed_config(tmp_path):
+    cfg = load_config(
+        write(tmp_path, minimal()),
+        ["train.lr=1e-4", "lora.r=8", "train.micro_batch_size=2", "train.effective_batch_size=8"],
+    )
+    assert cfg.train.lr == 1e-4 and cfg.lora.r == 8
+    assert cfg.grad_accum_steps == 4
+
+
+def test_override_creates_missing_sections_but_not_inside_values():
+    assert apply_overrides({"a": None}, {"a.b.c": 1}) == {"a": {"b": {"c": 1}}}
+    with pytest.raises(ConfigError, match="train.lr is a value"):
+        apply_overrides({"train": {"lr": 1.0}}, {"train.lr.x": 2})
+
+
+@pytest.mark.parametrize("bad", ["train.lr", "=3", " train.lr=3"])
+def test_malformed_override(bad):
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_overrides([bad])
+
+
+def test_unknown_key_is_named_with_a_suggestion(tmp_path):
+    path = write(tmp_path, minimal())
+    with pytest.raises(ConfigError) as e:
+        load_config(path, ["train.lrr=1"])
+    assert str(path) in str(e.value)
+    assert "unknown key 'train.lrr'" in str(e.value)
+    assert "did you mean 'train.lr'" in str(e.value)
+
+
+def test_unknown_top_level_section(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'trian'.*did you mean 'train'"):
+        load_config(write(tmp_path, {**minimal(), "trian": {"lr": 1}}))
+
+
+def test_wrong_type_names_the_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"lora\.r: .*integer"):
+        load_config(write(tmp_path, minimal(lora={"r": "big"})))
+
+
+def test_missing_required_field(tmp_path):
+    data = minimal()
+    del data["model"]
+    with pytest.raises(ConfigError, match="model: required field is missing"):
+        load_config(write(tmp_path, data))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["train.micro_batch_size=3", "train.effective_batch_size=16"],
+            "multiple of train.micro_batch_size",
+        ),
+        (
+            ["scaling.num_workers=3", "train.micro_batch_size=4", "train.effective_batch_size=16"],
+            "x 3 = 12",
+        ),
+        (["data.eval_fraction=0"], "no held-out set"),
+        (["eval.early_stopping_patience=2"], "needs eval.every_steps"),
+        (["train.precision=fp16"], "fp16 needs scaling.use_gpu"),
+        (
+            ["model.attn_implementation=flash_attention_2"],
+            "flash_attention_2 needs scaling.use_gpu",
+        ),
+        (["lora=null"], "full fine-tuning"),
+        (["train.lr=-1"], r"train\.lr: .*greater than 0"),
+        (["tracking.backend=wandb"], r"tracking\.backend"),
+        (["run.name=has space"], r"run\.name"),
+    ],
+)
+def test_contradictions_fail_at_load(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, minimal()), overrides)
+
+
+def test_missing_and_broken_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "absent.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("run: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml: not valid YAML"):
+        load_config(broken)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="mapping of sections"):
+        load_config(listing)
+
+
+def test_single_file_string_becomes_a_list(tmp_path):
+    data = minimal()
+    data["data"]["train_files"] = "only.jsonl"
+    assert load_config(write(tmp_path, data)).data.train_files == ["only.jsonl"]
