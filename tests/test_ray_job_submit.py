@@ -69,7 +69,7 @@ def head():
     yield {"address": address, "env": env}
     os.killpg(proc.pid, signal.SIGTERM)
     try:
-        proc.wait(timeout=30)
+        proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
     shutil.rmtree(temp_dir, ignore_errors=True)
