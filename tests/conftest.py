@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
 from jobs.tiny_model import main as build_tiny_model
+from tests.helpers import BIN, free_port
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +29,48 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer(tiny_model_dir):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def head():
+    """A real `ray start --head` with token auth, its token passed as RAY_AUTH_TOKEN so that no
+    test reads or writes ~/.ray. Stopped through its own process group: `ray stop` would stop
+    every Ray process on the machine."""
+    token = secrets.token_hex(16)
+    dashboard_port = free_port()
+    temp_dir = tempfile.mkdtemp(prefix="rft", dir="/tmp")  # Ray needs a short socket path
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",  # submitted jobs resolve `python` here
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token,
+        "RAY_worker_niceness": "0",
+    }
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=2",
+         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    address = f"http://127.0.0.1:{dashboard_port}"
+    deadline = time.time() + 90
+    while True:
+        try:
+            request = urllib.request.Request(
+                f"{address}/api/version", headers={"Authorization": f"Bearer {token}"}
+            )
+            urllib.request.urlopen(request, timeout=2)
+            break
+        except Exception:
+            if time.time() > deadline or proc.poll() is not None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                pytest.fail(f"ray head did not come up at {address}")
+            time.sleep(1)
+    yield {"address": address, "env": env}
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    shutil.rmtree(temp_dir, ignore_errors=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import boto3
@@ -13,14 +12,14 @@ import torch
 
 from jobs.config import ConfigError, ModelConfig
 from jobs.model import attn_implementation, load_base_model, load_tokenizer, resolve_model_path
-from tests.ports import free_port, wait_for_port
+from tests.helpers import BIN, free_port, wait_for_port
 
 
 @pytest.fixture(scope="module")
 def s3_server():
     """moto's S3 server on loopback; credentials are throwaway test values."""
     port = free_port()
-    moto = Path(sys.executable).parent / "moto_server"
+    moto = BIN / "moto_server"
     proc = subprocess.Popen(
         [str(moto), "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,

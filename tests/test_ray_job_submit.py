@@ -1,73 +1,17 @@
 """`ray job submit --working-dir . -- python -m jobs.finetune CONFIG` against a real `ray start --head`.
 
-The head runs with token authentication, its token given through RAY_AUTH_TOKEN so the test never
-reads or writes ~/.ray. It is stopped through its own process group: `ray stop` would stop every
-Ray process on the machine.
+The head (tests/conftest.py) runs with token authentication.
 """
 
 from __future__ import annotations
 
-import os
-import secrets
-import shutil
-import signal
 import subprocess
-import sys
-import tempfile
-import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-from tests.ports import free_port
+from tests.helpers import BIN, REPO
 
 pytestmark = pytest.mark.integration
-
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-
-
-@pytest.fixture(scope="module")
-def head():
-    token = secrets.token_hex(16)
-    dashboard_port = free_port()
-    temp_dir = tempfile.mkdtemp(prefix="rft", dir="/tmp")  # Ray needs a short socket path
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",  # submitted jobs resolve `python` here
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": token,
-        "RAY_worker_niceness": "0",
-    }
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=2",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    address = f"http://127.0.0.1:{dashboard_port}"
-    deadline = time.time() + 90
-    while True:
-        try:
-            request = urllib.request.Request(
-                f"{address}/api/version", headers={"Authorization": f"Bearer {token}"}
-            )
-            urllib.request.urlopen(request, timeout=2)
-            break
-        except Exception:
-            if time.time() > deadline or proc.poll() is not None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                pytest.fail(f"ray head did not come up at {address}")
-            time.sleep(1)
-    yield {"address": address, "env": env}
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def submit(head, env, *job_args, timeout=300) -> subprocess.CompletedProcess:

@@ -1,9 +1,14 @@
-"""Loopback ports for the servers tests start (Ray heads, S3)."""
+"""Helpers for tests that start servers on 127.0.0.1 (Ray heads, S3) and run the venv's commands."""
 
 from __future__ import annotations
 
 import socket
+import sys
 import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the venv's ray, moto_server, python
 
 
 def free_port() -> int:

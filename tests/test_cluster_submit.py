@@ -1,0 +1,82 @@
+"""`python -m cluster.submit` against a real token-auth `ray start --head` (tests/conftest.py)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from tests.helpers import BIN, REPO
+
+pytestmark = pytest.mark.integration
+
+FAST = ["train.max_steps=3", "eval.every_steps=null", "eval.early_stopping_patience=null",
+        "checkpoint.every_steps=null", "eval.max_generate_samples=4"]  # fmt: skip
+
+
+def cluster_submit(head, *args, timeout=300) -> subprocess.CompletedProcess:
+    cmd = [str(BIN / "python"), "-m", "cluster.submit", *args, "--address", head["address"]]
+    return subprocess.run(
+        cmd, env=head["env"], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_submit_follows_the_job_and_returns_its_success(head, tiny_model_dir, tmp_path):
+    result = cluster_submit(
+        head, "configs/quickstart.yaml", "run.name=helper", f"model.name_or_path={tiny_model_dir}",
+        f"checkpoint.storage_path={tmp_path}", *FAST,
+    )  # fmt: skip
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-4000:]
+    assert "step 3/3" in out  # the job's own log lines were followed
+    assert "ray job stop --address" in out and "SUCCEEDED" in out
+    assert (tmp_path / "helper" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_a_job_that_fails_on_the_cluster_fails_the_submit(head, tmp_path):
+    result = cluster_submit(
+        head,
+        "configs/quickstart.yaml",
+        "model.name_or_path=/no/such/model",
+        f"checkpoint.storage_path={tmp_path}",
+    )
+    out = result.stdout + result.stderr
+    assert result.returncode == 1, out[-4000:]
+    assert "model.name_or_path: no such directory: /no/such/model" in out
+    assert "FAILED" in out
+
+
+def test_no_wait_returns_the_job_id_at_once(head, tiny_model_dir, tmp_path):
+    result = cluster_submit(
+        head, "configs/quickstart.yaml", "run.name=nowait", f"model.name_or_path={tiny_model_dir}",
+        f"checkpoint.storage_path={tmp_path}", "--no-wait", *FAST,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    job_id = result.stdout.split()[1]
+    assert job_id.startswith("rayft-nowait-")
+    ray_cli = [str(BIN / "ray"), "job"]
+    stop = [*ray_cli, "stop", "--address", head["address"], job_id]
+    subprocess.run(stop, env=head["env"], capture_output=True, text=True, timeout=120, check=True)
+    status = [*ray_cli, "status", "--address", head["address"], job_id]
+    done = subprocess.run(status, env=head["env"], capture_output=True, text=True, timeout=60)
+    out = (done.stdout + done.stderr).lower()
+    assert any(word in out for word in ("stopped", "succeeded", "failed")), out
+
+
+def test_a_bad_config_fails_before_anything_is_uploaded(tmp_path):
+    outside = tmp_path / "job.yaml"
+    outside.write_text((REPO / "configs/quickstart.yaml").read_text())
+    for args, message in [
+        (["configs/quickstart.yaml", "train.lrr=1"], "unknown key 'train.lrr'"),
+        ([str(outside)], "the config must be inside"),
+    ]:
+        cmd = [
+            str(BIN / "python"),
+            "-m",
+            "cluster.submit",
+            *args,
+            "--address",
+            "http://127.0.0.1:9",
+        ]
+        result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
