@@ -26,6 +26,9 @@ class TrainerState:
     world_size: int = 1
     history: list[dict] = field(default_factory=list)  # one row per optimizer step
     evals: list[dict] = field(default_factory=list)
+    resumed_at: list[int] = field(
+        default_factory=list
+    )  # the step of each resume (restart or re-run)
     best_eval_loss: float | None = None
     evals_without_improvement: int = 0
     stopped_early: bool = False

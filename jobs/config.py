@@ -80,9 +80,11 @@ class ScalingConfig(Section):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
-    resources_per_worker: dict[
-        str, float
-    ] = {}  # extra Ray resources, e.g. {"accelerator_type:A10G": 0.01}
+    # Extra Ray resources a worker needs, e.g. {"accelerator_type:A10G": 0.01} or {"spot": 1}.
+    resources_per_worker: dict[str, float] = {}
+    # Worker-group failures (a lost node, a killed worker) survived by restarting the workers from
+    # the newest checkpoint; -1 retries forever. Ray Train's FailureConfig(max_failures).
+    max_failures: int = Field(0, ge=-1)
 
 
 class CheckpointConfig(Section):

@@ -155,6 +155,7 @@ def train_func(config: dict) -> None:
             state = load_checkpoint(Path(ckpt_dir), model, optimizer, scheduler, rank)
         # A step's examples do not depend on the worker count, so a resume may change it.
         state.world_size = world
+        state.resumed_at.append(state.step)
         print0(f"resumed from {checkpoint.path} at step {state.step}/{plan.total_steps}")
     if state.completed:
         print0("this run already finished; nothing to train")
@@ -324,7 +325,7 @@ def run_job(cfg: JobConfig, address: str | None = None) -> dict:
             name=cfg.run.name,
             storage_path=str(storage),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
-            failure_config=ray.train.FailureConfig(max_failures=0),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
         ),
     )
     result = trainer.fit()
@@ -347,6 +348,7 @@ def run_job(cfg: JobConfig, address: str | None = None) -> dict:
         "metrics": state.final_metrics,
         "steps": state.step,
         "stopped_early": state.stopped_early,
+        "resumed_at_steps": state.resumed_at,
         "seed": cfg.run.seed,
         "checkpoint": result.checkpoint.path,
         "config": cfg.model_dump(),

@@ -106,6 +106,7 @@ def test_resume_continues_exactly(ray_local, tiny_model_dir, tmp_path):
     resumed = run_job(job_config(tiny_model_dir, tmp_path, "run.name=split", *steps))
 
     assert resumed["status"] == "completed"
+    assert resumed["resumed_at_steps"] == [6] and full["resumed_at_steps"] == []
     assert [h["step"] for h in resumed["loss_history"]] == list(
         range(1, 13)
     )  # none repeated or skipped
