@@ -166,7 +166,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             value = yaml.safe_load(raw) if raw else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({e})") from None
-        parsed[key] = _yaml11_float(value)
+        quoted = raw.lstrip()[:1] in ("'", '"')  # model.revision='1234e56' stays a string
+        parsed[key] = value if quoted else _yaml11_float(value)
     return parsed
 
 

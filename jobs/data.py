@@ -154,14 +154,15 @@ def read_jsonl(path: Path):
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             try:
-                text = raw.decode("utf-8")
+                # a byte-order mark some editors put at the start of a file is not part of row 1
+                text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
             except UnicodeDecodeError as e:
                 yield line_no, RowError(f"invalid UTF-8 at byte {e.start}")
                 continue
             if not text.strip():
                 continue
             try:
-                yield line_no, json.loads(text)
+                yield line_no, json.loads(text.rstrip("\r\n"))  # error columns within the line
             except json.JSONDecodeError as e:
                 yield line_no, RowError(f"invalid JSON ({e.msg} at column {e.colno})")
 

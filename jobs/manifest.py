@@ -11,9 +11,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+# Matched against a key's lower-cased words (camelCase and '-' become '_'): a whole word only, so
+# HF_TOKEN, apiKey and aws_secret_access_key are secrets but eval.max_new_tokens and tokenizer are not.
 SECRET_KEY = re.compile(
-    r"(api[_-]?key|token|secret|password|credential|access[_-]?key)", re.IGNORECASE
+    r"(?<![a-z])(api_?key|access_?key|token|secrets?|passwords?|credentials?)(?![a-z])"
 )
+
+
+def is_secret_key(key: Any) -> bool:
+    words = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", str(key)).lower().replace("-", "_")
+    return bool(SECRET_KEY.search(words))
+
+
 LIBRARIES = [
     "torch",
     "ray",
@@ -29,9 +38,7 @@ LIBRARIES = [
 def redact(value: Any) -> Any:
     """A copy of a config tree with the values of secret-looking keys replaced."""
     if isinstance(value, dict):
-        return {
-            k: "***" if SECRET_KEY.search(str(k)) and v else redact(v) for k, v in value.items()
-        }
+        return {k: "***" if is_secret_key(k) and v else redact(v) for k, v in value.items()}
     if isinstance(value, list):
         return [redact(v) for v in value]
     return value

@@ -9,7 +9,8 @@ import yaml
 
 from jobs.config import ConfigError, apply_overrides, load_config, parse_overrides
 
-CONFIGS = sorted(Path("configs").glob("*.yaml"))
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 
 def write(tmp_path, data: dict) -> Path:
@@ -37,7 +38,7 @@ def test_every_shipped_config_loads_and_names_its_command(path):
 
 
 def test_shipped_configs_exist():
-    assert Path("configs/quickstart.yaml") in CONFIGS
+    assert REPO / "configs" / "quickstart.yaml" in CONFIGS
 
 
 def test_override_values_are_parsed_as_yaml():
@@ -62,6 +63,64 @@ def test_override_values_are_parsed_as_yaml():
     }
 
 
+@pytest.mark.parametrize(
+    ("raw", "value"),
+    [
+        ("1e-4", 1e-4),  # YAML 1.1 alone reads these three as strings
+        ("1E4", 1e4),
+        ("-3e-5", -3e-5),
+        ("1.0e4", 1e4),
+        ("2.0e-3", 2e-3),
+        (".5", 0.5),
+        ("8", 8),
+        ("-1", -1),
+        ("false", False),
+        ("~", None),
+        ("[1, 2.5, x]", [1, 2.5, "x"]),
+        ("{spot: 1}", {"spot": 1}),
+        ("1e-4x", "1e-4x"),
+        ("a=b", "a=b"),  # only the first '=' separates
+        ("'1e-4'", "1e-4"),  # quoted: a string, as YAML says
+        ('"1234e56"', "1234e56"),
+        ("'true'", "true"),
+    ],
+)
+def test_override_value_types(raw, value):
+    parsed = parse_overrides([f"k={raw}"])["k"]
+    assert parsed == value and type(parsed) is type(value)
+
+
+def test_quoted_override_reaches_a_string_field(tmp_path):
+    # a revision that looks like a number in e-notation can still be given on the command line
+    cfg = load_config(write(tmp_path, minimal()), ["model.revision='1234e56'"])
+    assert cfg.model.revision == "1234e56"
+    with pytest.raises(ConfigError, match=r"model\.revision: .*valid string"):
+        load_config(write(tmp_path, minimal()), ["model.revision=1234e56"])
+
+
+def test_override_creates_new_nested_sections_at_load(tmp_path):
+    path = write(tmp_path, minimal())
+    assert "eval" not in path.read_text() and "scaling" not in path.read_text()
+    cfg = load_config(
+        path,
+        [
+            "eval.every_steps=5",
+            "eval.early_stopping_patience=2",
+            "scaling.resources_per_worker.spot=1",
+            "scaling.num_workers=2",
+            "train.micro_batch_size=2",
+        ],
+    )
+    assert (cfg.eval.every_steps, cfg.eval.early_stopping_patience) == (5, 2)
+    assert cfg.scaling.resources_per_worker == {"spot": 1.0}
+    assert cfg.grad_accum_steps == 16 // (2 * 2)
+
+
+def test_overrides_win_over_the_file(tmp_path):
+    cfg = load_config(write(tmp_path, minimal(train={"lr": 0.5, "epochs": 3})), ["train.lr=0.25"])
+    assert (cfg.train.lr, cfg.train.epochs) == (0.25, 3)
+
+
 def test_overrides_reach_the_typed_config(tmp_path):
     cfg = load_config(
         write(tmp_path, minimal()),
@@ -77,7 +136,7 @@ def test_override_creates_missing_sections_but_not_inside_values():
         apply_overrides({"train": {"lr": 1.0}}, {"train.lr.x": 2})
 
 
-@pytest.mark.parametrize("bad", ["train.lr", "=3", " train.lr=3"])
+@pytest.mark.parametrize("bad", ["foo", "train.lr", "=3", " train.lr=3", "train.lr =3"])
 def test_malformed_override(bad):
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         parse_overrides([bad])
@@ -90,6 +149,35 @@ def test_unknown_key_is_named_with_a_suggestion(tmp_path):
     assert str(path) in str(e.value)
     assert "unknown key 'train.lrr'" in str(e.value)
     assert "did you mean 'train.lr'" in str(e.value)
+
+
+@pytest.mark.parametrize(
+    ("override", "unknown", "suggestion"),
+    [
+        ("scaling.num_worker=2", "scaling.num_worker", "scaling.num_workers"),
+        ("eval.every_step=5", "eval.every_step", "eval.every_steps"),
+        ("data.eval_file=x.jsonl", "data.eval_file", "data.eval_files"),
+        ("lora.rank=8", "lora.rank", "lora.r"),
+        ("qqqq.zzz=8", "qqqq", None),  # nothing close enough to suggest
+    ],
+)
+def test_unknown_nested_keys(tmp_path, override, unknown, suggestion):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, minimal()), [override])
+    assert f"unknown key '{unknown}'" in str(e.value)
+    if suggestion:
+        assert f"(did you mean '{suggestion}'?)" in str(e.value)
+    else:
+        assert "did you mean" not in str(e.value)
+
+
+def test_every_error_is_reported_at_once(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, minimal()), ["train.lr=abc", "lora.r=0", "train.epochs=x"])
+    message = str(e.value)
+    assert message.startswith(f"{tmp_path / 'job.yaml'}: ")
+    for field in ("train.lr: ", "lora.r: ", "train.epochs: "):
+        assert field in message, field
 
 
 def test_unknown_top_level_section(tmp_path):

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import platform
+import subprocess
+from datetime import datetime
+from pathlib import Path
 
-from jobs.manifest import redact, write_run_manifest
+import pytest
+
+from jobs.config import load_config
+from jobs.manifest import git_state, redact, write_run_manifest
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_redact_masks_secret_keys_at_any_depth():
@@ -35,3 +45,56 @@ def test_run_manifest_records_versions_and_hides_secrets(tmp_path):
     assert manifest["dataset_hash"] == "sha256:x" and manifest["metrics"] == {"a": 1}
     assert {"python", "torch", "ray", "transformers", "peft"} <= set(manifest["libraries"])
     assert set(manifest["code"]) == {"sha", "dirty"}
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["api_key", "apiKey", "APIKey", "api-key", "HF_TOKEN", "hf_token", "auth-token", "accessToken",
+     "aws_secret_access_key", "AWS_SECRET_ACCESS_KEY", "secretAccessKey", "db_password",
+     "credentials", "access_key_id", "token"],
+)  # fmt: skip
+def test_secret_looking_keys_are_masked(key):
+    assert redact({"x": [{key: "value"}]}) == {"x": [{key: "***"}]}
+    assert redact({key: {"nested": "dict"}}) == {key: "***"}  # a whole secret section
+
+
+@pytest.mark.parametrize(
+    "key", ["max_new_tokens", "tokenizer", "tokenizer_name", "num_tokens", "keep_last", "key", "lr"]
+)
+def test_look_alike_keys_are_kept(key):
+    assert redact({"eval": {key: 32}}) == {"eval": {key: 32}}
+
+
+def test_a_shipped_config_is_recorded_unchanged():
+    cfg = load_config(REPO / "configs" / "quickstart.yaml").model_dump()
+    assert redact(cfg) == cfg
+    assert redact(cfg)["eval"]["max_new_tokens"] == 4
+
+
+def test_falsy_secrets_and_non_dict_values_pass_through():
+    assert redact({"token": None, "api_key": 0, "secret": []}) == {
+        "token": None,
+        "api_key": 0,
+        "secret": [],
+    }
+    assert redact([1, "token", ("a",)]) == [1, "token", ("a",)]
+    assert redact("password") == "password"
+
+
+def test_manifest_code_state_is_this_checkout(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    manifest = write_run_manifest(tmp_path / "run.json", config={})
+    assert manifest["code"]["sha"] == head and len(head) == 40
+    assert isinstance(manifest["code"]["dirty"], bool)
+    assert json.loads((tmp_path / "run.json").read_text()) == manifest
+    assert manifest["libraries"]["python"] == platform.python_version()
+    assert manifest["libraries"]["torch"] == importlib.metadata.version("torch")
+    assert datetime.fromisoformat(manifest["written_at"]).tzinfo is not None
+
+
+def test_code_state_outside_a_repository_is_null(tmp_path):
+    assert git_state(tmp_path) == {"sha": None, "dirty": None}
+    assert write_run_manifest(tmp_path / "run.json")["config"] == {}
