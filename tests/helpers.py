@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
 import socket
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,3 +33,17 @@ def wait_for_port(port: int, timeout: float = 30) -> None:
                     f"nothing listens on 127.0.0.1:{port} after {timeout}s"
                 ) from None
             time.sleep(0.2)
+
+
+def stop_ray_head(proc: subprocess.Popen, session_dir: str) -> None:
+    """Stop a `ray start --head --block` started with start_new_session=True, and every process of
+    its cluster: workers and nodes the autoscaler started run in sessions of their own, but their
+    command lines name the cluster's session directory. Never `ray stop`: it stops every Ray
+    process on the machine, other tests' clusters included."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    subprocess.run(["pkill", "-9", "-f", session_dir], check=False)
+    shutil.rmtree(session_dir, ignore_errors=True)

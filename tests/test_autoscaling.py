@@ -9,8 +9,6 @@ process on the machine).
 from __future__ import annotations
 
 import os
-import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -22,7 +20,7 @@ import yaml
 
 from jobs.config import load_config
 from jobs.finetune import run_job
-from tests.helpers import BIN, free_port, wait_for_port
+from tests.helpers import BIN, free_port, stop_ray_head, wait_for_port
 
 pytestmark = pytest.mark.integration
 
@@ -72,7 +70,7 @@ def fake_cluster(tmp_path):
     config_file.write_text(yaml.safe_dump(config))
     session_dir = tempfile.mkdtemp(prefix="rfa", dir="/tmp")
     env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-           "RAY_AUTH_MODE": "disabled", "RAY_worker_niceness": "0",
+           "RAY_AUTH_MODE": "disabled", "RAY_worker_niceness": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
            "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
     env.pop("RAY_ADDRESS", None)
     head = subprocess.Popen(
@@ -87,15 +85,7 @@ def fake_cluster(tmp_path):
     yield
     ray.shutdown()
     os.environ.pop("RAY_AUTH_MODE", None)
-    os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
-    # Worker nodes the autoscaler started are not in the head's process group: their command
-    # lines name this cluster's session directory.
-    subprocess.run(["pkill", "-9", "-f", session_dir], check=False)
-    shutil.rmtree(session_dir, ignore_errors=True)
+    stop_ray_head(head, session_dir)
 
 
 def test_a_job_scales_a_worker_node_up_from_zero_and_down_when_idle(
