@@ -233,7 +233,10 @@ def dataset_hash(train: list[list[dict]], eval_: list[list[dict]]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def load_conversations(files: list[str], cfg: DataConfig, report: DataReport) -> list[list[dict]]:
+def load_conversations(
+    files: list[str], cfg: DataConfig, report: DataReport
+) -> list[tuple[str, list[dict]]]:
+    """Valid rows as (file:line, messages); every other row is reported (or fails the job)."""
     convs = []
     for name in files:
         path = Path(name)
@@ -244,7 +247,7 @@ def load_conversations(files: list[str], cfg: DataConfig, report: DataReport) ->
             try:
                 if isinstance(row, RowError):
                     raise row
-                convs.append(to_messages(row, cfg.format, cfg.system_prompt))
+                convs.append((f"{path}:{line_no}", to_messages(row, cfg.format, cfg.system_prompt)))
             except RowError as e:
                 if cfg.on_error == "fail":
                     raise ConfigError(f"{path}:{line_no}: {e} (data.on_error=fail)") from None
@@ -252,16 +255,18 @@ def load_conversations(files: list[str], cfg: DataConfig, report: DataReport) ->
     return convs
 
 
-def tokenize_all(convs, tokenizer, cfg: DataConfig, report: DataReport, where: str):
+def tokenize_all(
+    convs: list[tuple[str, list[dict]]], tokenizer, cfg: DataConfig, report: DataReport
+):
     examples, kept = [], []
-    for i, conv in enumerate(convs):
+    for where, conv in convs:
         try:
             examples.append(render_and_mask(conv, tokenizer, cfg.max_seq_len))
             kept.append(conv)
         except RowError as e:
             if cfg.on_error == "fail":
-                raise ConfigError(f"{where} example {i}: {e} (data.on_error=fail)") from None
-            report.drop(f"{where} example {i}", str(e))
+                raise ConfigError(f"{where}: {e} (data.on_error=fail)") from None
+            report.drop(where, str(e))
     return examples, kept
 
 
@@ -272,11 +277,11 @@ def prepare_data(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
     if cfg.eval_files:
         train_convs, eval_convs = convs, load_conversations(cfg.eval_files, cfg, report)
     else:
-        flags = [is_eval_row(c, cfg.eval_fraction, seed) for c in convs]
+        flags = [is_eval_row(c, cfg.eval_fraction, seed) for _, c in convs]
         train_convs = [c for c, e in zip(convs, flags, strict=True) if not e]
         eval_convs = [c for c, e in zip(convs, flags, strict=True) if e]
-    train, train_convs = tokenize_all(train_convs, tokenizer, cfg, report, "train")
-    eval_, eval_convs = tokenize_all(eval_convs, tokenizer, cfg, report, "eval")
+    train, train_convs = tokenize_all(train_convs, tokenizer, cfg, report)
+    eval_, eval_convs = tokenize_all(eval_convs, tokenizer, cfg, report)
     report.kept = len(train) + len(eval_)
     if not train:
         raise ConfigError(f"data.train_files: no usable training rows ({report.as_dict()})")

@@ -226,9 +226,9 @@ def test_rows_too_long_for_max_seq_len_are_dropped(tmp_path, tokenizer):
     data = prepare_data(cfg, tokenizer, seed=0)
     reason = "no assistant tokens within max_seq_len=16"
     assert data.report.dropped == {reason: 2}  # once from each split
-    assert data.report.examples == [f"train example 1: {reason}", f"eval example 1: {reason}"]
+    assert data.report.examples == [f"{train}:2: {reason}", f"{train}:2: {reason}"]
     assert [len(ex["input_ids"]) for ex in data.train] == [15, 15]
-    with pytest.raises(ConfigError, match=rf"train example 1: {reason} \(data.on_error=fail\)"):
+    with pytest.raises(ConfigError, match=rf"{train}:2: {reason} \(data.on_error=fail\)"):
         prepare_data(cfg.model_copy(update={"on_error": "fail"}), tokenizer, seed=0)
 
 
