@@ -272,16 +272,25 @@ def train_func(config: dict) -> None:
 # ------------------------------------------------------------------------ the driver
 
 
-def local_paths_for_workers(cfg: JobConfig) -> JobConfig:
-    """Workers do not share the driver's working directory unless the job ships one
-    (`ray job submit --working-dir .`); otherwise a relative local model path is made absolute."""
+def resolve_local_paths(cfg: JobConfig) -> JobConfig:
+    """Relative paths made absolute where every process of the job finds them.
+
+    Outside a Ray job's working_dir the workers do not share the driver's working directory, so a
+    local model path becomes absolute. Inside one (`ray job submit --working-dir .`) the working
+    directory is a temporary copy of the repo that Ray deletes later, so a relative storage path
+    goes under the home directory instead: checkpoints and the adapter outlive the job.
+    """
     import ray
 
     in_working_dir = bool(ray.get_runtime_context().runtime_env.get("working_dir"))
-    path = Path(cfg.model.name_or_path).expanduser()
-    if not in_working_dir and path.exists():
-        cfg = cfg.model_copy(deep=True)
-        cfg.model.name_or_path = str(path.resolve())
+    cfg = cfg.model_copy(deep=True)
+    model = Path(cfg.model.name_or_path).expanduser()
+    if not in_working_dir and model.exists():
+        cfg.model.name_or_path = str(model.resolve())
+    storage = Path(cfg.checkpoint.storage_path).expanduser()
+    if not storage.is_absolute():
+        storage = Path.home() / storage if in_working_dir else storage.resolve()
+    cfg.checkpoint.storage_path = str(storage)
     return cfg
 
 
@@ -303,10 +312,10 @@ def run_job(cfg: JobConfig, address: str | None = None) -> dict:
         print(f"  {example}")
     plan_steps(len(data.train), cfg)  # fail here, not on a worker
 
-    storage = Path(cfg.checkpoint.storage_path).expanduser().resolve()
-    run_dir = storage / cfg.run.name
     init_ray(address)
-    cfg = local_paths_for_workers(cfg)
+    cfg = resolve_local_paths(cfg)
+    run_dir = Path(cfg.checkpoint.storage_path) / cfg.run.name
+    print(f"run directory: {run_dir}")
     payload = {
         "train": data.train,
         "eval": data.eval,
@@ -323,7 +332,7 @@ def run_job(cfg: JobConfig, address: str | None = None) -> dict:
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
-            storage_path=str(storage),
+            storage_path=cfg.checkpoint.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
         ),
@@ -381,7 +390,8 @@ def print_summary(summary: dict) -> None:
         )
     console = Console()
     console.print(table)
-    console.print(
+    # plain print: a path must stay whole on one line, whatever the terminal's width
+    print(
         f"adapter: {summary['adapter']}\nmanifest: {Path(summary['adapter']).parent / 'run.json'}"
     )
 
