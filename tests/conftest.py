@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import subprocess
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -15,7 +12,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from jobs.tiny_model import main as build_tiny_model
-from tests.helpers import BIN, free_port, stop_ray_head
+from tests.helpers import free_port, start_ray_head, stop_ray_head
 
 
 @pytest.fixture(scope="session")
@@ -37,22 +34,10 @@ def head():
     every Ray process on the machine."""
     token = secrets.token_hex(16)
     dashboard_port = free_port()
-    temp_dir = tempfile.mkdtemp(prefix="rft", dir="/tmp")  # Ray needs a short socket path
-    env = {
-        **os.environ,
-        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",  # submitted jobs resolve `python` here
-        "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN": token,
-        "RAY_worker_niceness": "0",
-        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # else SIGTERM waits 30 s on a stopping GCS
-    }
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={free_port()}", "--num-cpus=2",
-         "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-         f"--temp-dir={temp_dir}", "--disable-usage-stats"],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+    proc, temp_dir, env = start_ray_head(
+        "--num-cpus=2", port=free_port(), dashboard_port=dashboard_port, env=auth
+    )
     address = f"http://127.0.0.1:{dashboard_port}"
     # Ready means a job is accepted: the dashboard answers before its job agent has registered,
     # and a submit in between fails with "No available agent to submit job".

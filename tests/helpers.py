@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,3 +48,24 @@ def stop_ray_head(proc: subprocess.Popen, session_dir: str) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     subprocess.run(["pkill", "-9", "-f", session_dir], check=False)
     shutil.rmtree(session_dir, ignore_errors=True)
+
+
+def start_ray_head(*args: str, port: int, dashboard_port: int, env: dict[str, str]):
+    """`ray start --head --block` in a process group of its own, with a short session directory of
+    its own; returns (process, session_dir, the environment it runs with)."""
+    session_dir = tempfile.mkdtemp(prefix="rft", dir="/tmp")  # Ray's socket paths must stay short
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",  # submitted jobs resolve `python` here
+        "RAY_worker_niceness": "0",
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",  # else SIGTERM waits 30 s on a stopping GCS
+        **env,
+    }
+    env.pop("RAY_ADDRESS", None)
+    cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--temp-dir={session_dir}",
+           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+           "--disable-usage-stats", *args]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    return proc, session_dir, env

@@ -9,8 +9,6 @@ process on the machine).
 from __future__ import annotations
 
 import os
-import subprocess
-import tempfile
 import threading
 import time
 
@@ -20,7 +18,7 @@ import yaml
 
 from jobs.config import load_config
 from jobs.finetune import run_job
-from tests.helpers import BIN, free_port, stop_ray_head, wait_for_port
+from tests.helpers import free_port, start_ray_head, stop_ray_head, wait_for_port
 
 pytestmark = pytest.mark.integration
 
@@ -68,17 +66,18 @@ def fake_cluster(tmp_path):
     }  # fmt: skip
     config_file = tmp_path / "fake_cluster.yaml"
     config_file.write_text(yaml.safe_dump(config))
-    session_dir = tempfile.mkdtemp(prefix="rfa", dir="/tmp")
-    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1",
-           "RAY_AUTH_MODE": "disabled", "RAY_worker_niceness": "0", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
-           "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}  # fmt: skip
-    env.pop("RAY_ADDRESS", None)
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=1",
-         f"--autoscaling-config={config_file}", f"--temp-dir={session_dir}", "--include-dashboard=true",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={free_port()}", "--disable-usage-stats"],
-        env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    fake = {
+        "RAY_FAKE_CLUSTER": "1",
+        "AUTOSCALER_UPDATE_INTERVAL_S": "1",
+        "RAY_AUTH_MODE": "disabled",
+    }
+    head, session_dir, _ = start_ray_head(
+        "--num-cpus=1",
+        f"--autoscaling-config={config_file}",
+        port=port,
+        dashboard_port=free_port(),
+        env=fake,
+    )
     wait_for_port(port, timeout=60)
     os.environ["RAY_AUTH_MODE"] = "disabled"
     ray.init(address=f"{ip}:{port}")
