@@ -23,7 +23,6 @@ from jobs.distributed import rng_state, set_rng_state
 @dataclass
 class TrainerState:
     step: int = 0
-    world_size: int = 1
     history: list[dict] = field(default_factory=list)  # one row per optimizer step
     evals: list[dict] = field(default_factory=list)
     resumed_at: list[int] = field(

@@ -148,13 +148,12 @@ def train_func(config: dict) -> None:
     scheduler = get_cosine_schedule_with_warmup(optimizer, plan.warmup_steps, plan.total_steps)
 
     # --- resume: Ray hands back the newest checkpoint of this run name, if any
-    state = TrainerState(world_size=world)
+    # (a step's examples do not depend on the worker count, so a resume may change it)
+    state = TrainerState()
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
             state = load_checkpoint(Path(ckpt_dir), model, optimizer, scheduler, rank)
-        # A step's examples do not depend on the worker count, so a resume may change it.
-        state.world_size = world
         state.resumed_at.append(state.step)
         print0(f"resumed from {checkpoint.path} at step {state.step}/{plan.total_steps}")
     if state.completed:
