@@ -54,7 +54,10 @@ def exact_match(
     rank, world = rank_and_world()
     was_training = model.training
     model.eval()
-    tokenizer.padding_side = "left"  # generation continues from the right edge
+    padding_side, tokenizer.padding_side = (
+        tokenizer.padding_side,
+        "left",
+    )  # generate from the right edge
     correct, total = 0, 0
     mine = conversations[rank::world]
     for i in range(0, len(mine), batch_size):
@@ -81,7 +84,7 @@ def exact_match(
         )
         correct += sum(r.strip() == a.strip() for r, a in zip(replies, answers, strict=True))
         total += len(answers)
-    tokenizer.padding_side = "right"
+    tokenizer.padding_side = padding_side
     model.train(was_training)
     correct, total = all_reduce_sum([correct, total], device)
     return correct / max(total, 1)
