@@ -40,19 +40,114 @@ class ModelConfig(Section):
     trust_remote_code: bool = False
 
 
+FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
+Format = Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"]
+
+
+class SourceConfig(Section):
+    # A file, a glob, a directory, an s3:// URI, or a `datasets` dataset saved with save_to_disk.
+    # Files: .jsonl/.json/.parquet/.csv (.jsonl.gz etc. through fsspec's compression).
+    path: str = Field(min_length=1)
+    format: Format = "auto"
+    # Our field name -> this source's column, for odd exports: {messages: dialog, completion: answer}
+    fields: dict[str, str] = {}
+    # Mixing: each kept training row of this source appears `weight` times on average (0.5: a
+    # stable half of them, 2: twice); eval and test rows are never repeated.
+    weight: float = Field(1.0, gt=0, le=100)
+    split: Literal["auto", "train", "eval", "test"] = "auto"  # auto: the hash-based split
+
+
+class NormalizeConfig(Section):
+    unicode: Literal["NFC", "NFKC", "none"] = "NFC"
+    whitespace: bool = True  # \r\n -> \n, trailing spaces, runs of 3+ blank lines, outer space
+
+
+class DedupConfig(Section):
+    exact: bool = True
+    near: bool = True
+    threshold: float = Field(0.85, gt=0, le=1)  # estimated Jaccard similarity of the shingle sets
+    num_perm: int = Field(128, ge=16, le=1024)
+    shingle: Literal["char", "word"] = "char"
+    shingle_size: int = Field(5, ge=1, le=32)
+
+
+class LengthConfig(Section):
+    # Tokens of the rendered example (chat template included) with the job's tokenizer.
+    min_tokens: int = Field(50, ge=0)
+    max_tokens: int = Field(4096, ge=1)
+
+
+class JudgeConfig(Section):
+    base_url: str = Field(min_length=1)  # any OpenAI-compatible endpoint, e.g. http://host:8000/v1
+    model: str = Field(min_length=1)
+    api_key_env: str | None = "OPENAI_API_KEY"  # the variable's name: keys never go in a config
+    rubric: str | None = None  # None: the built-in rubric (helpful, correct, well-formed; 1-10)
+    max_concurrency: int = Field(8, ge=1)
+    timeout_s: float = Field(60, gt=0)
+
+
+class QualityConfig(Section):
+    scorer: Literal["none", "heuristic", "judge"] = "heuristic"
+    min_score: float | None = Field(0.5, ge=0, le=1)  # scores are in [0, 1]
+    drop_bottom_fraction: float = Field(0.0, ge=0, lt=1)  # of the rows left after the other filters
+    judge: JudgeConfig | None = None
+
+
 class DataConfig(Section):
-    train_files: list[str] = Field(min_length=1)
+    # Where rows come from: `sources` in full, or the train_files/eval_files shorthand, or a set
+    # already written by `python -m jobs.prepare` (`prepared`).
+    sources: list[SourceConfig] = []
+    train_files: list[str] = []
     eval_files: list[str] = []
-    format: Literal["auto", "messages", "sharegpt", "alpaca", "prompt_completion"] = "auto"
-    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # used only when eval_files is empty
-    max_seq_len: int = Field(1024, ge=8)
+    prepared: str | None = None
+    format: Format = "auto"  # the default for sources that do not say
+    eval_fraction: float = Field(0.1, ge=0.0, lt=1.0)  # hash split of the rows with split: auto
+    test_fraction: float = Field(0.0, ge=0.0, lt=1.0)
+    max_seq_len: int = Field(1024, ge=8)  # training truncates longer examples to this
     on_error: Literal["skip", "fail"] = "skip"
     system_prompt: str | None = None  # prepended when a row has no system message
+    normalize: NormalizeConfig = NormalizeConfig()
+    dedup: DedupConfig = DedupConfig()
+    length: LengthConfig = LengthConfig()
+    quality: QualityConfig = QualityConfig()
 
     @field_validator("train_files", "eval_files", mode="before")
     @classmethod
     def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> DataConfig:
+        given = [n for n in ("sources", "train_files", "prepared") if getattr(self, n)]
+        if len(given) != 1:
+            raise ValueError(
+                "give exactly one of data.sources, data.train_files or data.prepared"
+                + (f" (got {' and '.join(given)})" if given else "")
+            )
+        if self.eval_files and not self.train_files:
+            raise ValueError(
+                "data.eval_files goes with data.train_files (in data.sources use split: eval)"
+            )
+        if self.length.min_tokens > self.length.max_tokens:
+            raise ValueError("data.length.min_tokens is above data.length.max_tokens")
+        if self.quality.scorer == "judge" and self.quality.judge is None:
+            raise ValueError("data.quality.scorer: judge needs a data.quality.judge section")
+        if self.eval_fraction + self.test_fraction >= 1:
+            raise ValueError("data.eval_fraction + data.test_fraction must stay below 1")
+        return self
+
+    def all_sources(self) -> list[SourceConfig]:
+        """The sources in full form (the shorthand expanded)."""
+        if self.sources:
+            return [s if s.format != "auto" else s.model_copy(update={"format": self.format})
+                    for s in self.sources]  # fmt: skip
+        split = "train" if self.eval_files else "auto"
+        return [SourceConfig(path=p, format=self.format, split=split) for p in self.train_files] + [
+            SourceConfig(path=p, format=self.format, split="eval") for p in self.eval_files
+        ]
+
+    def has_eval_source(self) -> bool:
+        return any(s.split == "eval" for s in self.all_sources())
 
 
 class LoraConfig(Section):
@@ -130,9 +225,13 @@ class JobConfig(Section):
                 f"train.micro_batch_size x scaling.num_workers ({self.train.micro_batch_size} x "
                 f"{self.scaling.num_workers} = {per_pass})"
             )
-        if not self.data.eval_files and self.data.eval_fraction == 0:
+        if (
+            not self.data.prepared
+            and not self.data.has_eval_source()
+            and self.data.eval_fraction == 0
+        ):
             raise ValueError(
-                "data: no held-out set: give data.eval_files or a data.eval_fraction above 0"
+                "data: no held-out set: give eval files (split: eval) or a data.eval_fraction above 0"
             )
         if self.eval.early_stopping_patience and not self.eval.every_steps:
             raise ValueError("eval.early_stopping_patience needs eval.every_steps")

@@ -7,51 +7,22 @@ with file:line and a reason and counted; with data.on_error=fail the first one s
 
 from __future__ import annotations
 
-import hashlib
 import json
-from collections import Counter
-from dataclasses import dataclass, field
-from pathlib import Path
+import re
+import unicodedata
 from typing import Any
 
 import torch
 
-from jobs.config import ConfigError, DataConfig
+from jobs.config import ConfigError, NormalizeConfig
+from jobs.sources import RowError
 
+TRAILING_SPACE = re.compile(r"[ \t]+\n")
+BLANK_LINES = re.compile(r"\n{3,}")
 IGNORE_INDEX = -100  # positions the loss skips (prompt tokens, padding)
 ROLES = {"system", "user", "assistant"}
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant"}  # fmt: skip
-
-
-class RowError(ValueError):
-    """A row that cannot become a training example; the message is the reason."""
-
-
-@dataclass
-class DataReport:
-    rows_read: int = 0
-    kept: int = 0
-    dropped: Counter = field(default_factory=Counter)  # reason -> count
-    examples: list[str] = field(default_factory=list)  # first few "file:line: reason"
-
-    def drop(self, where: str, reason: str) -> None:
-        self.dropped[reason] += 1
-        if len(self.examples) < 10:
-            self.examples.append(f"{where}: {reason}")
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"rows_read": self.rows_read, "kept": self.kept,
-                "dropped": dict(self.dropped), "examples": self.examples}  # fmt: skip
-
-
-@dataclass
-class PreparedData:
-    train: list[dict[str, list[int]]]
-    eval: list[dict[str, list[int]]]
-    eval_conversations: list[list[dict[str, str]]]  # for generated-answer metrics
-    dataset_hash: str
-    report: DataReport
 
 
 # ---------------------------------------------------------------- rows -> messages
@@ -66,9 +37,11 @@ def detect_format(row: dict[str, Any]) -> str:
         return "alpaca"
     if "prompt" in row and "completion" in row:
         return "prompt_completion"
+    if "text" in row:
+        return "text"
     raise RowError(
         f"unknown format (keys: {sorted(row)}); expected messages, conversations, "
-        "instruction/output or prompt/completion"
+        "instruction/output, prompt/completion or text"
     )
 
 
@@ -85,13 +58,45 @@ def _text(row: dict[str, Any], key: str, required: bool = True) -> str:
     return value
 
 
-def to_messages(row: Any, fmt: str = "auto", system_prompt: str | None = None) -> list[dict]:
-    """One row in any supported format -> validated OpenAI-style messages."""
+def map_fields(row: Any, fields: dict[str, str] | None) -> Any:
+    """Rename a source's odd column names to ours ({ours: theirs}); other keys are left alone."""
+    if not fields or not isinstance(row, dict):
+        return row
+    row = dict(row)
+    for ours, theirs in fields.items():
+        if ours not in ("role", "content") and theirs in row:
+            row[ours] = row.pop(theirs)
+    return row
+
+
+def to_example(
+    row: Any, fmt: str = "auto", system_prompt: str | None = None, fields: dict | None = None
+) -> dict[str, Any]:
+    """One row -> {"messages": [...]} (chat formats) or {"text": "..."} (plain text), validated."""
+    row = map_fields(row, fields)
+    if not isinstance(row, dict):
+        raise RowError(f"row is {type(row).__name__}, not an object")
+    fmt = detect_format(row) if fmt == "auto" else fmt
+    if fmt == "text":
+        return {"text": _text(row, "text")}
+    return {"messages": to_messages(row, fmt, system_prompt, fields)}
+
+
+def to_messages(
+    row: Any, fmt: str = "auto", system_prompt: str | None = None, fields: dict | None = None
+) -> list[dict]:
+    """One row in any chat format -> validated OpenAI-style messages."""
     if not isinstance(row, dict):
         raise RowError(f"row is {type(row).__name__}, not an object")
     fmt = detect_format(row) if fmt == "auto" else fmt
     if fmt == "messages":
-        turns, role_key, content_key, role_map = row.get("messages"), "role", "content", None
+        fields = fields or {}
+        turns, role_key, content_key, role_map = (
+            row.get("messages"),
+            fields.get("role", "role"),
+            fields.get("content", "content"),
+            None,
+        )
     elif fmt == "sharegpt":
         turns, role_key, content_key, role_map = (
             row.get("conversations"),
@@ -111,6 +116,8 @@ def to_messages(row: Any, fmt: str = "auto", system_prompt: str | None = None) -
         turns = [{"role": "user", "content": _text(row, "prompt")},
                  {"role": "assistant", "content": _text(row, "completion")}]  # fmt: skip
         role_key, content_key, role_map = "role", "content", None
+    elif fmt == "text":
+        raise RowError("plain text row where a conversation is expected")
     else:
         raise RowError(f"unknown format '{fmt}'")
 
@@ -149,25 +156,66 @@ def check_turn_order(messages: list[dict], key: str) -> None:
             )
 
 
-def read_jsonl(path: Path):
-    """Yield (line_number, parsed row or RowError) for each non-blank line."""
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
-            try:
-                # a byte-order mark some editors put at the start of a file is not part of row 1
-                text = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                yield line_no, RowError(f"invalid UTF-8 at byte {e.start}")
-                continue
-            if not text.strip():
-                continue
-            try:
-                yield line_no, json.loads(text.rstrip("\r\n"))  # error columns within the line
-            except json.JSONDecodeError as e:
-                yield line_no, RowError(f"invalid JSON ({e.msg} at column {e.colno})")
+# ---------------------------------------------------------------- normalization
+
+
+def normalize_text(text: str, cfg: NormalizeConfig) -> str:
+    """Unicode normal form and tidy whitespace, so copies that differ only there hash alike.
+
+    Whitespace inside a line is kept (code indentation and tables mean something).
+    """
+    if cfg.unicode != "none":
+        text = unicodedata.normalize(cfg.unicode, text)
+    if cfg.whitespace:
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+        text = TRAILING_SPACE.sub("\n", text)
+        text = BLANK_LINES.sub("\n\n", text).strip()
+    return text
+
+
+def normalize_example(example: dict[str, Any], cfg: NormalizeConfig) -> dict[str, Any]:
+    if "text" in example:
+        text = normalize_text(example["text"], cfg)
+        if not text:
+            raise RowError("field 'text' is empty after normalization")
+        return {"text": text}
+    messages = []
+    for i, m in enumerate(example["messages"]):
+        content = normalize_text(m["content"], cfg)
+        if not content:
+            raise RowError(f"messages[{i}]: empty content after normalization")
+        messages.append({"role": m["role"], "content": content})
+    return {"messages": messages}
+
+
+def example_key(example: dict[str, Any]) -> str:
+    """The canonical text of an example: what exact dedup and the dataset hash see."""
+    return json.dumps(example, sort_keys=True, ensure_ascii=False)
+
+
+def render(example: dict[str, Any], tokenizer) -> str:
+    """The text a model is trained on: the chat template's render, or the plain text."""
+    if "text" in example:
+        return example["text"]
+    return tokenizer.apply_chat_template(example["messages"], tokenize=False)
 
 
 # ---------------------------------------------------------------- messages -> token ids
+
+
+def tokenize_text(text: str, tokenizer, max_seq_len: int) -> dict[str, list[int]]:
+    """Plain text (continued pre-training): every token is learned, the end-of-text token too."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+    ids = ids[:max_seq_len]
+    return {"input_ids": ids, "labels": list(ids)}
+
+
+def tokenize_example(example: dict[str, Any], tokenizer, max_seq_len: int):
+    if "text" in example:
+        return tokenize_text(example["text"], tokenizer, max_seq_len)
+    return render_and_mask(example["messages"], tokenizer, max_seq_len)
 
 
 def render_and_mask(messages: list[dict], tokenizer, max_seq_len: int) -> dict[str, list[int]]:
@@ -210,87 +258,7 @@ def prompt_and_answer(messages: list[dict]) -> tuple[list[dict], str]:
     return messages[:last], messages[last]["content"]
 
 
-# ---------------------------------------------------------------- splits, hashes, batches
-
-
-def _content_key(messages: list[dict]) -> str:
-    return json.dumps(messages, sort_keys=True, ensure_ascii=False)
-
-
-def is_eval_row(messages: list[dict], fraction: float, seed: int) -> bool:
-    """Hash-based split: a row's side depends only on its content, so adding rows moves none."""
-    digest = hashlib.sha256(f"{seed}:{_content_key(messages)}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
-
-
-def dataset_hash(train: list[list[dict]], eval_: list[list[dict]]) -> str:
-    h = hashlib.sha256()
-    for name, convs in (("train", train), ("eval", eval_)):
-        h.update(name.encode())
-        for conv in convs:
-            h.update(_content_key(conv).encode())
-            h.update(b"\n")
-    return "sha256:" + h.hexdigest()
-
-
-def load_conversations(
-    files: list[str], cfg: DataConfig, report: DataReport
-) -> list[tuple[str, list[dict]]]:
-    """Valid rows as (file:line, messages); every other row is reported (or fails the job)."""
-    convs = []
-    for name in files:
-        path = Path(name)
-        if not path.is_file():
-            raise ConfigError(f"data: file not found: {path}")
-        for line_no, row in read_jsonl(path):
-            report.rows_read += 1
-            try:
-                if isinstance(row, RowError):
-                    raise row
-                convs.append((f"{path}:{line_no}", to_messages(row, cfg.format, cfg.system_prompt)))
-            except RowError as e:
-                if cfg.on_error == "fail":
-                    raise ConfigError(f"{path}:{line_no}: {e} (data.on_error=fail)") from None
-                report.drop(f"{path}:{line_no}", str(e))
-    return convs
-
-
-def tokenize_all(
-    convs: list[tuple[str, list[dict]]], tokenizer, cfg: DataConfig, report: DataReport
-):
-    examples, kept = [], []
-    for where, conv in convs:
-        try:
-            examples.append(render_and_mask(conv, tokenizer, cfg.max_seq_len))
-            kept.append(conv)
-        except RowError as e:
-            if cfg.on_error == "fail":
-                raise ConfigError(f"{where}: {e} (data.on_error=fail)") from None
-            report.drop(where, str(e))
-    return examples, kept
-
-
-def prepare_data(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
-    """Read, validate, split and tokenize; raises ConfigError when a split ends up empty."""
-    report = DataReport()
-    convs = load_conversations(cfg.train_files, cfg, report)
-    if cfg.eval_files:
-        train_convs, eval_convs = convs, load_conversations(cfg.eval_files, cfg, report)
-    else:
-        flags = [is_eval_row(c, cfg.eval_fraction, seed) for _, c in convs]
-        train_convs = [c for c, e in zip(convs, flags, strict=True) if not e]
-        eval_convs = [c for c, e in zip(convs, flags, strict=True) if e]
-    train, train_convs = tokenize_all(train_convs, tokenizer, cfg, report)
-    eval_, eval_convs = tokenize_all(eval_convs, tokenizer, cfg, report)
-    report.kept = len(train) + len(eval_)
-    if not train:
-        raise ConfigError(f"data.train_files: no usable training rows ({report.as_dict()})")
-    if not eval_:
-        field_name = "data.eval_files" if cfg.eval_files else "data.eval_fraction"
-        raise ConfigError(
-            f"{field_name}: the held-out set is empty; give more rows or a larger fraction"
-        )
-    return PreparedData(train, eval_, eval_convs, dataset_hash(train_convs, eval_convs), report)
+# ---------------------------------------------------------------- batches
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:

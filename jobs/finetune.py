@@ -28,7 +28,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 from jobs.checkpointing import TrainerState, load_checkpoint, read_trainer_state, save_checkpoint
 from jobs.config import ConfigError, JobConfig, load_config
-from jobs.data import collate, epoch_order, prepare_data, step_micro_batches
+from jobs.data import collate, epoch_order, step_micro_batches
 from jobs.distributed import (
     all_reduce_sum,
     init_ray,
@@ -42,6 +42,7 @@ from jobs.distributed import (
 from jobs.evaluation import eval_loss, exact_match, perplexity, token_loss_sum
 from jobs.manifest import write_run_manifest
 from jobs.model import add_lora, load_base_model, load_tokenizer, trainable_parameters
+from jobs.prepare import DROP_CODES, MALFORMED, prepare_data
 
 logger = logging.getLogger(__name__)
 
@@ -293,6 +294,9 @@ def resolve_local_paths(cfg: JobConfig) -> JobConfig:
     return cfg
 
 
+DROP_COUNTS = {MALFORMED, *DROP_CODES.values()}
+
+
 def run_job(cfg: JobConfig, address: str | None = None) -> dict:
     """Validate data, train on Ray, then write the adapter and run.json; returns the run summary."""
     import ray
@@ -300,15 +304,20 @@ def run_job(cfg: JobConfig, address: str | None = None) -> dict:
     from ray.train.torch import TorchTrainer
 
     tokenizer = load_tokenizer(cfg.model)
-    data = prepare_data(cfg.data, tokenizer, cfg.run.seed)
+    data = prepare_data(cfg.data, tokenizer, cfg.run.seed, cfg.model.name_or_path)
     report = data.report
+    counts = report["counts"]
     print(
-        f"data: {len(data.train)} train / {len(data.eval)} eval examples from {report.rows_read} rows, {data.dataset_hash[:19]}"
+        f"data: {len(data.train)} train / {len(data.eval)} eval examples from {counts['input_rows']} rows"
+        f" ({report['prepared']}), {data.dataset_hash[:19]}"
     )
-    for reason, count in report.dropped.items():
-        print(f"data: dropped {count} row(s): {reason}")
-    for example in report.examples[:5]:
-        print(f"  {example}")
+    dropped = {k: v for k, v in counts.items() if isinstance(v, int) and v and k in DROP_COUNTS}
+    if dropped:
+        print("data: dropped " + ", ".join(f"{k} {v}" for k, v in dropped.items()))
+    for entry in report["errors"][:5]:
+        print(f"  {entry['where']}: {entry['reason']}")
+    for line in report.get("dropped_at_tokenize", [])[:5]:
+        print(f"  {line}")
     plan_steps(len(data.train), cfg)  # fail here, not on a worker
 
     init_ray(address)
@@ -352,7 +361,7 @@ def run_job(cfg: JobConfig, address: str | None = None) -> dict:
         "adapter": str(adapter_dir),
         "base_model": cfg.model.name_or_path,
         "dataset_hash": data.dataset_hash,
-        "data_report": report.as_dict(),
+        "data_report": report,
         "metrics": state.final_metrics,
         "steps": state.step,
         "stopped_early": state.stopped_early,

@@ -13,15 +13,13 @@ from jobs.data import (
     IGNORE_INDEX,
     RowError,
     collate,
-    dataset_hash,
     epoch_order,
-    is_eval_row,
-    prepare_data,
     render_and_mask,
     step_micro_batches,
     to_messages,
 )
 from jobs.demo_data import make_rows, write_jsonl
+from jobs.prepare import prepare_data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,6 +35,20 @@ MULTI = [
     {"role": "assistant", "content": "good"},
 ]
 M = IGNORE_INDEX
+
+
+def lenient(**kw) -> DataConfig:
+    """The job's data section with only validation on: these tests use tiny, repeated rows."""
+    return DataConfig(**kw, dedup={"exact": False, "near": False}, length={"min_tokens": 0},
+                      quality={"scorer": "none"})  # fmt: skip
+
+
+def reasons(data) -> dict[str, int]:
+    return dict(data.report["counts"]["malformed_by_reason"])
+
+
+def errors(data) -> list[str]:
+    return [f"{e['where']}: {e['reason']}" for e in data.report["errors"]]
 
 
 def test_golden_ids_single_turn(tokenizer):
@@ -141,20 +153,19 @@ def test_every_bad_row_is_reported_with_file_and_line(tmp_path, tokenizer):
     path = tmp_path / "mixed.jsonl"
     bad = [line.encode() for line, _ in BAD_ROWS] + [b'{"prompt": "caf\xe9", "completion": "x"}']
     write_rows(path, 40, bad)
-    cfg = DataConfig(train_files=[str(path)], eval_fraction=0.2, max_seq_len=256)
+    cfg = lenient(train_files=[str(path)], eval_fraction=0.2, max_seq_len=256)
     data = prepare_data(cfg, tokenizer, seed=0)
 
-    report = data.report
-    assert report.rows_read == 40 + len(bad)
-    assert report.kept == 40 == len(data.train) + len(data.eval)
-    assert sum(report.dropped.values()) == len(bad)
+    counts = data.report["counts"]
+    assert counts["input_rows"] == 40 + len(bad)
+    assert 40 == len(data.train) + len(data.eval) == counts["train"] + counts["eval"]
+    assert counts["malformed"] == sum(reasons(data).values()) == len(bad)
     first_bad_line = 42  # 40 rows, a blank line, then the bad ones
     for i, (_, reason) in enumerate(BAD_ROWS):
         assert any(
-            ex.startswith(f"{path}:{first_bad_line + i}: ") and reason in ex
-            for ex in report.examples
+            ex.startswith(f"{path}:{first_bad_line + i}: ") and reason in ex for ex in errors(data)
         ), reason
-    assert any("invalid UTF-8" in reason for reason in report.dropped)
+    assert reasons(data)["invalid UTF-8"] == 1
 
 
 def qa(q: str, a: str) -> bytes:
@@ -195,26 +206,24 @@ def test_each_bad_row_reason_names_file_and_line(tmp_path, tokenizer, line, fmt,
     train, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
     train.write_bytes(b"\n".join([good, good, b"", line, good]) + b"\n")  # the bad row is line 4
     held.write_bytes(good + b"\n")
-    cfg = DataConfig(
-        train_files=[str(train)], eval_files=[str(held)], format=fmt, on_error=on_error
-    )
+    cfg = lenient(train_files=[str(train)], eval_files=[str(held)], format=fmt, on_error=on_error)
     if on_error == "fail":
         with pytest.raises(ConfigError) as e:
             prepare_data(cfg, tokenizer, seed=0)
         assert str(e.value) == f"{train}:4: {reason} (data.on_error=fail)"
         return
     data = prepare_data(cfg, tokenizer, seed=0)
-    assert data.report.dropped == {reason: 1}
-    assert data.report.examples == [f"{train}:4: {reason}"]
-    assert (data.report.rows_read, data.report.kept, len(data.train)) == (5, 4, 3)
+    assert data.report["counts"]["malformed"] == 1
+    assert errors(data) == [f"{train}:4: {reason}"]
+    assert (data.report["counts"]["input_rows"], len(data.train), len(data.eval)) == (5, 3, 1)
 
 
 def test_a_byte_order_mark_does_not_cost_the_first_row(tmp_path, tokenizer):
     train = tmp_path / "bom.jsonl"
     train.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join([qa("q", "a"), qa("r", "b")]) + b"\r\n")
-    cfg = DataConfig(train_files=[str(train)], eval_files=[str(train)], on_error="fail")
+    cfg = lenient(train_files=[str(train)], eval_files=[str(train)], on_error="fail")
     data = prepare_data(cfg, tokenizer, seed=0)
-    assert (len(data.train), data.report.dropped) == (2, {})
+    assert (len(data.train), data.report["counts"]["malformed"]) == (2, 0)
 
 
 def test_rows_too_long_for_max_seq_len_are_dropped(tmp_path, tokenizer):
@@ -222,11 +231,11 @@ def test_rows_too_long_for_max_seq_len_are_dropped(tmp_path, tokenizer):
     long_row = msgs(("user", "Review: " + "the lid is sturdy " * 5), ("assistant", "positive"))
     # a short row renders to 15 tokens with its answer in the last two
     train.write_bytes(b"\n".join([qa("q", "a"), long_row, qa("r", "b")]) + b"\n")
-    cfg = DataConfig(train_files=[str(train)], eval_files=[str(train)], max_seq_len=16)
+    cfg = lenient(train_files=[str(train)], eval_files=[str(train)], max_seq_len=16)
     data = prepare_data(cfg, tokenizer, seed=0)
     reason = "no assistant tokens within max_seq_len=16"
-    assert data.report.dropped == {reason: 2}  # once from each split
-    assert data.report.examples == [f"{train}:2: {reason}", f"{train}:2: {reason}"]
+    # once from each split
+    assert data.report["dropped_at_tokenize"] == [f"{train}:2: {reason}", f"{train}:2: {reason}"]
     assert [len(ex["input_ids"]) for ex in data.train] == [15, 15]
     with pytest.raises(ConfigError, match=rf"{train}:2: {reason} \(data.on_error=fail\)"):
         prepare_data(cfg.model_copy(update={"on_error": "fail"}), tokenizer, seed=0)
@@ -235,7 +244,7 @@ def test_rows_too_long_for_max_seq_len_are_dropped(tmp_path, tokenizer):
 def test_on_error_fail_stops_at_the_first_bad_row(tmp_path, tokenizer):
     path = tmp_path / "bad.jsonl"
     write_rows(path, 5, [b"{oops"])
-    cfg = DataConfig(train_files=[str(path)], on_error="fail")
+    cfg = lenient(train_files=[str(path)], on_error="fail")
     with pytest.raises(ConfigError, match=rf"{path}:7: invalid JSON .*on_error=fail"):
         prepare_data(cfg, tokenizer, seed=0)
 
@@ -243,22 +252,22 @@ def test_on_error_fail_stops_at_the_first_bad_row(tmp_path, tokenizer):
 def test_empty_splits_and_missing_files_are_config_errors(tmp_path, tokenizer):
     path = tmp_path / "few.jsonl"
     write_rows(path, 2, [])
-    with pytest.raises(ConfigError, match="data.eval_fraction: the held-out set is empty"):
-        prepare_data(DataConfig(train_files=[str(path)], eval_fraction=0.01), tokenizer, seed=0)
-    with pytest.raises(ConfigError, match="data: file not found"):
-        prepare_data(DataConfig(train_files=[str(tmp_path / "absent.jsonl")]), tokenizer, seed=0)
+    with pytest.raises(ConfigError, match="data: the held-out set is empty"):
+        prepare_data(lenient(train_files=[str(path)], eval_fraction=0.01), tokenizer, seed=0)
+    with pytest.raises(ConfigError, match=r"data.sources\[0\].path .*absent.jsonl\): not found"):
+        prepare_data(lenient(train_files=[str(tmp_path / "absent.jsonl")]), tokenizer, seed=0)
 
 
 def test_no_usable_rows_and_empty_eval_files_are_config_errors(tmp_path, tokenizer):
     good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
     write_rows(good, 3, [])
     bad.write_bytes(b"{nope\n" + qa("q", " ") + b"\n")
-    with pytest.raises(ConfigError, match="data.train_files: no usable training rows") as e:
-        prepare_data(DataConfig(train_files=[str(bad)], eval_files=[str(good)]), tokenizer, seed=0)
+    with pytest.raises(ConfigError, match="data: no usable training rows") as e:
+        prepare_data(lenient(train_files=[str(bad)], eval_files=[str(good)]), tokenizer, seed=0)
     assert f"{bad}:1: invalid JSON" in str(e.value)
     assert f"{bad}:2: field 'completion' is empty" in str(e.value)
-    with pytest.raises(ConfigError, match="data.eval_files: the held-out set is empty"):
-        prepare_data(DataConfig(train_files=[str(good)], eval_files=[str(bad)]), tokenizer, seed=0)
+    with pytest.raises(ConfigError, match="data: the held-out set is empty"):
+        prepare_data(lenient(train_files=[str(good)], eval_files=[str(bad)]), tokenizer, seed=0)
 
 
 def test_eval_files_are_used_as_given(tmp_path, tokenizer):
@@ -266,24 +275,15 @@ def test_eval_files_are_used_as_given(tmp_path, tokenizer):
     write_rows(train, 30, [])
     write_rows(held, 5, [])
     data = prepare_data(
-        DataConfig(train_files=[str(train)], eval_files=[str(held)]), tokenizer, seed=0
+        lenient(train_files=[str(train)], eval_files=[str(held)]), tokenizer, seed=0
     )
     assert (len(data.train), len(data.eval)) == (30, 5)
-
-
-def test_hash_split_is_stable_when_rows_are_added():
-    rows = [r["messages"] for r in make_rows(400)]
-    sides = [is_eval_row(r, 0.2, seed=7) for r in rows]
-    assert 40 < sum(sides) < 120
-    more = rows + [r["messages"] for r in make_rows(200, seed=3)]
-    assert [is_eval_row(r, 0.2, seed=7) for r in more[:400]] == sides
-    assert [is_eval_row(r, 0.2, seed=8) for r in rows] != sides
 
 
 def test_prepared_split_is_deterministic_and_stable_when_rows_are_added(tmp_path, tokenizer):
     path = tmp_path / "rows.jsonl"
     write_jsonl(path, make_rows(60))
-    cfg = DataConfig(train_files=[str(path)], eval_fraction=0.25, max_seq_len=256)
+    cfg = lenient(train_files=[str(path)], eval_fraction=0.25, max_seq_len=256)
     first = prepare_data(cfg, tokenizer, seed=3)
     again = prepare_data(cfg, tokenizer, seed=3)
     assert (again.train, again.eval, again.dataset_hash) == (
@@ -305,22 +305,12 @@ def test_prepared_split_is_deterministic_and_stable_when_rows_are_added(tmp_path
 def test_dataset_hash_of_prepared_data_follows_a_changed_row(tmp_path, tokenizer):
     path = tmp_path / "rows.jsonl"
     rows = make_rows(30)
-    cfg = DataConfig(train_files=[str(path)], eval_fraction=0.3)
+    cfg = lenient(train_files=[str(path)], eval_fraction=0.3)
     write_jsonl(path, rows)
     before = prepare_data(cfg, tokenizer, seed=0).dataset_hash
     rows[5]["messages"][1]["content"] += " Really."
     write_jsonl(path, rows)
     assert prepare_data(cfg, tokenizer, seed=0).dataset_hash != before
-
-
-def test_dataset_hash_follows_content():
-    rows = [r["messages"] for r in make_rows(10)]
-    h = dataset_hash(rows[:8], rows[8:])
-    assert h == dataset_hash(rows[:8], rows[8:]) and h.startswith("sha256:")
-    changed = [list(r) for r in rows]
-    changed[3] = [*changed[3][:-1], {"role": "assistant", "content": "mixed!"}]
-    assert dataset_hash(changed[:8], changed[8:]) != h
-    assert dataset_hash(rows[:7], rows[7:]) != h  # moving a row between splits changes it
 
 
 def test_step_batches_do_not_depend_on_worker_count():

@@ -11,7 +11,8 @@ import torch
 from peft import PeftModel
 
 from jobs.config import load_config
-from jobs.data import collate, epoch_order, prepare_data, step_micro_batches
+from jobs.data import collate, epoch_order, step_micro_batches
+from jobs.prepare import prepare_data
 from jobs.evaluation import eval_loss, exact_match
 from jobs.finetune import autocast_for, plan_steps, train_step
 from jobs.model import (

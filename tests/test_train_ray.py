@@ -11,7 +11,7 @@ import torch
 from peft import PeftModel
 
 from jobs.config import load_config
-from jobs.data import prepare_data
+from jobs.prepare import prepare_data
 from jobs.distributed import start_local_ray
 from jobs.evaluation import eval_loss
 from jobs.finetune import run_job
