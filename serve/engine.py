@@ -1,0 +1,398 @@
+"""Generation engines: one base model per replica, many LoRA adapters, mixed-adapter batches.
+
+`Engine` is the small interface the app needs; `HFEngine` implements it with transformers + peft
+on CPU or one GPU. A vLLM engine (`LoRARequest` per row) could back the same interface on GPUs.
+
+Sampling: every row has its own temperature, top_p, seed and stop strings. A seeded row draws
+from its own `torch.Generator`, so its tokens do not depend on which other rows share its batch
+(up to floating-point differences in the logits of a padded batch).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from peft import LoraConfig, PeftModel, set_peft_model_state_dict
+from safetensors.torch import load_file
+
+from serve.errors import AdapterIncompatible
+
+BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 64
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass
+class GenerationRequest:
+    prompt_ids: list[int]
+    adapter: str | None  # an engine adapter key; None: the base model
+    params: SamplingParams = field(default_factory=SamplingParams)
+    # Called from the generating thread with each new piece of text (streaming).
+    on_text: Callable[[str], None] | None = None
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: Literal["stop", "length"]
+    token_ids: list[int] = field(default_factory=list)  # generated, the stop token included
+
+
+@dataclass
+class AdapterWeights:
+    """A LoRA adapter read into CPU memory: what the cache keeps and the engine loads."""
+
+    path: str
+    config: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+
+    @property
+    def rank(self) -> int:
+        ranks = [
+            int(self.config.get("r", 0)),
+            *map(int, self.config.get("rank_pattern", {}).values()),
+        ]
+        return max(ranks)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.state_dict.values())
+
+
+def read_adapter(path: str | Path) -> AdapterWeights:
+    """Read a peft adapter directory (adapter_config.json + adapter_model.safetensors)."""
+    path = Path(path)
+    config_file, weights_file = path / "adapter_config.json", path / "adapter_model.safetensors"
+    if not config_file.is_file() or not weights_file.is_file():
+        raise AdapterIncompatible(
+            f"adapter directory {path.name!r} lacks adapter_config.json or "
+            "adapter_model.safetensors (is it a peft LoRA adapter?)"
+        )
+    config = json.loads(config_file.read_text())
+    if config.get("peft_type") != "LORA":
+        raise AdapterIncompatible(
+            f"adapter {path.name!r} is a {config.get('peft_type')} adapter; only LoRA is served"
+        )
+    return AdapterWeights(str(path), config, load_file(str(weights_file)))
+
+
+class Engine(ABC):
+    """What the serving app needs from a model runtime."""
+
+    context_window: int
+
+    @abstractmethod
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation rendered with the base model's chat template."""
+
+    @abstractmethod
+    def encode_text(self, text: str) -> list[int]: ...
+
+    @abstractmethod
+    def check_adapter(self, adapter: AdapterWeights) -> None:
+        """Raise AdapterIncompatible (a client error) when the adapter cannot run on this base."""
+
+    @abstractmethod
+    def load_adapter(self, key: str, adapter: AdapterWeights) -> None: ...
+
+    @abstractmethod
+    def unload_adapter(self, key: str) -> None: ...
+
+    @abstractmethod
+    def loaded_adapters(self) -> set[str]: ...
+
+    @abstractmethod
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """One batch; each row may name a different loaded adapter (or None for the base)."""
+
+
+def base_name(name_or_path: str) -> str:
+    """The comparable identity of a base model: the last path component, lowercased, so that
+    `org/Model-8B`, `/models/Model-8B` and `s3://bucket/Model-8B` all read `model-8b`."""
+    return name_or_path.rstrip("/").rsplit("/", 1)[-1].lower()
+
+
+# peft saves keys without the adapter name: base_model.model.<module>.lora_A.weight
+_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+
+
+class HFEngine(Engine):
+    """transformers + peft: the base model is loaded once; adapters are peft adapter slots."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        max_lora_rank: int = 64,
+        base_names: Sequence[str] = (),
+        context_window: int | None = None,
+    ):
+        self.base = model.eval()
+        self.tokenizer = tokenizer
+        self.max_lora_rank = max_lora_rank
+        # Names an adapter's base_model_name_or_path may carry; empty: do not compare names.
+        self.base_names = {base_name(n) for n in base_names if n}
+        self.peft: PeftModel | None = None
+        self._adapters: set[str] = set()
+        self.device = next(model.parameters()).device
+        limits = [
+            getattr(model.config, "max_position_embeddings", None),
+            getattr(tokenizer, "model_max_length", None),
+            context_window,
+        ]
+        self.context_window = min(int(x) for x in limits if x and x < 10**8)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        eos = model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        self.stop_ids = {i for i in [*eos, tokenizer.eos_token_id] if i is not None}
+        self._linear_shapes = {
+            name: tuple(m.weight.shape)
+            for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear)
+        }
+
+    # --- prompts -----------------------------------------------------------------------------
+    def encode_chat(self, messages):
+        text = self.tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True
+        )
+        # The template writes the special tokens (BOS) itself.
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode_text(self, text):
+        return self.tokenizer(text)["input_ids"]
+
+    # --- adapters ----------------------------------------------------------------------------
+    def check_adapter(self, adapter: AdapterWeights) -> None:
+        name = Path(adapter.path).name
+        trained_on = adapter.config.get("base_model_name_or_path")
+        if self.base_names and trained_on and base_name(trained_on) not in self.base_names:
+            raise AdapterIncompatible(
+                f"adapter {name!r} was trained on base model {base_name(trained_on)!r}; this "
+                f"server serves {sorted(self.base_names)[0]!r}"
+            )
+        if adapter.rank > self.max_lora_rank:
+            raise AdapterIncompatible(
+                f"adapter {name!r} has LoRA rank {adapter.rank}, above this server's "
+                f"max_lora_rank {self.max_lora_rank}"
+            )
+        for key, tensor in adapter.state_dict.items():
+            m = _LORA_KEY.match(key)
+            if m is None:
+                raise AdapterIncompatible(
+                    f"adapter {name!r} has a weight this server cannot load: {key} (only LoRA "
+                    "A/B matrices on linear layers are served)"
+                )
+            shape = self._linear_shapes.get(m["module"])
+            if shape is None:
+                raise AdapterIncompatible(
+                    f"adapter {name!r} targets {m['module']}, which is not a linear layer of "
+                    "this base model: it was trained for another base"
+                )
+            out_features, in_features = shape
+            ok = (
+                tensor.shape[1] == in_features
+                if m["ab"] == "A"
+                else tensor.shape[0] == out_features
+            )
+            if tensor.ndim != 2 or not ok:
+                raise AdapterIncompatible(
+                    f"adapter {name!r}: {key} has shape {tuple(tensor.shape)}, which does not fit "
+                    f"{m['module']} {shape} of this base model: it was trained for another base"
+                )
+
+    def load_adapter(self, key: str, adapter: AdapterWeights) -> None:
+        self.check_adapter(adapter)
+        config = LoraConfig(**_known_lora_fields(adapter.config))
+        config.inference_mode = True
+        if self.peft is None:
+            self.peft = PeftModel(self.base, config, adapter_name=key)
+        else:
+            self.peft.add_adapter(key, config)
+        weights = {k: v.to(self.device) for k, v in adapter.state_dict.items()}
+        result = set_peft_model_state_dict(self.peft, weights, adapter_name=key)
+        missing = [k for k in result.missing_keys if f".{key}." in k and "lora_" in k]
+        if result.unexpected_keys or missing:
+            self.peft.delete_adapter(key)
+            raise AdapterIncompatible(
+                f"adapter {Path(adapter.path).name!r} does not match its own config "
+                f"({len(missing)} missing, {len(result.unexpected_keys)} unexpected weights)"
+            )
+        self.peft.eval()
+        self._adapters.add(key)
+
+    def unload_adapter(self, key: str) -> None:
+        if key not in self._adapters:
+            return
+        self.peft.delete_adapter(key)
+        self._adapters.discard(key)
+        if self._adapters:
+            # peft applies `adapter_names` only while some adapter is active; deleting the active
+            # one can leave none, and every row would then silently run on the bare base.
+            self.peft.set_adapter(sorted(self._adapters)[0], inference_mode=True)
+
+    def loaded_adapters(self) -> set[str]:
+        return set(self._adapters)
+
+    # --- generation --------------------------------------------------------------------------
+    def _forward(self, input_ids, attention_mask, position_ids, past, adapter_names):
+        kwargs = dict(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past,
+            use_cache=True,
+        )
+        if not self._adapters:  # (peft's LoRA layers hold no adapter: they run the bare base)
+            return self.base(**kwargs)
+        # Even an all-base batch goes through peft: the LoRA layers it injected into the base
+        # would otherwise apply the active adapter.
+        return self.peft(**kwargs, adapter_names=adapter_names)
+
+    @torch.inference_mode()
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        if not requests:
+            return []
+        for r in requests:
+            if r.adapter is not None and r.adapter not in self._adapters:
+                raise KeyError(f"adapter {r.adapter} is not loaded")
+        rows = [_Row(r, self.tokenizer) for r in requests]
+        n, width = len(rows), max(len(r.request.prompt_ids) for r in rows)
+        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        attention = torch.zeros((n, width), dtype=torch.long)
+        for i, row in enumerate(rows):  # left padding: every row's next token is at column -1
+            ids = row.request.prompt_ids
+            input_ids[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention[i, width - len(ids) :] = 1
+        input_ids, attention = input_ids.to(self.device), attention.to(self.device)
+        positions = (attention.cumsum(-1) - 1).clamp(min=0)
+        adapter_names = [r.adapter or BASE for r in requests]
+
+        out = self._forward(input_ids, attention, positions, None, adapter_names)
+        for _ in range(max(r.params.max_tokens for r in requests)):
+            chosen = self._choose_tokens(out.logits[:, -1, :], rows).tolist()
+            for row, token in zip(rows, chosen, strict=True):
+                if not row.done:
+                    row.add(token, self.stop_ids)
+            if all(row.done for row in rows):
+                break
+            # Finished rows ride along on padding until the whole batch is done.
+            feed = [self.pad_id if row.done else t for row, t in zip(rows, chosen, strict=True)]
+            next_ids = torch.tensor(feed, device=self.device)[:, None]
+            attention = torch.cat([attention, attention.new_ones((n, 1))], dim=1)
+            positions = positions[:, -1:] + 1
+            out = self._forward(next_ids, attention, positions, out.past_key_values, adapter_names)
+        return [row.result() for row in rows]
+
+    def _choose_tokens(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        chosen = logits.argmax(dim=-1)
+        for i, row in enumerate(rows):
+            p = row.request.params
+            if row.done or p.temperature == 0:
+                continue
+            probs = torch.softmax(logits[i].float() / p.temperature, dim=-1)
+            if p.top_p < 1.0:
+                probs = _top_p_filter(probs, p.top_p)
+            chosen[i] = torch.multinomial(probs, 1, generator=row.generator(logits.device))[0]
+        return chosen
+
+
+def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches top_p (at least one)."""
+    sorted_probs, order = probs.sort(descending=True)
+    before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens ranked above each one
+    sorted_probs[before >= top_p] = 0.0
+    return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+
+
+def _known_lora_fields(config: dict[str, Any]) -> dict[str, Any]:
+    # Adapters saved by a newer peft may carry fields this peft does not know.
+    known = LoraConfig.__dataclass_fields__
+    return {k: v for k, v in config.items() if k in known}
+
+
+class _Row:
+    """One request's decoding state: tokens so far, stop checks, streamed text."""
+
+    def __init__(self, request: GenerationRequest, tokenizer):
+        self.request = request
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.text = ""
+        self.sent = 0  # characters of text already passed to on_text
+        self.done = False
+        self.finish_reason: Literal["stop", "length"] = "length"
+        self._generator: torch.Generator | None = None
+
+    def generator(self, device) -> torch.Generator:
+        if self._generator is None:
+            seed = self.request.params.seed
+            self._generator = torch.Generator(device=device).manual_seed(
+                seed if seed is not None else secrets.randbits(63)
+            )
+        return self._generator
+
+    def add(self, token: int, stop_ids: set[int]) -> None:
+        params = self.request.params
+        self.tokens.append(token)
+        if token in stop_ids:
+            self._finish("stop")
+            return
+        self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        cut = min((i for s in params.stop if (i := self.text.find(s)) >= 0), default=-1)
+        if cut >= 0:
+            self.text = self.text[:cut]
+            self._finish("stop")
+        elif len(self.tokens) >= params.max_tokens:
+            self._finish("length")
+        else:
+            self._stream(self._safe_length())
+
+    def _safe_length(self) -> int:
+        """How much text can be sent now: not a partial UTF-8 character, nor a tail that may yet
+        become a stop string."""
+        text = self.text.rstrip("\ufffd")
+        hold = 0
+        for s in self.request.params.stop:
+            for k in range(min(len(s) - 1, len(text)), 0, -1):
+                if text.endswith(s[:k]):
+                    hold = max(hold, k)
+                    break
+        return len(text) - hold
+
+    def _stream(self, upto: int) -> None:
+        if self.request.on_text is not None and upto > self.sent:
+            self.request.on_text(self.text[self.sent : upto])
+            self.sent = upto
+
+    def _finish(self, reason: Literal["stop", "length"]) -> None:
+        self.done = True
+        self.finish_reason = reason
+        self._stream(len(self.text))
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(
+            text=self.text,
+            prompt_tokens=len(self.request.prompt_ids),
+            completion_tokens=len(self.tokens),
+            finish_reason=self.finish_reason,
+            token_ids=list(self.tokens),
+        )
