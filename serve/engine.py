@@ -236,6 +236,9 @@ class HFEngine(Engine):
                 f"adapter {Path(adapter.path).name!r} does not match its own config "
                 f"({len(missing)} missing, {len(result.unexpected_keys)} unexpected weights)"
             )
+        if self.peft.active_adapter not in self.peft.peft_config:
+            # After the last adapter was unloaded peft still names it active, and would fail.
+            self.peft.set_adapter(key, inference_mode=True)
         self.peft.eval()
         self._adapters.add(key)
 

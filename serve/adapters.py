@@ -1,0 +1,344 @@
+"""Adapter lookup (registry or plain directories) and the two-tier adapter cache.
+
+Registry layout (written by tune/registry.py; only read here):
+    ROOT/NAME/VERSION/         peft adapter files + lineage.json
+    ROOT/NAME/aliases/ALIAS    text file holding a VERSION
+ROOT is a local directory or s3://bucket/prefix (s3fs, endpoint from AWS_ENDPOINT_URL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from serve.engine import AdapterWeights, Engine, read_adapter
+from serve.errors import AdapterUnavailable, ModelNotFound
+from serve.names import DEFAULT_ALIAS, VERSION_RE, ModelName, is_valid_name
+
+log = logging.getLogger(__name__)
+
+ALIASES_DIR = "aliases"
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """One immutable adapter version: where its files are and the key the engine knows it by."""
+
+    name: str
+    version: str
+    location: str  # local directory or s3:// URI
+
+    @property
+    def key(self) -> str:
+        # peft adapter names become module-dict keys, which may not contain "."
+        digest = hashlib.sha256(f"{self.name}@{self.version}".encode()).hexdigest()[:16]
+        return f"adapter_{digest}"
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}@{self.version}"
+
+
+class _Storage:
+    """The few filesystem operations the registry needs, on a local directory or s3://."""
+
+    def __init__(self, root: str):
+        self.is_s3 = root.startswith("s3://")
+        if self.is_s3:
+            from jobs.model import s3_filesystem
+
+            self.fs = s3_filesystem()
+            self.root = root.removeprefix("s3://").rstrip("/")
+        else:
+            import fsspec
+
+            self.fs = fsspec.filesystem("file")
+            self.root = str(Path(root).expanduser().resolve())
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def uri(self, *parts: str) -> str:
+        return ("s3://" if self.is_s3 else "") + self.path(*parts)
+
+    def read_text(self, *parts: str) -> str | None:
+        try:
+            return self.fs.cat_file(self.path(*parts)).decode().strip()
+        except FileNotFoundError:
+            return None
+
+    def listdir(self, *parts: str) -> list[dict]:
+        try:
+            return self.fs.ls(self.path(*parts), detail=True, refresh=True)
+        except FileNotFoundError:
+            return []
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.path(*parts))
+
+    def download(self, parts: tuple[str, ...], dest: Path) -> Path:
+        """Copy a version directory once; versions are immutable, so a complete copy is reused."""
+        marker = dest / ".download-complete"
+        if marker.is_file():
+            return dest
+        remote = self.path(*parts)
+        files = [f for f in self.fs.find(remote) if not f.endswith("/")]
+        for f in files:
+            target = dest / os.path.relpath(f, remote)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.fs.get_file(f, str(target))
+        marker.write_text(self.uri(*parts))
+        return dest
+
+
+class AdapterRegistry:
+    """Resolves request model names to adapter versions; alias moves are seen within ttl_s."""
+
+    def __init__(
+        self,
+        root: str | None = None,
+        adapters: dict[str, str] | None = None,
+        *,
+        ttl_s: float = 1.0,
+        download_dir: str | Path | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.storage = _Storage(root) if root else None
+        self.plain = {name: str(Path(p).expanduser()) for name, p in (adapters or {}).items()}
+        bad = [n for n in self.plain if not is_valid_name(n)]
+        if bad:
+            raise ValueError(f"adapters: invalid adapter names {bad} (use [a-z0-9][a-z0-9-_.]*)")
+        self.ttl_s = ttl_s
+        self.download_dir = Path(
+            download_dir or Path.home() / ".cache" / "rayft" / "adapters"
+        ).expanduser()
+        self.clock = clock
+        self._resolved: dict[ModelName, tuple[float, AdapterRef]] = {}
+        self._lock = threading.Lock()
+
+    def resolve(self, model: ModelName) -> AdapterRef:
+        """The version `model` names now; ModelNotFound (404) when there is none. Blocking I/O."""
+        now = self.clock()
+        with self._lock:
+            cached = self._resolved.get(model)
+        if cached and cached[0] > now:
+            return cached[1]
+        ref = self._resolve_uncached(model)
+        with self._lock:
+            self._resolved[model] = (now + self.ttl_s, ref)
+        return ref
+
+    def _resolve_uncached(self, model: ModelName) -> AdapterRef:
+        if model.name in self.plain:
+            if model.selector is not None:
+                raise ModelNotFound(str(model))  # plain directories have a single version
+            return self._plain_ref(model.name)
+        if self.storage is None:
+            raise ModelNotFound(str(model))
+        try:
+            version = self._registry_version(model)
+        except (OSError, PermissionError) as e:
+            if isinstance(e, FileNotFoundError):
+                raise ModelNotFound(str(model)) from None
+            # The storage error (bucket, endpoint) goes to the log, not to the client.
+            log.warning("registry lookup of %s failed: %s: %s", model, type(e).__name__, e)
+            raise AdapterUnavailable(f"adapter '{model}' cannot be read right now") from None
+        if version is None:
+            raise ModelNotFound(str(model))
+        return AdapterRef(model.name, version, self.storage.uri(model.name, version))
+
+    def _registry_version(self, model: ModelName) -> str | None:
+        storage = self.storage
+        if model.selector is not None:
+            if VERSION_RE.fullmatch(model.selector) and storage.exists(
+                model.name, model.selector, "adapter_config.json"
+            ):
+                return model.selector
+            return self._alias(model.name, model.selector)
+        return self._alias(model.name, DEFAULT_ALIAS) or self._newest_version(model.name)
+
+    def _alias(self, name: str, alias: str) -> str | None:
+        version = self.storage.read_text(name, ALIASES_DIR, alias)
+        if version is None:
+            return None
+        if not VERSION_RE.fullmatch(version) or not self.storage.exists(
+            name, version, "adapter_config.json"
+        ):
+            log.warning("alias %s@%s points at a missing or invalid version", name, alias)
+            return None
+        return version
+
+    def _newest_version(self, name: str) -> str | None:
+        candidates = []
+        for entry in self.storage.listdir(name):
+            version = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            if entry.get("type") != "directory" or not VERSION_RE.fullmatch(version):
+                continue
+            if version == ALIASES_DIR:
+                continue
+            candidates.append((self._created_at(name, version), version))
+        return max(candidates)[1] if candidates else None
+
+    def _created_at(self, name: str, version: str) -> float:
+        lineage = self.storage.read_text(name, version, "lineage.json")
+        if lineage:
+            try:
+                return datetime.fromisoformat(json.loads(lineage)["created_at"]).timestamp()
+            except (ValueError, KeyError, TypeError):
+                log.warning("%s/%s/lineage.json has no readable created_at", name, version)
+        # S3 prefixes have no time of their own; a version's files do.
+        info = self.storage.fs.info(self.storage.path(name, version, "adapter_config.json"))
+        mtime = info.get("mtime") or info.get("LastModified") or 0
+        return mtime.timestamp() if isinstance(mtime, datetime) else float(mtime)
+
+    def _plain_ref(self, name: str) -> AdapterRef:
+        path = Path(self.plain[name])
+        try:
+            config = (path / "adapter_config.json").read_bytes()
+            stat = (path / "adapter_model.safetensors").stat()
+        except OSError:
+            log.warning("adapter %s: no readable adapter at its configured path", name)
+            raise AdapterUnavailable(f"adapter '{name}' cannot be read right now") from None
+        # A version that changes when the directory is rewritten in place.
+        digest = hashlib.sha256(config + f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+        return AdapterRef(name, digest.hexdigest()[:12], str(path))
+
+    def names(self) -> list[str]:
+        """Every adapter name that can be served (plain ones and the registry's)."""
+        found = set(self.plain)
+        if self.storage is not None:
+            try:
+                entries = self.storage.listdir()
+            except OSError as e:
+                log.warning("listing the registry failed: %s", type(e).__name__)
+                entries = []
+            for entry in entries:
+                name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+                if entry.get("type") == "directory" and is_valid_name(name):
+                    found.add(name)
+        return sorted(found)
+
+    def local_path(self, ref: AdapterRef) -> Path:
+        """A local directory with the version's files (downloaded from s3 once)."""
+        if not ref.location.startswith("s3://"):
+            return Path(ref.location)
+        dest = self.download_dir / ref.location.removeprefix("s3://")
+        try:
+            return self.storage.download((ref.name, ref.version), dest)
+        except OSError as e:
+            log.warning("downloading %s failed: %s: %s", ref.id, type(e).__name__, e)
+            raise AdapterUnavailable(f"adapter '{ref.name}' cannot be read right now") from None
+
+
+class AdapterCache:
+    """Adapters on the model (LRU of max_loaded) backed by a CPU-RAM tier (LRU of max_cpu).
+
+    `prepare` runs on the event loop: it reads an adapter from storage at most once however many
+    requests ask for it at the same time. `activate` runs on the model thread, right before a
+    batch: it loads the batch's adapters, evicting the least recently used others to RAM.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        registry: AdapterRegistry,
+        *,
+        max_loaded: int,
+        max_cpu: int,
+        on_event: Callable[[str], None] | None = None,
+    ):
+        if max_loaded < 1:
+            raise ValueError("max_loaded_adapters must be at least 1")
+        self.engine = engine
+        self.registry = registry
+        self.max_loaded = max_loaded
+        self.max_cpu = max_cpu
+        self.stats: Counter[str] = Counter()
+        self._on_event = on_event
+        self._loaded: OrderedDict[str, AdapterWeights] = OrderedDict()
+        self._cpu: OrderedDict[str, AdapterWeights] = OrderedDict()
+        self._refs: dict[str, AdapterRef] = {}
+        self._lock = threading.Lock()  # the dicts are shared by the event loop and model thread
+        self._key_locks: dict[str, asyncio.Lock] = {}
+
+    def _count(self, event: str) -> None:
+        self.stats[event] += 1
+        if self._on_event is not None:
+            self._on_event(event)
+
+    async def prepare(self, ref: AdapterRef) -> None:
+        """Make `ref` ready to activate: on the model, in RAM, or read now (checked against the
+        base: AdapterIncompatible is a 400)."""
+        key = ref.key
+        with self._lock:
+            if key in self._loaded:
+                self._count("hit")
+                return
+        lock = self._key_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            with self._lock:
+                if key in self._loaded or key in self._cpu:
+                    self._count("hit" if key in self._loaded else "cpu_hit")
+                    if key in self._cpu:
+                        self._cpu.move_to_end(key)
+                    return
+            self._count("miss")
+            weights = await asyncio.to_thread(self._read, ref)
+            with self._lock:
+                self._refs[key] = ref
+                self._put_cpu(key, weights)
+
+    def _read(self, ref: AdapterRef) -> AdapterWeights:
+        weights = read_adapter(self.registry.local_path(ref))
+        self.engine.check_adapter(weights)
+        self._count("storage_read")
+        return weights
+
+    def _put_cpu(self, key: str, weights: AdapterWeights) -> None:
+        self._cpu[key] = weights
+        self._cpu.move_to_end(key)
+        while len(self._cpu) > self.max_cpu:
+            self._cpu.popitem(last=False)
+            self._count("cpu_eviction")
+
+    def activate(self, keys: Iterable[str]) -> None:
+        """Load `keys` onto the model (at most max_loaded of them). Call on the model thread."""
+        keys = list(dict.fromkeys(keys))
+        if len(keys) > self.max_loaded:
+            raise ValueError(f"{len(keys)} adapters in one batch, max_loaded is {self.max_loaded}")
+        for key in keys:
+            with self._lock:
+                if key in self._loaded:
+                    self._loaded.move_to_end(key)
+                    continue
+                weights = self._cpu.pop(key, None)
+            if weights is None:  # dropped from RAM since prepare(): read it again
+                weights = self._read(self._refs[key])
+            self._make_room(keep=keys)
+            self.engine.load_adapter(key, weights)
+            self._count("load")
+            with self._lock:
+                self._loaded[key] = weights
+
+    def _make_room(self, keep: list[str]) -> None:
+        while len(self._loaded) >= self.max_loaded:
+            victim = next(k for k in self._loaded if k not in keep)
+            self.engine.unload_adapter(victim)
+            with self._lock:
+                weights = self._loaded.pop(victim)
+                self._put_cpu(victim, weights)
+            self._count("eviction")
+
+    def loaded_keys(self) -> list[str]:
+        with self._lock:
+            return list(self._loaded)
