@@ -486,10 +486,9 @@ class _Counter(dict):
 
 def _extra_counts(cfg, decision, counts) -> dict[str, int]:
     code, split, dup_of = decision["code"], decision["split"], decision["dup_of"]
-    own_split = _hash_split(decision["hashes"], cfg.seed, cfg.data.eval_fraction, cfg.data.test_fraction)  # fmt: skip
     dups = np.flatnonzero(dup_of >= 0)
     # a duplicate of a held-out row that would otherwise have gone to train: leakage prevented
-    leaked = int(((split[dup_of[dups]] != "train") & (own_split[dups] == "train")).sum()) if len(dups) else 0  # fmt: skip
+    leaked = int(((split[dup_of[dups]] != "train") & (split[dups] == "train")).sum()) if len(dups) else 0  # fmt: skip
     kept = code == 0
     train_keys = decision["hashes"][kept & (split == "train"), 0]
     held_keys = decision["hashes"][kept & (split != "train"), 0]

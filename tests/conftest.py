@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -12,7 +14,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from jobs.tiny_model import main as build_tiny_model
-from tests.helpers import free_port, start_ray_head, stop_ray_head
+from tests.helpers import BIN, free_port, start_ray_head, stop_ray_head, wait_for_port
 
 
 @pytest.fixture(scope="session")
@@ -58,3 +60,33 @@ def head():
             time.sleep(1)
     yield {"address": address, "env": env}
     stop_ray_head(proc, temp_dir)
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """moto's S3 server on loopback; credentials are throwaway test values."""
+    port = free_port()
+    moto = BIN / "moto_server"
+    proc = subprocess.Popen(
+        [str(moto), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    wait_for_port(port)
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield endpoint
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    proc.terminate()
+    proc.wait(timeout=10)

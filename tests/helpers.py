@@ -69,3 +69,13 @@ def start_ray_head(*args: str, port: int, dashboard_port: int, env: dict[str, st
         cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     return proc, session_dir, env
+
+
+def upload_dir(endpoint: str, local: Path, bucket: str, prefix: str) -> None:
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=endpoint)
+    s3.create_bucket(Bucket=bucket)
+    for f in local.rglob("*"):
+        if f.is_file():
+            s3.upload_file(str(f), bucket, f"{prefix}/{f.relative_to(local)}")

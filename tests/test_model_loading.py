@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import boto3
@@ -12,45 +10,7 @@ import torch
 
 from jobs.config import ConfigError, ModelConfig
 from jobs.model import attn_implementation, load_base_model, load_tokenizer, resolve_model_path
-from tests.helpers import BIN, free_port, wait_for_port
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    """moto's S3 server on loopback; credentials are throwaway test values."""
-    port = free_port()
-    moto = BIN / "moto_server"
-    proc = subprocess.Popen(
-        [str(moto), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    endpoint = f"http://127.0.0.1:{port}"
-    wait_for_port(port)
-    env = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield endpoint
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    proc.terminate()
-    proc.wait(timeout=10)
-
-
-def upload_dir(endpoint: str, local: Path, bucket: str, prefix: str) -> None:
-    s3 = boto3.client("s3", endpoint_url=endpoint)
-    s3.create_bucket(Bucket=bucket)
-    for f in local.rglob("*"):
-        if f.is_file():
-            s3.upload_file(str(f), bucket, f"{prefix}/{f.relative_to(local)}")
+from tests.helpers import upload_dir
 
 
 def test_local_directory_loads_through_from_pretrained(tiny_model_dir):
