@@ -9,6 +9,8 @@ components of those pairs, and in each group the row with the lowest rank surviv
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import xxhash
 from datasketch import MinHash
@@ -16,12 +18,14 @@ from datasketch.lsh import _optimal_param
 
 from jobs.config import DedupConfig
 
+PUNCTUATION = re.compile(r"[^\w\s]+")
 SEED = 1  # the permutations must be the same in every process that signs rows
 
 
 def shingles(text: str, kind: str, size: int) -> list[bytes]:
-    """Character or word n-grams of the (already normalized) text, lower-cased."""
-    text = " ".join(text.lower().split())
+    """Word or character n-grams of the text, lower-cased and without punctuation (copies that
+    differ only in case or punctuation are near duplicates, not different rows)."""
+    text = " ".join(PUNCTUATION.sub(" ", text.lower()).split())
     if kind == "word":
         words = text.split(" ")
         grams = [" ".join(words[i : i + size]) for i in range(max(1, len(words) - size + 1))]

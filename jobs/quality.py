@@ -21,6 +21,7 @@ DEFAULT_RUBRIC = (
     "for being correct, helpful and well-formed given the user's request, from 1 (useless or "
     "wrong) to 10 (excellent). Reply with the number only."
 )
+ASCII_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 SCORE = re.compile(r"\b(10|[1-9])(?:\.\d+)?\b")
 
 
@@ -43,6 +44,8 @@ def non_text_ratio(text: str) -> float:
     """Share of characters that are neither letters, digits, punctuation nor spaces."""
     if not text:
         return 1.0
+    if text.isascii():  # the common case, without a Python loop over characters
+        return len(ASCII_CONTROL.findall(text)) / len(text)
     odd = sum(1 for ch in text if unicodedata.category(ch)[0] not in "LNPZ" and ch not in "\n\t")
     return odd / len(text)
 
