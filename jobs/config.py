@@ -118,6 +118,16 @@ class DataConfig(Section):
     def _one_or_many(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _prepared_wins(cls, raw: Any) -> Any:
+        # `data.prepared=PATH` on the command line replaces the config's own files
+        if isinstance(raw, dict) and raw.get("prepared"):
+            raw = {
+                k: v for k, v in raw.items() if k not in ("sources", "train_files", "eval_files")
+            }
+        return raw
+
     @model_validator(mode="after")
     def _one_origin(self) -> DataConfig:
         given = [n for n in ("sources", "train_files", "prepared") if getattr(self, n)]

@@ -299,12 +299,20 @@ DROP_COUNTS = {MALFORMED, *DROP_CODES.values()}
 
 def run_job(cfg: JobConfig, address: str | None = None) -> dict:
     """Validate data, train on Ray, then write the adapter and run.json; returns the run summary."""
+    inline = tempfile.mkdtemp(prefix="rayft-data-")  # an inline-prepared set, until the run ends
+    try:
+        return _run_job(cfg, address, inline)
+    finally:
+        shutil.rmtree(inline, ignore_errors=True)
+
+
+def _run_job(cfg: JobConfig, address: str | None, inline: str) -> dict:
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
     tokenizer = load_tokenizer(cfg.model)
-    data = prepare_data(cfg.data, tokenizer, cfg.run.seed, cfg.model.name_or_path)
+    data = prepare_data(cfg.data, tokenizer, cfg.run.seed, cfg.model.name_or_path, inline)
     report = data.report
     counts = report["counts"]
     print(
@@ -373,7 +381,16 @@ def run_job(cfg: JobConfig, address: str | None = None) -> dict:
         "eval_history": state.evals,
     }
     write_run_manifest(run_dir / "run.json", **summary)
+    keep_data_report(inline, run_dir / "data")
     return summary
+
+
+def keep_data_report(prepared: str, dest: Path) -> None:
+    """An inline-prepared set's manifest and dropped rows stay with the run (not the rows)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in ("manifest.json", "dropped.jsonl"):
+        if (Path(prepared) / name).exists():
+            shutil.copy(Path(prepared) / name, dest / name)
 
 
 def print_summary(summary: dict) -> None:

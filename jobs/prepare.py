@@ -290,14 +290,14 @@ def decide(cfg: PrepareConfig, shards: list[Path], progress) -> dict[str, np.nda
     code[alive & (num_tokens > data.length.max_tokens)] = 4
     progress.advance(task)
     score = _column(shards, "score").to_numpy(zero_copy_only=False).astype(np.float64)
-    reason = np.array(_column(shards, "score_reason").to_pylist(), dtype=object) if n else np.zeros(0, object)  # fmt: skip
+    reason = {}  # row -> why its score is low, filled in only for judged rows (the rest: on disk)
     if data.quality.scorer != "none":
         alive_idx = np.flatnonzero(code == 0)
         if data.quality.scorer == "judge" and len(alive_idx):
             examples = _examples(shards, alive_idx)
             graded = JudgeScorer(data.quality.judge).score(examples)
             score[alive_idx] = [s for s, _ in graded]
-            reason[alive_idx] = [r for _, r in graded]
+            reason.update(zip(alive_idx.tolist(), [r for _, r in graded], strict=True))
         if data.quality.min_score is not None:
             code[alive_idx[score[alive_idx] < data.quality.min_score]] = 5
         alive_idx = np.flatnonzero(code == 0)
@@ -388,7 +388,7 @@ def write_splits(cfg, shards, decision, out_fs, out_root, dropped, counts, progr
             reason = {EXACT: "exact duplicate", NEAR: "near duplicate",
                       SHORT: f"{decision['num_tokens'][g]} tokens < data.length.min_tokens={cfg.data.length.min_tokens}",
                       LONG: f"{decision['num_tokens'][g]} tokens > data.length.max_tokens={cfg.data.length.max_tokens}",
-                      LOW: f"quality {decision['score'][g]:.2f} ({decision['reason'][g]})"}[kind]  # fmt: skip
+                      LOW: f"quality {decision['score'][g]:.2f} ({decision['reason'].get(int(g)) or table.column('score_reason')[i].as_py()})"}[kind]  # fmt: skip
             dropped.write(table.column("where")[i].as_py(), kind, reason,
                           where_all[int(dup)].as_py() if dup >= 0 else None)  # fmt: skip
         for name in SPLITS:
@@ -552,16 +552,27 @@ class PreparedData:
     report: dict[str, Any]  # the manifest's counts, errors and where it lives
 
 
-def prepare_data(cfg: DataConfig, tokenizer, seed: int, tokenizer_name: str = "") -> PreparedData:
-    """What a job trains on: a prepared set (data.prepared), or one prepared now from `cfg`."""
+def prepare_data(
+    cfg: DataConfig,
+    tokenizer,
+    seed: int,
+    tokenizer_name: str = "",
+    inline_output: str | None = None,
+) -> PreparedData:
+    """What a job trains on: a prepared set (data.prepared), or one prepared now from `cfg`
+    (into `inline_output` when given, so the job can keep its manifest and dropped rows)."""
     path, tmp = cfg.prepared, None
     if path is None:
-        tmp = tempfile.mkdtemp(prefix="rayft-data-")
-        pcfg = PrepareConfig(data=cfg, tokenizer=tokenizer_name or "inline", output=tmp, seed=seed)
+        path = inline_output or (tmp := tempfile.mkdtemp(prefix="rayft-data-"))
+        pcfg = PrepareConfig(data=cfg, tokenizer=tokenizer_name or "inline", output=path, seed=seed)
         prepare(pcfg, tokenizer=tokenizer, show_progress=False)
-        path = tmp
     try:
         manifest = read_manifest(path)
+        if cfg.prepared and tokenizer_name and manifest["tokenizer"] != tokenizer_name:
+            log.warning(
+                "data.prepared: %s was prepared with the tokenizer of %s, this job uses %s "
+                "(its length filter counted other tokens)", path, manifest["tokenizer"], tokenizer_name
+            )  # fmt: skip
         report = {"counts": manifest["counts"], "errors": manifest["errors"][:10],
                   "prepared": cfg.prepared or "inline"}  # fmt: skip
         train, _ = tokenize_rows(read_split(path, "train"), tokenizer, cfg, report)

@@ -11,11 +11,11 @@ import torch
 from peft import PeftModel
 
 from jobs.config import load_config
-from jobs.prepare import prepare_data
 from jobs.distributed import start_local_ray
 from jobs.evaluation import eval_loss
 from jobs.finetune import run_job
 from jobs.model import load_base_model, load_tokenizer
+from jobs.prepare import prepare_data
 
 pytestmark = pytest.mark.integration
 
@@ -61,6 +61,10 @@ def test_single_worker_job_writes_an_adapter_that_reloads_exactly(
     manifest = json.loads((run_dir / "run.json").read_text())
     assert manifest["status"] == "completed"
     assert manifest["dataset_hash"].startswith("sha256:")
+    # the inline data prep's manifest stays with the run, and its hash is the run's
+    data_manifest = json.loads((run_dir / "data" / "manifest.json").read_text())
+    assert data_manifest["dataset_hash"] == manifest["dataset_hash"]
+    assert manifest["data_report"]["counts"] == data_manifest["counts"]
     assert manifest["base_model"] == str(tiny_model_dir)
     assert manifest["libraries"]["ray"] == ray.__version__
     assert manifest["config"]["lora"]["r"] == 16
