@@ -1,0 +1,69 @@
+"""configs/serve.yaml is a valid Serve config whose args build the app; settings fail early."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+from ray._common.utils import import_attr
+from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+from ray.serve.schema import ServeDeploySchema
+
+from serve.app import Job, MultiAdapterServer, group_by_adapter_limit
+from serve.config import ServeSettings
+from serve.engine import GenerationRequest
+
+CONFIG = Path("configs/serve.yaml")
+
+
+def test_serve_yaml_is_a_valid_serve_config_that_builds_the_app():
+    raw = yaml.safe_load(CONFIG.read_text())
+    schema = ServeDeploySchema.model_validate(raw)
+    app = schema.applications[0]
+    assert app.import_path == "serve.app:build_app"
+    deployment = app.deployments[0]
+    assert deployment.name == MultiAdapterServer.name
+    autoscaling = deployment.autoscaling_config
+    assert 1 <= autoscaling["min_replicas"] <= autoscaling["max_replicas"]
+    settings = ServeSettings.model_validate(app.args)
+    assert deployment.max_ongoing_requests >= settings.max_batch_size
+    assert Path(settings.tenants).is_file()
+    # The way `serve run` calls the builder: args are validated against its annotation.
+    built = call_user_app_builder_with_args_if_necessary(import_attr(app.import_path), app.args)
+    assert type(built).__name__ == "Application"
+    with pytest.raises(ValidationError, match="max_loaded_adapters"):
+        call_user_app_builder_with_args_if_necessary(
+            import_attr(app.import_path), {**app.args, "max_loaded_adapters": 0}
+        )
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ({"base_model": "m"}, "give a tenants file"),
+        ({"base_model": "m", "tenants": "t", "max_batch_size": 100}, "max_ongoing_requests"),
+        ({"base_model": "m", "tenants": "t", "adapters": {"Bad/Name": "x"}}, "invalid model names"),
+        ({"base_model": "m", "tenants": "t", "max_tokens": 5}, "max_tokens"),
+        ({"base_model": "m", "tenants": "t", "alias_ttl_s": -1}, "alias_ttl_s"),
+    ],
+)
+def test_bad_settings_name_the_field(args, message):
+    with pytest.raises(ValidationError, match=message):
+        ServeSettings.model_validate(args)
+
+
+def job(adapter):
+    return Job(GenerationRequest([1], adapter), None)
+
+
+def test_batches_split_into_groups_the_cache_can_hold():
+    jobs = [job(a) for a in ["a", "b", None, "c", "a", "d", None, "c", "e"]]
+    groups = group_by_adapter_limit(jobs, 2)
+    assert groups == [[0, 1, 2, 4, 6], [3, 5, 7], [8]]
+    for members in groups:
+        assert len({jobs[i].request.adapter for i in members} - {None}) <= 2
+    assert sorted(i for g in groups for i in g) == list(range(len(jobs)))
+    assert group_by_adapter_limit(jobs, 8) == [list(range(9))]
+    assert group_by_adapter_limit([job(None)] * 3, 1) == [[0, 1, 2]]
