@@ -118,6 +118,12 @@ class AdapterRegistry:
         bad = [n for n in self.plain if not is_valid_name(n)]
         if bad:
             raise ValueError(f"adapters: invalid adapter names {bad} (use [a-z0-9][a-z0-9-_.]*)")
+        for name, path in self.plain.items():  # a typo should stop the start, not fail requests
+            if not (Path(path) / "adapter_config.json").is_file():
+                raise ValueError(
+                    f"adapters.{name}: no peft adapter at {path} (no adapter_config.json there; "
+                    f"relative paths are resolved from {Path.cwd()})"
+                )
         self.ttl_s = ttl_s
         self.download_dir = Path(
             download_dir or Path.home() / ".cache" / "rayft" / "adapters"

@@ -37,6 +37,7 @@ from serve.protocol import (
     parse_body,
     stream_chunk,
 )
+from serve.scheduler import generate_in_groups
 from serve.tenants import Tenant, Tenants
 
 log = logging.getLogger("ray.serve")
@@ -90,23 +91,6 @@ def build_engine(settings: ServeSettings) -> HFEngine:
         base_names=base_names,
         context_window=settings.context_window,
     )
-
-
-def group_by_adapter_limit(jobs: list[Job], max_adapters: int) -> list[list[int]]:
-    """Indices of jobs in groups with at most max_adapters distinct adapters each (base rows
-    join any group), in arrival order of each group's first job."""
-    groups: list[tuple[set[str], list[int]]] = []
-    for i, job in enumerate(jobs):
-        key = job.request.adapter
-        for adapters, members in groups:
-            if key is None or key in adapters or len(adapters) < max_adapters:
-                if key is not None:
-                    adapters.add(key)
-                members.append(i)
-                break
-        else:
-            groups.append(({key} if key else set(), [i]))
-    return [members for _, members in groups]
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, health_check_period_s=10)
@@ -303,24 +287,11 @@ class MultiAdapterServer:
         return await loop.run_in_executor(self.model_thread, self.run_batch, jobs)
 
     def run_batch(self, jobs: list[Job]) -> list[GenerationResult | Exception]:
-        """Generate for a batch on the model thread, in groups of at most max_loaded_adapters
-        distinct adapters (all of a group's adapters must be on the model at once)."""
-        results: list[GenerationResult | Exception] = [None] * len(jobs)  # type: ignore[list-item]
-        for group in group_by_adapter_limit(jobs, self.settings.max_loaded_adapters):
-            keys = [jobs[i].request.adapter for i in group if jobs[i].request.adapter]
-            try:
-                self.cache.activate(keys)
-                outputs = self.engine.generate([jobs[i].request for i in group])
-            except ApiError as e:
-                outputs = [e] * len(group)
-            except Exception as e:  # one bad group must not fail the other groups
-                log.exception("generate failed for a group of %d requests", len(group))
-                outputs = [ApiError(f"generation failed: {type(e).__name__}")] * len(group)
-            self.metrics.batch_size.observe(len(group))
-            self.metrics.batch_adapters.observe(len(set(keys)))
-            for i, out in zip(group, outputs, strict=True):
-                results[i] = out
-        return results
+        def observe(rows: int, adapters: int) -> None:
+            self.metrics.batch_size.observe(rows)
+            self.metrics.batch_adapters.observe(adapters)
+
+        return generate_in_groups(self.engine, self.cache, [j.request for j in jobs], observe)
 
 
 def build_app(args: ServeSettings) -> serve.Application:

@@ -139,6 +139,8 @@ def test_plain_adapter_directories(adapter_files, tmp_path):
     assert registry.resolve(ModelName("mine", None)).version != ref.version  # rewritten in place
     with pytest.raises(ValueError, match="invalid adapter names"):
         AdapterRegistry(adapters={"../x": str(local)})
+    with pytest.raises(ValueError, match="adapters.typo: no peft adapter at"):
+        AdapterRegistry(adapters={"typo": str(tmp_path / "nope")})
 
 
 class RecordingEngine:

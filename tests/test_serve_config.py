@@ -11,9 +11,10 @@ from ray._common.utils import import_attr
 from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 from ray.serve.schema import ServeDeploySchema
 
-from serve.app import Job, MultiAdapterServer, group_by_adapter_limit
+from serve.app import MultiAdapterServer
 from serve.config import ServeSettings
 from serve.engine import GenerationRequest
+from serve.scheduler import group_by_adapter_limit
 
 CONFIG = Path("configs/serve.yaml")
 
@@ -55,7 +56,7 @@ def test_bad_settings_name_the_field(args, message):
 
 
 def job(adapter):
-    return Job(GenerationRequest([1], adapter), None)
+    return GenerationRequest([1], adapter)
 
 
 def test_batches_split_into_groups_the_cache_can_hold():
@@ -63,7 +64,7 @@ def test_batches_split_into_groups_the_cache_can_hold():
     groups = group_by_adapter_limit(jobs, 2)
     assert groups == [[0, 1, 2, 4, 6], [3, 5, 7], [8]]
     for members in groups:
-        assert len({jobs[i].request.adapter for i in members} - {None}) <= 2
+        assert len({jobs[i].adapter for i in members} - {None}) <= 2
     assert sorted(i for g in groups for i in g) == list(range(len(jobs)))
     assert group_by_adapter_limit(jobs, 8) == [list(range(9))]
     assert group_by_adapter_limit([job(None)] * 3, 1) == [[0, 1, 2]]
