@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import random
 import resource
 import tempfile
@@ -83,9 +84,9 @@ def bench_pipeline(rows: int, workers: int, tokenizer: str) -> None:
         cfg = PrepareConfig(data=data, tokenizer=tokenizer, output=str(Path(tmp) / "out"),
                             workers=workers, chunk_rows=5000)  # fmt: skip
         if workers:
-            import ray
+            from jobs.distributed import start_local_ray
 
-            ray.init(address="local", num_cpus=workers, include_dashboard=False)
+            start_local_ray(num_cpus=workers)  # workers at normal priority, as jobs.prepare does
         t0 = time.perf_counter()
         manifest = prepare(cfg, show_progress=True)
         prep_s = time.perf_counter() - t0
@@ -144,6 +145,7 @@ def bench_near_dedup(base: int, copies: int, edits: int, threshold: float) -> No
 
 
 def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--workers", type=int, default=0)

@@ -199,6 +199,8 @@ def run_stage1(cfg: PrepareConfig, files, tokenizer, work: Path, dropped, counts
             counts["malformed_by_reason"][_reason_kind(reason)] += 1
             dropped.write(where, MALFORMED, reason)
         progress.update(task, advance=table.num_rows + len(errors))
+        if not progress.console.is_terminal and len(stage.shards) % 50 == 0:
+            log.info("read, validate, render, sign: %d rows", stage.input_rows)  # for job logs
 
     chunks = iter_chunks(files, cfg.chunk_rows, stage)
     if cfg.workers == 0:
@@ -550,6 +552,7 @@ class PreparedData:
     eval_conversations: list[list[dict[str, str]]]  # for generated-answer metrics
     dataset_hash: str
     report: dict[str, Any]  # the manifest's counts, errors and where it lives
+    train_samples: list[list[dict[str, str]]] = field(default_factory=list)  # few-shot examples
 
 
 def prepare_data(
@@ -575,7 +578,7 @@ def prepare_data(
             )  # fmt: skip
         report = {"counts": manifest["counts"], "errors": manifest["errors"][:10],
                   "prepared": cfg.prepared or "inline"}  # fmt: skip
-        train, _ = tokenize_rows(read_split(path, "train"), tokenizer, cfg, report)
+        train, train_examples = tokenize_rows(read_split(path, "train"), tokenizer, cfg, report)
         eval_, eval_examples = tokenize_rows(read_split(path, "eval"), tokenizer, cfg, report)
     finally:
         if tmp:
@@ -588,7 +591,8 @@ def prepare_data(
             "data.eval_fraction or eval files (split: eval)"
         )
     convs = [e["messages"] for e in eval_examples if "messages" in e]
-    return PreparedData(train, eval_, convs, manifest["dataset_hash"], report)
+    samples = [e["messages"] for e in train_examples[:64] if "messages" in e]
+    return PreparedData(train, eval_, convs, manifest["dataset_hash"], report, samples)
 
 
 def _summary(manifest: dict[str, Any]) -> str:

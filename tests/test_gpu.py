@@ -12,7 +12,6 @@ from peft import PeftModel
 
 from jobs.config import load_config
 from jobs.data import collate, epoch_order, step_micro_batches
-from jobs.prepare import prepare_data
 from jobs.evaluation import eval_loss, exact_match
 from jobs.finetune import autocast_for, plan_steps, train_step
 from jobs.model import (
@@ -22,6 +21,7 @@ from jobs.model import (
     load_tokenizer,
     trainable_parameters,
 )
+from jobs.prepare import prepare_data
 
 pytestmark = [
     pytest.mark.gpu,

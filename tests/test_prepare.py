@@ -411,7 +411,9 @@ def test_ray_workers_give_the_same_prepared_set(tmp_path, tokenizer, tiny_model_
     manifest, _ = messy
     cfg = messy_config(tmp_path).model_copy(update={"workers": 2, "chunk_rows": 7,
                                                     "tokenizer": str(tiny_model_dir)})  # fmt: skip
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    from jobs.distributed import start_local_ray
+
+    start_local_ray(num_cpus=2)
     try:
         on_ray = prepare(cfg, show_progress=False)
     finally:

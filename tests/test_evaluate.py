@@ -1,0 +1,178 @@
+"""tune.evaluate, the gate, servability and promotion: a trained adapter passes, a random one
+is rejected, each servability problem is named, and promotion records what it did."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from jobs.config import load_config
+from jobs.data import collate
+from jobs.model import add_lora, load_base_model, load_tokenizer
+from jobs.prepare import prepare_data
+from tests.helpers import REPO
+from tests.test_registry import make_adapter
+from tune.evaluate import (
+    EvalConfig,
+    gate,
+    load_eval_config,
+    macro_f1,
+    predicted_label,
+    evaluate_target,
+    with_few_shot,
+)
+from tune.promote import promote_run
+from tune.registry import Registry, RegistryError
+from tune.servability import ServingLimits, servability_problems
+
+
+def write_run(run_dir: Path, adapter_model, tokenizer, cfg, dataset_hash: str) -> Path:
+    """A run directory as jobs.finetune leaves it: adapter/ (+ tokenizer) and run.json."""
+    adapter_model.save_pretrained(run_dir / "adapter")
+    tokenizer.save_pretrained(run_dir / "adapter")
+    run = {"run_name": run_dir.name, "base_model": cfg.model.name_or_path, "seed": cfg.run.seed,
+           "dataset_hash": dataset_hash, "config": cfg.model_dump(), "metrics": {}}  # fmt: skip
+    (run_dir / "run.json").write_text(json.dumps(run))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_model_dir, tmp_path_factory):
+    """A good run (LoRA trained on the review task) and a bad one (random LoRA weights)."""
+    cfg = load_config(REPO / "configs/quickstart.yaml", [f"model.name_or_path={tiny_model_dir}"])
+    tokenizer = load_tokenizer(cfg.model)
+    data = prepare_data(cfg.data, tokenizer, cfg.run.seed)
+    torch.manual_seed(0)
+    model = add_lora(load_base_model(cfg.model, torch.device("cpu")), cfg.lora)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(160):
+        idx = torch.randint(len(data.train), (16,), generator=g).tolist()
+        batch = collate([data.train[i] for i in idx], tokenizer.pad_token_id)
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    root = tmp_path_factory.mktemp("runs")
+    good = write_run(root / "good", model, tokenizer, cfg, data.dataset_hash)
+    bad_dir = root / "bad"
+    make_adapter(tiny_model_dir, bad_dir / "adapter", seed=3, r=8)
+    tokenizer.save_pretrained(bad_dir / "adapter")
+    shutil.copy(good / "run.json", bad_dir / "run.json")
+    return good, bad_dir
+
+
+@pytest.fixture(scope="module")
+def eval_cfg() -> EvalConfig:
+    cfg = load_eval_config(REPO / "configs/eval_reviews.yaml")
+    task = cfg.tasks[0].model_copy(update={"max_samples": 24})
+    return cfg.model_copy(update={"tasks": [task]})
+
+
+@pytest.fixture(scope="module")
+def evaluated(runs, eval_cfg):
+    good, bad = runs
+    return evaluate_target(good, eval_cfg)[0], evaluate_target(bad, eval_cfg)[0]
+
+
+def test_a_trained_adapter_passes_the_gate_with_all_numbers_stored(evaluated, runs):
+    good, _ = evaluated
+    scores = good["tasks"]["sentiment"]
+    assert set(scores) == {"rows", "base", "base_few_shot", "adapter"}
+    assert scores["adapter"]["exact_match"] > 0.6 > scores["base"]["exact_match"]
+    assert scores["adapter"]["loss"] < scores["base"]["loss"] / 3
+    assert 0 <= scores["adapter"]["f1"] <= 1 and scores["adapter"]["accuracy"] >= scores["adapter"]["exact_match"]  # fmt: skip
+    assert good["gate"]["passed"], good["gate"]["reasons"]
+    assert good["gate"]["best_baseline"] in ("base", "base_few_shot")
+    assert json.loads((runs[0] / "eval.json").read_text())["gate"] == good["gate"]
+
+
+def test_an_adapter_that_does_not_beat_the_baseline_is_rejected(evaluated):
+    _, bad = evaluated
+    g = bad["gate"]
+    assert not g["passed"]
+    assert any("improvement" in r and "< margin 0.2" in r for r in g["reasons"])
+
+
+def test_the_guard_catches_forgetting():
+    results = {"tasks": {"t": {"base": {"exact_match": 0.1}, "adapter": {"exact_match": 0.9}}},
+               "guard": {"base_loss": 2.0, "adapter_loss": 2.5}}  # fmt: skip
+    from tune.evaluate import GateConfig
+
+    decision = gate(GateConfig(metric="t.exact_match", margin=0.1, guard_tolerance=0.1), results)
+    assert not decision["passed"] and "forgetting" in decision["reasons"][0]
+    ok = gate(GateConfig(metric="t.exact_match", margin=0.1, guard_tolerance=0.3), results)
+    assert ok["passed"]
+    lower = {"tasks": {"t": {"base": {"loss": 2.0}, "base_few_shot": {"loss": 1.5}, "adapter": {"loss": 1.2}}}}  # fmt: skip
+    d = gate(GateConfig(metric="t.loss", margin=0.2), lower)
+    assert d["passed"] and d["best_baseline"] == "base_few_shot"
+    assert not gate(GateConfig(metric="t.loss", margin=0.5), lower)["passed"]
+
+
+def test_metric_helpers():
+    assert predicted_label("It is Negative, maybe mixed", ["positive", "negative", "mixed"]) == "negative"  # fmt: skip
+    assert predicted_label("no idea", ["positive"]) is None
+    assert macro_f1(["a", "a", "b"], ["a", "b", "b"], ["a", "b"]) == pytest.approx((2 / 3 + 2 / 3) / 2)
+    shots = [[{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}]]
+    prompt = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
+    assert with_few_shot(prompt, shots) == [
+        {"role": "system", "content": "s"}, {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q"},
+    ]  # fmt: skip
+
+
+def test_promotion_needs_a_passed_gate_or_force(evaluated, runs, tmp_path):
+    good, bad = runs
+    reg = Registry(str(tmp_path / "registry"))
+    version = promote_run(reg, good, "reviews")
+    lineage = reg.lineage("reviews@production")
+    assert lineage["version"] == version and lineage["gate"]["passed"]
+    assert lineage["dataset_hash"].startswith("sha256:") and lineage["evaluation"]["tasks"]
+    with pytest.raises(RegistryError, match="the gate failed: sentiment.exact_match"):
+        promote_run(reg, bad, "reviews")
+    forced = promote_run(reg, bad, "reviews", alias="staging", force=True)
+    assert reg.lineage(f"reviews@{forced}")["gate"]["forced"] is True
+    assert reg.aliases("reviews") == {"production": version, "staging": forced}
+    fresh = tmp_path / "fresh"
+    shutil.copytree(good, fresh)
+    (fresh / "eval.json").unlink()
+    with pytest.raises(RegistryError, match="no gate result"):
+        promote_run(reg, fresh, "reviews")
+
+
+def test_servability_names_each_problem(tiny_model_dir, tmp_path, tokenizer):
+    def problems(out, **kw):
+        return servability_problems(out, tiny_model_dir, ServingLimits(max_lora_rank=16))
+
+    ok = make_adapter(tiny_model_dir, tmp_path / "ok", seed=1, r=8)
+    tokenizer.save_pretrained(ok)
+    assert problems(ok) == []
+    big = make_adapter(tiny_model_dir, tmp_path / "big", seed=1, r=32)
+    assert problems(big) == ["LoRA rank 32 is above the server's max_lora_rank 16"]
+    saved = make_adapter(tiny_model_dir, tmp_path / "saved", seed=1, modules_to_save=["lm_head"])
+    found = problems(saved)
+    assert any("modules_to_save ['lm_head']" in p for p in found)
+    assert any("embedding/output weights" in p for p in found)
+    odd = tmp_path / "odd"
+    shutil.copytree(ok, odd)
+    cfg = json.loads((odd / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["q_proj", "conv1d"]
+    (odd / "adapter_config.json").write_text(json.dumps(cfg))
+    assert any("['conv1d'] are not supported" in p for p in problems(odd))
+    template = tmp_path / "template"
+    shutil.copytree(ok, template)
+    (template / "chat_template.jinja").write_text("{{ messages }}")
+    assert any("chat_template differs" in p for p in problems(template))
+
+
+def test_promotion_refuses_an_unservable_adapter(runs, tmp_path):
+    good, _ = runs
+    run = tmp_path / "run"
+    shutil.copytree(good, run)
+    (run / "adapter" / "chat_template.jinja").write_text("{{ messages }}")
+    with pytest.raises(RegistryError, match="not servable: the adapter's chat_template differs"):
+        promote_run(Registry(str(tmp_path / "reg")), run, "reviews", force=True)

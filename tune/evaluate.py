@@ -1,0 +1,353 @@
+"""Evaluate an adapter (or the base) on task evals, against baselines, and gate it.
+
+    python -m tune.evaluate runs/quickstart configs/eval_reviews.yaml     # a run directory
+    python -m tune.evaluate path/to/adapter configs/eval_reviews.yaml --base .cache/tiny-llama
+
+For each task: the base model zero-shot, the base model few-shot (k training examples as earlier
+turns of the conversation), and base + adapter, on the same held-out rows. A guard set of
+general prompts measures forgetting (reference-answer loss, base vs adapter). The gate passes
+when the adapter beats the best baseline by `gate.margin` on `gate.metric` and the guard loss
+rises by no more than `gate.guard_tolerance`. Everything is written to RUN/eval.json.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import torch
+import typer
+import yaml
+from pydantic import Field, model_validator
+
+from jobs.config import ConfigError, DataConfig, JudgeConfig, ModelConfig, Section
+from jobs.data import prompt_and_answer
+from jobs.evaluation import eval_loss, perplexity
+from jobs.model import load_base_model, load_tokenizer
+from jobs.prepare import prepare_data
+
+METRICS = ("loss", "perplexity", "exact_match", "accuracy", "f1", "contains", "regex", "judge")
+LOWER_IS_BETTER = {"loss", "perplexity"}
+
+
+class TaskConfig(Section):
+    name: str = Field(pattern=r"^[a-z0-9_-]+$")
+    # The rows: a data section like a job's (its held-out split is the task's test set); `null`
+    # with a run directory means that run's own data section and seed.
+    data: DataConfig | None = None
+    metrics: list[Literal["loss", "perplexity", "exact_match", "accuracy", "f1", "contains", "regex", "judge"]] = ["loss", "exact_match"]  # fmt: skip
+    labels: list[str] = []  # for accuracy/f1: the first label found in a reply is its prediction
+    regex: str | None = None  # for regex: the share of replies that match
+    judge: JudgeConfig | None = None  # for judge: an OpenAI-compatible endpoint grades replies
+    max_samples: int = Field(200, ge=1)
+    few_shot: int = Field(3, ge=0)  # 0: no few-shot baseline
+    max_new_tokens: int = Field(32, ge=1)
+
+    @model_validator(mode="after")
+    def _needs(self) -> TaskConfig:
+        if {"accuracy", "f1"} & set(self.metrics) and not self.labels:
+            raise ValueError(f"tasks.{self.name}: accuracy/f1 need labels")
+        if "regex" in self.metrics and not self.regex:
+            raise ValueError(f"tasks.{self.name}: the regex metric needs regex")
+        if "judge" in self.metrics and not self.judge:
+            raise ValueError(f"tasks.{self.name}: the judge metric needs a judge section")
+        return self
+
+
+class GateConfig(Section):
+    metric: str  # TASK.METRIC, e.g. sentiment.exact_match
+    margin: float = 0.0  # the adapter must beat the best baseline by this much (absolute)
+    guard_tolerance: float = Field(0.1, ge=0)  # guard loss may rise by this fraction at most
+
+
+class EvalConfig(Section):
+    base_model: str | None = None  # default: the run's base model
+    tasks: list[TaskConfig] = Field(min_length=1)
+    guard: DataConfig | None = None  # general prompts with reference answers (forgetting)
+    gate: GateConfig | None = None
+    batch_size: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _gate_metric_exists(self) -> EvalConfig:
+        if self.gate:
+            task, _, metric = self.gate.metric.partition(".")
+            names = {t.name: t for t in self.tasks}
+            if task not in names or metric not in names[task].metrics:
+                raise ValueError(f"gate.metric {self.gate.metric!r} is not a task.metric measured here")  # fmt: skip
+        return self
+
+
+def load_eval_config(path: str | Path) -> EvalConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: eval config not found")
+    try:
+        return EvalConfig.model_validate(yaml.safe_load(path.read_text()) or {})
+    except Exception as e:  # pydantic names the field
+        raise ConfigError(f"{path}: {e}") from None
+
+
+# ---------------------------------------------------------------- generation and metrics
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int) -> list[str]:  # fmt: skip
+    """Greedy replies to chat prompts, batched with left padding."""
+    model.eval()
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    replies = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts[i : i + batch_size]]  # fmt: skip
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+            replies += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)  # fmt: skip
+    finally:
+        tokenizer.padding_side = side
+    return [r.strip() for r in replies]
+
+
+def predicted_label(reply: str, labels: list[str]) -> str | None:
+    """The label named first in the reply (whole words, case-insensitive)."""
+    hits = [(m.start(), label) for label in labels
+            for m in [re.search(rf"\b{re.escape(label)}\b", reply, re.IGNORECASE)] if m]  # fmt: skip
+    return min(hits)[1] if hits else None
+
+
+def macro_f1(preds: list[str | None], refs: list[str], labels: list[str]) -> float:
+    scores = []
+    for label in labels:
+        tp = sum(p == label and r == label for p, r in zip(preds, refs, strict=True))
+        fp = sum(p == label and r != label for p, r in zip(preds, refs, strict=True))
+        fn = sum(p != label and r == label for p, r in zip(preds, refs, strict=True))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 1.0)
+    return sum(scores) / len(scores)
+
+
+def answer_metrics(task: TaskConfig, prompts, replies: list[str], refs: list[str]) -> dict[str, float]:  # fmt: skip
+    out: dict[str, float] = {}
+    n = max(len(refs), 1)
+    if "exact_match" in task.metrics:
+        out["exact_match"] = sum(r == a.strip() for r, a in zip(replies, refs, strict=True)) / n
+    if "contains" in task.metrics:
+        out["contains"] = sum(a.strip().lower() in r.lower() for r, a in zip(replies, refs, strict=True)) / n  # fmt: skip
+    if "regex" in task.metrics:
+        pattern = re.compile(task.regex)
+        out["regex"] = sum(bool(pattern.search(r)) for r in replies) / n
+    if {"accuracy", "f1"} & set(task.metrics):
+        preds = [predicted_label(r, task.labels) for r in replies]
+        gold = [predicted_label(a, task.labels) or a.strip() for a in refs]
+        if "accuracy" in task.metrics:
+            out["accuracy"] = sum(p == g for p, g in zip(preds, gold, strict=True)) / n
+        if "f1" in task.metrics:
+            out["f1"] = macro_f1(preds, gold, task.labels)
+    if "judge" in task.metrics:
+        out["judge"] = judge_score(task.judge, prompts, replies, refs)
+    return out
+
+
+def judge_score(cfg: JudgeConfig, prompts, replies, refs) -> float:
+    """Mean grade in [0, 1] from an OpenAI-compatible endpoint comparing reply and reference."""
+    from jobs.quality import JudgeScorer
+
+    scorer = JudgeScorer(cfg.model_copy(update={"rubric": cfg.rubric or (
+        "Grade the ASSISTANT reply against the REFERENCE answer for the USER request, from 1 "
+        "(wrong) to 10 (as good as the reference). Reply with the number only.")}))  # fmt: skip
+    examples = [{"messages": [*p, {"role": "assistant", "content": f"{r}\n\nREFERENCE: {a}"}]}
+                for p, r, a in zip(prompts, replies, refs, strict=True)]  # fmt: skip
+    grades = scorer.score(examples)
+    return sum(s for s, _ in grades) / max(len(grades), 1)
+
+
+def with_few_shot(prompt: list[dict], shots: list[list[dict]]) -> list[dict]:
+    """The k examples become earlier user/assistant turns, after any system message."""
+    system = [m for m in prompt[:1] if m["role"] == "system"]
+    turns = []
+    for shot in shots:
+        p, a = prompt_and_answer(shot)
+        turns += [m for m in p if m["role"] != "system"] + [{"role": "assistant", "content": a}]
+    return system + turns + prompt[len(system) :]
+
+
+# ---------------------------------------------------------------- the evaluation
+
+
+def evaluate(
+    cfg: EvalConfig,
+    adapter: Path | None,
+    base_model: str,
+    run_data: DataConfig | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Metrics of base (zero-/few-shot) and base + adapter per task, the guard set, the gate."""
+    from peft import PeftModel
+
+    model_cfg = ModelConfig(name_or_path=base_model)
+    tokenizer = load_tokenizer(model_cfg)
+    cpu = torch.device("cpu")
+    base = load_base_model(model_cfg, cpu)
+    tuned = PeftModel.from_pretrained(base, str(adapter)) if adapter else None
+    results: dict[str, Any] = {"base_model": base_model, "adapter": str(adapter) if adapter else None,
+                               "tasks": {}}  # fmt: skip
+
+    def loss_of(examples) -> dict[str, float]:
+        if tuned is not None:
+            with tuned.disable_adapter():
+                base_loss = eval_loss(tuned, examples, cfg.batch_size, tokenizer.pad_token_id, cpu, _no_autocast)  # fmt: skip
+            tuned_loss = eval_loss(tuned, examples, cfg.batch_size, tokenizer.pad_token_id, cpu, _no_autocast)  # fmt: skip
+            return {"base": base_loss, "adapter": tuned_loss}
+        return {"base": eval_loss(base, examples, cfg.batch_size, tokenizer.pad_token_id, cpu, _no_autocast)}  # fmt: skip
+
+    for task in cfg.tasks:
+        data = task.data or run_data
+        if data is None:
+            raise ConfigError(f"tasks.{task.name}.data: give a data section (or evaluate a run directory)")  # fmt: skip
+        prepared = prepare_data(data, tokenizer, seed)
+        convs = prepared.eval_conversations[: task.max_samples]
+        prompts, refs = zip(*(prompt_and_answer(c) for c in convs), strict=True)
+        prompts, refs = list(prompts), list(refs)
+        scores: dict[str, dict[str, float]] = {"base": {}, "adapter": {}}
+        if {"loss", "perplexity"} & set(task.metrics):
+            losses = loss_of(prepared.eval[: task.max_samples])
+            for who, loss in losses.items():
+                if "loss" in task.metrics:
+                    scores[who]["loss"] = loss
+                if "perplexity" in task.metrics:
+                    scores[who]["perplexity"] = perplexity(loss)
+        answer_kinds = set(task.metrics) - {"loss", "perplexity"}
+        if answer_kinds:
+            shots = _train_conversations(prepared, task.few_shot)
+            variants = {"base": prompts}
+            if task.few_shot:
+                variants["base_few_shot"] = [with_few_shot(p, shots) for p in prompts]
+            for who, ps in variants.items():
+                model = base if tuned is None else tuned
+                ctx = tuned.disable_adapter() if tuned is not None else _null()
+                with ctx:
+                    replies = generate(model, tokenizer, ps, task.max_new_tokens, cfg.batch_size)
+                scores.setdefault(who, {}).update(answer_metrics(task, ps, replies, refs))
+            if tuned is not None:
+                replies = generate(tuned, tokenizer, prompts, task.max_new_tokens, cfg.batch_size)
+                scores["adapter"].update(answer_metrics(task, prompts, replies, refs))
+                results.setdefault("samples", {})[task.name] = [
+                    {"prompt": p[-1]["content"], "reference": a, "reply": r}
+                    for p, a, r in list(zip(prompts, refs, replies, strict=True))[:5]
+                ]
+        if tuned is None:
+            scores.pop("adapter")
+        results["tasks"][task.name] = {"rows": len(convs), **scores}
+    if cfg.guard is not None:
+        guard = prepare_data(cfg.guard, tokenizer, seed)
+        results["guard"] = {f"{k}_loss": v for k, v in loss_of(guard.train + guard.eval).items()}
+    if cfg.gate is not None and tuned is not None:
+        results["gate"] = gate(cfg.gate, results)
+    return results
+
+
+def _train_conversations(prepared, k: int) -> list[list[dict]]:
+    """The first k training conversations: few-shot examples never come from the test rows."""
+    return prepared.train_samples[:k]
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _no_autocast():
+    return _null()
+
+
+def gate(cfg: GateConfig, results: dict[str, Any]) -> dict[str, Any]:
+    """Pass when the adapter beats every baseline by the margin and the guard holds."""
+    task, _, metric = cfg.metric.partition(".")
+    scores = results["tasks"][task]
+    lower = metric in LOWER_IS_BETTER
+    baselines = {who: s[metric] for who, s in scores.items() if who != "adapter" and isinstance(s, dict) and metric in s}  # fmt: skip
+    best_name = (min if lower else max)(baselines, key=baselines.get)
+    best, mine = baselines[best_name], scores["adapter"][metric]
+    improvement = (best - mine) if lower else (mine - best)
+    reasons = []
+    if improvement < cfg.margin:
+        reasons.append(f"{cfg.metric}: adapter {mine:.4f} vs best baseline {best_name} {best:.4f}: improvement {improvement:+.4f} < margin {cfg.margin}")  # fmt: skip
+    guard = results.get("guard")
+    if guard:
+        limit = guard["base_loss"] * (1 + cfg.guard_tolerance)
+        if guard["adapter_loss"] > limit:
+            reasons.append(f"guard loss {guard['adapter_loss']:.4f} > base {guard['base_loss']:.4f} x (1 + {cfg.guard_tolerance}) (forgetting)")  # fmt: skip
+    return {"passed": not reasons, "metric": cfg.metric, "adapter": mine, "best_baseline": best_name,
+            "baseline": best, "margin": cfg.margin, "guard_tolerance": cfg.guard_tolerance,
+            "reasons": reasons, "forced": False}  # fmt: skip
+
+
+# ---------------------------------------------------------------- CLI
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+def evaluate_target(target: Path, cfg: EvalConfig, base: str | None = None) -> tuple[dict[str, Any], Path]:  # fmt: skip
+    """A run directory (adapter/ + run.json) or an adapter directory -> (results, where saved)."""
+    run_json = target / "run.json"
+    if run_json.is_file():
+        run = json.loads(run_json.read_text())
+        data = DataConfig.model_validate(run["config"]["data"])
+        results = evaluate(cfg, target / "adapter", base or cfg.base_model or run["base_model"], data, run["seed"])  # fmt: skip
+        out = target / "eval.json"
+    elif (target / "adapter_config.json").is_file():
+        base_model = base or cfg.base_model or json.loads((target / "adapter_config.json").read_text())["base_model_name_or_path"]  # fmt: skip
+        results = evaluate(cfg, target, base_model)
+        out = target / "eval.json"
+    else:
+        raise ConfigError(f"{target}: neither a run directory (run.json) nor a peft adapter")
+    out.write_text(json.dumps(results, indent=2))
+    return results, out
+
+
+@app.command()
+def main(
+    target: Annotated[Path, typer.Argument(help="run directory or adapter directory")],
+    config: Annotated[Path, typer.Argument(help="eval YAML")],
+    base: Annotated[str | None, typer.Option(help="base model (default: the run's)")] = None,
+) -> None:
+    """Evaluate an adapter against its base (zero- and few-shot) and apply the gate."""
+    try:
+        results, out = evaluate_target(target, load_eval_config(config), base)
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    print_results(results)
+    typer.echo(f"written: {out}")
+    if results.get("gate") and not results["gate"]["passed"]:
+        raise typer.Exit(1)
+
+
+def print_results(results: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    for name, scores in results["tasks"].items():
+        table = Table(title=f"{name} ({scores['rows']} rows)")
+        who = [k for k in scores if k != "rows"]
+        metrics = sorted({m for k in who for m in scores[k]})
+        table.add_column("model")
+        for m in metrics:
+            table.add_column(m, justify="right")
+        for k in who:
+            table.add_row(k, *(f"{scores[k][m]:.4f}" if m in scores[k] else "-" for m in metrics))
+        console.print(table)
+    if "guard" in results:
+        console.print(f"guard loss: {results['guard']}")
+    if "gate" in results:
+        g = results["gate"]
+        console.print("GATE PASSED" if g["passed"] else "GATE FAILED: " + "; ".join(g["reasons"]))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,73 @@
+"""Promotion: a run's adapter goes into the registry only if it is servable and passed its gate
+(`force` skips the gate, and the lineage says so). The lineage ties the version to its run,
+dataset, config, code and evaluation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from jobs.config import ConfigError, ModelConfig
+from jobs.model import resolve_model_path
+from tune.registry import Registry, RegistryError
+from tune.servability import ServingLimits, servability_problems
+
+
+def lineage_of(run_dir: Path, evaluation: dict[str, Any] | None, gate: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    run = json.loads((run_dir / "run.json").read_text())
+    data_manifest = run_dir / "data" / "manifest.json"
+    sources = json.loads(data_manifest.read_text())["sources"] if data_manifest.is_file() else None
+    return {
+        "base_model": run.get("base_model"),
+        "base_model_revision": run.get("config", {}).get("model", {}).get("revision"),
+        "dataset_hash": run.get("dataset_hash"),
+        "data_sources": sources,
+        "run": {"name": run.get("run_name"), "dir": str(run_dir.resolve()),
+                "checkpoint": run.get("checkpoint"), "steps": run.get("steps")},  # fmt: skip
+        "sweep": run.get("sweep"),
+        "config": run.get("config"),
+        "metrics": run.get("metrics"),
+        "evaluation": evaluation,
+        "gate": gate,
+        "code": run.get("code"),
+        "libraries": run.get("libraries"),
+    }
+
+
+def promote_run(
+    registry: Registry,
+    run_dir: Path,
+    name: str,
+    alias: str = "production",
+    force: bool = False,
+    limits: ServingLimits | None = None,
+) -> str:
+    """Register RUN_DIR/adapter as NAME/VERSION and point ALIAS at it; returns the version."""
+    run_dir = Path(run_dir)
+    adapter = run_dir / "adapter"
+    if not (run_dir / "run.json").is_file() or not adapter.is_dir():
+        raise RegistryError(f"{run_dir}: not a finished run (needs adapter/ and run.json)")
+    run = json.loads((run_dir / "run.json").read_text())
+    base_dir = Path(resolve_model_path(ModelConfig(name_or_path=run["base_model"])))
+    problems = servability_problems(adapter, base_dir, limits or ServingLimits())
+    if problems:
+        raise RegistryError(f"{run_dir}: not servable: " + "; ".join(problems))
+    eval_path = run_dir / "eval.json"
+    evaluation = json.loads(eval_path.read_text()) if eval_path.is_file() else None
+    gate = (evaluation or {}).get("gate")
+    if force:
+        gate = {**(gate or {}), "forced": True}
+    elif gate is None:
+        raise RegistryError(
+            f"{run_dir}: no gate result; run `python -m tune.evaluate {run_dir} EVAL.yaml` "
+            "(with a gate section) first, or promote with --force"
+        )
+    elif not gate["passed"]:
+        raise RegistryError(f"{run_dir}: the gate failed: " + "; ".join(gate["reasons"]))
+    try:
+        version = registry.register(adapter, name, lineage_of(run_dir, evaluation, gate))
+    except OSError as e:
+        raise ConfigError(f"registry {registry.root}: cannot write: {type(e).__name__}: {e}") from None
+    registry.set_alias(name, alias, version, reason="promote" + (" (forced)" if force else ""))
+    return version
