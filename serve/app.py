@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import ray
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -80,6 +81,10 @@ def build_engine(settings: ServeSettings) -> HFEngine:
     device = settings.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        # As many threads as CPUs this replica holds: more spin against the other replicas'.
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        torch.set_num_threads(max(1, int(cpus)))
     cfg = ModelConfig(name_or_path=settings.base_model, dtype=settings.dtype)
     base_names = (
         [settings.base_model, *settings.base_model_aliases] if settings.check_base_name else []
@@ -88,6 +93,7 @@ def build_engine(settings: ServeSettings) -> HFEngine:
         load_base_model(cfg, torch.device(device)),
         load_tokenizer(cfg),
         max_lora_rank=settings.max_lora_rank,
+        max_adapters=settings.max_loaded_adapters,
         base_names=base_names,
         context_window=settings.context_window,
     )

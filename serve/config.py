@@ -33,7 +33,9 @@ class ServeSettings(BaseModel):
     tenants: str | None = None  # tenants YAML (serve/tenants.py)
     allow_unauthenticated: bool = False  # only for local experiments: no keys, no limits
 
-    max_loaded_adapters: int = Field(8, ge=1)  # on the model, per replica
+    # Adapter slots on the model, per replica. A slot costs rank x (in + out) per targeted layer;
+    # at least max_batch_size, a batch never has to be split into rounds of fewer adapters.
+    max_loaded_adapters: int = Field(16, ge=1)
     max_cpu_adapters: int = Field(64, ge=0)  # evicted adapters kept in RAM, per replica
     max_lora_rank: int = Field(64, ge=1)
 

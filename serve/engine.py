@@ -1,7 +1,8 @@
 """Generation engines: one base model per replica, many LoRA adapters, mixed-adapter batches.
 
-`Engine` is the small interface the app needs; `HFEngine` implements it with transformers + peft
-on CPU or one GPU. A vLLM engine (`LoRARequest` per row) could back the same interface on GPUs.
+`Engine` is the small interface the app needs; `HFEngine` implements it with transformers on CPU
+or one GPU, adapters applied per row by serve/lora.py. A vLLM engine (`LoRARequest` per row)
+could back the same interface on GPUs.
 
 Sampling: every row has its own temperature, top_p, seed and stop strings. A seeded row draws
 from its own `torch.Generator`, so its tokens do not depend on which other rows share its batch
@@ -11,7 +12,6 @@ from its own `torch.Generator`, so its tokens do not depend on which other rows 
 from __future__ import annotations
 
 import json
-import re
 import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -20,12 +20,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from peft import LoraConfig, PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from serve.errors import AdapterIncompatible
-
-BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+from serve.lora import MultiLora, split_lora_weights, unsupported_features
 
 
 @dataclass(frozen=True)
@@ -129,12 +127,8 @@ def base_name(name_or_path: str) -> str:
     return name_or_path.rstrip("/").rsplit("/", 1)[-1].lower()
 
 
-# peft saves keys without the adapter name: base_model.model.<module>.lora_A.weight
-_LORA_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
-
-
 class HFEngine(Engine):
-    """transformers + peft: the base model is loaded once; adapters are peft adapter slots."""
+    """transformers: the base model is loaded once; up to max_adapters adapters sit in slots."""
 
     def __init__(
         self,
@@ -142,6 +136,7 @@ class HFEngine(Engine):
         tokenizer,
         *,
         max_lora_rank: int = 64,
+        max_adapters: int = 8,
         base_names: Sequence[str] = (),
         context_window: int | None = None,
     ):
@@ -150,9 +145,13 @@ class HFEngine(Engine):
         self.max_lora_rank = max_lora_rank
         # Names an adapter's base_model_name_or_path may carry; empty: do not compare names.
         self.base_names = {base_name(n) for n in base_names if n}
-        self.peft: PeftModel | None = None
-        self._adapters: set[str] = set()
         self.device = next(model.parameters()).device
+        self._linear_shapes = {
+            name: tuple(m.weight.shape)
+            for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear)
+        }
+        self.lora = MultiLora(model, max_adapters)
         limits = [
             getattr(model.config, "max_position_embeddings", None),
             getattr(tokenizer, "model_max_length", None),
@@ -163,11 +162,6 @@ class HFEngine(Engine):
         eos = model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]
         self.stop_ids = {i for i in [*eos, tokenizer.eos_token_id] if i is not None}
-        self._linear_shapes = {
-            name: tuple(m.weight.shape)
-            for name, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear)
-        }
 
     # --- prompts -----------------------------------------------------------------------------
     def encode_chat(self, messages):
@@ -182,6 +176,9 @@ class HFEngine(Engine):
 
     # --- adapters ----------------------------------------------------------------------------
     def check_adapter(self, adapter: AdapterWeights) -> None:
+        self._checked_weights(adapter)
+
+    def _checked_weights(self, adapter: AdapterWeights) -> dict[str, tuple]:
         name = Path(adapter.path).name
         trained_on = adapter.config.get("base_model_name_or_path")
         if self.base_names and trained_on and base_name(trained_on) not in self.base_names:
@@ -194,88 +191,50 @@ class HFEngine(Engine):
                 f"adapter {name!r} has LoRA rank {adapter.rank}, above this server's "
                 f"max_lora_rank {self.max_lora_rank}"
             )
-        for key, tensor in adapter.state_dict.items():
-            m = _LORA_KEY.match(key)
-            if m is None:
-                raise AdapterIncompatible(
-                    f"adapter {name!r} has a weight this server cannot load: {key} (only LoRA "
-                    "A/B matrices on linear layers are served)"
-                )
-            shape = self._linear_shapes.get(m["module"])
+        unsupported = unsupported_features(adapter.config)
+        if unsupported:
+            raise AdapterIncompatible(
+                f"adapter {name!r} uses {', '.join(unsupported)}, which this server does not serve"
+            )
+        weights = split_lora_weights(adapter.state_dict, name)
+        for module, (a, b) in weights.items():
+            shape = self._linear_shapes.get(module)
             if shape is None:
                 raise AdapterIncompatible(
-                    f"adapter {name!r} targets {m['module']}, which is not a linear layer of "
+                    f"adapter {name!r} targets {module}, which is not a linear layer of "
                     "this base model: it was trained for another base"
                 )
             out_features, in_features = shape
-            ok = (
-                tensor.shape[1] == in_features
-                if m["ab"] == "A"
-                else tensor.shape[0] == out_features
-            )
-            if tensor.ndim != 2 or not ok:
+            if a.shape[1] != in_features or b.shape[0] != out_features or a.shape[0] != b.shape[1]:
                 raise AdapterIncompatible(
-                    f"adapter {name!r}: {key} has shape {tuple(tensor.shape)}, which does not fit "
-                    f"{m['module']} {shape} of this base model: it was trained for another base"
+                    f"adapter {name!r}: {module} has A {tuple(a.shape)}, B {tuple(b.shape)}, "
+                    f"which do not fit {module} {shape} of this base model: it was trained for "
+                    "another base"
                 )
+        return weights
 
     def load_adapter(self, key: str, adapter: AdapterWeights) -> None:
-        self.check_adapter(adapter)
-        config = LoraConfig(**_known_lora_fields(adapter.config))
-        config.inference_mode = True
-        if self.peft is None:
-            self.peft = PeftModel(self.base, config, adapter_name=key)
-        else:
-            self.peft.add_adapter(key, config)
-        weights = {k: v.to(self.device) for k, v in adapter.state_dict.items()}
-        result = set_peft_model_state_dict(self.peft, weights, adapter_name=key)
-        missing = [k for k in result.missing_keys if f".{key}." in k and "lora_" in k]
-        if result.unexpected_keys or missing:
-            self.peft.delete_adapter(key)
-            raise AdapterIncompatible(
-                f"adapter {Path(adapter.path).name!r} does not match its own config "
-                f"({len(missing)} missing, {len(result.unexpected_keys)} unexpected weights)"
-            )
-        if self.peft.active_adapter not in self.peft.peft_config:
-            # After the last adapter was unloaded peft still names it active, and would fail.
-            self.peft.set_adapter(key, inference_mode=True)
-        self.peft.eval()
-        self._adapters.add(key)
+        weights = self._checked_weights(adapter)
+        self.lora.load(key, adapter.config, weights, self.device)
 
     def unload_adapter(self, key: str) -> None:
-        if key not in self._adapters:
-            return
-        self.peft.delete_adapter(key)
-        self._adapters.discard(key)
-        if self._adapters:
-            # peft applies `adapter_names` only while some adapter is active; deleting the active
-            # one can leave none, and every row would then silently run on the bare base.
-            self.peft.set_adapter(sorted(self._adapters)[0], inference_mode=True)
+        if key in self.lora.slot_of:
+            self.lora.unload(key)
 
     def loaded_adapters(self) -> set[str]:
-        return set(self._adapters)
+        return set(self.lora.slot_of)
 
     # --- generation --------------------------------------------------------------------------
-    def _forward(self, input_ids, attention_mask, position_ids, past, adapter_names):
-        kwargs = dict(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past,
-            use_cache=True,
-        )
-        if not self._adapters:  # (peft's LoRA layers hold no adapter: they run the bare base)
-            return self.base(**kwargs)
-        # Even an all-base batch goes through peft: the LoRA layers it injected into the base
-        # would otherwise apply the active adapter.
-        return self.peft(**kwargs, adapter_names=adapter_names)
+    def _forward(self, input_ids, attention_mask, position_ids, past):
+        return self.base(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=position_ids, past_key_values=past, use_cache=True)  # fmt: skip
 
     @torch.inference_mode()
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         if not requests:
             return []
         for r in requests:
-            if r.adapter is not None and r.adapter not in self._adapters:
+            if r.adapter is not None and r.adapter not in self.lora.slot_of:
                 raise KeyError(f"adapter {r.adapter} is not loaded")
         rows = [_Row(r, self.tokenizer) for r in requests]
         n, width = len(rows), max(len(r.request.prompt_ids) for r in rows)
@@ -287,9 +246,9 @@ class HFEngine(Engine):
             attention[i, width - len(ids) :] = 1
         input_ids, attention = input_ids.to(self.device), attention.to(self.device)
         positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        adapter_names = [r.adapter or BASE for r in requests]
+        self.lora.set_rows([r.adapter for r in requests], self.device)
 
-        out = self._forward(input_ids, attention, positions, None, adapter_names)
+        out = self._forward(input_ids, attention, positions, None)
         for _ in range(max(r.params.max_tokens for r in requests)):
             chosen = self._choose_tokens(out.logits[:, -1, :], rows).tolist()
             for row, token in zip(rows, chosen, strict=True):
@@ -302,7 +261,7 @@ class HFEngine(Engine):
             next_ids = torch.tensor(feed, device=self.device)[:, None]
             attention = torch.cat([attention, attention.new_ones((n, 1))], dim=1)
             positions = positions[:, -1:] + 1
-            out = self._forward(next_ids, attention, positions, out.past_key_values, adapter_names)
+            out = self._forward(next_ids, attention, positions, out.past_key_values)
         return [row.result() for row in rows]
 
     def _choose_tokens(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
@@ -324,12 +283,6 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the tokens ranked above each one
     sorted_probs[before >= top_p] = 0.0
     return torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-
-
-def _known_lora_fields(config: dict[str, Any]) -> dict[str, Any]:
-    # Adapters saved by a newer peft may carry fields this peft does not know.
-    known = LoraConfig.__dataclass_fields__
-    return {k: v for k, v in config.items() if k in known}
 
 
 class _Row:

@@ -36,6 +36,14 @@ POOL = [f"pool-{i}" for i in range(6)]  # more adapters than max_loaded_adapters
 MESSAGES = [{"role": "user", "content": "How was the delivery?"}]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # see tests/test_serve_engine.py
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def files(tiny_model_dir, tmp_path_factory):
     """A registry with versions, aliases and bad adapters, the same files on S3, a tenants file."""

@@ -22,6 +22,16 @@ from serve.testing import make_random_adapter
 GREEDY = SamplingParams(max_tokens=16, temperature=0)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """One thread, as a Serve replica with num_cpus=1 has: two threads on two busy cores
+    spin against other processes and ran these tests 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def adapters(tiny_model_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapters")
@@ -151,14 +161,18 @@ def test_streamed_pieces_add_up_to_the_text_and_never_leak_a_stop_string(engine,
 def test_unloading_the_active_adapter_keeps_the_others_applied(
     tiny_model_dir, tokenizer, adapters, prompts
 ):
-    engine = HFEngine(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer)
+    engine = HFEngine(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer, max_adapters=2
+    )
     for key, path in adapters.items():
         engine.load_adapter(key, read_adapter(path))
     before = engine.generate([GenerationRequest(prompts[0], "b", GREEDY)])[0].text
-    engine.unload_adapter("a")  # "a" was loaded first: peft's active adapter
+    engine.unload_adapter("a")  # "a" holds slot 1
     assert engine.loaded_adapters() == {"b"}
     assert engine.generate([GenerationRequest(prompts[0], "b", GREEDY)])[0].text == before
     engine.load_adapter("a", read_adapter(adapters["a"]))  # a freed slot can be reused
+    with pytest.raises(RuntimeError, match="no free adapter slot"):
+        engine.load_adapter("c", read_adapter(adapters["a"]))
     assert engine.loaded_adapters() == {"a", "b"}
     for key in ("a", "b"):
         engine.unload_adapter(key)
@@ -174,7 +188,7 @@ def test_adapter_for_another_base_is_refused(engine, tmp_path):
     with pytest.raises(AdapterIncompatible, match="trained on base model 'other-base'"):
         engine.check_adapter(weights)
     weights.config["base_model_name_or_path"] = engine_base_name(engine)
-    with pytest.raises(AdapterIncompatible, match="does not fit .* trained for another base"):
+    with pytest.raises(AdapterIncompatible, match="which do not fit .* trained for another base"):
         engine.check_adapter(weights)
 
 
@@ -188,11 +202,18 @@ def test_rank_above_the_limit_and_unknown_modules_are_refused(engine, tiny_model
         engine.load_adapter("big", big)
     assert "big" not in engine.loaded_adapters()
     small = read_adapter(make_random_adapter(tiny_model_dir, tmp_path / "s", seed=5, r=4))
-    small.state_dict["base_model.model.model.layers.9.mlp.up_proj.lora_A.weight"] = torch.zeros(
-        4, 256
-    )
+    ghost = "base_model.model.model.layers.9.mlp.up_proj"
+    small.state_dict[f"{ghost}.lora_A.weight"] = torch.zeros(4, 256)
+    small.state_dict[f"{ghost}.lora_B.weight"] = torch.zeros(512, 4)
     with pytest.raises(AdapterIncompatible, match="layers.9.mlp.up_proj, which is not a linear"):
         engine.check_adapter(small)
+    del small.state_dict[f"{ghost}.lora_B.weight"]
+    with pytest.raises(AdapterIncompatible, match="lacks lora_A or lora_B"):
+        engine.check_adapter(small)
+    dora = read_adapter(make_random_adapter(tiny_model_dir, tmp_path / "d", seed=6, r=4))
+    dora.config["use_dora"] = True
+    with pytest.raises(AdapterIncompatible, match="uses DoRA"):
+        engine.check_adapter(dora)
 
 
 def test_a_directory_without_adapter_files_is_refused(tmp_path):

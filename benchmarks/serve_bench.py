@@ -1,0 +1,182 @@
+"""Multi-adapter serving benchmark, in-process on the engine (no HTTP, no Ray): the same tiny
+model, the same requests, four ways of serving them.
+
+    python benchmarks/serve_bench.py [--requests 96] [--max-tokens 16] [--batch 16]
+
+(a) base only: batches of `batch` requests on the bare base model.
+(b) mixed: requests for N adapters (uniformly at random) in arrival-order batches; the adapter
+    cache holds N/2 adapters on the model (RAM tier behind it), so batches also pay for loads;
+    a batch is split into groups of at most N/2 distinct adapters (serve/scheduler.py, as the app).
+(c) naive: one request at a time, its adapter read from disk, loaded, used, unloaded.
+(d) per-adapter batches: the queue grouped by adapter, batches of one adapter each (what
+    multiplexing by model id gives), same cache.
+All requests arrive at t=0: latency is the time until a request's batch is done (queueing
+included). Throughput counts generated tokens. Every mode produces the same greedy text for a
+request; the benchmark checks it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from jobs.tiny_model import main as build_tiny_model
+from serve.adapters import AdapterCache, AdapterRegistry
+from serve.engine import GenerationRequest, HFEngine, SamplingParams, read_adapter
+from serve.names import ModelName
+from serve.scheduler import generate_in_groups
+from serve.testing import make_random_adapter
+
+PROMPTS = ["How was the delivery?", "Is this a good product?", "Summarize my review",
+           "The battery died after two days", "Great value for the money"]  # fmt: skip
+
+
+def make_requests(engine, n_requests, adapters, max_tokens, seed=0):
+    rng = random.Random(seed)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    prompts = [engine.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS]
+    return [
+        GenerationRequest(rng.choice(prompts), rng.choice(adapters) if adapters else None, params)
+        for _ in range(n_requests)
+    ]
+
+
+def run_batches(batches: list[list[int]], run: Callable[[list[int]], list]) -> tuple[float, dict]:
+    """Run batches of request indices in order; per-request latency from t=0."""
+    outputs, latency = {}, {}
+    start = time.perf_counter()
+    for batch in batches:
+        for i, out in zip(batch, run(batch), strict=True):
+            outputs[i] = out
+            latency[i] = time.perf_counter() - start
+    return time.perf_counter() - start, {"outputs": outputs, "latency": latency}
+
+
+def summarize(name, wall, res, n_adapters):
+    tokens = sum(o.completion_tokens for o in res["outputs"].values())
+    lat = sorted(res["latency"].values())
+    p99 = lat[min(len(lat) - 1, int(round(0.99 * (len(lat) - 1))))]
+    return {"mode": name, "N": n_adapters, "tok_s": tokens / wall, "req_s": len(lat) / wall,
+            "p50": statistics.median(lat), "p99": p99, "wall": wall}  # fmt: skip
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=96)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--adapters", type=int, nargs="+", default=[2, 8, 32])
+    # One thread: what a num_cpus=1 replica gets; 2 threads on 2 shared cores ran 27x slower.
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
+    build_tiny_model(work / "tiny", seed=0, hidden=256, layers=2)
+    tokenizer = AutoTokenizer.from_pretrained(work / "tiny")
+    base = AutoModelForCausalLM.from_pretrained(work / "tiny")
+    n_max = max(args.adapters)
+    for i in range(n_max):  # a registry: NAME/VERSION/
+        make_random_adapter(
+            work / "tiny", work / "registry" / f"a{i}" / "v1", seed=i, base_model=base
+        )
+    registry = AdapterRegistry(str(work / "registry"))
+    engine = HFEngine(AutoModelForCausalLM.from_pretrained(work / "tiny"), tokenizer,
+                      max_adapters=max(1, n_max // 2))  # fmt: skip
+    refs = {i: registry.resolve(ModelName(f"a{i}", None)) for i in range(n_max)}
+    key_to_ref = {r.key: r for r in refs.values()}
+
+    def chunks(indices):
+        return [indices[k : k + args.batch] for k in range(0, len(indices), args.batch)]
+
+    def batched_runner(requests, cache):
+        return lambda batch: generate_in_groups(engine, cache, [requests[i] for i in batch])
+
+    def naive_runner(requests):
+        def run(batch):
+            (i,) = batch
+            req = requests[i]
+            engine.load_adapter(req.adapter, read_adapter(key_to_ref[req.adapter].location))
+            out = engine.generate([req])
+            engine.unload_adapter(req.adapter)
+            return out
+
+        return run
+
+    def fresh_cache(n):
+        for key in list(engine.loaded_adapters()):
+            engine.unload_adapter(key)
+        return AdapterCache(engine, registry, max_loaded=max(1, n // 2), max_cpu=n)
+
+    def prepare_all(cache, requests):
+        async def go():
+            for key in {r.adapter for r in requests if r.adapter}:
+                await cache.prepare(key_to_ref[key])
+
+        asyncio.run(go())  # reads from disk into RAM once, as a warm replica would have
+
+    rows = []
+    base_requests = make_requests(engine, args.requests, [], args.max_tokens)
+    run_batches(
+        chunks(list(range(args.batch))), lambda b: engine.generate([base_requests[i] for i in b])
+    )
+    wall, res = run_batches(chunks(list(range(args.requests))),
+                            lambda b: engine.generate([base_requests[i] for i in b]))  # fmt: skip
+    rows.append(summarize("(a) base only", wall, res, 0))
+
+    for n in args.adapters:
+        keys = [refs[i].key for i in range(n)]
+        requests = make_requests(engine, args.requests, keys, args.max_tokens, seed=n)
+        order = list(range(args.requests))
+
+        cache = fresh_cache(n)
+        prepare_all(cache, requests)
+        wall, mixed = run_batches(chunks(order), batched_runner(requests, cache))
+        rows.append(summarize("(b) mixed batches", wall, mixed, n))
+        loads_b = cache.stats["load"]
+
+        fresh_cache(n)
+        wall, res = run_batches([[i] for i in order], naive_runner(requests))
+        rows.append(summarize("(c) naive switching", wall, res, n))
+        assert [res["outputs"][i].text for i in order] == [mixed["outputs"][i].text for i in order]
+
+        cache = fresh_cache(n)
+        prepare_all(cache, requests)
+        by_adapter: dict[str, list[int]] = {}
+        for i in order:
+            by_adapter.setdefault(requests[i].adapter, []).append(i)
+        grouped = [chunk for members in by_adapter.values() for chunk in chunks(members)]
+        wall, res = run_batches(grouped, batched_runner(requests, cache))
+        rows.append(summarize("(d) per-adapter batches", wall, res, n))
+        assert [res["outputs"][i].text for i in order] == [mixed["outputs"][i].text for i in order]
+        print(f"N={n}: (b) loaded adapters {loads_b} times, (d) {cache.stats['load']} times")
+
+    print(f"\n{args.requests} requests x {args.max_tokens} tokens, batch {args.batch}, "
+          f"torch threads {torch.get_num_threads()}, 2-layer hidden-256 Llama, CPU\n")  # fmt: skip
+    print(
+        f"| {'mode':<24} | {'N':>3} | {'tokens/s':>9} | {'req/s':>7} | {'p50 s':>7} | {'p99 s':>7} |"
+    )
+    print(f"|{'-' * 26}|{'-' * 5}|{'-' * 11}|{'-' * 9}|{'-' * 9}|{'-' * 9}|")
+    for r in rows:
+        print(f"| {r['mode']:<24} | {r['N'] or '-':>3} | {r['tok_s']:>9.0f} | {r['req_s']:>7.1f} "
+              f"| {r['p50']:>7.2f} | {r['p99']:>7.2f} |")  # fmt: skip
+    base_tps = rows[0]["tok_s"]
+    print()
+    for n in args.adapters:
+        b, c, d = (next(r for r in rows if r["N"] == n and r["mode"].startswith(m))
+                   for m in ("(b)", "(c)", "(d)"))  # fmt: skip
+        print(f"N={n:>2}: (b)/(a) = {b['tok_s'] / base_tps:.2f}   (b)/(c) = {b['tok_s'] / c['tok_s']:.1f}"
+              f"   (b)/(d) = {b['tok_s'] / d['tok_s']:.2f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
