@@ -3,6 +3,8 @@
 Registry layout (written by tune/registry.py; only read here):
     ROOT/NAME/VERSION/         peft adapter files + lineage.json
     ROOT/NAME/aliases/ALIAS    text file holding a VERSION
+The writer puts lineage.json last: a version directory without it is a copy in progress (or an
+interrupted one) and is not served.
 ROOT is a local directory or s3://bucket/prefix (s3fs, endpoint from AWS_ENDPOINT_URL).
 """
 
@@ -28,6 +30,7 @@ from serve.names import DEFAULT_ALIAS, VERSION_RE, ModelName, is_valid_name
 log = logging.getLogger(__name__)
 
 ALIASES_DIR = "aliases"
+LINEAGE = "lineage.json"
 
 
 @dataclass(frozen=True)
@@ -167,7 +170,7 @@ class AdapterRegistry:
         storage = self.storage
         if model.selector is not None:
             if VERSION_RE.fullmatch(model.selector) and storage.exists(
-                model.name, model.selector, "adapter_config.json"
+                model.name, model.selector, LINEAGE
             ):
                 return model.selector
             return self._alias(model.name, model.selector)
@@ -177,9 +180,7 @@ class AdapterRegistry:
         version = self.storage.read_text(name, ALIASES_DIR, alias)
         if version is None:
             return None
-        if not VERSION_RE.fullmatch(version) or not self.storage.exists(
-            name, version, "adapter_config.json"
-        ):
+        if not VERSION_RE.fullmatch(version) or not self.storage.exists(name, version, LINEAGE):
             log.warning("alias %s@%s points at a missing or invalid version", name, alias)
             return None
         return version
@@ -192,11 +193,13 @@ class AdapterRegistry:
                 continue
             if version == ALIASES_DIR:
                 continue
-            candidates.append((self._created_at(name, version), version))
+            lineage = self.storage.read_text(name, version, LINEAGE)
+            if lineage is None:  # not committed yet
+                continue
+            candidates.append((self._created_at(name, version, lineage), version))
         return max(candidates)[1] if candidates else None
 
-    def _created_at(self, name: str, version: str) -> float:
-        lineage = self.storage.read_text(name, version, "lineage.json")
+    def _created_at(self, name: str, version: str, lineage: str) -> float:
         if lineage:
             try:
                 return datetime.fromisoformat(json.loads(lineage)["created_at"]).timestamp()

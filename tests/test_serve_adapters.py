@@ -63,12 +63,11 @@ def adapter_files(tiny_model_dir, tmp_path_factory):
     ]
 
 
-def publish(root, name, version, source, created_at=None):
-    """Write a version the way the registry writer does (files, lineage.json)."""
+def publish(root, name, version, source, created_at="2026-01-01T00:00:00+00:00"):
+    """Write a version the way tune/registry.py does: the files, then lineage.json (the commit)."""
     dest = root / name / version
     shutil.copytree(source, dest)
-    if created_at:
-        (dest / "lineage.json").write_text(json.dumps({"created_at": created_at}))
+    (dest / "lineage.json").write_text(json.dumps({"created_at": created_at}))
     return dest
 
 
@@ -112,13 +111,36 @@ def test_registry_resolves_aliases_versions_and_newest(registry_root):
             registry.resolve(parse_model_name(missing))
 
 
-def test_newest_version_without_lineage_is_the_latest_written(tmp_path, adapter_files):
+def test_a_version_without_lineage_is_an_unfinished_copy_and_not_served(tmp_path, adapter_files):
     root = tmp_path / "reg"
-    old = publish(root, "x", V3, adapter_files[0])
-    new = publish(root, "x", V1, adapter_files[1])
-    os.utime(old / "adapter_config.json", (1_000, 1_000))
-    os.utime(new / "adapter_config.json", (2_000, 2_000))
-    assert AdapterRegistry(str(root)).resolve(ModelName("x", None)).version == V1
+    publish(root, "x", V3, adapter_files[0], "2026-01-01T00:00:00+00:00")
+    shutil.copytree(adapter_files[1], root / "x" / V1)  # newer, but lineage.json not written yet
+    set_alias(root, "x", "staging", V1)
+    registry = AdapterRegistry(str(root), ttl_s=0)
+    assert registry.resolve(ModelName("x", None)).version == V3
+    for selector in (V1, "staging"):
+        with pytest.raises(ModelNotFound):
+            registry.resolve(ModelName("x", selector))
+    (root / "x" / V1 / "lineage.json").write_text('{"created_at": "not a date"}')
+    os.utime(root / "x" / V1 / "adapter_config.json", (4e9, 4e9))  # then the files' time decides
+    assert registry.resolve(ModelName("x", None)).version == V1
+
+
+def test_reads_what_the_registry_writer_writes(tmp_path, adapter_files):
+    """The contract with tune/registry.py: versions, aliases and alias moves it writes."""
+    from tune.registry import Registry
+
+    writer = Registry(str(tmp_path / "reg"))
+    first = writer.register(adapter_files[0], "support", {"run": "a"})
+    second = writer.register(adapter_files[1], "support", {"run": "b"})
+    registry = AdapterRegistry(str(tmp_path / "reg"), ttl_s=0)
+    assert registry.resolve(ModelName("support", None)).version == second  # newest, no alias
+    writer.set_alias("support", "production", first)
+    assert registry.resolve(ModelName("support", None)).version == first
+    writer.set_alias("support", "production", second)
+    ref = registry.resolve(ModelName("support", "production"))
+    assert ref.version == second and registry.names() == ["support"]
+    assert registry.resolve(ModelName("support", first)).location.endswith(f"support/{first}")
 
 
 def test_alias_move_is_seen_after_the_ttl(registry_root):
@@ -240,7 +262,7 @@ def test_concurrent_first_requests_read_storage_once(tmp_path, adapter_files):
 
 def test_incompatible_adapter_is_a_client_error_and_not_cached(tmp_path, tiny_model_dir):
     root = tmp_path / "reg"
-    make_random_adapter(tiny_model_dir, root / "big" / V1, seed=1, r=16)
+    make_random_adapter(tiny_model_dir, root / "big" / V1, seed=1, r=16, created_at="2026-01-01")
     registry = AdapterRegistry(str(root))
     cache = AdapterCache(RecordingEngine(), registry, max_loaded=2, max_cpu=2)
     with pytest.raises(AdapterIncompatible):

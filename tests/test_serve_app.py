@@ -58,9 +58,10 @@ def files(tiny_model_dir, tmp_path_factory):
     publish(root, "sql", V3, made[3])
     for name, seed in zip(POOL, range(4, 10), strict=True):
         publish(root, name, V1, made[seed])
-    make_random_adapter(tiny_model_dir, root / "wide" / V1, seed=11, r=32)  # above max rank
+    make_random_adapter(tiny_model_dir, root / "wide" / V1, seed=11, r=32,
+                        created_at="2026-01-01")  # above max rank  # fmt: skip
     build_tiny_model(tmp / "other-base", seed=0, hidden=128, layers=2)
-    make_random_adapter(tmp / "other-base", root / "foreign" / V1, seed=12)
+    make_random_adapter(tmp / "other-base", root / "foreign" / V1, seed=12, created_at="2026-01-01")
 
     tenants = tmp / "tenants.yaml"
     tenants.write_text(yaml.safe_dump({"tenants": [
