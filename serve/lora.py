@@ -68,6 +68,11 @@ class MultiLoraLinear(nn.Module):
         index = self.rows.index
         if index is None:
             return out
+        if x.dim() != 3 or x.shape[0] != index.shape[0]:
+            raise ValueError(
+                f"per-row adapters need [rows, tokens, features] inputs; got {tuple(x.shape)} "
+                f"for {index.shape[0]} rows"
+            )
         r = int(self.rank.max())  # only as wide as the widest adapter loaded in this layer
         if r == 0:
             return out

@@ -118,8 +118,10 @@ def server(files, s3_endpoint, tiny_model_dir):
         name="local", route_prefix="/",
     )  # fmt: skip
     serve.run(
+        # Also the overload test's app: 2 requests running, 1 waiting, the rest refused.
         build_app({**common, "registry": "s3://adapters/team", "max_loaded_adapters": 1,
-                   "adapter_download_dir": str(files["tmp"] / "downloads")}),
+                   "adapter_download_dir": str(files["tmp"] / "downloads"), "max_batch_size": 2,
+                   "max_ongoing_requests": 2, "max_queued_requests": 1}),
         name="s3", route_prefix="/s3",
     )  # fmt: skip
     yield f"http://127.0.0.1:{port}"
@@ -359,6 +361,20 @@ def test_s3_registry(server, files, tiny_model_dir, tokenizer):
     assert error_of(lambda: chat(c, "sql"))[0] == 404  # not uploaded to this bucket
     assert (files["tmp"] / "downloads" / "adapters" / "team" / "support" / V1).is_dir()
     assert {m.id for m in c.models.list()} == {"support"}
+
+
+def test_overload_is_503_not_an_error(server):
+    async def burst():
+        async with httpx.AsyncClient(timeout=120) as c:
+            return await asyncio.gather(*(
+                c.post(f"{server}/s3/v1/chat/completions",
+                       headers={"Authorization": f"Bearer {BETA}"},
+                       json={"model": "support", "messages": MESSAGES, "max_tokens": 48})
+                for _ in range(12)
+            ))  # fmt: skip
+
+    statuses = sorted(r.status_code for r in asyncio.run(burst()))
+    assert set(statuses) == {200, 503}, statuses  # refused, never failed
 
 
 def test_build_app_refuses_bad_settings():
