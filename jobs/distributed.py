@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import socket
 from contextlib import nullcontext
 
 import numpy as np
@@ -40,16 +41,30 @@ def start_local_ray(num_cpus: int | None = None) -> None:
     - Ray starts workers at niceness 15 so that its daemons stay responsive; on a small machine
       that costs the training worker ~12% of its throughput (benchmarks/README.md), so the
       embedded instance runs them at normal priority.
+    - Workers are told where this cluster's dashboard is (RAY_API_SERVER_ADDRESS). Without it,
+      the placement-group cleaner's state-API client looks for "the" local Ray, fails with
+      "Found multiple active Ray instances" whenever another Ray runs on the machine (a test
+      suite, a second job), and the placement groups of Train runs that Tune stopped are never
+      removed: later trials wait forever for CPUs (the sweep hang in ../shared/PLATFORM.md).
     """
     import ray
 
+    port = _free_port()
     ray.init(
         address="local",
         num_cpus=num_cpus,
         include_dashboard=True,
         dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        runtime_env={"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}},
         _system_config={"worker_niceness": 0, "enable_metrics_collection": False},
     )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def shutdown_ray() -> None:

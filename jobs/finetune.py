@@ -297,16 +297,22 @@ def resolve_local_paths(cfg: JobConfig) -> JobConfig:
 DROP_COUNTS = {MALFORMED, *DROP_CODES.values()}
 
 
-def run_job(cfg: JobConfig, address: str | None = None) -> dict:
-    """Validate data, train on Ray, then write the adapter and run.json; returns the run summary."""
+def run_job(
+    cfg: JobConfig, address: str | None = None, callbacks: list | None = None, **extra
+) -> dict:
+    """Validate data, train on Ray, then write the adapter and run.json; returns the run summary.
+
+    `callbacks` go to Ray Train's RunConfig (a sweep passes Tune's report callback); `extra`
+    fields are recorded in run.json (a sweep records its name, trial and parameters).
+    """
     inline = tempfile.mkdtemp(prefix="rayft-data-")  # an inline-prepared set, until the run ends
     try:
-        return _run_job(cfg, address, inline)
+        return _run_job(cfg, address, inline, callbacks or [], extra)
     finally:
         shutil.rmtree(inline, ignore_errors=True)
 
 
-def _run_job(cfg: JobConfig, address: str | None, inline: str) -> dict:
+def _run_job(cfg: JobConfig, address, inline: str, callbacks: list, extra: dict) -> dict:
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -351,6 +357,7 @@ def _run_job(cfg: JobConfig, address: str | None, inline: str) -> dict:
             storage_path=cfg.checkpoint.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            callbacks=callbacks,
         ),
     )
     result = trainer.fit()
@@ -377,6 +384,7 @@ def _run_job(cfg: JobConfig, address: str | None, inline: str) -> dict:
         "seed": cfg.run.seed,
         "checkpoint": result.checkpoint.path,
         "config": cfg.model_dump(),
+        **extra,
         "loss_history": state.history,
         "eval_history": state.evals,
     }

@@ -23,8 +23,12 @@ def lineage_of(run_dir: Path, evaluation: dict[str, Any] | None, gate: dict[str,
         "base_model_revision": run.get("config", {}).get("model", {}).get("revision"),
         "dataset_hash": run.get("dataset_hash"),
         "data_sources": sources,
-        "run": {"name": run.get("run_name"), "dir": str(run_dir.resolve()),
-                "checkpoint": run.get("checkpoint"), "steps": run.get("steps")},  # fmt: skip
+        "run": {
+            "name": run.get("run_name"),
+            "dir": str(run_dir.resolve()),
+            "checkpoint": run.get("checkpoint"),
+            "steps": run.get("steps"),
+        },  # fmt: skip
         "sweep": run.get("sweep"),
         "config": run.get("config"),
         "metrics": run.get("metrics"),
@@ -68,6 +72,8 @@ def promote_run(
     try:
         version = registry.register(adapter, name, lineage_of(run_dir, evaluation, gate))
     except OSError as e:
-        raise ConfigError(f"registry {registry.root}: cannot write: {type(e).__name__}: {e}") from None
+        raise ConfigError(
+            f"registry {registry.root}: cannot write: {type(e).__name__}: {e}"
+        ) from None
     registry.set_alias(name, alias, version, reason="promote" + (" (forced)" if force else ""))
     return version

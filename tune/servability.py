@@ -29,7 +29,12 @@ def _tokenizer_fingerprint(folder: Path) -> dict[str, str | None]:
     """Hashes of what decides token ids and prompts: the vocabulary/merges and the template."""
     out: dict[str, str | None] = {}
     tok = folder / "tokenizer.json"
-    out["tokenizer.json"] = hashlib.sha256(tok.read_bytes()).hexdigest() if tok.is_file() else None
+    if tok.is_file():
+        # padding/truncation are call-time settings that saving a used tokenizer records
+        spec = {k: v for k, v in json.loads(tok.read_text()).items() if k not in ("padding", "truncation")}  # fmt: skip
+        out["tokenizer.json"] = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+    else:
+        out["tokenizer.json"] = None
     template = None
     if (folder / "chat_template.jinja").is_file():
         template = (folder / "chat_template.jinja").read_text()

@@ -1,0 +1,373 @@
+"""Sweep the fine-tuning job with Ray Tune, then evaluate, gate and promote the best trial.
+
+    python -m tune.sweep configs/sweep_reviews.yaml [key=value ...]
+
+A trial is a whole run of the job (`jobs.finetune.run_job`, its own Ray Train workers) inside a
+function trainable; Ray Train's `TuneReportCallback` forwards each eval report to Tune, so ASHA
+can stop a poor trial at its next eval. Results land in SWEEP_DIR (storage_path/name):
+results.csv/json, plots, one run directory per finished trial (run.json, adapter/), and Tune's
+own experiment state, which `Tuner.restore` uses to resume an interrupted sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
+import yaml
+from pydantic import Field, model_validator
+
+from jobs.config import ConfigError, Section, apply_overrides, load_config, parse_overrides
+
+log = logging.getLogger("rayft.sweep")
+
+
+class SchedulerConfig(Section):
+    type: Literal["asha", "none"] = "asha"
+    metric: str = "eval_loss"  # what the job reports at each eval
+    mode: Literal["min", "max"] = "min"
+    grace_period: int = Field(1, ge=1)  # in evals: a trial always gets this many
+    reduction_factor: float = Field(2, gt=1)
+
+
+class BudgetConfig(Section):
+    time_s: float | None = Field(None, gt=0)  # wall time of the whole sweep
+    worker_hours: float | None = Field(None, gt=0)  # trials' workers x their wall time, summed
+
+
+class PromoteConfig(Section):
+    name: str
+    alias: str = "production"
+    eval: str  # an eval YAML with a gate section (tune.evaluate)
+    registry: str = "registry"
+
+
+class SweepConfig(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
+    job: str  # the job YAML every trial runs
+    overrides: list[str] = []  # applied to the job for every trial (before the swept keys)
+    # dotted job key -> {choice: [...]} | {grid: [...]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]}
+    space: dict[str, dict[Literal["choice", "grid", "uniform", "loguniform"], list[Any]]]
+    search: Literal["random", "grid"] = "random"
+    num_trials: int = Field(4, ge=1)  # random: samples; grid: repeats of the whole grid
+    max_concurrent_trials: int = Field(2, ge=1)
+    scheduler: SchedulerConfig = SchedulerConfig()
+    budget: BudgetConfig = BudgetConfig()
+    max_failures: int = Field(1, ge=0)  # an errored trial is retried this many times
+    storage_path: str = "sweeps"
+    seed: int = 0
+    promote: PromoteConfig | None = None
+
+    @model_validator(mode="after")
+    def _space_is_sane(self) -> SweepConfig:
+        for key, spec in self.space.items():
+            if len(spec) != 1:
+                raise ValueError(f"space.{key}: give exactly one of choice, grid, uniform, loguniform")  # fmt: skip
+            ((kind, values),) = spec.items()
+            if kind in ("uniform", "loguniform") and (len(values) != 2 or values[0] >= values[1]):
+                raise ValueError(f"space.{key}.{kind}: expected [low, high] with low < high")
+            if kind in ("choice", "grid") and not values:
+                raise ValueError(f"space.{key}.{kind}: empty")
+            if self.search == "grid" and kind != "grid":
+                raise ValueError(f"space.{key}: search: grid needs grid values for every key")
+        return self
+
+
+def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: sweep config not found")
+    raw = apply_overrides(yaml.safe_load(path.read_text()) or {}, parse_overrides(overrides or []))
+    try:
+        cfg = SweepConfig.model_validate(raw)
+    except Exception as e:  # pydantic's message names the field
+        raise ConfigError(f"{path}: {e}") from None
+    # every trial's job config must load: check one with the first value of each key now
+    probe = [f"{k}={_first(v)}" for k, v in cfg.space.items()]
+    load_config(cfg.job, [*cfg.overrides, *probe])
+    return cfg
+
+
+def _first(spec: dict[str, list[Any]]) -> Any:
+    ((kind, values),) = spec.items()
+    return values[0]
+
+
+def search_space(cfg: SweepConfig) -> dict[str, Any]:
+    from ray import tune
+
+    makers = {"choice": tune.choice, "grid": tune.grid_search,
+              "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v)}  # fmt: skip
+    return {key: makers[kind](values) for key, spec in cfg.space.items() for kind, values in spec.items()}  # fmt: skip
+
+
+# ---------------------------------------------------------------- one trial
+
+
+def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
+    """A Tune function trainable: the job with this trial's values, reporting every eval."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from jobs.finetune import run_job
+
+    trial = tune.get_context().get_trial_id()
+    if Path(sweep["cwd"]).is_dir():  # Tune runs a trial in its own directory: relative paths in
+        os.chdir(sweep["cwd"])  # the job config mean the sweep's directory, as on the command line
+    overrides = [*sweep["overrides"], *(f"{k}={v}" for k, v in params.items()),
+                 f"run.name={sweep['name']}-{trial}", f"checkpoint.storage_path={sweep['runs']}"]  # fmt: skip
+    cfg = load_config(sweep["job"], overrides)
+    summary = run_job(cfg, callbacks=[TuneReportCallback()],
+                      sweep={"name": sweep["name"], "trial": trial, "params": params})  # fmt: skip
+    # the final report carries the final evaluation; Train's callback has already forwarded it
+    log.info("trial %s finished: %s", trial, summary["metrics"])
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+def sweep_dir(cfg: SweepConfig) -> Path:
+    return (Path(cfg.storage_path) / cfg.name).resolve()
+
+
+def run_sweep(cfg: SweepConfig, resume: bool = True) -> dict[str, Any]:
+    """Run (or resume) the sweep; returns the summary written to results.json."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from jobs.distributed import init_ray
+
+    init_ray()
+    job = load_config(cfg.job, cfg.overrides)
+    root = sweep_dir(cfg)
+    root.mkdir(parents=True, exist_ok=True)
+    sweep = {"name": cfg.name, "job": str(Path(cfg.job).resolve()), "overrides": cfg.overrides,
+             "runs": str(root / "runs"), "cwd": os.getcwd()}  # fmt: skip
+    every = job.eval.every_steps
+    if cfg.scheduler.type == "asha" and not every:
+        raise ConfigError(f"{cfg.job}: eval.every_steps must be set for ASHA (it stops trials at evals)")  # fmt: skip
+    # one step past the end: at max_t ASHA stops a trial, and a trial stopped at its final report
+    # would never write its adapter and run.json
+    max_t = plan_total_steps(job) + 1
+    scheduler = (
+        ASHAScheduler(
+            time_attr="step",
+            max_t=max_t,
+            grace_period=cfg.scheduler.grace_period * every,
+            reduction_factor=cfg.scheduler.reduction_factor,
+        )  # fmt: skip
+        if cfg.scheduler.type == "asha"
+        else FIFOScheduler()
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, sweep=sweep),
+        {"cpu": 0.01},  # the trial's workers hold the CPUs
+    )
+    stopper = BudgetStopper(cfg.budget, job.scaling.num_workers)
+    path = str(root / "tune")
+    if resume and tune.Tuner.can_restore(path):
+        log.info("resuming the sweep from %s", path)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=search_space(cfg),
+            tune_config=tune.TuneConfig(
+                metric=cfg.scheduler.metric,
+                mode=cfg.scheduler.mode,
+                scheduler=scheduler,
+                num_samples=cfg.num_trials,
+                max_concurrent_trials=cfg.max_concurrent_trials,
+                time_budget_s=cfg.budget.time_s,
+                # passed explicitly, the generator must carry the limit: Tune ignores
+                # max_concurrent_trials for it
+                search_alg=tune.search.BasicVariantGenerator(
+                    random_state=cfg.seed, max_concurrent=cfg.max_concurrent_trials
+                ),
+            ),  # fmt: skip
+            run_config=tune.RunConfig(
+                name="tune",
+                storage_path=str(root),
+                stop=stopper,
+                failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+                verbose=1,
+            ),  # fmt: skip
+        )
+    start = time.time()
+    results = tuner.fit()
+    summary = summarize(cfg, results, root, time.time() - start, ray.available_resources())
+    return summary
+
+
+def plan_total_steps(job) -> int:
+    from jobs.finetune import plan_steps
+    from jobs.model import load_tokenizer
+    from jobs.prepare import prepare_data
+
+    data = prepare_data(job.data, load_tokenizer(job.model), job.run.seed)
+    return plan_steps(len(data.train), job).total_steps
+
+
+def _stopper_base():
+    from ray.tune import Stopper
+
+    return Stopper
+
+
+class BudgetStopper(_stopper_base()):
+    """Stops every trial once the sweep has used its worker-hours (time is Tune's own budget)."""
+
+    def __init__(self, budget: BudgetConfig, workers_per_trial: int):
+        self.limit_s = budget.worker_hours * 3600 if budget.worker_hours else None
+        self.workers = workers_per_trial
+        self.seen: dict[str, float] = {}
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        self.seen[trial_id] = result.get("time_total_s", 0.0) * self.workers
+        return self.stop_all()
+
+    def stop_all(self) -> bool:
+        return self.limit_s is not None and sum(self.seen.values()) >= self.limit_s
+
+
+def summarize(cfg: SweepConfig, results, root: Path, wall_s: float, _resources) -> dict[str, Any]:
+    """results.csv / results.json / plots, sorted best first."""
+    rows = []
+    for r in results:
+        metrics = r.metrics or {}
+        history = r.metrics_dataframe
+        evals = history[["step", "eval_loss"]].dropna().values.tolist() if history is not None and "eval_loss" in history else []  # fmt: skip
+        params = {k: r.config.get(k) for k in cfg.space}
+        best = min((e for _, e in evals), default=math.nan)
+        rows.append({
+            "trial": metrics.get("trial_id", "?"), **params,
+            "steps": int(metrics.get("step", 0)),
+            "best_eval_loss": best,
+            "exact_match": metrics.get("exact_match"),
+            "stopped_early": bool(metrics.get("step", 0) and "exact_match" not in metrics),
+            "error": str(r.error).splitlines()[0][:200] if r.error else None,
+            "run_dir": str(root / "runs" / f"{cfg.name}-{r.metrics.get('trial_id', '')}") if r.metrics else None,
+            "evals": evals,
+        })  # fmt: skip
+    key = "best_eval_loss"
+    rows.sort(key=lambda row: (math.isnan(row[key]), row[key] if cfg.scheduler.mode == "min" else -row[key]))  # fmt: skip
+    summary = {"name": cfg.name, "wall_s": round(wall_s, 1), "trials": rows,
+               "total_steps": sum(r["steps"] for r in rows),
+               "best": rows[0] if rows else None}  # fmt: skip
+    (root / "results.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_csv(root / "results.csv", rows, list(cfg.space))
+    plot(root, rows, list(cfg.space))
+    return summary
+
+
+def write_csv(path: Path, rows: list[dict], params: list[str]) -> None:
+    import csv
+
+    cols = ["trial", *params, "steps", "best_eval_loss", "exact_match", "stopped_early", "error"]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+
+
+def plot(root: Path, rows: list[dict], params: list[str]) -> None:
+    """eval_curves.png (eval loss per trial) and one metric-vs-parameter scatter per key."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for row in rows:
+        if row["evals"]:
+            steps, losses = zip(*row["evals"], strict=True)
+            ax.plot(steps, losses, marker="o", label=row["trial"])
+    ax.set_xlabel("step")
+    ax.set_ylabel("eval loss")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(root / "eval_curves.png", dpi=100)
+    plt.close(fig)
+    for p in params:
+        fig, ax = plt.subplots(figsize=(4, 3))
+        xs = [r[p] for r in rows if not math.isnan(r["best_eval_loss"])]
+        ys = [r["best_eval_loss"] for r in rows if not math.isnan(r["best_eval_loss"])]
+        ax.scatter(xs, ys)
+        if p.endswith("lr") and xs and all(isinstance(x, int | float) and x > 0 for x in xs):
+            ax.set_xscale("log")
+        ax.set_xlabel(p)
+        ax.set_ylabel("best eval loss")
+        fig.tight_layout()
+        fig.savefig(root / f"eval_loss_vs_{p.replace('.', '_')}.png", dpi=100)
+        plt.close(fig)
+
+
+def print_table(summary: dict[str, Any], params: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"sweep {summary['name']} ({summary['wall_s']} s, {summary['total_steps']} steps)")  # fmt: skip
+    for col in ("trial", *params, "steps", "best eval loss", "exact match", "stopped early?"):
+        table.add_column(col)
+    for r in summary["trials"]:
+        table.add_row(r["trial"], *(f"{r[p]:.3g}" if isinstance(r[p], float) else str(r[p]) for p in params),
+                      str(r["steps"]), f"{r['best_eval_loss']:.4f}",
+                      "-" if r["exact_match"] is None else f"{r['exact_match']:.1%}",
+                      "error" if r["error"] else ("yes" if r["stopped_early"] else "no"))  # fmt: skip
+    Console().print(table)
+
+
+def promote_best(cfg: SweepConfig, summary: dict[str, Any]) -> dict[str, Any]:
+    """Evaluate the best finished trial, gate it, and promote it if it passes."""
+    from tune.evaluate import evaluate_target, load_eval_config
+    from tune.promote import promote_run
+    from tune.registry import Registry
+
+    finished = [r for r in summary["trials"] if r["run_dir"] and (Path(r["run_dir"]) / "run.json").is_file()]  # fmt: skip
+    if not finished:
+        return {"promoted": False, "reason": "no trial finished"}
+    best = finished[0]
+    results, _ = evaluate_target(Path(best["run_dir"]), load_eval_config(cfg.promote.eval))
+    outcome = {"trial": best["trial"], "run_dir": best["run_dir"], "gate": results.get("gate")}
+    if not results.get("gate", {}).get("passed"):
+        return {**outcome, "promoted": False, "reason": "; ".join(results.get("gate", {}).get("reasons", ["no gate"]))}  # fmt: skip
+    version = promote_run(Registry(cfg.promote.registry), Path(best["run_dir"]), cfg.promote.name, cfg.promote.alias)  # fmt: skip
+    return {**outcome, "promoted": True, "version": version, "name": cfg.promote.name, "alias": cfg.promote.alias}  # fmt: skip
+
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command()
+def main(
+    config: Annotated[Path, typer.Argument(help="sweep YAML")],
+    overrides: Annotated[list[str] | None, typer.Argument(help="dotted overrides")] = None,
+    fresh: Annotated[bool, typer.Option(help="start over instead of resuming")] = False,
+) -> None:
+    """Sweep, then (with a promote section) evaluate, gate and promote the best trial."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = load_sweep_config(config, overrides or [])
+        summary = run_sweep(cfg, resume=not fresh)
+        print_table(summary, list(cfg.space))
+        typer.echo(f"results: {sweep_dir(cfg)}/results.csv, plots: {sweep_dir(cfg)}/*.png")
+        if cfg.promote:
+            outcome = promote_best(cfg, summary)
+            (sweep_dir(cfg) / "promotion.json").write_text(
+                json.dumps(outcome, indent=2, default=str)
+            )
+            typer.echo(("promoted " + f"{outcome['name']}@{outcome['version']} ({outcome['alias']})") if outcome["promoted"] else f"not promoted: {outcome['reason']}")  # fmt: skip
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+if __name__ == "__main__":
+    app()
