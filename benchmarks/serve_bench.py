@@ -75,19 +75,31 @@ def main():
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--adapters", type=int, nargs="+", default=[2, 8, 32])
+    # The LoRA matmuls cost about the same op overhead whatever the model's size; a wider model
+    # shows how that overhead shrinks against the base's own matmuls.
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=2)
     # One thread: what a num_cpus=1 replica gets; 2 threads on 2 shared cores ran 27x slower.
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    work = Path(tempfile.mkdtemp(prefix="serve-bench-"))
-    build_tiny_model(work / "tiny", seed=0, hidden=256, layers=2)
+    with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
+        run(args, Path(tmp))
+
+
+def run(args, work: Path) -> None:
+    build_tiny_model(work / "tiny", seed=0, hidden=args.hidden, layers=args.layers)
     tokenizer = AutoTokenizer.from_pretrained(work / "tiny")
     base = AutoModelForCausalLM.from_pretrained(work / "tiny")
     n_max = max(args.adapters)
     for i in range(n_max):  # a registry: NAME/VERSION/
         make_random_adapter(
-            work / "tiny", work / "registry" / f"a{i}" / "v1", seed=i, base_model=base
+            work / "tiny",
+            work / "registry" / f"a{i}" / "v1",
+            seed=i,
+            base_model=base,
+            created_at="2026-01-01",
         )
     registry = AdapterRegistry(str(work / "registry"))
     engine = HFEngine(AutoModelForCausalLM.from_pretrained(work / "tiny"), tokenizer,
@@ -161,7 +173,7 @@ def main():
         print(f"N={n}: (b) loaded adapters {loads_b} times, (d) {cache.stats['load']} times")
 
     print(f"\n{args.requests} requests x {args.max_tokens} tokens, batch {args.batch}, "
-          f"torch threads {torch.get_num_threads()}, 2-layer hidden-256 Llama, CPU\n")  # fmt: skip
+          f"torch threads {torch.get_num_threads()}, {args.layers}-layer hidden-{args.hidden} Llama, CPU\n")  # fmt: skip
     print(
         f"| {'mode':<24} | {'N':>3} | {'tokens/s':>9} | {'req/s':>7} | {'p50 s':>7} | {'p99 s':>7} |"
     )

@@ -25,6 +25,7 @@ class RowSlots:
 
     def __init__(self):
         self.index: torch.Tensor | None = None  # [rows]; None: no row uses an adapter
+        self.generation = 0  # changes with every batch: layers then gather their rows' weights
 
 
 class MultiLoraLinear(nn.Module):
@@ -38,6 +39,7 @@ class MultiLoraLinear(nn.Module):
         self.register_buffer("B", torch.zeros(slots, base.out_features, 0, **kw), persistent=False)
         self.register_buffer("scale", torch.zeros(slots, **kw), persistent=False)
         self.rank = torch.zeros(slots, dtype=torch.long)  # live rank of each slot
+        self._gathered: tuple | None = None  # (generation, A rows, B rows, scale rows)
 
     def grow(self, rank: int) -> None:
         """Widen every slot to `rank` (zero-padded: a padded rank adds nothing to the output)."""
@@ -73,13 +75,26 @@ class MultiLoraLinear(nn.Module):
                 f"per-row adapters need [rows, tokens, features] inputs; got {tuple(x.shape)} "
                 f"for {index.shape[0]} rows"
             )
-        r = int(self.rank.max())  # only as wide as the widest adapter loaded in this layer
-        if r == 0:
+        gathered = self._rows_weights(index)
+        if gathered is None:
             return out
-        a = self.A[index, :r]  # [rows, r, in]
-        b = self.B[index, :, :r]  # [rows, out, r]
-        delta = torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
-        return out + delta * self.scale[index].view(-1, 1, 1)
+        a, b, scale = gathered
+        return out + torch.bmm(torch.bmm(x, a), b) * scale
+
+    def _rows_weights(self, index: torch.Tensor) -> tuple | None:
+        """Each row's A^T, B^T and scale, gathered once per batch (the rows' slots do not change
+        while it generates), not once per decoding step."""
+        if self._gathered is None or self._gathered[0] != self.rows.generation:
+            r = int(self.rank.max())  # only as wide as the widest adapter in this layer
+            weights = None
+            if r > 0:
+                weights = (
+                    self.A[index, :r].transpose(1, 2).contiguous(),  # [rows, in, r]
+                    self.B[index, :, :r].transpose(1, 2).contiguous(),  # [rows, r, out]
+                    self.scale[index].view(-1, 1, 1),
+                )
+            self._gathered = (self.rows.generation, weights)
+        return self._gathered[1]
 
 
 # peft saves keys without the adapter name: base_model.model.<module>.lora_A.weight
@@ -163,6 +178,7 @@ class MultiLora:
         self.free.append(slot)
 
     def set_rows(self, adapters: list[str | None], device) -> None:
+        self.rows.generation += 1
         if all(a is None for a in adapters):
             self.rows.index = None
         else:
