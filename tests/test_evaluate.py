@@ -18,11 +18,11 @@ from tests.helpers import REPO
 from tests.test_registry import make_adapter
 from tune.evaluate import (
     EvalConfig,
+    evaluate_target,
     gate,
     load_eval_config,
     macro_f1,
     predicted_label,
-    evaluate_target,
     with_few_shot,
 )
 from tune.promote import promote_run
@@ -116,7 +116,9 @@ def test_the_guard_catches_forgetting():
 def test_metric_helpers():
     assert predicted_label("It is Negative, maybe mixed", ["positive", "negative", "mixed"]) == "negative"  # fmt: skip
     assert predicted_label("no idea", ["positive"]) is None
-    assert macro_f1(["a", "a", "b"], ["a", "b", "b"], ["a", "b"]) == pytest.approx((2 / 3 + 2 / 3) / 2)
+    assert macro_f1(["a", "a", "b"], ["a", "b", "b"], ["a", "b"]) == pytest.approx(
+        (2 / 3 + 2 / 3) / 2
+    )
     shots = [[{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}]]
     prompt = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
     assert with_few_shot(prompt, shots) == [

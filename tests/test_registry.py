@@ -49,7 +49,9 @@ def test_register_alias_rollback_round_trip(root_kind, adapters, tmp_path, reque
     else:
         root = str(tmp_path / "registry")
     reg = Registry(root)
-    v0 = reg.register(adapters[0], "support-bot", {"base_model": "tiny", "dataset_hash": "sha256:x"})
+    v0 = reg.register(
+        adapters[0], "support-bot", {"base_model": "tiny", "dataset_hash": "sha256:x"}
+    )
     assert reg.register(adapters[0], "support-bot", {"base_model": "tiny"}) == v0  # no-op
     v1 = reg.register(adapters[1], "support-bot", {"base_model": "tiny"})
     assert [v["version"] for v in reg.versions("support-bot")] == [v0, v1]

@@ -32,7 +32,9 @@ def _tokenizer_fingerprint(folder: Path) -> dict[str, str | None]:
     if tok.is_file():
         # padding/truncation are call-time settings that saving a used tokenizer records
         spec = {k: v for k, v in json.loads(tok.read_text()).items() if k not in ("padding", "truncation")}  # fmt: skip
-        out["tokenizer.json"] = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+        out["tokenizer.json"] = hashlib.sha256(
+            json.dumps(spec, sort_keys=True).encode()
+        ).hexdigest()
     else:
         out["tokenizer.json"] = None
     template = None
