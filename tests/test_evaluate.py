@@ -165,6 +165,20 @@ def test_servability_names_each_problem(tiny_model_dir, tmp_path, tokenizer):
     cfg["target_modules"] = ["q_proj", "conv1d"]
     (odd / "adapter_config.json").write_text(json.dumps(cfg))
     assert any("['conv1d'] are not supported" in p for p in problems(odd))
+    # a tokenizer saved after use records its padding settings: not a difference
+    used = tmp_path / "used"
+    shutil.copytree(ok, used)
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    tokenizer(["a", "bb cc"], padding=True)
+    tokenizer.save_pretrained(used)
+    tokenizer.padding_side = side
+    assert problems(used) == []
+    vocab = tmp_path / "vocab"
+    shutil.copytree(ok, vocab)
+    spec = json.loads((vocab / "tokenizer.json").read_text())
+    spec["added_tokens"].append({**spec["added_tokens"][-1], "id": 9999, "content": "<|new|>"})
+    (vocab / "tokenizer.json").write_text(json.dumps(spec))
+    assert any("tokenizer.json differs" in p for p in problems(vocab))
     template = tmp_path / "template"
     shutil.copytree(ok, template)
     (template / "chat_template.jinja").write_text("{{ messages }}")
