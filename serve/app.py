@@ -284,6 +284,8 @@ class MultiAdapterServer:
                 yield stream_chunk(request_id, model, chat, None, None, usage_of=result)
             yield "data: [DONE]\n\n"
         finally:
+            if not task.done():  # the client went away: free the row for others
+                job.request.cancelled = True
             self.settle(tenant, reserved, used)
 
     # --- batching ----------------------------------------------------------------------------

@@ -42,6 +42,9 @@ class GenerationRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     # Called from the generating thread with each new piece of text (streaming).
     on_text: Callable[[str], None] | None = None
+    # Set from another thread when nobody waits for the answer any more (a closed stream): the
+    # row stops at its next token instead of running to max_tokens.
+    cancelled: bool = False
 
 
 @dataclass
@@ -49,7 +52,7 @@ class GenerationResult:
     text: str
     prompt_tokens: int
     completion_tokens: int
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "cancelled"]
     token_ids: list[int] = field(default_factory=list)  # generated, the stop token included
 
 
@@ -252,7 +255,11 @@ class HFEngine(Engine):
         for _ in range(max(r.params.max_tokens for r in requests)):
             chosen = self._choose_tokens(out.logits[:, -1, :], rows).tolist()
             for row, token in zip(rows, chosen, strict=True):
-                if not row.done:
+                if row.done:
+                    continue
+                if row.request.cancelled:
+                    row.cancel()
+                else:
                     row.add(token, self.stop_ids)
             if all(row.done for row in rows):
                 break
@@ -295,7 +302,7 @@ class _Row:
         self.text = ""
         self.sent = 0  # characters of text already passed to on_text
         self.done = False
-        self.finish_reason: Literal["stop", "length"] = "length"
+        self.finish_reason: Literal["stop", "length", "cancelled"] = "length"
         self._generator: torch.Generator | None = None
 
     def generator(self, device) -> torch.Generator:
@@ -338,6 +345,10 @@ class _Row:
         if self.request.on_text is not None and upto > self.sent:
             self.request.on_text(self.text[self.sent : upto])
             self.sent = upto
+
+    def cancel(self) -> None:
+        self.done = True
+        self.finish_reason = "cancelled"
 
     def _finish(self, reason: Literal["stop", "length"]) -> None:
         self.done = True

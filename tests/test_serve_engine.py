@@ -158,6 +158,19 @@ def test_streamed_pieces_add_up_to_the_text_and_never_leak_a_stop_string(engine,
     assert "".join(pieces) == result.text == full[: full.find(stop)]
 
 
+def test_a_cancelled_row_stops_and_the_others_run_on(engine, prompts):
+    others = [
+        GenerationRequest(prompts[1], "a", GREEDY),
+        GenerationRequest(prompts[2], None, GREEDY),
+    ]
+    alone = [engine.generate([r])[0].text for r in others]
+    victim = GenerationRequest(prompts[0], "b", GREEDY)
+    victim.on_text = lambda text: setattr(victim, "cancelled", True)  # gone after one piece
+    results = engine.generate([others[0], victim, others[1]])
+    assert results[1].finish_reason == "cancelled" and results[1].completion_tokens < 4
+    assert [results[0].text, results[2].text] == alone
+
+
 def test_unloading_the_active_adapter_keeps_the_others_applied(
     tiny_model_dir, tokenizer, adapters, prompts
 ):
