@@ -177,9 +177,7 @@ class MultiAdapterServer:
             if name.selector is not None:
                 raise ModelNotFound(model)
             return None
-        ref = await asyncio.to_thread(self.registry.resolve, name)
-        await self.cache.prepare(ref)  # reads and checks the adapter: 400 if it cannot run here
-        return ref
+        return await asyncio.to_thread(self.registry.resolve, name)
 
     async def complete(self, request: Request, chat: bool) -> Response:
         model_label, status = "-", 500
@@ -199,6 +197,14 @@ class MultiAdapterServer:
             reserved = len(prompt_ids) + max_tokens
             if self.tenants is not None:
                 self.tenants.admit(tenant, reserved)
+            if ref is not None:
+                # After admission: a tenant over its limits makes us read no adapter. Reads and
+                # checks the adapter (400 if it cannot run on this base); a refusal costs nothing.
+                try:
+                    await self.cache.prepare(ref)
+                except Exception:
+                    self.settle(tenant, reserved, 0)
+                    raise
             job = Job(
                 GenerationRequest(prompt_ids, ref.key if ref else None, body.sampling(max_tokens)),
                 ref,

@@ -68,3 +68,21 @@ def test_batches_split_into_groups_the_cache_can_hold():
     assert sorted(i for g in groups for i in g) == list(range(len(jobs)))
     assert group_by_adapter_limit(jobs, 8) == [list(range(9))]
     assert group_by_adapter_limit([job(None)] * 3, 1) == [[0, 1, 2]]
+
+
+def test_python_m_serve_runs_the_config_on_a_local_ray_unless_one_is_given(monkeypatch):
+    import serve.__main__ as entry
+
+    calls = []
+    monkeypatch.setattr(entry.os, "execv", lambda path, argv: calls.append(argv))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    entry.main(CONFIG)
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
+    entry.main(CONFIG)
+    assert [c[1:] for c in calls] == [
+        ["run", "-a", "local", str(CONFIG)],
+        ["run", "-a", "http://head:8265", str(CONFIG)],
+    ]
+    assert Path(calls[0][0]).is_file()  # the venv's serve CLI exists
+    with pytest.raises(Exception, match="no such file"):
+        entry.main(Path("configs/nope.yaml"))
