@@ -321,7 +321,10 @@ def print_table(summary: dict[str, Any], params: list[str]) -> None:
                       str(r["steps"]), f"{r['best_eval_loss']:.4f}",
                       "-" if r["exact_match"] is None else f"{r['exact_match']:.1%}",
                       "error" if r["error"] else ("yes" if r["stopped_early"] else "no"))  # fmt: skip
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # job logs: rich would wrap the table at 80 columns
+        console = Console(width=160)
+    console.print(table)
 
 
 def promote_best(cfg: SweepConfig, summary: dict[str, Any]) -> dict[str, Any]:
