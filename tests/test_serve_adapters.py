@@ -9,7 +9,6 @@ import os
 import shutil
 
 import pytest
-import torch
 from transformers import AutoModelForCausalLM
 
 from serve.adapters import AdapterCache, AdapterRegistry
@@ -17,16 +16,9 @@ from serve.engine import GenerationRequest, HFEngine, SamplingParams
 from serve.errors import AdapterIncompatible, InvalidModelName, ModelNotFound
 from serve.names import ModelName, parse_model_name
 from serve.testing import make_random_adapter
+from tests.test_serve_engine import one_torch_thread  # noqa: F401 (autouse)
 
 V1, V2, V3 = "a1b2c3d4e5f6", "0f0f0f0f0f0f", "123456abcdef"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # see tests/test_serve_engine.py
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize(

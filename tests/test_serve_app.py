@@ -5,9 +5,7 @@ and a registry on an S3 server (moto) started here."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import subprocess
 import time
 
 import boto3
@@ -25,8 +23,9 @@ from jobs.tiny_model import main as build_tiny_model
 from serve.app import build_app
 from serve.tenants import hash_key
 from serve.testing import make_random_adapter
-from tests.helpers import BIN, REPO, free_port, wait_for_port
+from tests.helpers import REPO, free_port
 from tests.test_serve_adapters import publish, set_alias
+from tests.test_serve_engine import one_torch_thread  # noqa: F401 (autouse)
 
 pytestmark = pytest.mark.integration
 
@@ -34,14 +33,6 @@ V1, V2, V3 = "a1b2c3d4e5f6", "0f0f0f0f0f0f", "123456abcdef"
 ACME, BETA, SLOW = "sk-test-acme-key-0001", "sk-test-beta-key-0002", "sk-test-slow-key-0003"
 POOL = [f"pool-{i}" for i in range(6)]  # more adapters than max_loaded_adapters (2)
 MESSAGES = [{"role": "user", "content": "How was the delivery?"}]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # see tests/test_serve_engine.py
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -74,31 +65,15 @@ def files(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def s3_endpoint(files):
-    """moto's S3 server on loopback with a copy of the registry; set before Ray starts so the
-    replicas inherit the endpoint and the throwaway credentials."""
-    port = free_port()
-    proc = subprocess.Popen([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    endpoint = f"http://127.0.0.1:{port}"
-    wait_for_port(port)
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    s3 = boto3.client("s3", endpoint_url=endpoint)
+def s3_endpoint(files, s3_server):
+    """A copy of the registry on moto's S3 (tests/conftest.py), which sets AWS_ENDPOINT_URL and
+    throwaway credentials before Ray starts: the replicas inherit them."""
+    s3 = boto3.client("s3", endpoint_url=s3_server)
     s3.create_bucket(Bucket="adapters")
     for f in (files["root"] / "support").rglob("*"):
         if f.is_file():
             s3.upload_file(str(f), "adapters", f"team/{f.relative_to(files['root'])}")
-    yield endpoint
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    proc.terminate()
-    proc.wait(timeout=10)
+    return s3_server
 
 
 @pytest.fixture(scope="module")
