@@ -389,16 +389,21 @@ def _run_job(cfg: JobConfig, address, inline: str, callbacks: list, extra: dict)
         "eval_history": state.evals,
     }
     write_run_manifest(run_dir / "run.json", **summary)
-    keep_data_report(inline, run_dir / "data")
+    keep_data_report(cfg.data.prepared or inline, run_dir / "data")
     return summary
 
 
 def keep_data_report(prepared: str, dest: Path) -> None:
-    """An inline-prepared set's manifest and dropped rows stay with the run (not the rows)."""
+    """The prepared set's manifest and dropped rows stay with the run (not the rows): lineage."""
+    import fsspec
+
+    from jobs.sources import storage_options
+
+    fs, root = fsspec.core.url_to_fs(prepared, **storage_options(prepared))
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("manifest.json", "dropped.jsonl"):
-        if (Path(prepared) / name).exists():
-            shutil.copy(Path(prepared) / name, dest / name)
+        if fs.exists(f"{root}/{name}"):
+            fs.get_file(f"{root}/{name}", str(dest / name))
 
 
 def print_summary(summary: dict) -> None:
