@@ -31,6 +31,7 @@ pytestmark = pytest.mark.integration
 
 V1, V2, V3 = "a1b2c3d4e5f6", "0f0f0f0f0f0f", "123456abcdef"
 ACME, BETA, SLOW = "sk-test-acme-key-0001", "sk-test-beta-key-0002", "sk-test-slow-key-0003"
+FRUGAL = "sk-test-frugal-key-0004"
 POOL = [f"pool-{i}" for i in range(6)]  # more adapters than max_loaded_adapters (2)
 MESSAGES = [{"role": "user", "content": "How was the delivery?"}]
 
@@ -60,6 +61,8 @@ def files(tiny_model_dir, tmp_path_factory):
          "adapters": ["support", "sql", "wide", "foreign", "pool-*", "ghost"]},
         {"name": "beta", "key_sha256": hash_key(BETA), "adapters": ["*"]},
         {"name": "slow", "key_sha256": hash_key(SLOW), "adapters": ["*"], "requests_per_minute": 2},
+        {"name": "frugal", "key_sha256": hash_key(FRUGAL), "adapters": ["*"],
+         "tokens_per_minute": 100},
     ]}))  # fmt: skip
     return {"root": root, "tenants": tenants, "tmp": tmp}
 
@@ -266,6 +269,14 @@ def test_rate_limit_is_429_with_retry_after(server):
     status, body, headers = error_of(lambda: chat(c, "base", max_tokens=2))
     assert status == 429 and body["code"] == "rate_limit_exceeded"
     assert 1 <= int(headers["retry-after"]) <= 30
+
+    c = client(server, FRUGAL)  # 100 tokens a minute: prompt + max_tokens are reserved up front
+    first, _ = chat(c, "base", max_tokens=60)
+    assert first.usage.total_tokens <= 100
+    status, body, headers = error_of(lambda: chat(c, "base", max_tokens=60))
+    assert status == 429 and int(headers["retry-after"]) >= 1
+    status, body, _ = error_of(lambda: chat(c, "base", max_tokens=150))
+    assert status == 400 and "more than your limit of 100 tokens per minute" in body["message"]
 
 
 def test_alias_move_is_served_on_the_next_request(server, files, tiny_model_dir, tokenizer):
