@@ -136,6 +136,7 @@ def test_promotion_needs_a_passed_gate_or_force(evaluated, runs, tmp_path):
     lineage = reg.lineage("reviews@production")
     assert lineage["version"] == version and lineage["gate"]["passed"]
     assert lineage["dataset_hash"].startswith("sha256:") and lineage["evaluation"]["tasks"]
+    assert lineage["base_model_fingerprint"].startswith("sha256:")
     with pytest.raises(RegistryError, match="the gate failed: sentiment.exact_match"):
         promote_run(reg, bad, "reviews")
     forced = promote_run(reg, bad, "reviews", alias="staging", force=True)

@@ -4,6 +4,7 @@ dataset, config, code and evaluation."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -14,13 +15,25 @@ from tune.registry import Registry, RegistryError
 from tune.servability import ServingLimits, servability_problems
 
 
-def lineage_of(run_dir: Path, evaluation: dict[str, Any] | None, gate: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+def base_fingerprint(base_dir: Path) -> str | None:
+    """A cheap identity of a local base model: its config and its weight files' names and sizes
+    (hashing multi-GB weights on every promotion would cost minutes)."""
+    if not (base_dir / "config.json").is_file():
+        return None
+    h = hashlib.sha256((base_dir / "config.json").read_bytes())
+    for f in sorted(base_dir.glob("*.safetensors")) + sorted(base_dir.glob("*.bin")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return "sha256:" + h.hexdigest()
+
+
+def lineage_of(run_dir: Path, evaluation: dict[str, Any] | None, gate: dict[str, Any], base_dir: Path | None = None) -> dict[str, Any]:  # fmt: skip
     run = json.loads((run_dir / "run.json").read_text())
     data_manifest = run_dir / "data" / "manifest.json"
     sources = json.loads(data_manifest.read_text())["sources"] if data_manifest.is_file() else None
     return {
         "base_model": run.get("base_model"),
         "base_model_revision": run.get("config", {}).get("model", {}).get("revision"),
+        "base_model_fingerprint": base_fingerprint(base_dir) if base_dir else None,
         "dataset_hash": run.get("dataset_hash"),
         "data_sources": sources,
         "run": {
@@ -70,7 +83,7 @@ def promote_run(
     elif not gate["passed"]:
         raise RegistryError(f"{run_dir}: the gate failed: " + "; ".join(gate["reasons"]))
     try:
-        version = registry.register(adapter, name, lineage_of(run_dir, evaluation, gate))
+        version = registry.register(adapter, name, lineage_of(run_dir, evaluation, gate, base_dir))
     except OSError as e:
         raise ConfigError(
             f"registry {registry.root}: cannot write: {type(e).__name__}: {e}"
