@@ -167,6 +167,8 @@ class LoraConfig(Section):
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     target_modules: str | list[str] = "all-linear"
+    use_rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r (stable at high rank)
+    use_dora: bool = False  # weight-decomposed LoRA; the serving app does not serve DoRA yet
 
 
 class TrainConfig(Section):

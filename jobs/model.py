@@ -111,6 +111,8 @@ def add_lora(model, cfg: LoraConfig):
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
         target_modules=cfg.target_modules,
+        use_rslora=cfg.use_rslora,
+        use_dora=cfg.use_dora,
         task_type="CAUSAL_LM",
     )
     return get_peft_model(model, peft_config)

@@ -162,6 +162,9 @@ def test_servability_names_each_problem(tiny_model_dir, tmp_path, tokenizer):
     found = problems(saved)
     assert any("modules_to_save ['lm_head']" in p for p in found)
     assert any("embedding/output weights" in p for p in found)
+    dora = make_adapter(tiny_model_dir, tmp_path / "dora", seed=1, use_dora=True)
+    tokenizer.save_pretrained(dora)
+    assert problems(dora) == ["DoRA adapters (use_dora) are not supported by the server"]
     odd = tmp_path / "odd"
     shutil.copytree(ok, odd)
     cfg = json.loads((odd / "adapter_config.json").read_text())

@@ -68,3 +68,16 @@ def test_s3_errors_name_the_field(s3_server, tmp_path):
 def test_missing_local_path_says_so(path):
     with pytest.raises(ConfigError, match="model.name_or_path: no such directory"):
         resolve_model_path(ModelConfig(name_or_path=path))
+
+
+@pytest.mark.parametrize(("option", "check"), [
+    ("use_rslora", lambda m: m.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"] == pytest.approx(32 / 8**0.5)),
+    ("use_dora", lambda m: any("lora_magnitude_vector" in n for n, _ in m.named_parameters())),
+])  # fmt: skip
+def test_rslora_and_dora_options_reach_peft(tiny_model_dir, option, check):
+    from jobs.config import LoraConfig
+    from jobs.model import add_lora
+
+    model = load_base_model(ModelConfig(name_or_path=str(tiny_model_dir)), torch.device("cpu"))
+    tuned = add_lora(model, LoraConfig(r=8, alpha=32, target_modules=["q_proj", "v_proj"], **{option: True}))  # fmt: skip
+    assert check(tuned)

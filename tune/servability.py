@@ -58,6 +58,8 @@ def servability_problems(adapter_dir: Path, base_dir: Path, limits: ServingLimit
         problems.append(
             f"peft_type is {cfg.get('peft_type')}: the server serves LoRA adapters only"
         )
+    if cfg.get("use_dora"):
+        problems.append("DoRA adapters (use_dora) are not supported by the server")
     rank = max([cfg.get("r", 0), *(cfg.get("rank_pattern") or {}).values()])
     if rank > limits.max_lora_rank:
         problems.append(
