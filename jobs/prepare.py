@@ -239,19 +239,18 @@ def _get(ref):
 
 def _reason_kind(reason: str) -> str:
     """'messages[2]: unknown role 'bot'' -> 'unknown role': the count key of a malformed row."""
-    text = reason
     for kind in ("invalid JSON", "invalid UTF-8", "unknown role", "roles out of order",
                  "no assistant turn", "missing field", "missing or empty", "empty content",
                  "not a string", "unknown format", "not an object", "is empty"):  # fmt: skip
-        if kind in text:
+        if kind in reason:
             return kind
-    return text.split(" (")[0][:60]
+    return reason.split(" (")[0][:60]
 
 
 # ---------------------------------------------------------------- stage 2: decisions on arrays
 
 
-def _column(shards: list[Path], name: str) -> pa.ChunkedArray:
+def _column(shards: list[Path], name: str) -> pa.Array:
     return pa.concat_arrays(
         [pq.read_table(p, columns=[name]).column(name).combine_chunks() for p in shards]
     ) if shards else pa.array([])  # fmt: skip
