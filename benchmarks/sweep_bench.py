@@ -1,6 +1,7 @@
 """ASHA vs the full grid on the same space and job: training steps consumed and best eval loss.
 
     python benchmarks/sweep_bench.py            # ~10 minutes on 2 CPUs (tiny model, 6 configs)
+    python benchmarks/sweep_bench.py --lrs 6    # 12 configs, ~20 minutes
 
 Both sweeps run the same 6 grid points of the quickstart job (lora.r x train.lr), two trials at a
 time; the grid runs every trial to the end, ASHA stops trials at their evals. Target: ASHA uses
@@ -16,16 +17,25 @@ import time
 
 from tune.sweep import SweepConfig, run_sweep
 
-SPACE = {"lora.r": {"grid": [4, 16]}, "train.lr": {"grid": [3.0e-4, 1.0e-3, 3.0e-3]}}
+
+def space(n_lr: int) -> dict:
+    """lora.r in {4, 16} x n_lr learning rates log-spaced over [1e-4, 3e-3] (3: 3e-4, 1e-3, 3e-3)."""
+    if n_lr == 3:
+        lrs = [3.0e-4, 1.0e-3, 3.0e-3]
+    else:
+        lrs = [round(1e-4 * 30 ** (i / (n_lr - 1)), 6) for i in range(n_lr)]
+    return {"lora.r": {"grid": [4, 16]}, "train.lr": {"grid": lrs}}
+
+
 OVERRIDES = ["scaling.cpus_per_worker=1", "train.max_steps=90", "eval.every_steps=10",
              "checkpoint.every_steps=10", "eval.early_stopping_patience=null",
              "eval.max_generate_samples=16"]  # fmt: skip
 
 
-def sweep(name: str, scheduler: dict, storage: str, model: str) -> dict:
+def sweep(name: str, scheduler: dict, storage: str, model: str, n_lr: int) -> dict:
     cfg = SweepConfig(
         name=name, job="configs/quickstart.yaml", overrides=[*OVERRIDES, f"model.name_or_path={model}"],
-        space=SPACE, search="grid", num_trials=1, max_concurrent_trials=2, scheduler=scheduler,
+        space=space(n_lr), search="grid", num_trials=1, max_concurrent_trials=2, scheduler=scheduler,
         storage_path=storage,
     )  # fmt: skip
     start = time.perf_counter()
@@ -38,10 +48,11 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default=".cache/tiny-llama")
+    ap.add_argument("--lrs", type=int, default=3, help="learning rates in the grid (x 2 ranks)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        grid = sweep("grid", {"type": "none"}, tmp, args.model)
-        asha = sweep("asha", {"type": "asha", "grace_period": 1, "reduction_factor": 3}, tmp, args.model)  # fmt: skip
+        grid = sweep("grid", {"type": "none"}, tmp, args.model, args.lrs)
+        asha = sweep("asha", {"type": "asha", "grace_period": 1, "reduction_factor": 3}, tmp, args.model, args.lrs)  # fmt: skip
     print(f"\n{'':8} {'steps':>7} {'best eval loss':>15} {'wall s':>8}")
     for name, s in (("grid", grid), ("asha", asha)):
         print(f"{name:8} {s['total_steps']:>7} {s['best']['best_eval_loss']:>15.4f} {s['bench_wall_s']:>8.0f}")  # fmt: skip
