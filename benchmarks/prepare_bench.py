@@ -47,7 +47,7 @@ def write_dataset(path: Path, rows: int, seed: int = 0) -> None:
     rng = random.Random(seed)
     recent: list[tuple[str, str]] = []
     with open(path, "w") as f:
-        for i in range(rows):
+        for _ in range(rows):
             roll = rng.random()
             if roll < 0.005:
                 f.write('{"messages": [{"role": "user", "content": "cut off\n')
