@@ -60,7 +60,9 @@ def write_dataset(path: Path, rows: int, seed: int = 0) -> None:
             else:
                 q, a = doc(rng, 20), doc(rng, 60)
                 recent = (recent + [(q, a)])[-1000:]
-            row = {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+            row = {
+                "messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+            }
             f.write(json.dumps(row) + "\n")
 
 
@@ -93,7 +95,9 @@ def bench_pipeline(rows: int, workers: int, tokenizer: str) -> None:
         c = manifest.counts
         print(f"\npipeline, {workers or 'no'} Ray workers: {n:,} rows in {prep_s:.1f} s = {n / prep_s:,.0f} rows/s")  # fmt: skip
         print(f"read + parse only (baseline): {n / read_s:,.0f} rows/s; pipeline / baseline = {read_s / prep_s:.3f}")  # fmt: skip
-        print(f"driver peak RSS {peak_rss_mb():,.0f} MiB (after reading alone: {rss_before:,.0f} MiB)")
+        print(
+            f"driver peak RSS {peak_rss_mb():,.0f} MiB (after reading alone: {rss_before:,.0f} MiB)"
+        )
         print("counts: " + ", ".join(f"{k} {c[k]:,}" for k in ("input_rows", "malformed", "exact_duplicates", "near_duplicates", "too_short", "low_quality", "train", "eval")))  # fmt: skip
 
 
