@@ -9,10 +9,12 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+Model = TypeVar("Model", bound=BaseModel)
 
 
 class ConfigError(ValueError):
@@ -318,10 +320,10 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
-def _describe(error: dict[str, Any]) -> str:
+def _describe(error: dict[str, Any], model: type[BaseModel] | None = None) -> str:
     loc = ".".join(str(p) for p in error["loc"] if not str(p).startswith("function-"))
     if error["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(loc, _known_keys(JobConfig), n=1, cutoff=0.6)
+        close = difflib.get_close_matches(loc, _known_keys(model or JobConfig), n=1, cutoff=0.6)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         return f"unknown key '{loc}'{hint}"
     if error["type"] == "missing":
@@ -330,16 +332,21 @@ def _describe(error: dict[str, Any]) -> str:
     return f"{loc}: {msg}" if loc else msg
 
 
-def validate_config(raw: dict[str, Any], source: str = "<config>") -> JobConfig:
+def validate(model: type[Model], raw: dict[str, Any], source: str = "<config>") -> Model:
+    """Validate any config model; the error names the source and every bad dotted field."""
     try:
-        return JobConfig.model_validate(raw)
+        return model.model_validate(raw)
     except ValidationError as e:
-        lines = [_describe(err) for err in e.errors()]
+        lines = [_describe(err, model) for err in e.errors()]
         raise ConfigError(f"{source}: " + "; ".join(lines)) from None
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
-    """Read a job YAML, apply `key.sub=value` overrides and validate everything."""
+def validate_config(raw: dict[str, Any], source: str = "<config>") -> JobConfig:
+    return validate(JobConfig, raw, source)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file's top-level mapping; missing files and bad YAML are ConfigErrors."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -349,5 +356,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    raw = apply_overrides(raw, parse_overrides(overrides or []))
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    """Read a job YAML, apply `key.sub=value` overrides and validate everything."""
+    raw = apply_overrides(read_yaml(path), parse_overrides(overrides or []))
     return validate_config(raw, str(path))

@@ -35,7 +35,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import typer
 import xxhash
-import yaml
 from pydantic import Field
 
 from jobs.config import (
@@ -44,6 +43,8 @@ from jobs.config import (
     Section,
     apply_overrides,
     parse_overrides,
+    read_yaml,
+    validate,
     validate_config,
 )
 from jobs.data import (
@@ -620,13 +621,7 @@ def tokenize_rows(rows, tokenizer, cfg: DataConfig, report: dict[str, Any]):
 
 def load_prepare_config(path: str | Path, overrides: list[str] | None = None) -> PrepareConfig:
     """A prepare YAML (data, tokenizer, output), or a job YAML (its data section and model)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    raw = read_yaml(path)
     parsed = parse_overrides(overrides or [])
     if "run" in raw and "model" in raw:  # a job config
         job_keys = {k: v for k, v in parsed.items() if k.split(".")[0] in ("run", "model", "data")}
@@ -634,11 +629,7 @@ def load_prepare_config(path: str | Path, overrides: list[str] | None = None) ->
         raw = {"data": job.data.model_dump(exclude_unset=True), "tokenizer": job.model.name_or_path,
                "output": f"prepared/{job.run.name}", "seed": job.run.seed}  # fmt: skip
         parsed = {k: v for k, v in parsed.items() if k not in job_keys}
-    raw = apply_overrides(raw, parsed)
-    try:
-        return PrepareConfig.model_validate(raw)
-    except Exception as e:  # pydantic's message names the field
-        raise ConfigError(f"{path}: {e}") from None
+    return validate(PrepareConfig, apply_overrides(raw, parsed), str(path))
 
 
 def print_report(manifest: Manifest) -> None:

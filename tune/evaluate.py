@@ -19,10 +19,17 @@ from typing import Annotated, Any, Literal
 
 import torch
 import typer
-import yaml
 from pydantic import Field, model_validator
 
-from jobs.config import ConfigError, DataConfig, JudgeConfig, ModelConfig, Section
+from jobs.config import (
+    ConfigError,
+    DataConfig,
+    JudgeConfig,
+    ModelConfig,
+    Section,
+    read_yaml,
+    validate,
+)
 from jobs.data import prompt_and_answer
 from jobs.evaluation import eval_loss, perplexity
 from jobs.model import load_base_model, load_tokenizer
@@ -80,13 +87,7 @@ class EvalConfig(Section):
 
 
 def load_eval_config(path: str | Path) -> EvalConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: eval config not found")
-    try:
-        return EvalConfig.model_validate(yaml.safe_load(path.read_text()) or {})
-    except Exception as e:  # pydantic names the field
-        raise ConfigError(f"{path}: {e}") from None
+    return validate(EvalConfig, read_yaml(path), str(path))
 
 
 # ---------------------------------------------------------------- generation and metrics

@@ -20,10 +20,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
-import yaml
 from pydantic import Field, model_validator
 
-from jobs.config import ConfigError, Section, apply_overrides, load_config, parse_overrides
+from jobs.config import (
+    ConfigError,
+    Section,
+    apply_overrides,
+    load_config,
+    parse_overrides,
+    read_yaml,
+    validate,
+)
 
 log = logging.getLogger("rayft.sweep")
 
@@ -80,14 +87,8 @@ class SweepConfig(Section):
 
 
 def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: sweep config not found")
-    raw = apply_overrides(yaml.safe_load(path.read_text()) or {}, parse_overrides(overrides or []))
-    try:
-        cfg = SweepConfig.model_validate(raw)
-    except Exception as e:  # pydantic's message names the field
-        raise ConfigError(f"{path}: {e}") from None
+    raw = apply_overrides(read_yaml(path), parse_overrides(overrides or []))
+    cfg = validate(SweepConfig, raw, str(path))
     # every trial's job config must load: check one with the first value of each key now
     probe = [f"{k}={_first(v)}" for k, v in cfg.space.items()]
     load_config(cfg.job, [*cfg.overrides, *probe])
