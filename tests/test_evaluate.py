@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ from jobs.config import JudgeConfig, load_config
 from jobs.data import collate
 from jobs.model import add_lora, load_base_model, load_tokenizer
 from jobs.prepare import prepare_data
-from tests.helpers import REPO
+from tests.helpers import REPO, openai_chat_stub
 from tests.test_registry import make_adapter
 from tune.evaluate import (
     EvalConfig,
@@ -200,39 +198,20 @@ def test_promotion_refuses_an_unservable_adapter(runs, tmp_path):
         promote_run(Registry(str(tmp_path / "reg")), run, "reviews", force=True)
 
 
-class ReplyJudge(BaseHTTPRequestHandler):
-    """An OpenAI-compatible grader: 10 when the reply equals the reference, else 1."""
-
-    def do_POST(self):  # noqa: N802 - http.server's name
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        reply, _, reference = body["messages"][-1]["content"].rpartition("\n\nREFERENCE: ")
-        reply = reply.rsplit("ASSISTANT:\n", 1)[-1].strip()
-        grade = "10" if reply == reference.strip() else "1"
-        data = json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "g",
-                           "choices": [{"index": 0, "finish_reason": "stop",
-                                        "message": {"role": "assistant", "content": grade}}]}).encode()  # fmt: skip
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+def grade_by_reference(body: dict, headers: dict) -> str:
+    """The stub grader: 10 when the reply equals the reference, else 1."""
+    reply, _, reference = body["messages"][-1]["content"].rpartition("\n\nREFERENCE: ")
+    reply = reply.rsplit("ASSISTANT:\n", 1)[-1].strip()
+    return "10" if reply == reference.strip() else "1"
 
 
 def test_llm_judge_metric_through_a_local_endpoint(runs, eval_cfg):
-    server = ThreadingHTTPServer(("127.0.0.1", 0), ReplyJudge)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        judge = {"base_url": f"http://127.0.0.1:{server.server_address[1]}/v1", "model": "g",
-                 "api_key_env": None}  # fmt: skip
+    with openai_chat_stub(grade_by_reference) as url:
+        judge = {"base_url": url, "model": "g", "api_key_env": None}
         task = eval_cfg.tasks[0].model_copy(update={"metrics": ["exact_match", "judge"], "few_shot": 0,
                                                     "judge": JudgeConfig(**judge), "max_samples": 16})  # fmt: skip
         cfg = eval_cfg.model_copy(update={"tasks": [task], "gate": None, "guard": None})
         results, _ = evaluate_target(runs[0], cfg)
-    finally:
-        server.shutdown()
     scores = results["tasks"]["sentiment"]
     # the grader agrees with exact match: (grade - 1) / 9 is 1 for a match and 0 otherwise
     for who in ("base", "adapter"):

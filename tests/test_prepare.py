@@ -9,8 +9,6 @@ import json
 import shutil
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import boto3
@@ -29,7 +27,7 @@ from jobs.prepare import (
     read_manifest,
     read_split,
 )
-from tests.helpers import REPO
+from tests.helpers import REPO, openai_chat_stub
 
 MESSY = REPO / "tests/fixtures/messy"
 # What the messy fixture holds (tests/fixtures/messy/make_messy.py says which line is what)
@@ -303,37 +301,19 @@ def test_source_weights_repeat_or_thin_training_rows(tmp_path, tokenizer):
 # ---------------------------------------------------------------- quality: the judge
 
 
-class JudgeStub(BaseHTTPRequestHandler):
-    """An OpenAI-compatible chat endpoint that grades by content: "mixed" answers get a 2."""
+def grade_mixed_low(body: dict, headers: dict) -> str:
+    """The stub judge: "mixed" answers get a 2, the rest a 9; it records the key it was sent."""
+    SEEN_KEYS.append(headers.get("Authorization", ""))
+    return "Score: 2" if body["messages"][-1]["content"].rstrip().endswith("mixed") else "Score: 9"
 
-    seen_keys: list[str] = []
 
-    def do_POST(self):  # noqa: N802 - http.server's name
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        JudgeStub.seen_keys.append(self.headers.get("Authorization", ""))
-        prompt = body["messages"][-1]["content"]
-        grade = "2" if prompt.rstrip().endswith("mixed") else "9"
-        reply = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
-                 "choices": [{"index": 0, "finish_reason": "stop",
-                              "message": {"role": "assistant", "content": f"Score: {grade}"}}],
-                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}  # fmt: skip
-        data = json.dumps(reply).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+SEEN_KEYS: list[str] = []
 
 
 @pytest.fixture
 def judge_url():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), JudgeStub)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
+    with openai_chat_stub(grade_mixed_low) as url:
+        yield url
 
 
 def test_judge_scorer_drops_rows_the_endpoint_grades_low(
@@ -349,7 +329,7 @@ def test_judge_scorer_drops_rows_the_endpoint_grades_low(
     m = prepare(PrepareConfig(data=data, tokenizer="t", output=str(tmp_path / "o")),
                 tokenizer=tokenizer, show_progress=False)  # fmt: skip
     assert m.counts["low_quality"] == mixed > 0
-    assert JudgeStub.seen_keys[-1] == "Bearer sk-canary-judge-123"
+    assert SEEN_KEYS[-1] == "Bearer sk-canary-judge-123"
     dropped = (tmp_path / "o/dropped.jsonl").read_text()
     assert "judge grade 2/10" in dropped
     for f in (tmp_path / "o").iterdir():
