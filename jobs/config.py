@@ -33,6 +33,15 @@ class RunConfig(Section):
     stop_after_steps: int | None = Field(None, ge=1)
 
 
+class QuantizationConfig(Section):
+    """QLoRA (bitsandbytes): the frozen base stored in 4-bit, LoRA trained on top in compute_dtype."""
+
+    bits: Literal[4] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
 class ModelConfig(Section):
     name_or_path: str = Field(min_length=1)  # hub id, local directory or s3://bucket/prefix
     revision: str | None = None
@@ -40,6 +49,8 @@ class ModelConfig(Section):
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
     cache_dir: str | None = None  # where s3:// models are downloaded; default ~/.cache/rayft/models
     trust_remote_code: bool = False
+    quantization: QuantizationConfig | None = None  # QLoRA: the frozen base in 4-bit
+    liger_kernel: bool = False  # Liger's fused kernels (GPU only, the `gpu` extra)
 
 
 FORMATS = ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text")
@@ -173,8 +184,50 @@ class LoraConfig(Section):
     use_dora: bool = False  # weight-decomposed LoRA; the serving app does not serve DoRA yet
 
 
+class FsdpConfig(Section):
+    """FSDP2 (`torch.distributed.fsdp.fully_shard`), one unit per decoder layer plus the root."""
+
+    # full: params, grads and optimizer state sharded (ZeRO-3 like); grad_op: params gathered
+    # after forward and kept for backward (ZeRO-2 like); hybrid: full inside a node, replicated
+    # across nodes (needs a multiple of `gpus_per_node` workers)
+    sharding: Literal["full", "grad_op", "hybrid"] = "full"
+    cpu_offload: bool = False  # params and grads live in CPU memory between uses
+    # Parameters are gathered in this dtype for compute, gradients reduced in reduce_dtype;
+    # auto = bf16 on CUDA with bf16 support, else fp32 (no mixed precision on CPU).
+    param_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    reduce_dtype: Literal["auto", "float32", "bfloat16"] = "float32"
+    # hybrid sharding's node size; None: the GPUs per node Ray reports (or every worker on CPU)
+    shard_group_size: int | None = Field(None, ge=1)
+
+
+class DeepSpeedConfig(Section):
+    """DeepSpeed ZeRO; the DeepSpeed JSON is generated from the job config."""
+
+    stage: Literal[1, 2, 3] = 2
+    offload_optimizer: bool = False  # optimizer state (and its step) on the CPU
+    offload_params: bool = False  # stage 3 only: parameters on the CPU between uses
+    # A DeepSpeed JSON of your own, merged over the generated one (yours wins, except batch
+    # sizes, which must agree with train.*; a conflict is an error naming the key).
+    config: str | None = None
+
+
+class DpoConfig(Section):
+    beta: float = Field(0.1, gt=0)
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"  # TRL's DPO loss variants
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+
+
 class TrainConfig(Section):
-    strategy: Literal["ddp"] = "ddp"  # fsdp and deepspeed arrive with the sharding work
+    # ddp: every worker holds the whole model; fsdp / deepspeed: shard it (see fsdp / deepspeed)
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
+    method: Literal["sft", "dpo"] = "sft"  # dpo: prompt/chosen/rejected pairs
+    fsdp: FsdpConfig = FsdpConfig()
+    deepspeed: DeepSpeedConfig = DeepSpeedConfig()
+    dpo: DpoConfig = DpoConfig()
+    # Recompute each decoder layer's activations in backward: memory for ~30% more compute.
+    gradient_checkpointing: bool = True
+    # Several examples per sequence of data.max_seq_len tokens, attention kept inside each one.
+    packing: bool = False
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
@@ -196,6 +249,8 @@ class ScalingConfig(Section):
     # Worker-group failures (a lost node, a killed worker) survived by restarting the workers from
     # the newest checkpoint; -1 retries forever. Ray Train's FailureConfig(max_failures).
     max_failures: int = Field(0, ge=-1)
+    # PACK: workers on as few nodes as possible; SPREAD: one per node where it can
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
 class CheckpointConfig(Section):
@@ -216,16 +271,24 @@ class EvalConfig(Section):
 
 
 class TrackingConfig(Section):
-    # Experiment trackers (wandb, mlflow) arrive with the tracking work; until then a value
-    # other than none is refused at load time rather than silently ignored.
-    backend: Literal["none"] = "none"
+    """Experiment tracking from rank 0. Credentials come from the environment (WANDB_API_KEY,
+    MLFLOW_TRACKING_TOKEN, ...), never from this file."""
+
+    backend: Literal["none", "wandb", "mlflow"] = "none"
+    project: str = "rayft"  # wandb project / MLflow experiment name
+    entity: str | None = None  # wandb team or user
+    # wandb: online | offline (WANDB_MODE wins when set); MLflow: tracking URI (a local
+    # directory for a file store, http://host:5000 for a server); None: the library's default
+    mode: Literal["online", "offline"] = "online"
+    tracking_uri: str | None = None
+    tags: dict[str, str] = {}
 
 
 class JobConfig(Section):
     run: RunConfig
     model: ModelConfig
     data: DataConfig
-    lora: LoraConfig | None = LoraConfig()  # null: full fine-tune (arrives with the sharding work)
+    lora: LoraConfig | None = LoraConfig()  # null: full fine-tune of every weight
     train: TrainConfig = TrainConfig()
     scaling: ScalingConfig = ScalingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
@@ -251,10 +314,25 @@ class JobConfig(Section):
             )
         if self.eval.early_stopping_patience and not self.eval.every_steps:
             raise ValueError("eval.early_stopping_patience needs eval.every_steps")
-        if self.lora is None:
+        if self.model.quantization and self.lora is None:
             raise ValueError(
-                "lora: null (full fine-tuning) is not supported yet; give a lora section"
+                "model.quantization (QLoRA) trains a LoRA adapter: give a lora section"
             )
+        if self.model.quantization and not self.scaling.use_gpu:
+            raise ValueError(
+                "model.quantization: QLoRA's 4-bit kernels (bitsandbytes) need CUDA; set "
+                "scaling.use_gpu: true on a GPU cluster, or drop model.quantization to train "
+                "plain LoRA on CPU"
+            )
+        if self.model.liger_kernel and not self.scaling.use_gpu:
+            raise ValueError(
+                "model.liger_kernel: Liger's Triton kernels need scaling.use_gpu: true"
+            )
+        ds = self.train.deepspeed
+        if self.train.strategy == "deepspeed" and ds.offload_params and ds.stage != 3:
+            raise ValueError("train.deepspeed.offload_params needs train.deepspeed.stage: 3")
+        if self.train.packing and self.train.method == "dpo":
+            raise ValueError("train.packing applies to sft, not dpo")
         if self.model.attn_implementation == "flash_attention_2" and not self.scaling.use_gpu:
             raise ValueError(
                 "model.attn_implementation: flash_attention_2 needs scaling.use_gpu: true"

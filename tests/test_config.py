@@ -219,9 +219,20 @@ def test_missing_required_field(tmp_path):
             ["model.attn_implementation=flash_attention_2"],
             "flash_attention_2 needs scaling.use_gpu",
         ),
-        (["lora=null"], "full fine-tuning"),
+        (["model.quantization.bits=4"], "QLoRA's 4-bit kernels .* need CUDA"),
+        (["model.quantization.bits=4", "lora=null"], "QLoRA.* give a lora section"),
+        (["model.liger_kernel=true"], "liger_kernel.*use_gpu"),
+        (
+            [
+                "train.strategy=deepspeed",
+                "train.deepspeed.stage=2",
+                "train.deepspeed.offload_params=true",
+            ],
+            "offload_params needs train.deepspeed.stage: 3",
+        ),
+        (["train.strategy=megatron"], r"train\.strategy"),
         (["train.lr=-1"], r"train\.lr: .*greater than 0"),
-        (["tracking.backend=wandb"], r"tracking\.backend"),
+        (["tracking.backend=neptune"], r"tracking\.backend"),
         (["run.name=has space"], r"run\.name"),
     ],
 )
