@@ -1,8 +1,13 @@
 """What a checkpoint holds and how it is written and read back.
 
-Layout of one checkpoint directory (Ray Train merges what each rank writes):
-  adapter/            peft adapter + tokenizer (rank 0): a plain `PeftModel.from_pretrained` directory
-  optimizer.pt        optimizer + scheduler state (rank 0; identical on every DDP rank)
+Layout of one checkpoint directory (Ray Train merges what each rank writes into it):
+  adapter/            LoRA: the whole adapter, gathered on rank 0, + tokenizer; a plain
+                      `PeftModel.from_pretrained` directory whatever the strategy
+  model/              full fine-tune, final checkpoint only: a consolidated HF model + tokenizer
+  ddp_state.pt        ddp: trainable weights, optimizer, scheduler (rank 0)
+  fsdp/               fsdp: torch.distributed.checkpoint shards of trainable weights + optimizer
+  scheduler.pt          (one file per rank, .metadata from rank 0) and the scheduler
+  deepspeed/state/    deepspeed: the engine's own checkpoint (ZeRO partitions per rank)
   rng_rank{R}.pt      each rank's RNG state, so dropout masks continue exactly
   trainer_state.json  step, loss history, eval history, final metrics (rank 0)
 """
@@ -14,8 +19,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from peft import set_peft_model_state_dict
-from safetensors.torch import load_file
 
 from jobs.distributed import rng_state, set_rng_state
 
@@ -33,6 +36,8 @@ class TrainerState:
     stopped_early: bool = False
     completed: bool = False
     final_metrics: dict = field(default_factory=dict)
+    # full fine-tune: the base's held-out metrics, measured before the first step
+    base_metrics: dict = field(default_factory=dict)
 
     def record_eval(self, step: int, loss: float) -> bool:
         """Returns True when this eval improved on the best so far."""
@@ -45,33 +50,27 @@ class TrainerState:
 
 
 def save_checkpoint(
-    directory: Path, model, tokenizer, optimizer, scheduler, state: TrainerState, rank: int
+    directory: Path, par, tokenizer, state: TrainerState, rank: int, final: bool = False
 ) -> None:
+    """Every rank calls this: the sharded strategies gather and save collectively."""
     directory.mkdir(parents=True, exist_ok=True)
     torch.save(rng_state(), directory / f"rng_rank{rank}.pt")
-    if rank != 0:
-        return
-    model.save_pretrained(directory / "adapter")
-    tokenizer.save_pretrained(directory / "adapter")
-    torch.save(
-        {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()},
-        directory / "optimizer.pt",
-    )
-    (directory / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
+    par.save_state(directory)
+    # the adapter is small: every checkpoint has it; a full model is gathered once, at the end
+    if par.lora or final:
+        weights = par.gathered_state_dict(trainable_only=par.lora)
+        if rank == 0:
+            out = directory / ("adapter" if par.lora else "model")
+            par.module.save_pretrained(out, state_dict=weights)
+            tokenizer.save_pretrained(out)
+    if rank == 0:
+        (directory / "trainer_state.json").write_text(json.dumps(asdict(state), indent=1))
 
 
-def load_checkpoint(directory: Path, model, optimizer, scheduler, rank: int) -> TrainerState:
-    """Restore adapter weights, optimizer, scheduler and this rank's RNG; returns the trainer state."""
-    state = TrainerState(**json.loads((directory / "trainer_state.json").read_text()))
-    weights = load_file(directory / "adapter" / "adapter_model.safetensors")
-    result = set_peft_model_state_dict(model, weights)
-    if result.unexpected_keys:
-        raise RuntimeError(
-            f"checkpoint {directory}: adapter has unexpected keys {result.unexpected_keys[:3]}"
-        )
-    opt = torch.load(directory / "optimizer.pt", weights_only=False)
-    optimizer.load_state_dict(opt["optimizer"])
-    scheduler.load_state_dict(opt["scheduler"])
+def load_checkpoint(directory: Path, par, rank: int) -> TrainerState:
+    """Restore weights, optimizer and scheduler (the strategy's own format) and this rank's RNG."""
+    state = read_trainer_state(directory)
+    par.load_state(directory)
     rng_file = directory / f"rng_rank{rank}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))

@@ -294,3 +294,44 @@ def collate(examples: list[dict[str, list[int]]], pad_id: int) -> dict[str, torc
         labels[row, :n] = torch.tensor(e["labels"])
         mask[row, :n] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def pack(
+    examples: list[dict[str, list[int]]], max_len: int, pad_id: int
+) -> dict[str, torch.Tensor]:
+    """Several examples per row, so that rows carry tokens instead of padding.
+
+    First-fit decreasing into rows of `max_len` tokens. Each example's position ids restart at
+    0: transformers turns those resets into a block-diagonal causal mask (sdpa, eager) or
+    variable-length attention (flash-attention 2), so no example attends to another, and the
+    first label of each example is dropped, since in a row of its own nothing predicts it. The
+    step's loss is the same as with `collate`; only the padding is gone. `attention_mask` marks
+    the real tokens for counting; it must not reach the model, which would then ignore the
+    position-id resets.
+    """
+    rows: list[list[dict]] = []
+    room: list[int] = []
+    for e in sorted(examples, key=lambda e: len(e["input_ids"]), reverse=True):
+        n = len(e["input_ids"])
+        i = next((i for i, free in enumerate(room) if free >= n), None)
+        if i is None:
+            rows.append([]), room.append(max_len)
+            i = len(rows) - 1
+        rows[i].append(e)
+        room[i] -= n
+    width = max(max_len - free for free in room)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for e in row:
+            n = len(e["input_ids"])
+            ids[r, at : at + n] = torch.tensor(e["input_ids"])
+            labels[r, at + 1 : at + n] = torch.tensor(e["labels"][1:])
+            positions[r, at : at + n] = torch.arange(n)
+            mask[r, at : at + n] = 1
+            at += n
+        positions[r, at:] = torch.arange(width - at)  # the tail's padding is a block of its own
+    return {"input_ids": ids, "labels": labels, "position_ids": positions, "attention_mask": mask}

@@ -1,7 +1,6 @@
-"""Distributed plumbing, kept apart from model and data code: Ray start-up, ranks, wrapping, reductions.
+"""Distributed plumbing, kept apart from model and data code: Ray start-up, ranks, seeds, reductions.
 
-`train.strategy` picks how the model is wrapped; DDP is the one implemented here, FSDP and
-DeepSpeed plug in at `wrap_model` and `unwrap`.
+How the model is wrapped and sharded (DDP, FSDP, DeepSpeed) is jobs/parallel.py.
 """
 
 from __future__ import annotations
@@ -9,7 +8,6 @@ from __future__ import annotations
 import os
 import random
 import socket
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -103,28 +101,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def wrap_model(model, strategy: str, device: torch.device):
-    """Wrap for data-parallel training; a single worker gets the bare model."""
-    if strategy != "ddp":
-        raise ValueError(f"train.strategy={strategy!r} is not implemented")
-    _, world = rank_and_world()
-    if world == 1:
-        return model
-    device_ids = [device.index] if device.type == "cuda" else None
-    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-
-
-def unwrap(model):
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
-def no_sync(model, sync: bool):
-    """Skip the gradient all-reduce on accumulation micro-batches that are not the last."""
-    if sync or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return nullcontext()
-    return model.no_sync()
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:

@@ -13,7 +13,11 @@ from jobs.distributed import all_reduce_sum, rank_and_world
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over label positions, and how many there were."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if "position_ids" in batch:  # packed rows: the position-id resets separate the examples
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    else:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    logits = model(**inputs, use_cache=False).logits
     labels = batch["labels"][:, 1:]
     loss = F.cross_entropy(
         logits[:, :-1].flatten(0, 1).float(),
@@ -24,19 +28,33 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     return loss, int((labels != IGNORE_INDEX).sum())
 
 
-@torch.no_grad()
-def eval_loss(model, examples, batch_size: int, pad_id: int, device, autocast) -> float:
-    """Mean loss per label token over the whole held-out set, each rank taking its share."""
+def rank_batches(items: list, batch_size: int, lockstep: bool) -> list[list | None]:
+    """This rank's share of `items` in batches. With `lockstep` (sharded parameters: every forward
+    pass is collective) every rank gets the same number of batches; None marks a pass a rank
+    makes only to keep the others company."""
     rank, world = rank_and_world()
+    mine = items[rank::world]
+    batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
+    if lockstep and world > 1:
+        most = math.ceil(math.ceil(len(items) / world) / batch_size)
+        batches += [None] * (most - len(batches))
+    return batches
+
+
+@torch.no_grad()
+def eval_loss(
+    model, examples, batch_size: int, pad_id: int, device, autocast, lockstep: bool = False
+) -> float:
+    """Mean loss per label token over the whole held-out set, each rank taking its share."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    mine = examples[rank::world]
-    for i in range(0, len(mine), batch_size):
-        batch = {k: v.to(device) for k, v in collate(mine[i : i + batch_size], pad_id).items()}
+    for chunk in rank_batches(examples, batch_size, lockstep):
+        batch = {k: v.to(device) for k, v in collate(chunk or examples[:1], pad_id).items()}
         with autocast():
             loss, n = token_loss_sum(model, batch)
-        total, count = total + loss.item(), count + n
+        if chunk is not None:
+            total, count = total + loss.item(), count + n
     model.train(was_training)
     total, count = all_reduce_sum([total, count], device)
     return total / max(count, 1)
@@ -48,21 +66,24 @@ def perplexity(loss: float) -> float:
 
 @torch.no_grad()
 def exact_match(
-    model, tokenizer, conversations, max_new_tokens: int, batch_size: int, device, autocast
+    model,
+    tokenizer,
+    conversations,
+    max_new_tokens: int,
+    batch_size: int,
+    device,
+    autocast,
+    lockstep: bool = False,
 ) -> float:
     """Share of held-out prompts whose greedy answer equals the reference (whitespace-stripped)."""
-    rank, world = rank_and_world()
     was_training = model.training
     model.eval()
-    padding_side, tokenizer.padding_side = (
-        tokenizer.padding_side,
-        "left",
-    )  # generate from the right edge
+    # generate from the right edge
+    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     correct, total = 0, 0
-    mine = conversations[rank::world]
-    for i in range(0, len(mine), batch_size):
+    for chunk in rank_batches(conversations, batch_size, lockstep):
         prompts, answers = zip(
-            *(prompt_and_answer(c) for c in mine[i : i + batch_size]), strict=True
+            *(prompt_and_answer(c) for c in chunk or conversations[:1]), strict=True
         )
         texts = [
             tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
@@ -78,7 +99,11 @@ def exact_match(
                 do_sample=False,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
+                # sharded weights: a rank that finishes early keeps joining the others' passes
+                synced_gpus=lockstep and rank_and_world()[1] > 1,
             )
+        if chunk is None:
+            continue
         replies = tokenizer.batch_decode(
             out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
         )

@@ -19,6 +19,7 @@ import tempfile
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -28,20 +29,12 @@ from transformers import get_cosine_schedule_with_warmup
 
 from jobs.checkpointing import TrainerState, load_checkpoint, read_trainer_state, save_checkpoint
 from jobs.config import ConfigError, JobConfig, load_config
-from jobs.data import collate, epoch_order, step_micro_batches
-from jobs.distributed import (
-    all_reduce_sum,
-    init_ray,
-    no_sync,
-    rank_and_world,
-    seed_everything,
-    shutdown_ray,
-    unwrap,
-    wrap_model,
-)
+from jobs.data import collate, epoch_order, pack, step_micro_batches
+from jobs.distributed import all_reduce_sum, init_ray, rank_and_world, seed_everything, shutdown_ray
 from jobs.evaluation import eval_loss, exact_match, perplexity, token_loss_sum
 from jobs.manifest import write_run_manifest
-from jobs.model import add_lora, load_base_model, load_tokenizer, trainable_parameters
+from jobs.model import add_lora, enable_gradient_checkpointing, load_base_model, load_tokenizer
+from jobs.parallel import Parallel, deepspeed_config, make_parallel
 from jobs.prepare import DROP_CODES, MALFORMED, prepare_data
 
 logger = logging.getLogger(__name__)
@@ -84,9 +77,7 @@ def autocast_for(cfg: JobConfig, device: torch.device):
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def train_step(
-    model, optimizer, scheduler, micro_batches, device, autocast, max_grad_norm
-) -> tuple[float, int]:
+def train_step(par: Parallel, micro_batches, device, autocast, max_grad_norm) -> tuple[float, int]:
     """One optimizer step over this rank's micro-batches (gradient accumulation); returns the
     step's loss and its non-padding input tokens, both over all ranks.
 
@@ -99,19 +90,35 @@ def train_step(
     loss_sum = 0.0
     for i, batch in enumerate(micro_batches):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with no_sync(model, sync=i == len(micro_batches) - 1), autocast():
-            loss, _ = token_loss_sum(model, batch)
-            # DDP averages gradients over ranks; scaling by world undoes that average.
-            (loss * world / global_tokens).backward()
+        with autocast():
+            loss, _ = token_loss_sum(par.model, batch)
+        # every strategy averages gradients over ranks; scaling by world undoes that average
+        par.backward(loss * world / global_tokens, last=i == len(micro_batches) - 1)
         loss_sum += loss.item()
-    if max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(trainable_parameters(model), max_grad_norm)
-    optimizer.step()
-    scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+    par.step(max_grad_norm)
     local_inputs = sum(int(b["attention_mask"].sum()) for b in micro_batches)
     total_loss, inputs = all_reduce_sum([loss_sum, local_inputs], device)
     return total_loss / global_tokens, int(inputs)
+
+
+def held_out_metrics(par: Parallel, cfg, tokenizer, examples, convs, device, autocast) -> dict:
+    """Loss, perplexity and (if asked) exact match of the model as it is now."""
+    pad_id, lockstep = tokenizer.pad_token_id, par.collective_forward
+    loss = eval_loss(par.module, examples, cfg.eval.batch_size, pad_id, device, autocast, lockstep)
+    metrics = {"eval_loss": loss, "eval_ppl": perplexity(loss)}
+    gen_convs = convs[: cfg.eval.max_generate_samples]
+    if cfg.eval.task_metric == "exact_match" and gen_convs:
+        metrics["exact_match"] = exact_match(
+            par.module,
+            tokenizer,
+            gen_convs,
+            cfg.eval.max_new_tokens,
+            cfg.eval.batch_size,
+            device,
+            autocast,
+            lockstep,
+        )
+    return metrics
 
 
 # ------------------------------------------------------------------------ the train function
@@ -132,7 +139,7 @@ def train_func(config: dict) -> None:
         data["eval_conversations"],
     )
 
-    # --- setup: device, threads, seeds, model, optimizer
+    # --- setup: device, threads, seeds, model, how it is spread over the workers
     rank, world = rank_and_world()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
@@ -140,13 +147,21 @@ def train_func(config: dict) -> None:
     autocast = autocast_for(cfg, device)
     seed_everything(cfg.run.seed)  # identical LoRA init on every rank
     tokenizer = load_tokenizer(cfg.model)
-    model = add_lora(load_base_model(cfg.model, device), cfg.lora)
+    model = load_base_model(cfg.model, device)
+    if cfg.lora is not None:
+        model = add_lora(model, cfg.lora)
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     seed_everything(cfg.run.seed + rank)  # distinct dropout masks per rank
-    optimizer = torch.optim.AdamW(
-        trainable_parameters(model), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
-    )
     plan = plan_steps(len(train_examples), cfg)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, plan.warmup_steps, plan.total_steps)
+    par = make_parallel(cfg, device)
+    par.setup(
+        model,
+        lambda params: torch.optim.AdamW(
+            params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
+        ),
+        lambda opt: get_cosine_schedule_with_warmup(opt, plan.warmup_steps, plan.total_steps),
+    )
 
     # --- resume: Ray hands back the newest checkpoint of this run name, if any
     # (a step's examples do not depend on the worker count, so a resume may change it)
@@ -154,7 +169,7 @@ def train_func(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
-            state = load_checkpoint(Path(ckpt_dir), model, optimizer, scheduler, rank)
+            state = load_checkpoint(Path(ckpt_dir), par, rank)
         state.resumed_at.append(state.step)
         print0(f"resumed from {checkpoint.path} at step {state.step}/{plan.total_steps}")
     if state.completed:
@@ -165,7 +180,7 @@ def train_func(config: dict) -> None:
     def report(metrics: dict, final: bool = False) -> None:
         # ray.train.report costs about a second on a small machine: only at eval/checkpoint steps.
         with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(Path(tmp), unwrap(model), tokenizer, optimizer, scheduler, state, rank)
+            save_checkpoint(Path(tmp), par, tokenizer, state, rank, final=final)
             name = f"checkpoint_{state.step:06d}" + ("_final" if final else "")
             ray.train.report(
                 metrics,
@@ -174,11 +189,20 @@ def train_func(config: dict) -> None:
             )
 
     pad_id = tokenizer.pad_token_id
-    ddp_model = wrap_model(model, cfg.train.strategy, device)
-    ddp_model.train()
+    if cfg.train.packing:
+        batch_of = partial(pack, max_len=cfg.data.max_seq_len, pad_id=pad_id)
+    else:
+        batch_of = partial(collate, pad_id=pad_id)
+    if cfg.lora is None and state.step == 0:  # a full fine-tune has no base to compare with later
+        print0("evaluating the base model before training")
+        state.base_metrics = held_out_metrics(
+            par, cfg, tokenizer, eval_examples, eval_convs, device, autocast
+        )
+    par.model.train()
     print0(
-        f"training {plan.total_steps} steps ({plan.steps_per_epoch}/epoch) on {world} worker(s), "
-        f"{cfg.grad_accum_steps} accumulation step(s) of {cfg.train.micro_batch_size} per worker, device {device}"
+        f"training {plan.total_steps} steps ({plan.steps_per_epoch}/epoch) on {world} worker(s) "
+        f"with {cfg.train.strategy}, {cfg.grad_accum_steps} accumulation step(s) of "
+        f"{cfg.train.micro_batch_size} per worker, device {device}"
     )
 
     # --- the loop
@@ -188,19 +212,17 @@ def train_func(config: dict) -> None:
         if epoch != current_epoch:  # the order is a function of (seed, epoch): resume continues it
             order, current_epoch = epoch_order(len(train_examples), cfg.run.seed, epoch), epoch
         micro = [
-            collate([train_examples[j] for j in idx], pad_id)
+            batch_of([train_examples[j] for j in idx])
             for idx in step_micro_batches(
                 order, k, cfg.train.effective_batch_size, rank, world, cfg.train.micro_batch_size
             )
         ]
 
         t0 = time.perf_counter()
-        loss, tokens = train_step(
-            ddp_model, optimizer, scheduler, micro, device, autocast, cfg.train.max_grad_norm
-        )
+        loss, tokens = train_step(par, micro, device, autocast, cfg.train.max_grad_norm)
         state.step += 1
         state.history.append(
-            {"step": state.step, "loss": loss, "lr": scheduler.get_last_lr()[0], "epoch": epoch}
+            {"step": state.step, "loss": loss, "lr": par.last_lr(), "epoch": epoch}
         )
         if state.step > 1:  # the first step pays one-off costs (allocations, lazy init)
             time_since += time.perf_counter() - t0
@@ -209,7 +231,7 @@ def train_func(config: dict) -> None:
         if state.step % cfg.train.log_every_steps == 0 or state.step == plan.total_steps:
             tps = tokens_since / time_since if time_since else 0.0
             print0(
-                f"step {state.step}/{plan.total_steps} | loss {loss:.4f} | lr {scheduler.get_last_lr()[0]:.2e} | {tps:,.0f} tok/s"
+                f"step {state.step}/{plan.total_steps} | loss {loss:.4f} | lr {par.last_lr():.2e} | {tps:,.0f} tok/s"
             )
 
         metrics = {
@@ -221,7 +243,13 @@ def train_func(config: dict) -> None:
         ckpt_due = cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0
         if eval_due:
             metrics["eval_loss"] = eval_loss(
-                ddp_model, eval_examples, cfg.eval.batch_size, pad_id, device, autocast
+                par.module,
+                eval_examples,
+                cfg.eval.batch_size,
+                pad_id,
+                device,
+                autocast,
+                par.collective_forward,
             )
             improved = state.record_eval(state.step, metrics["eval_loss"])
             print0(
@@ -246,25 +274,16 @@ def train_func(config: dict) -> None:
             return
 
     # --- final evaluation: the same held-out set with the adapter and without it (the base)
-    print0("final evaluation: base vs adapter on the held-out set")
-    gen_convs = eval_convs[: cfg.eval.max_generate_samples]
+    print0("final evaluation: base vs fine-tuned on the held-out set")
     final = {"step": state.step, "train_tokens_per_s": tokens_since / max(time_since, 1e-9)}
-    for prefix, ctx in (("base_", unwrap(model).disable_adapter), ("", nullcontext)):
-        with ctx():
-            final[f"{prefix}eval_loss"] = eval_loss(
-                model, eval_examples, cfg.eval.batch_size, pad_id, device, autocast
+    base = state.base_metrics
+    if cfg.lora is not None:
+        with par.module.disable_adapter():
+            base = held_out_metrics(
+                par, cfg, tokenizer, eval_examples, eval_convs, device, autocast
             )
-            final[f"{prefix}eval_ppl"] = perplexity(final[f"{prefix}eval_loss"])
-            if cfg.eval.task_metric == "exact_match" and gen_convs:
-                final[f"{prefix}exact_match"] = exact_match(
-                    unwrap(model),
-                    tokenizer,
-                    gen_convs,
-                    cfg.eval.max_new_tokens,
-                    cfg.eval.batch_size,
-                    device,
-                    autocast,
-                )
+    final |= {f"base_{k}": v for k, v in base.items()}
+    final |= held_out_metrics(par, cfg, tokenizer, eval_examples, eval_convs, device, autocast)
     state.completed, state.final_metrics = True, final
     report(final, final=True)
 
@@ -333,6 +352,8 @@ def _run_job(cfg: JobConfig, address, inline: str, callbacks: list, extra: dict)
     for line in report.get("dropped_at_tokenize", [])[:5]:
         print(f"  {line}")
     plan_steps(len(data.train), cfg)  # fail here, not on a worker
+    if cfg.train.strategy == "deepspeed":
+        deepspeed_config(cfg, cfg.scaling.num_workers)  # a bad user JSON fails here too
 
     init_ray(address)
     cfg = resolve_local_paths(cfg)
@@ -351,6 +372,7 @@ def _run_job(cfg: JobConfig, address, inline: str, callbacks: list, extra: dict)
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
             resources_per_worker=resources,
+            placement_strategy=cfg.scaling.placement_strategy,
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
@@ -364,16 +386,22 @@ def _run_job(cfg: JobConfig, address, inline: str, callbacks: list, extra: dict)
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint in {run_dir}")
 
-    adapter_dir = run_dir / "adapter"
+    # LoRA: the adapter; full fine-tune: the consolidated model (in the final checkpoint only)
+    kind = "adapter" if cfg.lora is not None else "model"
+    out_dir = run_dir / kind
     with result.checkpoint.as_directory() as ckpt_dir:
         state = read_trainer_state(Path(ckpt_dir))
-        if adapter_dir.exists():
-            shutil.rmtree(adapter_dir)
-        shutil.copytree(Path(ckpt_dir) / "adapter", adapter_dir)
+        if (Path(ckpt_dir) / kind).is_dir():
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            shutil.copytree(Path(ckpt_dir) / kind, out_dir)
     summary = {
         "run_name": cfg.run.name,
         "status": "completed" if state.completed else f"paused at step {state.step}",
-        "adapter": str(adapter_dir),
+        "adapter": str(out_dir) if kind == "adapter" else None,
+        "model": str(out_dir) if kind == "model" else None,
+        "method": "lora" if cfg.lora is not None else "full",
+        "strategy": cfg.train.strategy,
         "base_model": cfg.model.name_or_path,
         "dataset_hash": data.dataset_hash,
         "data_report": report,
@@ -418,7 +446,8 @@ def print_summary(summary: dict) -> None:
     table.add_column("model")
     for col in ("eval loss", "perplexity", "exact match"):
         table.add_column(col, justify="right")
-    for name, prefix in (("base", "base_"), ("base + adapter", "")):
+    tuned = "base + adapter" if summary["adapter"] else "fine-tuned"
+    for name, prefix in (("base", "base_"), (tuned, "")):
         em = m.get(f"{prefix}exact_match")
         table.add_row(
             name,
@@ -429,9 +458,9 @@ def print_summary(summary: dict) -> None:
     console = Console()
     console.print(table)
     # plain print: a path must stay whole on one line, whatever the terminal's width
-    print(
-        f"adapter: {summary['adapter']}\nmanifest: {Path(summary['adapter']).parent / 'run.json'}"
-    )
+    kind = "adapter" if summary["adapter"] else "model"
+    out = summary[kind]
+    print(f"{kind}: {out}\nmanifest: {Path(out).parent / 'run.json'}")
 
 
 def main(

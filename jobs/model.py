@@ -118,5 +118,17 @@ def add_lora(model, cfg: LoraConfig):
     return get_peft_model(model, peft_config)
 
 
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each decoder layer in backward instead of keeping its activations.
+
+    Non-reentrant checkpointing: it needs no `enable_input_require_grads` for LoRA's frozen
+    embeddings, works under FSDP2 and DeepSpeed, and replays the RNG so dropout (and so the
+    losses) are the same as without it.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.config.use_cache = False  # a cache is of no use in training and clashes with recompute
+
+
 def trainable_parameters(model) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
