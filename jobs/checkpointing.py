@@ -36,6 +36,8 @@ class TrainerState:
     stopped_early: bool = False
     completed: bool = False
     final_metrics: dict = field(default_factory=dict)
+    worker_nodes: list[str] = field(default_factory=list)  # the Ray node of each rank
+    worker_peak_rss_mb: list[float] = field(default_factory=list)  # each rank's, at the end
     # full fine-tune: the base's held-out metrics, measured before the first step
     base_metrics: dict = field(default_factory=dict)
 
@@ -60,6 +62,12 @@ def save_checkpoint(
     if par.lora or final:
         weights = par.gathered_state_dict(trainable_only=par.lora)
         if rank == 0:
+            # the failure peers ship silently (peft#453): an adapter saved empty or partial
+            if par.lora and len(weights) != par.trainable_tensors:
+                raise RuntimeError(
+                    f"gathered {len(weights)} adapter tensors, expected {par.trainable_tensors}: "
+                    "refusing to save an incomplete adapter"
+                )
             out = directory / ("adapter" if par.lora else "model")
             par.module.save_pretrained(out, state_dict=weights)
             tokenizer.save_pretrained(out)

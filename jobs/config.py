@@ -324,6 +324,11 @@ class JobConfig(Section):
                 "scaling.use_gpu: true on a GPU cluster, or drop model.quantization to train "
                 "plain LoRA on CPU"
             )
+        if self.model.quantization and self.train.strategy != "ddp":
+            raise ValueError(
+                "model.quantization: QLoRA runs with train.strategy: ddp (4-bit weights are not "
+                "sharded by fsdp/deepspeed here); use plain LoRA with fsdp or deepspeed instead"
+            )
         if self.model.liger_kernel and not self.scaling.use_gpu:
             raise ValueError(
                 "model.liger_kernel: Liger's Triton kernels need scaling.use_gpu: true"

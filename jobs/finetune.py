@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import resource
 import shutil
 import sys
 import tempfile
@@ -30,7 +31,14 @@ from transformers import get_cosine_schedule_with_warmup
 from jobs.checkpointing import TrainerState, load_checkpoint, read_trainer_state, save_checkpoint
 from jobs.config import ConfigError, JobConfig, load_config
 from jobs.data import collate, epoch_order, pack, step_micro_batches
-from jobs.distributed import all_reduce_sum, init_ray, rank_and_world, seed_everything, shutdown_ray
+from jobs.distributed import (
+    all_gather_objects,
+    all_reduce_sum,
+    init_ray,
+    rank_and_world,
+    seed_everything,
+    shutdown_ray,
+)
 from jobs.evaluation import eval_loss, exact_match, perplexity, token_loss_sum
 from jobs.manifest import write_run_manifest
 from jobs.model import add_lora, enable_gradient_checkpointing, load_base_model, load_tokenizer
@@ -188,6 +196,7 @@ def train_func(config: dict) -> None:
                 checkpoint_dir_name=name,
             )
 
+    state.worker_nodes = all_gather_objects(ray.get_runtime_context().get_node_id())
     pad_id = tokenizer.pad_token_id
     if cfg.train.packing:
         batch_of = partial(pack, max_len=cfg.data.max_seq_len, pad_id=pad_id)
@@ -278,13 +287,15 @@ def train_func(config: dict) -> None:
     final = {"step": state.step, "train_tokens_per_s": tokens_since / max(time_since, 1e-9)}
     base = state.base_metrics
     if cfg.lora is not None:
-        with par.module.disable_adapter():
+        with par.adapter_disabled():
             base = held_out_metrics(
                 par, cfg, tokenizer, eval_examples, eval_convs, device, autocast
             )
     final |= {f"base_{k}": v for k, v in base.items()}
     final |= held_out_metrics(par, cfg, tokenizer, eval_examples, eval_convs, device, autocast)
     state.completed, state.final_metrics = True, final
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    state.worker_peak_rss_mb = all_gather_objects(round(peak_rss_mb, 1))
     report(final, final=True)
 
 
@@ -409,6 +420,8 @@ def _run_job(cfg: JobConfig, address, inline: str, callbacks: list, extra: dict)
         "steps": state.step,
         "stopped_early": state.stopped_early,
         "resumed_at_steps": state.resumed_at,
+        "worker_nodes": state.worker_nodes,
+        "worker_peak_rss_mb": state.worker_peak_rss_mb,
         "seed": cfg.run.seed,
         "checkpoint": result.checkpoint.path,
         "config": cfg.model_dump(),

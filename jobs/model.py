@@ -95,13 +95,34 @@ def attn_implementation(cfg: ModelConfig, device: torch.device) -> str:
 
 def load_base_model(cfg: ModelConfig, device: torch.device):
     path = resolve_model_path(cfg)
-    model = AutoModelForCausalLM.from_pretrained(
+    kwargs = {}
+    if cfg.quantization:  # QLoRA: weights quantized while loading, placed on the device then
+        from peft import prepare_model_for_kbit_training
+        from transformers import BitsAndBytesConfig
+
+        q = cfg.quantization
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q.quant_type,
+            bnb_4bit_use_double_quant=q.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, q.compute_dtype),
+        )
+        kwargs["device_map"] = {"": device}
+    if cfg.liger_kernel:
+        from liger_kernel.transformers import AutoLigerKernelForCausalLM as auto_class
+    else:
+        auto_class = AutoModelForCausalLM
+    model = auto_class.from_pretrained(
         path,
         revision=cfg.revision,
         dtype=torch_dtype(cfg, device),
         attn_implementation=attn_implementation(cfg, device),
         trust_remote_code=cfg.trust_remote_code,
+        **kwargs,
     )
+    if cfg.quantization:
+        # norms in fp32, the 4-bit weights frozen; checkpointing is the job's own setting
+        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model.to(device)
 
 
@@ -126,7 +147,11 @@ def enable_gradient_checkpointing(model) -> None:
     losses) are the same as without it.
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers 5.x's name; the old warns
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     base.config.use_cache = False  # a cache is of no use in training and clashes with recompute
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +63,7 @@ class Parallel:
         self.lora = cfg.lora is not None
 
     def setup(self, model, build_optimizer: BuildOptimizer, build_scheduler: BuildScheduler):
+        self.trainable_tensors = len(trainable_parameters(model))  # what a save must hold
         self.module = model
         self.model = model
         if self.world > 1:
@@ -70,6 +71,10 @@ class Parallel:
             self.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.optimizer = build_optimizer(trainable_parameters(model))
         self.scheduler = build_scheduler(self.optimizer)
+
+    def adapter_disabled(self):
+        """The base model for an evaluation: the adapter switched off (peft), then on again."""
+        return self.module.disable_adapter()
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         skip_sync = not last and isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
@@ -132,6 +137,8 @@ class FSDP(Parallel):
     def setup(self, model, build_optimizer: BuildOptimizer, build_scheduler: BuildScheduler):
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+        self.trainable_tensors = len(trainable_parameters(model))
+
         fsdp = self.cfg.train.fsdp
         kwargs: dict[str, Any] = {
             "mesh": self._mesh(),
@@ -152,6 +159,25 @@ class FSDP(Parallel):
         self.root, self.module, self.model = root, model, model
         self.optimizer = build_optimizer(trainable_parameters(model))
         self.scheduler = build_scheduler(self.optimizer)
+
+    @contextmanager
+    def adapter_disabled(self):
+        # peft switches the adapter off and on by setting requires_grad on the parameters that
+        # are registered at that moment; FSDP2 swaps sharded and gathered parameters in and out,
+        # and grad_op leaves the gathered ones registered after a forward pass. Resharding first
+        # makes both switches land on the sharded parameters the optimizer holds: otherwise the
+        # adapter stays "frozen" and is left out of the saved state (an empty adapter file).
+        self._reshard()
+        with self.module.disable_adapter():
+            yield
+            self._reshard()
+
+    def _reshard(self) -> None:
+        from torch.distributed.fsdp import FSDPModule
+
+        for m in self.root.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
 
     def _mesh(self):
         from torch.distributed.device_mesh import init_device_mesh
@@ -246,6 +272,8 @@ class DeepSpeed(Parallel):
 
     def setup(self, model, build_optimizer: BuildOptimizer, build_scheduler: BuildScheduler):
         import deepspeed
+
+        self.trainable_tensors = len(trainable_parameters(model))
 
         deepspeed.init_distributed(
             dist_backend=dist.get_backend() if dist.is_initialized() else None

@@ -21,6 +21,7 @@ from jobs.model import (
     load_tokenizer,
     trainable_parameters,
 )
+from jobs.parallel import make_parallel
 from jobs.prepare import prepare_data
 
 pytestmark = [
@@ -46,9 +47,13 @@ def test_bf16_lora_training_on_cuda(tiny_model_dir, tmp_path):
     autocast = autocast_for(cfg, device)
     pad = tokenizer.pad_token_id
     base_loss = eval_loss(model, data.eval, 32, pad, device, autocast)
-    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.train.lr)
     plan = plan_steps(len(data.train), cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    par = make_parallel(cfg, device)
+    par.setup(
+        model,
+        lambda params: torch.optim.AdamW(params, lr=cfg.train.lr),
+        lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0),
+    )
     model.train()
     for step in range(plan.total_steps):
         epoch, k = divmod(step, plan.steps_per_epoch)
@@ -57,7 +62,7 @@ def test_bf16_lora_training_on_cuda(tiny_model_dir, tmp_path):
             order, k, cfg.train.effective_batch_size, 0, 1, cfg.train.micro_batch_size
         )
         micro = [collate([data.train[j] for j in idx], pad) for idx in batches]
-        train_step(model, optimizer, scheduler, micro, device, autocast, 1.0)
+        train_step(par, micro, device, autocast, 1.0)
     trained_loss = eval_loss(model, data.eval, 32, pad, device, autocast)
     assert trained_loss < base_loss / 4, (base_loss, trained_loss)
     assert (
@@ -69,3 +74,38 @@ def test_bf16_lora_training_on_cuda(tiny_model_dir, tmp_path):
     assert eval_loss(reloaded, data.eval, 32, pad, device, autocast) == pytest.approx(
         trained_loss, rel=1e-3
     )
+
+
+def test_qlora_trains_a_4bit_base_on_cuda(tiny_model_dir):
+    """QLoRA: the frozen base in NF4 (bitsandbytes), the adapter trained in bf16 compute."""
+    pytest.importorskip("bitsandbytes")
+    cfg = load_config(
+        "configs/quickstart.yaml",
+        [f"model.name_or_path={tiny_model_dir}", "scaling.use_gpu=true", "train.max_steps=60",
+         "model.quantization.bits=4"],
+    )  # fmt: skip
+    device = torch.device("cuda")
+    tokenizer = load_tokenizer(cfg.model)
+    data = prepare_data(cfg.data, tokenizer, cfg.run.seed)
+    torch.manual_seed(0)
+    model = add_lora(load_base_model(cfg.model, device), cfg.lora)
+    import bitsandbytes as bnb
+
+    quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert quantized and quantized[0].weight.quant_type == "nf4"
+    autocast, pad = autocast_for(cfg, device), tokenizer.pad_token_id
+    base_loss = eval_loss(model, data.eval, 32, pad, device, autocast)
+    par = make_parallel(cfg, device)
+    par.setup(
+        model,
+        lambda params: torch.optim.AdamW(params, lr=cfg.train.lr),
+        lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0),
+    )
+    model.train()
+    for step in range(60):
+        order = epoch_order(len(data.train), 0, step // 4)
+        idx = step_micro_batches(order, step % 4, 16, 0, 1, 16)
+        train_step(
+            par, [collate([data.train[j] for j in i], pad) for i in idx], device, autocast, 1.0
+        )
+    assert eval_loss(model, data.eval, 32, pad, device, autocast) < base_loss / 2

@@ -60,3 +60,22 @@ def test_training_survives_losing_its_node(cluster, tiny_model_dir, tmp_path):
     assert len(summary["resumed_at_steps"]) == 1 and summary["resumed_at_steps"][0] % 10 == 0
     assert 0 < summary["resumed_at_steps"][0] < 120
     assert [h["step"] for h in summary["loss_history"]] == list(range(1, 121))
+
+
+def test_two_workers_spread_over_two_nodes_shard_one_model(cluster, tiny_model_dir, tmp_path):
+    """Multi-node: FSDP across two Ray nodes, one worker on each (placement_strategy SPREAD).
+
+    Each node could hold both workers; SPREAD is what puts them apart (PACK would not)."""
+    nodes = [cluster.add_node(num_cpus=2, resources={"trainer_slot": 2}) for _ in range(2)]
+    cfg = load_config(
+        "configs/quickstart.yaml",
+        [f"model.name_or_path={tiny_model_dir}", f"checkpoint.storage_path={tmp_path}", "run.name=spread",
+         "train.max_steps=4", "train.micro_batch_size=8", "checkpoint.every_steps=null",
+         "eval.every_steps=null", "eval.early_stopping_patience=null", "eval.task_metric=none",
+         "scaling.num_workers=2", "scaling.cpus_per_worker=1", "scaling.resources_per_worker={trainer_slot: 1}",
+         "scaling.placement_strategy=SPREAD", "train.strategy=fsdp"],
+    )  # fmt: skip
+    summary = run_job(cfg)
+
+    assert summary["status"] == "completed"
+    assert sorted(summary["worker_nodes"]) == sorted(n.node_id for n in nodes)

@@ -65,7 +65,9 @@ def test_packed_loss_equals_padded_loss_per_example(model):
 
     # example by example: find each one in the packed rows and compare its token losses
     # (use_cache=False, as in training: with a cache transformers ignores the position resets)
-    logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits
+    logits = model(
+        input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False
+    ).logits
     expected = per_example_losses_padded(model, exs)
     found = 0
     for e, ref in zip(exs, expected, strict=True):
@@ -91,8 +93,12 @@ def test_examples_in_one_row_do_not_attend_to_each_other(model):
     row1 = pack([a, b], max_len=64, pad_id=0)
     row2 = pack([a, b2], max_len=64, pad_id=0)
     assert row1["input_ids"].shape[0] == 1  # both in one row
-    out1 = model(input_ids=row1["input_ids"], position_ids=row1["position_ids"], use_cache=False).logits
-    out2 = model(input_ids=row2["input_ids"], position_ids=row2["position_ids"], use_cache=False).logits
+    out1 = model(
+        input_ids=row1["input_ids"], position_ids=row1["position_ids"], use_cache=False
+    ).logits
+    out2 = model(
+        input_ids=row2["input_ids"], position_ids=row2["position_ids"], use_cache=False
+    ).logits
     first = slice(0, 30)  # equal lengths keep the input order: `a` comes first
     torch.testing.assert_close(out1[0, first], out2[0, first])
     assert not torch.allclose(out1[0, 30:60], out2[0, 30:60])

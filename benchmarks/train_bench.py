@@ -1,0 +1,266 @@
+"""Training throughput on CPU: packing vs padding, our step vs TRL's SFTTrainer, memory per strategy.
+
+    python benchmarks/train_bench.py                  # all three, ~10 minutes on 2 CPUs
+    python benchmarks/train_bench.py --part packing   # or trl, or memory
+
+packing  the same LoRA steps over a length-skewed chat set (most rows short, a few long), padded
+         to each micro-batch's longest row vs packed into rows of max_seq_len. Tokens/s counts
+         real tokens only. Target: packed >= 2x padded.
+trl      our training step (jobs.finetune.train_step) vs TRL's SFTTrainer on the same model,
+         LoRA config, examples, batch size and steps, both in this process (no Ray; Ray's own
+         cost is measured by benchmarks/ray_overhead.py). Target: ours >= 1.0x TRL.
+memory   a 2-worker full fine-tune of a ~30M-parameter model under ddp / fsdp / zero2 / zero3 on
+         Ray; each worker's peak RSS (run.json's worker_peak_rss_mb).
+
+Every ratio compares runs made in this script on this machine: absolute numbers move with the
+machine's load, ratios much less.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import resource
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from jobs.config import JobConfig, load_config
+from jobs.data import collate, pack, render_and_mask
+from jobs.finetune import train_step
+from jobs.model import add_lora
+from jobs.parallel import make_parallel
+from jobs.tiny_model import build_model, build_tokenizer
+
+WORDS = [
+    "the",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+    "was",
+    "for",
+    "on",
+    "that",
+    "with",
+    "as",
+    "by",
+    "at",
+    "from",
+    "this",
+    "it",
+    "an",
+    "be",
+    "are",
+    "or",
+]
+
+
+def skewed_conversations(n: int, seed: int = 0) -> list[dict]:
+    """Chat rows whose lengths follow a long tail: the median ~40 tokens, the longest ~1000."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = min(int(rng.lognormvariate(3.0, 1.0)) + 4, 700)
+        q = " ".join(rng.choice(WORDS) for _ in range(words))
+        a = " ".join(rng.choice(WORDS) for _ in range(max(2, words // 3)))
+        rows.append(
+            {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+        )
+    return rows
+
+
+def setup(hidden: int, layers: int, tmp: Path):
+    tokenizer = build_tokenizer()
+    model = build_model(len(tokenizer), hidden=hidden, layers=layers)
+    model.save_pretrained(tmp / "model")
+    tokenizer.save_pretrained(tmp / "model")
+    return tokenizer, model
+
+
+def job_config(model_dir: Path, storage: Path, *overrides: str) -> JobConfig:
+    return load_config(
+        "configs/quickstart.yaml",
+        [f"model.name_or_path={model_dir}", f"checkpoint.storage_path={storage}", *overrides],
+    )
+
+
+def our_steps(cfg: JobConfig, model, examples, steps: int, packing: bool, pad_id: int) -> dict:
+    """tokens/s of `steps` optimizer steps of jobs.finetune.train_step (the first one excluded)."""
+    torch.manual_seed(0)
+    par = make_parallel(cfg, torch.device("cpu"))
+    par.setup(
+        model,
+        lambda p: torch.optim.AdamW(p, lr=cfg.train.lr),
+        lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda _: 1.0),
+    )
+    micro, per_step = cfg.train.micro_batch_size, cfg.train.effective_batch_size
+    tokens, elapsed = 0, 0.0
+    for s in range(steps + 1):
+        chunk = examples[s * per_step : (s + 1) * per_step]
+        batches = [
+            pack(chunk[i : i + micro], cfg.data.max_seq_len, pad_id) if packing
+            else collate(chunk[i : i + micro], pad_id)
+            for i in range(0, per_step, micro)
+        ]  # fmt: skip
+        t0 = time.perf_counter()
+        _, n = train_step(par, batches, torch.device("cpu"), nullcontext, None)
+        if s:  # the first step pays for allocation and lazy init
+            elapsed += time.perf_counter() - t0
+            tokens += n
+    return {"tokens_per_s": tokens / elapsed, "seconds": elapsed, "tokens": tokens}
+
+
+def bench_packing(args, tmp: Path) -> None:
+    tokenizer, _ = setup(args.hidden, args.layers, tmp)
+    convs = skewed_conversations(args.steps * 32 + 32)
+    examples = [render_and_mask(c["messages"], tokenizer, 1024) for c in convs]
+    lengths = sorted(len(e["input_ids"]) for e in examples)
+    print(f"packing: {len(examples)} rows, tokens median {lengths[len(lengths) // 2]}, "
+          f"p90 {lengths[int(len(lengths) * 0.9)]}, max {lengths[-1]}")  # fmt: skip
+    cfg = job_config(tmp / "model", tmp / "runs", "train.micro_batch_size=16",
+                     "train.effective_batch_size=32", "data.max_seq_len=1024")  # fmt: skip
+    results = {}
+    for name, packing in (("padded", False), ("packed", True)):
+        _, model = setup(args.hidden, args.layers, tmp)
+        model = add_lora(model, cfg.lora)
+        results[name] = our_steps(cfg, model, examples, args.steps, packing, tokenizer.pad_token_id)
+        r = results[name]
+        print(
+            f"  {name:7s} {r['tokens_per_s']:9,.0f} tok/s  ({r['tokens']:,} tokens in {r['seconds']:.1f} s)"
+        )
+    ratio = results["packed"]["tokens_per_s"] / results["padded"]["tokens_per_s"]
+    print(f"  packed / padded: {ratio:.2f}x  (target >= 2x)")
+
+
+def bench_trl(args, tmp: Path) -> None:
+    from datasets import Dataset
+    from peft import LoraConfig as PeftLoraConfig
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer, _ = setup(args.hidden, args.layers, tmp)
+    convs = skewed_conversations(args.steps * 16 + 16, seed=1)
+    # same rows both sides; lengths capped so that both truncate nothing
+    cfg = job_config(tmp / "model", tmp / "runs", "train.micro_batch_size=8",
+                     "train.effective_batch_size=16", "data.max_seq_len=1024", "lora.dropout=0")  # fmt: skip
+    examples = [render_and_mask(c["messages"], tokenizer, 1024) for c in convs]
+
+    _, model = setup(args.hidden, args.layers, tmp)
+    ours = our_steps(
+        cfg, add_lora(model, cfg.lora), examples, args.steps, False, tokenizer.pad_token_id
+    )
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times, self.t0 = [], 0.0
+
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            self.times.append(time.perf_counter() - self.t0)
+
+    _, model = setup(args.hidden, args.layers, tmp)
+    timer = StepTimer()
+    trainer = SFTTrainer(
+        model=model,
+        processing_class=tokenizer,
+        train_dataset=Dataset.from_list(convs),
+        peft_config=PeftLoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        ),  # fmt: skip
+        args=SFTConfig(
+            output_dir=str(tmp / "trl"),
+            max_steps=args.steps + 1,
+            per_device_train_batch_size=8,
+            gradient_accumulation_steps=2,
+            learning_rate=cfg.train.lr,
+            lr_scheduler_type="constant",
+            max_length=1024,
+            assistant_only_loss=False,
+            completion_only_loss=None,
+            use_cpu=True,
+            report_to=[],
+            logging_steps=10**6,
+            save_strategy="no",
+            dataloader_num_workers=0,
+            gradient_checkpointing=False,
+            seed=0,
+            data_seed=0,
+            include_num_input_tokens_seen="non_padding",
+        ),  # fmt: skip
+        callbacks=[timer],
+    )
+    trainer.train()
+    trl_seconds = sum(timer.times[1:])
+    trl_tokens = trainer.state.num_input_tokens_seen * args.steps / (args.steps + 1)
+    trl_tps = trl_tokens / trl_seconds
+    print(f"trl: ours {ours['tokens_per_s']:,.0f} tok/s, SFTTrainer {trl_tps:,.0f} tok/s "
+          f"(non-padding input tokens; {args.steps} steps of 16 rows each side)")  # fmt: skip
+    print(f"  ours / SFTTrainer: {ours['tokens_per_s'] / trl_tps:.2f}x  (target >= 1.0x)")
+
+
+def bench_memory(args, tmp: Path) -> None:
+    import ray
+
+    from jobs.distributed import start_local_ray
+    from jobs.finetune import run_job
+
+    tokenizer, model = setup(512, 8, tmp)
+    n_params = sum(p.numel() for p in model.parameters())
+    data = tmp / "data.jsonl"
+    data.write_text("".join(json.dumps(c) + "\n" for c in skewed_conversations(160, seed=2)))
+    start_local_ray(num_cpus=2)
+    print(f"memory: full fine-tune of {n_params / 1e6:.0f}M params, 2 workers, peak RSS per worker")
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        for name, overrides in (
+            ("ddp", ["train.strategy=ddp"]),
+            ("fsdp", ["train.strategy=fsdp"]),
+            ("zero2", ["train.strategy=deepspeed", "train.deepspeed.stage=2"]),
+            ("zero3", ["train.strategy=deepspeed", "train.deepspeed.stage=3"]),
+        ):
+            cfg = job_config(
+                tmp / "model", tmp / "runs", f"run.name=mem-{name}", "lora=null",
+                f"data.train_files=[{data}]", "data.length.min_tokens=1", "data.length.max_tokens=1024",
+                "data.max_seq_len=512", "train.max_steps=3", "train.micro_batch_size=4",
+                "train.effective_batch_size=8", "scaling.num_workers=2", "scaling.cpus_per_worker=1",
+                "eval.every_steps=null", "eval.early_stopping_patience=null", "eval.task_metric=none",
+                "checkpoint.every_steps=null", *overrides,
+            )  # fmt: skip
+            summary = run_job(cfg)
+            rss = summary["worker_peak_rss_mb"]
+            print(f"  {name:6s} peak RSS per worker: {', '.join(f'{r:,.0f}' for r in rss)} MiB")
+    finally:
+        ray.shutdown()
+    print(f"  (driver process: {base:,.0f} MiB)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--part", choices=["packing", "trl", "memory", "all"], default="all")
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    with tempfile.TemporaryDirectory() as d:
+        for part, fn in (("packing", bench_packing), ("trl", bench_trl), ("memory", bench_memory)):
+            if args.part in (part, "all"):
+                sub = Path(d) / part
+                sub.mkdir()
+                fn(args, sub)
+
+
+if __name__ == "__main__":
+    main()
