@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 
@@ -99,7 +99,8 @@ def model_shape(hf_config, lora=None, trust_remote_code: bool = False) -> ModelS
     if lora is not None:
         from jobs.model import add_lora
 
-        peft_model = add_lora(model, lora)  # peft wraps meta modules without allocating
+        with torch.device("meta"):  # else peft allocates and initialises the adapters for real
+            peft_model = add_lora(model, lora)
         trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         lora_inputs = sum(
             m.in_features for m in layers[0].modules() if hasattr(m, "lora_A") and m.lora_A
@@ -154,8 +155,11 @@ class MemoryPlan:
     reference: int = 0  # DPO's frozen reference model (full fine-tune only)
     gradients: int = 0
     optimizer: int = 0  # AdamW moments, plus the fp32 master weights under mixed precision
-    activations: int = 0  # saved for backward over one micro-batch
+    activations: int = 0  # kept for backward over one micro-batch
+    # Two peaks that do not overlap: the loss over the logits at the end of forward, and one
+    # decoder layer rebuilt in backward under gradient checkpointing. The total counts the larger.
     logits: int = 0
+    recompute: int = 0
     overhead: int = 0  # CUDA context and fragmentation on a GPU
     host_weights: int = 0
     host_gradients: int = 0
@@ -165,15 +169,16 @@ class MemoryPlan:
 
     @property
     def device_bytes(self) -> int:
-        return sum(getattr(self, f.name) for f in fields(self) if f.name in DEVICE_PARTS)
+        steady = sum(getattr(self, name) for name in DEVICE_PARTS)
+        return steady - min(self.logits, self.recompute)
 
     @property
     def host_bytes(self) -> int:
-        return sum(getattr(self, f.name) for f in fields(self) if f.name in HOST_PARTS)
+        return sum(getattr(self, name) for name in HOST_PARTS)
 
 
 DEVICE_PARTS = ("weights", "gathered", "reference", "gradients", "optimizer", "activations",
-                "logits", "overhead")  # fmt: skip
+                "logits", "recompute", "overhead")  # fmt: skip
 HOST_PARTS = ("host_weights", "host_gradients", "host_optimizer", "host_overhead")
 
 
@@ -277,10 +282,11 @@ def plan_memory(cfg: JobConfig, shape: ModelShape | None = None, gpus_per_node: 
     # --- offload: moved from device memory to host memory
     ds, fsdp = t.deepspeed, t.fsdp
     if t.strategy == "deepspeed" and ds.offload_optimizer:
-        # ZeRO-Offload steps on the CPU: the optimizer state and an fp32 copy of this worker's
-        # gradient partition live in host RAM (the 16-bit gradient buckets stay on the device)
+        # ZeRO-Offload steps on the CPU: the optimizer state and this worker's gradient
+        # partition, in fp32, live in host RAM; the device keeps only reduce buckets (left to
+        # the fixed overhead), as in DeepSpeed's own estimator
         plan.host_optimizer, plan.optimizer = plan.optimizer, 0
-        plan.host_gradients = math.ceil(shape.trainable_params * 4 / o_shards)
+        plan.host_gradients, plan.gradients = math.ceil(shape.trainable_params * 4 / o_shards), 0
     if (t.strategy == "deepspeed" and ds.stage == 3 and ds.offload_params) or (
         t.strategy == "fsdp" and fsdp.cpu_offload
     ):
@@ -300,13 +306,16 @@ def plan_memory(cfg: JobConfig, shape: ModelShape | None = None, gpus_per_node: 
         per_layer += shape.lora_inputs_per_layer * (cb + 1)
     if t.gradient_checkpointing:
         # only each layer's input is kept; one layer is recomputed at a time in backward
-        acts = tokens * (shape.num_layers * shape.hidden * cb + per_layer)
+        kept = shape.num_layers * shape.hidden * cb
+        plan.recompute = math.ceil(tokens * per_layer)
     else:
-        acts = tokens * shape.num_layers * per_layer
-    plan.activations = math.ceil(acts + tokens * shape.hidden * cb)  # + the embedding output
-    # logits in the compute dtype, their fp32 copy for the loss, log-softmax kept for backward
-    # and the fp32 gradient coming back: the peak of small models with large vocabularies
-    plan.logits = tokens * shape.vocab * (cb + 12)
+        kept = shape.num_layers * per_layer
+    plan.activations = math.ceil(tokens * (kept + shape.hidden * cb))  # + the embedding output
+    # Forward ends holding the logits (compute dtype), their fp32 copy for the loss and the
+    # log-softmax kept for backward; backward starts with that log-softmax, its gradient and the
+    # input gradient, all fp32: max(cb + 8, 12) = 12 bytes per logit. The peak of small models
+    # with large vocabularies.
+    plan.logits = tokens * shape.vocab * 12
 
     if gpu:
         plan.overhead = CUDA_OVERHEAD
@@ -414,11 +423,16 @@ def format_plan(plan: MemoryPlan) -> str:
         f"{_count(plan.trainable_params)} trainable):"
     ]
     device = "= GPU" if plan.on_gpu else "= host RAM"
-    for parts, total in ((DEVICE_PARTS, device), (HOST_PARTS, "= host RAM")):
+    for parts, total, need in (
+        (DEVICE_PARTS, device, plan.device_bytes),
+        (HOST_PARTS, "= host RAM", plan.host_bytes),
+    ):
         rows = [(name, getattr(plan, name)) for name in parts if getattr(plan, name)]
         if rows:
             lines += [f"  {name:<14} {_size(b):>10}" for name, b in rows]
-            lines.append(f"  {total:<14} {_size(sum(b for _, b in rows)):>10}")
+            lines.append(f"  {total:<14} {_size(need):>10}")
+    if plan.logits and plan.recompute:
+        lines.append("  (logits and recompute are separate peaks: the total counts the larger)")
     return "\n".join(lines)
 
 
