@@ -41,6 +41,7 @@ from jobs.distributed import (
 )
 from jobs.evaluation import eval_loss, exact_match, perplexity, token_loss_sum
 from jobs.manifest import write_run_manifest
+from jobs.memory import preflight_memory
 from jobs.model import add_lora, load_base_model, load_tokenizer, trainable_parameters
 from jobs.prepare import DROP_CODES, MALFORMED, prepare_data
 
@@ -335,6 +336,7 @@ def _run_job(cfg: JobConfig, address, inline: str, callbacks: list, extra: dict)
     plan_steps(len(data.train), cfg)  # fail here, not on a worker
 
     init_ray(address)
+    preflight_memory(cfg)  # refuses a job that cannot fit, before any worker starts
     cfg = resolve_local_paths(cfg)
     run_dir = Path(cfg.checkpoint.storage_path) / cfg.run.name
     print(f"run directory: {run_dir}")

@@ -409,7 +409,9 @@ def gpu_memory_range(cfg: JobConfig, node: NodeInfo) -> tuple[int, int, str] | N
 
 
 def _size(n: float) -> str:
-    return f"{n / GIB:.1f} GiB" if n >= GIB else f"{n / 2**20:.0f} MiB"
+    if n >= GIB:
+        return f"{n / GIB:.1f} GiB"
+    return f"{n / 2**20:.0f} MiB" if n >= 10 * 2**20 else f"{n / 2**20:.1f} MiB"
 
 
 def _count(n: int) -> str:
