@@ -46,7 +46,7 @@ GPU_MEMORY_GIB: dict[str, tuple[float, float]] = {
     "B200": (178.4, 178.4),
     "RTX-PRO-6000": (94.9, 94.9),
 }
-GPU_MEMORY_ENV = "RAYFT_GPU_MEMORY_GB"  # explicit per-GPU memory in GB, wins over the table
+GPU_MEMORY_ENV = "RAYFT_GPU_MEMORY_GIB"  # per-GPU memory in GiB (80 for an 80 GB card), wins
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -145,8 +145,8 @@ def load_model_shape(cfg: JobConfig) -> ModelShape:
 
 @dataclass
 class MemoryPlan:
-    """Estimated bytes per worker. `device_*` live in accelerator memory (host RAM on a CPU
-    worker), `host_*` in host RAM beside a GPU (offloaded state, the process itself)."""
+    """Estimated bytes per worker. The parts in DEVICE_PARTS live in GPU memory (in host RAM on a
+    CPU worker); the `host_*` parts in host RAM beside a GPU (offloaded state, the process)."""
 
     total_params: int
     trainable_params: int
@@ -276,8 +276,11 @@ def plan_memory(cfg: JobConfig, shape: ModelShape | None = None, gpus_per_node: 
         plan.reference = math.ceil(shape.total_params * wb / w_shards)
     if w_shards > 1:
         # the root unit (embeddings, head) stays gathered through forward; one decoder layer is
-        # computed while the next is prefetched
-        plan.gathered = (shape.outer_params + 2 * shape.layer_params) * cb
+        # computed while the next is prefetched. Gathered in FSDP's param_dtype, else in the
+        # compute dtype (an upper bound for a 4-bit base).
+        param_dtype = t.fsdp.param_dtype if t.strategy == "fsdp" else "auto"
+        gathered_bytes = cb if param_dtype == "auto" else DTYPE_BYTES[param_dtype]
+        plan.gathered = (shape.outer_params + 2 * shape.layer_params) * gathered_bytes
 
     # --- offload: moved from device memory to host memory
     ds, fsdp = t.deepspeed, t.fsdp
@@ -394,8 +397,8 @@ def gpu_memory_range(cfg: JobConfig, node: NodeInfo) -> tuple[int, int, str] | N
     """(smallest, largest) bytes of one worker's GPU share and where the number came from."""
     share = worker_resources(cfg).get("GPU", 1)
     if os.environ.get(GPU_MEMORY_ENV):
-        gb = float(os.environ[GPU_MEMORY_ENV]) * 1e9 * share
-        return int(gb), int(gb), f"{GPU_MEMORY_ENV}={os.environ[GPU_MEMORY_ENV]}"
+        given = int(float(os.environ[GPU_MEMORY_ENV]) * GIB * share)
+        return given, given, f"{GPU_MEMORY_ENV}={os.environ[GPU_MEMORY_ENV]}"
     asked = [k.split(":", 1)[1] for k in cfg.scaling.resources_per_worker
              if k.startswith("accelerator_type:")]  # fmt: skip
     acc = asked[0] if asked else node.accelerator_type
@@ -495,7 +498,8 @@ def preflight_memory(cfg: JobConfig) -> MemoryPlan | None:
     ConfigError when the job cannot fit. A model the planner cannot read only skips the check."""
     try:
         nodes = cluster_nodes()
-        gpus_per_node = max((int(n.gpus) for n in nodes), default=0) or None
+        gpus = [int(n.gpus) for n in nodes] if cfg.scaling.use_gpu else []
+        gpus_per_node = max(gpus, default=0) or None  # FSDP hybrid's default group
         plan = plan_memory(cfg, gpus_per_node=gpus_per_node)
     except ConfigError:
         raise
