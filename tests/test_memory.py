@@ -410,11 +410,16 @@ def test_estimate_within_2x_of_a_measured_cpu_step(overrides):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    step()  # one-off allocations (thread pools, optimizer state) stay out of the measurement
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-    before = _proc_status("VmRSS")
-    step()
-    measured = _proc_status("VmHWM") - before
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # OpenMP threads crawl on a busy shared machine
+    try:
+        step()  # one-off allocations (thread pools, optimizer state) stay out of the measurement
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        before = _proc_status("VmRSS")
+        step()
+        measured = _proc_status("VmHWM") - before
+    finally:
+        torch.set_num_threads(threads)
 
     plan = plan_memory(cfg, model_shape(LlamaConfig(**arch), cfg.lora))
     estimated = plan.device_bytes - plan.weights - plan.optimizer - plan.overhead
