@@ -177,8 +177,17 @@ class MemoryPlan:
         return sum(getattr(self, name) for name in HOST_PARTS)
 
 
-DEVICE_PARTS = ("weights", "gathered", "reference", "gradients", "optimizer", "activations",
-                "logits", "recompute", "overhead")  # fmt: skip
+DEVICE_PARTS = (
+    "weights",
+    "gathered",
+    "reference",
+    "gradients",
+    "optimizer",
+    "activations",
+    "logits",
+    "recompute",
+    "overhead",
+)
 HOST_PARTS = ("host_weights", "host_gradients", "host_optimizer", "host_overhead")
 
 
@@ -229,8 +238,9 @@ def activation_elements_per_token(shape: ModelShape, cfg: JobConfig) -> float:
     return per_token
 
 
-def plan_memory(cfg: JobConfig, shape: ModelShape | None = None, gpus_per_node: int | None = None
-                ) -> MemoryPlan:  # fmt: skip
+def plan_memory(
+    cfg: JobConfig, shape: ModelShape | None = None, gpus_per_node: int | None = None
+) -> MemoryPlan:
     """Estimate one worker's memory for this job; `shape` defaults to the job's model config."""
     shape = shape or load_model_shape(cfg)
     t, gpu = cfg.train, cfg.scaling.use_gpu
@@ -354,9 +364,15 @@ def cluster_nodes() -> list[NodeInfo]:
         res = n.get("Resources", {})
         acc = next((k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")), None)
         nodes.append(
-            NodeInfo(n["NodeID"], res.get("CPU", 0), res.get("GPU", 0), int(res.get("memory", 0)),
-                     acc, dict(res))
-        )  # fmt: skip
+            NodeInfo(
+                n["NodeID"],
+                res.get("CPU", 0),
+                res.get("GPU", 0),
+                int(res.get("memory", 0)),
+                acc,
+                dict(res),
+            )
+        )
     return nodes
 
 
@@ -399,13 +415,10 @@ def gpu_memory_range(cfg: JobConfig, node: NodeInfo) -> tuple[int, int, str] | N
     if os.environ.get(GPU_MEMORY_ENV):
         given = int(float(os.environ[GPU_MEMORY_ENV]) * GIB * share)
         return given, given, f"{GPU_MEMORY_ENV}={os.environ[GPU_MEMORY_ENV]}"
-    asked = [k.split(":", 1)[1] for k in cfg.scaling.resources_per_worker
-             if k.startswith("accelerator_type:")]  # fmt: skip
-    acc = asked[0] if asked else node.accelerator_type
-    if acc not in GPU_MEMORY_GIB:
+    if node.accelerator_type not in GPU_MEMORY_GIB:
         return None
-    low, high = GPU_MEMORY_GIB[acc]
-    return int(low * GIB * share), int(high * GIB * share), acc
+    low, high = GPU_MEMORY_GIB[node.accelerator_type]
+    return int(low * GIB * share), int(high * GIB * share), node.accelerator_type
 
 
 # ------------------------------------------------------------------------ the check
@@ -465,12 +478,23 @@ def check_memory(plan: MemoryPlan, cfg: JobConfig, nodes: list[NodeInfo]) -> lis
                 )
             else:
                 low, high, source = got
-                _judge(plan.device_bytes, low, high, f"GPU memory per worker on {where} "
-                       f"({source})", warnings, refusals)  # fmt: skip
+                _judge(
+                    plan.device_bytes,
+                    low,
+                    high,
+                    f"GPU memory per worker on {where} ({source})",
+                    warnings,
+                    refusals,
+                )
         host_need = (plan.host_bytes if gpu else plan.device_bytes) * count
-        _judge(host_need, node.memory, node.memory,
-               f"host memory of {where} for its {count} worker(s) (Ray's `memory` resource)",
-               warnings, refusals)  # fmt: skip
+        _judge(
+            host_need,
+            node.memory,
+            node.memory,
+            f"host memory of {where} for its {count} worker(s) (Ray's `memory` resource)",
+            warnings,
+            refusals,
+        )
     if refusals:
         raise ConfigError(
             "the job will not fit in memory:\n"
