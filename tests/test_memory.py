@@ -461,18 +461,10 @@ def test_estimate_within_2x_of_a_measured_cpu_step(overrides):
     are mmapped so that freed tensors leave RSS, and the kernel's peak-RSS mark is reset just
     before the step."""
     ctypes.CDLL(None).mallopt(-3, 65536)  # M_MMAP_THRESHOLD (glibc)
-    arch = dict(
-        vocab_size=2048,
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
+    arch = small_llama(vocab_size=2048, hidden_size=256, intermediate_size=512)
     cfg = job("data.max_seq_len=256", "train.micro_batch_size=4", *overrides)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**arch))
+    model = LlamaForCausalLM(arch)
     if cfg.lora is not None:
         model = add_lora(model, cfg.lora)
     if cfg.train.gradient_checkpointing:
@@ -480,7 +472,7 @@ def test_estimate_within_2x_of_a_measured_cpu_step(overrides):
         model.enable_input_require_grads()
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
-    ids = torch.randint(0, arch["vocab_size"], (cfg.train.micro_batch_size, cfg.data.max_seq_len))
+    ids = torch.randint(0, arch.vocab_size, (cfg.train.micro_batch_size, cfg.data.max_seq_len))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
     def step():
@@ -500,7 +492,7 @@ def test_estimate_within_2x_of_a_measured_cpu_step(overrides):
     finally:
         torch.set_num_threads(threads)
 
-    plan = plan_memory(cfg, model_shape(LlamaConfig(**arch), cfg.lora))
+    plan = plan_memory(cfg, model_shape(arch, cfg.lora))
     estimated = plan.device_bytes - plan.weights - plan.optimizer - plan.overhead
     print(
         f"{overrides}: estimated {estimated / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB"
