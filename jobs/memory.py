@@ -47,6 +47,8 @@ GPU_MEMORY_GIB: dict[str, tuple[float, float]] = {
     "RTX-PRO-6000": (94.9, 94.9),
 }
 GPU_MEMORY_ENV = "RAYFT_GPU_MEMORY_GIB"  # per-GPU memory in GiB (80 for an 80 GB card), wins
+# refuse (default) | warn: print the refusal and start anyway | off: no plan, no check
+CHECK_ENV = "RAYFT_MEMORY_CHECK"
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -503,7 +505,8 @@ def check_memory(plan: MemoryPlan, cfg: JobConfig, nodes: list[NodeInfo]) -> lis
             + format_plan(plan)
             + "\n  try: lora (or model.quantization for QLoRA), train.gradient_checkpointing, a "
             "smaller train.micro_batch_size or data.max_seq_len, train.strategy fsdp/deepspeed "
-            f"with more workers, or offload; {GPU_MEMORY_ENV} overrides the GPU memory assumed"
+            f"with more workers, or offload. {GPU_MEMORY_ENV}=N sets the GPU memory assumed; "
+            f"{CHECK_ENV}=warn starts the job anyway"
         )
     return warnings
 
@@ -520,6 +523,9 @@ def _judge(need: int, low: int, high: int, what: str, warnings: list, refusals: 
 def preflight_memory(cfg: JobConfig) -> MemoryPlan | None:
     """Driver-side check on the connected Ray cluster: print the plan, print warnings, raise
     ConfigError when the job cannot fit. A model the planner cannot read only skips the check."""
+    mode = os.environ.get(CHECK_ENV, "refuse")
+    if mode == "off":
+        return None
     try:
         nodes = cluster_nodes()
         gpus = [int(n.gpus) for n in nodes] if cfg.scaling.use_gpu else []
@@ -531,6 +537,12 @@ def preflight_memory(cfg: JobConfig) -> MemoryPlan | None:
         print(f"memory plan skipped: {type(e).__name__}: {e}")
         return None
     print(format_plan(plan))
-    for warning in check_memory(plan, cfg, nodes):
+    try:
+        warnings = check_memory(plan, cfg, nodes)
+    except ConfigError as e:
+        if mode != "warn":
+            raise
+        warnings = [f"warning ({CHECK_ENV}=warn): {e}"]
+    for warning in warnings:
         print(warning)
     return plan

@@ -431,12 +431,17 @@ def test_preflight_prints_the_plan_and_refuses(monkeypatch, tmp_path, capsys):
     cfg = job(f"model.name_or_path={tmp_path}", "scaling.use_gpu=true", "model.quantization.bits=4")
     assert preflight_memory(cfg).trainable_params > 0
     assert "memory plan per worker (6.74B params" in capsys.readouterr().out
+    full = cfg.model_copy(
+        update={"lora": None, "model": cfg.model.model_copy(update={"quantization": None})}
+    )
     with pytest.raises(ConfigError, match="will not fit"):
-        preflight_memory(
-            cfg.model_copy(
-                update={"lora": None, "model": cfg.model.model_copy(update={"quantization": None})}
-            )
-        )
+        preflight_memory(full)
+    monkeypatch.setenv("RAYFT_MEMORY_CHECK", "warn")  # the user's escape hatch
+    assert preflight_memory(full) is not None
+    assert "warning (RAYFT_MEMORY_CHECK=warn): the job will not fit" in capsys.readouterr().out
+    monkeypatch.setenv("RAYFT_MEMORY_CHECK", "off")
+    assert preflight_memory(full) is None and capsys.readouterr().out == ""
+    monkeypatch.delenv("RAYFT_MEMORY_CHECK")
     # a model the planner cannot build does not block the job
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
     assert preflight_memory(cfg) is None
