@@ -41,6 +41,7 @@ from jobs.distributed import (
 )
 from jobs.evaluation import eval_loss, exact_match, perplexity, token_loss_sum
 from jobs.manifest import write_run_manifest
+from jobs.memory import preflight_memory
 from jobs.model import add_lora, enable_gradient_checkpointing, load_base_model, load_tokenizer
 from jobs.parallel import Parallel, deepspeed_config, make_parallel
 from jobs.prepare import DROP_CODES, MALFORMED, prepare_data
@@ -367,6 +368,7 @@ def _run_job(cfg: JobConfig, address, inline: str, callbacks: list, extra: dict)
         deepspeed_config(cfg, cfg.scaling.num_workers)  # a bad user JSON fails here too
 
     init_ray(address)
+    preflight_memory(cfg)  # refuses a job that cannot fit, before any worker starts
     cfg = resolve_local_paths(cfg)
     run_dir = Path(cfg.checkpoint.storage_path) / cfg.run.name
     print(f"run directory: {run_dir}")
