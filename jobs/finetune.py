@@ -43,6 +43,7 @@ from jobs.evaluation import eval_loss, exact_match, perplexity, token_loss_sum
 from jobs.manifest import write_run_manifest
 from jobs.model import add_lora, load_base_model, load_tokenizer, trainable_parameters
 from jobs.prepare import DROP_CODES, MALFORMED, prepare_data
+from jobs.tracking import start_tracker, tracking_run_info
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +162,7 @@ def train_func(config: dict) -> None:
         print0("this run already finished; nothing to train")
         ray.train.report({"step": state.step, **state.final_metrics})
         return
+    tracker = start_tracker(cfg, config["run_info"], plan.total_steps)  # rank 0 only
 
     def report(metrics: dict, final: bool = False) -> None:
         # ray.train.report costs about a second on a small machine: only at eval/checkpoint steps.
@@ -172,6 +174,7 @@ def train_func(config: dict) -> None:
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
                 checkpoint_dir_name=name,
             )
+        tracker.log_checkpoint(f"{cfg.checkpoint.storage_path}/{cfg.run.name}/{name}", state.step)
 
     pad_id = tokenizer.pad_token_id
     ddp_model = wrap_model(model, cfg.train.strategy, device)
@@ -211,6 +214,7 @@ def train_func(config: dict) -> None:
             print0(
                 f"step {state.step}/{plan.total_steps} | loss {loss:.4f} | lr {scheduler.get_last_lr()[0]:.2e} | {tps:,.0f} tok/s"
             )
+            tracker.log({"train/loss": loss, "train/lr": scheduler.get_last_lr()[0], "train/tokens_per_s": tps}, state.step)  # fmt: skip
 
         metrics = {
             "step": state.step,
@@ -224,6 +228,7 @@ def train_func(config: dict) -> None:
                 ddp_model, eval_examples, cfg.eval.batch_size, pad_id, device, autocast
             )
             improved = state.record_eval(state.step, metrics["eval_loss"])
+            tracker.log({"eval/loss": metrics["eval_loss"]}, state.step)
             print0(
                 f"eval at step {state.step}: loss {metrics['eval_loss']:.4f}"
                 + (" (best)" if improved else "")
@@ -243,6 +248,7 @@ def train_func(config: dict) -> None:
             print0(
                 f"stopping after step {state.step} (run.stop_after_steps); run again to continue"
             )
+            tracker.finish()
             return
 
     # --- final evaluation: the same held-out set with the adapter and without it (the base)
@@ -267,6 +273,8 @@ def train_func(config: dict) -> None:
                 )
     state.completed, state.final_metrics = True, final
     report(final, final=True)
+    tracker.summary(final)
+    tracker.finish()
 
 
 # ------------------------------------------------------------------------ the driver
@@ -346,7 +354,11 @@ def _run_job(cfg: JobConfig, address, inline: str, callbacks: list, extra: dict)
     resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"job": cfg.model_dump(), "data": ray.put(payload)},
+        train_loop_config={
+            "job": cfg.model_dump(),
+            "data": ray.put(payload),
+            "run_info": tracking_run_info(cfg, data.dataset_hash),
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
