@@ -1,5 +1,6 @@
 """Secrets never land in a run's artifacts or logs: canary values planted in the environment
-(cloud, tracker, hub and API keys) are searched for in everything a job and a data prep write."""
+(cloud, tracker, hub and API keys) are searched for in everything a job and a data prep write,
+the job's experiment tracker files included (wandb, offline)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from jobs.tracking import read_wandb_run
 from tests.helpers import REPO
 
 CANARIES = {
@@ -26,12 +28,14 @@ CANARIES = {
 @pytest.mark.integration
 def test_no_secret_reaches_run_files_or_logs(tmp_path, tiny_model_dir):
     ray_tmp = Path(tempfile.mkdtemp(prefix="rsec", dir="/tmp"))  # socket paths must stay short
-    env = {**os.environ, **CANARIES, "RAY_TMPDIR": str(ray_tmp)}
+    env = {**os.environ, **CANARIES, "RAY_TMPDIR": str(ray_tmp), "WANDB_MODE": "offline",
+           "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), "WANDB_CACHE_DIR": str(tmp_path / "wandb-cache")}  # fmt: skip
     job = subprocess.run(
         [sys.executable, "-m", "jobs.finetune", "configs/quickstart.yaml", "run.name=canary",
          f"model.name_or_path={tiny_model_dir}", f"checkpoint.storage_path={tmp_path / 'runs'}",
          "train.max_steps=4", "eval.every_steps=2", "checkpoint.every_steps=2",
-         "eval.max_generate_samples=4", "eval.early_stopping_patience=null"],
+         "eval.max_generate_samples=4", "eval.early_stopping_patience=null",
+         "tracking.backend=wandb", "tracking.mode=offline"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert job.returncode == 0, job.stderr[-3000:]
@@ -44,6 +48,9 @@ def test_no_secret_reaches_run_files_or_logs(tmp_path, tiny_model_dir):
 
     written = [p for root in ("runs", "prepared") for p in (tmp_path / root).rglob("*") if p.is_file()]  # fmt: skip
     assert any(p.name == "run.json" for p in written) and any(p.name == "manifest.json" for p in written)  # fmt: skip
+    (tracker_dir,) = (tmp_path / "runs" / "canary" / "wandb").glob("offline-run-*")
+    assert read_wandb_run(tracker_dir)["history"]  # the tracker ran and its record was searched
+    written += [p for p in (tmp_path / "wandb-config").rglob("*") if p.is_file()]
     logs = [p for p in ray_tmp.rglob("*") if p.is_file() and p.suffix in (".log", ".out", ".err", ".txt", ".json")]  # fmt: skip
     blobs = {str(p): p.read_bytes() for p in written + logs}
     blobs["job stdout+stderr"] = (job.stdout + job.stderr).encode()
