@@ -205,10 +205,13 @@ def test_a_tracker_failing_mid_run_warns_once_then_stays_quiet(tmp_path, caplog)
     assert "failed in log_checkpoint" in warning.getMessage()
 
 
-def test_other_ranks_and_backend_none_track_nothing(tmp_path):
+def test_backend_none_and_ranks_other_than_0_track_nothing(tmp_path, monkeypatch):
     cfg = job_config(tmp_path)
     assert type(start_tracker(cfg, tracking_run_info(cfg, "sha256:feed"), 3)) is Tracker
-    assert not (tmp_path / "track").exists()
+    wandb = job_config(tmp_path, "tracking.backend=wandb", "tracking.mode=offline")
+    monkeypatch.setattr("jobs.distributed.rank_and_world", lambda: (1, 2))  # a second DDP rank
+    assert type(start_tracker(wandb, tracking_run_info(wandb, "sha256:feed"), 3)) is Tracker
+    assert not (tmp_path / "track").exists()  # no wandb directory either
 
 
 def test_the_run_key_is_the_checkpoint_directory(tmp_path):
