@@ -93,8 +93,12 @@ def git_state(cwd: str | Path = CODE_ROOT) -> dict[str, Any]:
         return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
 
     try:
-        sha = git("rev-parse", "HEAD")
-        if sha.returncode == 0:
+        top = git("rev-parse", "--show-toplevel")
+        # only the code's own repository: a copy unpacked somewhere inside another repository
+        # (a home directory under git) must not report that repository's commit
+        own = top.returncode == 0 and Path(top.stdout.strip()).resolve() == Path(cwd).resolve()
+        sha = git("rev-parse", "HEAD") if own else top
+        if own and sha.returncode == 0:
             dirty = bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())
             return {"sha": sha.stdout.strip(), "dirty": dirty, "source": "git"}
     except (OSError, subprocess.TimeoutExpired):

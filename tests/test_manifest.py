@@ -117,6 +117,16 @@ def test_code_shipped_without_git_takes_its_commit_from_the_submitter(tmp_path, 
     assert git_state(REPO)["source"] == "git"  # a checkout's own state wins
 
 
+def test_code_inside_another_repository_is_not_that_repositorys_commit(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAYFT_GIT_SHA", raising=False)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "home"], check=True)
+    (tmp_path / "job-copy").mkdir()  # e.g. an unpacked working_dir under a home kept in git
+    assert git_state(tmp_path / "job-copy") == {"sha": None, "dirty": None, "source": None}
+    assert git_state(tmp_path)["source"] == "git"
+
+
 def test_code_state_describes_the_code_not_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # no repository here
     manifest = write_run_manifest(tmp_path / "run.json", config={})
