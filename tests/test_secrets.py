@@ -4,6 +4,7 @@ the job's experiment tracker files included (wandb, offline)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -48,8 +49,17 @@ def test_no_secret_reaches_run_files_or_logs(tmp_path, tiny_model_dir):
 
     written = [p for root in ("runs", "prepared") for p in (tmp_path / root).rglob("*") if p.is_file()]  # fmt: skip
     assert any(p.name == "run.json" for p in written) and any(p.name == "manifest.json" for p in written)  # fmt: skip
+    # the tracker recorded the run (so its file below was worth searching): evals at steps 2 and
+    # 4, the last step's train metrics, the final metrics and checkpoint locations, as run.json has them
     (tracker_dir,) = (tmp_path / "runs" / "canary" / "wandb").glob("offline-run-*")
-    assert read_wandb_run(tracker_dir)["history"]  # the tracker ran and its record was searched
+    tracked = read_wandb_run(tracker_dir)
+    manifest = json.loads((tmp_path / "runs" / "canary" / "run.json").read_text())
+    evals = {h["_step"]: h["eval/loss"] for h in tracked["history"] if "eval/loss" in h}
+    assert evals == pytest.approx({e["step"]: e["eval_loss"] for e in manifest["eval_history"]})
+    assert [h["_step"] for h in tracked["history"] if "train/loss" in h] == [4]
+    assert tracked["summary"]["final/eval_loss"] == pytest.approx(manifest["metrics"]["eval_loss"])
+    assert tracked["summary"]["last_checkpoint"].endswith("canary/checkpoint_000004_final")
+    assert tracked["config"]["provenance"]["dataset_hash"] == manifest["dataset_hash"]
     written += [p for p in (tmp_path / "wandb-config").rglob("*") if p.is_file()]
     logs = [p for p in ray_tmp.rglob("*") if p.is_file() and p.suffix in (".log", ".out", ".err", ".txt", ".json")]  # fmt: skip
     blobs = {str(p): p.read_bytes() for p in written + logs}
