@@ -303,7 +303,7 @@ def start_tracker(cfg: JobConfig, info: dict, total_steps: int) -> Tracker:
         return Tracker()
     try:
         if backend == "wandb":
-            return WandbTracker(cfg, info, total_steps, wandb_dir(cfg, info))
+            return WandbTracker(cfg, info, total_steps, wandb_dir(info))
         return MlflowTracker(cfg, info, total_steps)
     except Exception as e:
         message = f"tracking.backend {backend} did not start: {scrub(f'{type(e).__name__}: {e}')}"
@@ -315,14 +315,15 @@ def start_tracker(cfg: JobConfig, info: dict, total_steps: int) -> Tracker:
         return Tracker()
 
 
-def wandb_dir(cfg: JobConfig, info: dict) -> str:
+def wandb_dir(info: dict) -> str:
     """Where wandb writes its files: WANDB_DIR when set, else beside the checkpoints when they
-    are on a local disk (an offline run stays with its run), else the working directory."""
+    are on a local disk (an offline run stays with its run), else ~/.cache/rayft/wandb on the
+    rank-0 node (not the working directory: Ray deletes a job's working_dir copy)."""
     if os.environ.get("WANDB_DIR"):
         return os.environ["WANDB_DIR"]
     if is_local_path_uri(info["run_dir"]):
         return info["run_dir"].removeprefix("file://")
-    return os.getcwd()
+    return str(Path.home() / ".cache" / "rayft" / "wandb")
 
 
 # ------------------------------------------------------------------------ reading a wandb run back

@@ -25,6 +25,7 @@ from jobs.tracking import (
     start_tracker,
     tracked_config,
     tracking_run_info,
+    wandb_dir,
     wandb_run_id,
 )
 from tests.helpers import REPO, free_port
@@ -220,6 +221,16 @@ def test_the_run_key_is_the_checkpoint_directory(tmp_path):
     assert a["run_key"] != tracking_run_info(job_config(tmp_path / "two"), "sha256:x")["run_key"]
     run_id = wandb_run_id(a["run_key"], "my.run_name")
     assert run_id.startswith("my-run_name-") and len(run_id) <= 64
+
+
+def test_wandb_files_go_beside_a_local_run_else_to_the_home_cache(tmp_path, monkeypatch):
+    local = tracking_run_info(job_config(tmp_path / "runs"), "sha256:x")
+    assert wandb_dir(local) == f"{tmp_path}/runs/track"
+    remote = tracking_run_info(job_config("s3://bucket/runs"), "sha256:x")
+    assert remote["run_dir"] == "s3://bucket/runs/track"
+    assert wandb_dir(remote) == str(Path.home() / ".cache" / "rayft" / "wandb")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "mine"))
+    assert wandb_dir(local) == wandb_dir(remote) == str(tmp_path / "mine")
 
 
 def test_the_tracked_config_hides_secrets(tmp_path, monkeypatch):
