@@ -182,6 +182,8 @@ class MlflowTracker(_GuardedTracker):
             [experiment_id], filter_string=f"tags.`{self.RUN_KEY_TAG}` = '{key}'", max_results=1
         )
         tags = {self.RUN_KEY_TAG: key, **run_tags(cfg, info, total_steps)}
+        if info["code"]["sha"]:  # the commit MLflow's UI shows for a run
+            tags["mlflow.source.git.commit"] = info["code"]["sha"]
         config = tracked_config(cfg, info, total_steps)
         if found:
             self.run_id = found[0].info.run_id
