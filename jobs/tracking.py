@@ -62,15 +62,15 @@ class _GuardedTracker(Tracker):
     tracking off for the rest of the run."""
 
     def __init__(self) -> None:
-        self.failed = False
+        self.off = False  # after a failure or finish()
 
     def _guard(self, what: str, fn, *args) -> None:
-        if self.failed:
+        if self.off:
             return
         try:
             fn(*args)
         except Exception as e:
-            self.failed = True
+            self.off = True
             logger.warning(
                 "tracking (%s) failed in %s, the run goes on untracked: %s",
                 self.backend,
@@ -89,7 +89,7 @@ class _GuardedTracker(Tracker):
 
     def finish(self):
         self._guard("finish", self._finish)
-        self.failed = True  # nothing after finish
+        self.off = True
 
 
 # ------------------------------------------------------------------------ wandb
@@ -105,7 +105,6 @@ class WandbTracker(_GuardedTracker):
         super().__init__()
         import wandb
 
-        self._wandb = wandb
         tracking = cfg.tracking
         Path(wandb_dir).mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(
