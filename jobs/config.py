@@ -282,6 +282,9 @@ class TrackingConfig(Section):
     mode: Literal["online", "offline"] = "online"
     tracking_uri: str | None = None
     tags: dict[str, str] = {}
+    # A tracker that cannot start (no network, bad URI, no credentials) warns and the run goes on
+    # untracked; true fails the job before its first step instead.
+    required: bool = False
 
 
 class JobConfig(Section):

@@ -45,6 +45,7 @@ from jobs.memory import preflight_memory
 from jobs.model import add_lora, enable_gradient_checkpointing, load_base_model, load_tokenizer
 from jobs.parallel import Parallel, deepspeed_config, make_parallel
 from jobs.prepare import DROP_CODES, MALFORMED, prepare_data
+from jobs.tracking import start_tracker, tracking_run_info
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +186,7 @@ def train_func(config: dict) -> None:
         print0("this run already finished; nothing to train")
         ray.train.report({"step": state.step, **state.final_metrics})
         return
+    tracker = start_tracker(cfg, config["run_info"], plan.total_steps)  # rank 0 only
 
     def report(metrics: dict, final: bool = False) -> None:
         # ray.train.report costs about a second on a small machine: only at eval/checkpoint steps.
@@ -196,6 +198,7 @@ def train_func(config: dict) -> None:
                 checkpoint=ray.train.Checkpoint.from_directory(tmp),
                 checkpoint_dir_name=name,
             )
+        tracker.log_checkpoint(f"{cfg.checkpoint.storage_path}/{cfg.run.name}/{name}", state.step)
 
     state.worker_nodes = all_gather_objects(ray.get_runtime_context().get_node_id())
     pad_id = tokenizer.pad_token_id
@@ -243,6 +246,7 @@ def train_func(config: dict) -> None:
             print0(
                 f"step {state.step}/{plan.total_steps} | loss {loss:.4f} | lr {par.last_lr():.2e} | {tps:,.0f} tok/s"
             )
+            tracker.log({"train/loss": loss, "train/lr": scheduler.get_last_lr()[0], "train/tokens_per_s": tps}, state.step)  # fmt: skip
 
         metrics = {
             "step": state.step,
@@ -262,6 +266,7 @@ def train_func(config: dict) -> None:
                 par.collective_forward,
             )
             improved = state.record_eval(state.step, metrics["eval_loss"])
+            tracker.log({"eval/loss": metrics["eval_loss"]}, state.step)
             print0(
                 f"eval at step {state.step}: loss {metrics['eval_loss']:.4f}"
                 + (" (best)" if improved else "")
@@ -281,6 +286,7 @@ def train_func(config: dict) -> None:
             print0(
                 f"stopping after step {state.step} (run.stop_after_steps); run again to continue"
             )
+            tracker.finish()
             return
 
     # --- final evaluation: the same held-out set with the adapter and without it (the base)
@@ -298,6 +304,8 @@ def train_func(config: dict) -> None:
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     state.worker_peak_rss_mb = all_gather_objects(round(peak_rss_mb, 1))
     report(final, final=True)
+    tracker.summary(final)
+    tracker.finish()
 
 
 # ------------------------------------------------------------------------ the driver
@@ -380,7 +388,11 @@ def _run_job(cfg: JobConfig, address, inline: str, callbacks: list, extra: dict)
     resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"job": cfg.model_dump(), "data": ray.put(payload)},
+        train_loop_config={
+            "job": cfg.model_dump(),
+            "data": ray.put(payload),
+            "run_info": tracking_run_info(cfg, data.dataset_hash),
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
