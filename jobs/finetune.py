@@ -246,7 +246,10 @@ def train_func(config: dict) -> None:
             print0(
                 f"step {state.step}/{plan.total_steps} | loss {loss:.4f} | lr {par.last_lr():.2e} | {tps:,.0f} tok/s"
             )
-            tracker.log({"train/loss": loss, "train/lr": scheduler.get_last_lr()[0], "train/tokens_per_s": tps}, state.step)  # fmt: skip
+            tracker.log(
+                {"train/loss": loss, "train/lr": par.last_lr(), "train/tokens_per_s": tps},
+                state.step,
+            )
 
         metrics = {
             "step": state.step,
