@@ -249,6 +249,12 @@ class ScalingConfig(Section):
     # Worker-group failures (a lost node, a killed worker) survived by restarting the workers from
     # the newest checkpoint; -1 retries forever. Ray Train's FailureConfig(max_failures).
     max_failures: int = Field(0, ge=-1)
+    # The memory plan (jobs/memory.py) checks the job against the workers' memory before they
+    # start: refuse (default) | warn (print the refusal, start anyway) | off
+    memory_check: Literal["refuse", "warn", "off"] = "refuse"
+    gpu_memory_gib: float | None = Field(
+        None, gt=0
+    )  # per GPU; None: by the node's accelerator type
     # PACK: workers on as few nodes as possible; SPREAD: one per node where it can
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 

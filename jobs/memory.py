@@ -11,7 +11,6 @@ numbers. Every estimate is an approximation; each assumption is stated where it 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -46,9 +45,8 @@ GPU_MEMORY_GIB: dict[str, tuple[float, float]] = {
     "B200": (178.4, 178.4),
     "RTX-PRO-6000": (94.9, 94.9),
 }
-GPU_MEMORY_ENV = "RAYFT_GPU_MEMORY_GIB"  # per-GPU memory in GiB (80 for an 80 GB card), wins
-# refuse (default) | warn: print the refusal and start anyway | off: no plan, no check
-CHECK_ENV = "RAYFT_MEMORY_CHECK"
+GPU_MEMORY_FIELD = "scaling.gpu_memory_gib"  # per-GPU memory in GiB (80 for an 80 GB card), wins
+CHECK_FIELD = "scaling.memory_check"  # refuse (default) | warn | off
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -414,9 +412,9 @@ def place_workers(cfg: JobConfig, nodes: list[NodeInfo]) -> dict[str, int]:
 def gpu_memory_range(cfg: JobConfig, node: NodeInfo) -> tuple[int, int, str] | None:
     """(smallest, largest) bytes of one worker's GPU share and where the number came from."""
     share = worker_resources(cfg).get("GPU", 1)
-    if os.environ.get(GPU_MEMORY_ENV):
-        given = int(float(os.environ[GPU_MEMORY_ENV]) * GIB * share)
-        return given, given, f"{GPU_MEMORY_ENV}={os.environ[GPU_MEMORY_ENV]}"
+    if cfg.scaling.gpu_memory_gib:
+        given = int(cfg.scaling.gpu_memory_gib * GIB * share)
+        return given, given, f"{GPU_MEMORY_FIELD}={cfg.scaling.gpu_memory_gib:g}"
     if node.accelerator_type not in GPU_MEMORY_GIB:
         return None
     low, high = GPU_MEMORY_GIB[node.accelerator_type]
@@ -476,7 +474,7 @@ def check_memory(plan: MemoryPlan, cfg: JobConfig, nodes: list[NodeInfo]) -> lis
             if got is None:
                 warnings.append(
                     f"memory check: GPU memory of {where} unknown (accelerator_type "
-                    f"{node.accelerator_type}); set {GPU_MEMORY_ENV} to check it"
+                    f"{node.accelerator_type}); set {GPU_MEMORY_FIELD} to check it"
                 )
             else:
                 low, high, source = got
@@ -505,8 +503,8 @@ def check_memory(plan: MemoryPlan, cfg: JobConfig, nodes: list[NodeInfo]) -> lis
             + format_plan(plan)
             + "\n  try: lora (or model.quantization for QLoRA), train.gradient_checkpointing, a "
             "smaller train.micro_batch_size or data.max_seq_len, train.strategy fsdp/deepspeed "
-            f"with more workers, or offload. {GPU_MEMORY_ENV}=N sets the GPU memory assumed; "
-            f"{CHECK_ENV}=warn starts the job anyway"
+            f"with more workers, or offload. {GPU_MEMORY_FIELD}=N sets the GPU memory assumed; "
+            f"{CHECK_FIELD}=warn starts the job anyway"
         )
     return warnings
 
@@ -523,7 +521,7 @@ def _judge(need: int, low: int, high: int, what: str, warnings: list, refusals: 
 def preflight_memory(cfg: JobConfig) -> MemoryPlan | None:
     """Driver-side check on the connected Ray cluster: print the plan, print warnings, raise
     ConfigError when the job cannot fit. A model the planner cannot read only skips the check."""
-    mode = os.environ.get(CHECK_ENV, "refuse")
+    mode = cfg.scaling.memory_check
     if mode == "off":
         return None
     try:
@@ -542,7 +540,7 @@ def preflight_memory(cfg: JobConfig) -> MemoryPlan | None:
     except ConfigError as e:
         if mode != "warn":
             raise
-        warnings = [f"warning ({CHECK_ENV}=warn): {e}"]
+        warnings = [f"warning ({CHECK_FIELD}=warn): {e}"]
     for warning in warnings:
         print(warning)
     return plan

@@ -16,7 +16,7 @@ from jobs.config import ConfigError, apply_overrides, load_config, parse_overrid
 from jobs.evaluation import token_loss_sum
 from jobs.memory import (
     GIB,
-    GPU_MEMORY_ENV,
+    GPU_MEMORY_FIELD,
     GPU_MEMORY_GIB,
     ModelShape,
     NodeInfo,
@@ -390,12 +390,13 @@ def test_unknown_gpu_or_no_room_is_not_refused(monkeypatch, shapes_7b):
     cfg = job("lora=null", "scaling.use_gpu=true")
     plan = plan_memory(cfg, shapes_7b["full"])
     (note,) = check_memory(plan, cfg, [gpu_node("Z9000")])
-    assert GPU_MEMORY_ENV in note
+    assert GPU_MEMORY_FIELD in note
     (note,) = check_memory(plan, cfg, [cpu_node(8, 64, "cpu-only")])  # an autoscaler adds GPUs
     assert "skipped" in note
-    monkeypatch.setenv(GPU_MEMORY_ENV, "200")
-    assert check_memory(plan, cfg, [gpu_node("Z9000")]) == []
-    monkeypatch.delenv(GPU_MEMORY_ENV)
+    given = cfg.model_copy(
+        update={"scaling": cfg.scaling.model_copy(update={"gpu_memory_gib": 200})}
+    )
+    assert check_memory(plan, given, [gpu_node("Z9000")]) == []
     # Ray calls every A100 "A100": warn against 40 GB, refuse only beyond 80 GB
     fifty = plan_memory(job("scaling.use_gpu=true"), shapes_7b["lora"])
     fifty.activations += 50 * GIB - fifty.device_bytes
@@ -436,12 +437,12 @@ def test_preflight_prints_the_plan_and_refuses(monkeypatch, tmp_path, capsys):
     )
     with pytest.raises(ConfigError, match="will not fit"):
         preflight_memory(full)
-    monkeypatch.setenv("RAYFT_MEMORY_CHECK", "warn")  # the user's escape hatch
+    full.scaling.memory_check = "warn"  # the user's escape hatch
     assert preflight_memory(full) is not None
-    assert "warning (RAYFT_MEMORY_CHECK=warn): the job will not fit" in capsys.readouterr().out
-    monkeypatch.setenv("RAYFT_MEMORY_CHECK", "off")
+    assert "warning (scaling.memory_check=warn): the job will not fit" in capsys.readouterr().out
+    full.scaling.memory_check = "off"
     assert preflight_memory(full) is None and capsys.readouterr().out == ""
-    monkeypatch.delenv("RAYFT_MEMORY_CHECK")
+    full.scaling.memory_check = "refuse"
     # a model the planner cannot build does not block the job
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "no-such-architecture"}))
     assert preflight_memory(cfg) is None
