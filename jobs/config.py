@@ -260,9 +260,18 @@ class ScalingConfig(Section):
 
 
 class CheckpointConfig(Section):
-    storage_path: str = "runs"  # a run lives in STORAGE_PATH/RUN_NAME; a local directory for now
+    # a run lives in STORAGE_PATH/RUN_NAME: a local directory or s3://bucket/prefix (endpoint
+    # from AWS_ENDPOINT_URL for MinIO/R2/GCS interop)
+    storage_path: str = "runs"
     every_steps: int | None = Field(500, ge=1)
     keep_last: int = Field(2, ge=1)
+
+    @field_validator("storage_path")
+    @classmethod
+    def _local_or_s3(cls, v: str) -> str:
+        if "://" in v and not v.startswith("s3://"):
+            raise ValueError(f"{v}: give a local directory or s3://bucket/prefix")
+        return v
 
 
 class EvalConfig(Section):

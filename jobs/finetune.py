@@ -329,6 +329,8 @@ def resolve_local_paths(cfg: JobConfig) -> JobConfig:
     model = Path(cfg.model.name_or_path).expanduser()
     if not in_working_dir and model.exists():
         cfg.model.name_or_path = str(model.resolve())
+    if is_remote(cfg.checkpoint.storage_path):
+        return cfg
     storage = Path(cfg.checkpoint.storage_path).expanduser()
     if not storage.is_absolute():
         storage = Path.home() / storage if in_working_dir else storage.resolve()
@@ -337,6 +339,33 @@ def resolve_local_paths(cfg: JobConfig) -> JobConfig:
 
 
 DROP_COUNTS = {MALFORMED, *DROP_CODES.values()}
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def ray_storage(path: str):
+    """Ray Train's (storage_path, storage_filesystem) for a local directory or s3://bucket/prefix.
+
+    The S3 endpoint comes from AWS_ENDPOINT_URL(_S3), as everywhere else here (MinIO, R2, moto);
+    credentials from the usual AWS chain, never from the config.
+    """
+    if not path.startswith("s3://"):
+        if is_remote(path):
+            raise ConfigError(
+                f"checkpoint.storage_path: {path}: only local paths and s3:// are supported"
+            )
+        return path, None
+    import os
+
+    import pyarrow.fs
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    kwargs = {}
+    if endpoint:
+        kwargs = {"endpoint_override": endpoint, "scheme": endpoint.split("://")[0]}
+    return path.removeprefix("s3://"), pyarrow.fs.S3FileSystem(**kwargs)
 
 
 def run_job(
@@ -381,7 +410,8 @@ def _run_job(cfg: JobConfig, address, inline: str, callbacks: list, extra: dict)
     init_ray(address)
     preflight_memory(cfg)  # refuses a job that cannot fit, before any worker starts
     cfg = resolve_local_paths(cfg)
-    run_dir = Path(cfg.checkpoint.storage_path) / cfg.run.name
+    run_dir = f"{cfg.checkpoint.storage_path.rstrip('/')}/{cfg.run.name}"
+    storage_path, storage_fs = ray_storage(cfg.checkpoint.storage_path)
     print(f"run directory: {run_dir}")
     payload = {
         "train": data.train,
@@ -404,7 +434,8 @@ def _run_job(cfg: JobConfig, address, inline: str, callbacks: list, extra: dict)
         ),
         run_config=ray.train.RunConfig(
             name=cfg.run.name,
-            storage_path=cfg.checkpoint.storage_path,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             callbacks=callbacks,
@@ -414,9 +445,12 @@ def _run_job(cfg: JobConfig, address, inline: str, callbacks: list, extra: dict)
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint in {run_dir}")
 
-    # LoRA: the adapter; full fine-tune: the consolidated model (in the final checkpoint only)
+    # LoRA: the adapter; full fine-tune: the consolidated model (in the final checkpoint only).
+    # Written to a local directory first; for s3:// storage uploaded with run.json last, so a
+    # run.json that exists describes outputs that are all there.
     kind = "adapter" if cfg.lora is not None else "model"
-    out_dir = run_dir / kind
+    local_dir = Path(run_dir) if not is_remote(run_dir) else Path(inline) / "run"
+    out_dir = local_dir / kind
     with result.checkpoint.as_directory() as ckpt_dir:
         state = read_trainer_state(Path(ckpt_dir))
         if (Path(ckpt_dir) / kind).is_dir():
@@ -426,8 +460,8 @@ def _run_job(cfg: JobConfig, address, inline: str, callbacks: list, extra: dict)
     summary = {
         "run_name": cfg.run.name,
         "status": "completed" if state.completed else f"paused at step {state.step}",
-        "adapter": str(out_dir) if kind == "adapter" else None,
-        "model": str(out_dir) if kind == "model" else None,
+        "adapter": f"{run_dir}/{kind}" if kind == "adapter" else None,
+        "model": f"{run_dir}/{kind}" if kind == "model" else None,
         "method": "lora" if cfg.lora is not None else "full",
         "strategy": cfg.train.strategy,
         "base_model": cfg.model.name_or_path,
@@ -446,9 +480,25 @@ def _run_job(cfg: JobConfig, address, inline: str, callbacks: list, extra: dict)
         "loss_history": state.history,
         "eval_history": state.evals,
     }
-    write_run_manifest(run_dir / "run.json", **summary)
-    keep_data_report(cfg.data.prepared or inline, run_dir / "data")
+    keep_data_report(cfg.data.prepared or inline, local_dir / "data")
+    if is_remote(run_dir):
+        upload_dir(local_dir, run_dir)
+        with tempfile.TemporaryDirectory() as tmp:
+            write_run_manifest(Path(tmp) / "run.json", **summary)
+            upload_dir(Path(tmp), run_dir)
+    else:
+        write_run_manifest(local_dir / "run.json", **summary)
     return summary
+
+
+def upload_dir(local: Path, remote: str) -> None:
+    import fsspec
+
+    from jobs.sources import storage_options
+
+    fs, root = fsspec.core.url_to_fs(remote, **storage_options(remote))
+    for f in sorted(p for p in local.rglob("*") if p.is_file()):
+        fs.put_file(str(f), f"{root}/{f.relative_to(local).as_posix()}")
 
 
 def keep_data_report(prepared: str, dest: Path) -> None:
@@ -490,7 +540,7 @@ def print_summary(summary: dict) -> None:
     # plain print: a path must stay whole on one line, whatever the terminal's width
     kind = "adapter" if summary["adapter"] else "model"
     out = summary[kind]
-    print(f"{kind}: {out}\nmanifest: {Path(out).parent / 'run.json'}")
+    print(f"{kind}: {out}\nmanifest: {out.rsplit('/', 1)[0]}/run.json")
 
 
 def main(
