@@ -40,6 +40,7 @@ from serve.errors import (
     ModelNotFound,
     Overloaded,
 )
+from serve.limits import LocalLimits, Release, SharedLimits, limiter_name
 from serve.metrics import Metrics
 from serve.model import Job, ModelServer, ModelWorker, Prompts
 from serve.names import parse_model_name
@@ -113,6 +114,17 @@ async def _remote_pieces(remote) -> AsyncIterator:
             remote.cancel()
 
 
+def _no_release(used: int) -> None:
+    pass
+
+
+def app_name() -> str:
+    try:
+        return serve.get_replica_context().app_name
+    except Exception:
+        return "local"
+
+
 def admission_limit(s: ServeSettings) -> int | None:
     """How many requests one ingress replica holds before it answers 503 itself."""
     if s.layout == "routed":
@@ -142,6 +154,15 @@ class MultiAdapterServer:
             self.registry = AdapterRegistry(s.registry, s.adapters, ttl_s=s.alias_ttl_s,
                                             download_dir=s.adapter_download_dir)  # fmt: skip
         self.tenants = Tenants.from_file(s.tenants) if s.tenants else None
+        self.limits: LocalLimits | SharedLimits | None = None
+        if self.tenants is not None:
+            self.limits = (
+                SharedLimits(self.tenants, s.tenants, limiter_name(app_name(), s.tenants))
+                if s.shared_rate_limits
+                else LocalLimits(self.tenants)
+            )
+            if isinstance(self.limits, SharedLimits):
+                self.limits.start()
         # Requests in this replica (running, batching, waiting): over the limit is a 503 in the
         # OpenAI shape here, before Serve's own queue limit would answer in plain text.
         self.admitted = 0
@@ -212,7 +233,7 @@ class MultiAdapterServer:
             self.metrics.request(model_label, 503)
             raise overloaded(f"{self.admitted} requests in this replica")
         self.admitted += 1
-        release = True  # a stream releases its admission when it ends
+        admitted = True  # a stream leaves this replica's count when it ends
         try:
             tenant = self.authenticate(request)
             body = parse_body(
@@ -227,9 +248,10 @@ class MultiAdapterServer:
                 len(prompt_ids), body.requested_max_tokens, "messages" if chat else "prompt"
             )
             reserved = len(prompt_ids) + max_tokens
-            if self.tenants is not None:
+            release: Release = _no_release
+            if self.limits is not None:
                 # Before any adapter is read: a tenant over its limits costs no storage read.
-                self.tenants.admit(tenant, reserved)
+                release = await self.limits.admit(tenant, reserved)
             job = Job(
                 GenerationRequest(prompt_ids, ref.key if ref else None, body.sampling(max_tokens)),
                 ref,
@@ -243,17 +265,17 @@ class MultiAdapterServer:
                     # The adapter is read and checked before the 200: its errors are HTTP errors.
                     pieces, headers[REPLICA_HEADER] = await self.open_stream(job)
                 except BaseException:
-                    self.settle(tenant, reserved, used)
+                    release(used)
                     raise
-                status, release = 200, False
+                status, admitted = 200, False
                 stream = self.stream(pieces, job, request_id, served, chat, body.include_usage,
-                                     tenant, reserved)  # fmt: skip
+                                     release, reserved)  # fmt: skip
                 return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
             try:
                 result, headers[REPLICA_HEADER] = await self.execute(job)
                 used = result.prompt_tokens + result.completion_tokens
             finally:
-                self.settle(tenant, reserved, used)
+                release(used)
             if self.settings.expose_metrics:
                 headers[BATCH_HEADER] = (
                     f"rows={result.batch_rows}; adapters={result.batch_adapters}"
@@ -266,7 +288,7 @@ class MultiAdapterServer:
             status = e.status
             raise
         finally:
-            if release:
+            if admitted:
                 self.admitted -= 1
             self.metrics.request(model_label, status)
 
@@ -282,10 +304,6 @@ class MultiAdapterServer:
                 param=param,
             )
         return requested or min(self.settings.default_max_tokens, room)
-
-    def settle(self, tenant: Tenant | None, reserved: int, used: int) -> None:
-        if self.tenants is not None:
-            self.tenants.settle(tenant, reserved, used)
 
     # --- running a job, here or on a model replica -------------------------------------------
     async def execute(self, job: Job) -> tuple[GenerationResult, str]:
@@ -334,7 +352,7 @@ class MultiAdapterServer:
 
     async def stream(
         self, pieces: AsyncIterator, job: Job, request_id: str, model: str, chat: bool,
-        include_usage: bool, tenant: Tenant | None, reserved: int,
+        include_usage: bool, release: Release, reserved: int,
     ) -> AsyncIterator[str]:  # fmt: skip
         used = reserved  # a client that hangs up mid-stream gets no refund
         try:
@@ -366,7 +384,7 @@ class MultiAdapterServer:
             yield "data: [DONE]\n\n"
         finally:
             self.admitted -= 1
-            self.settle(tenant, reserved, used)
+            release(used)
 
 
 def build_app(args: ServeSettings) -> serve.Application:
@@ -394,5 +412,7 @@ def build_app(args: ServeSettings) -> serve.Application:
         ),  # fmt: skip
         **({"num_replicas": s.model_replicas} if s.model_replicas is not None else {}),
     )
-    ingress = ingress.options(ray_actor_options={"num_cpus": s.ingress_cpus})
+    ingress = ingress.options(
+        ray_actor_options={"num_cpus": s.ingress_cpus}, num_replicas=s.ingress_replicas
+    )
     return ingress.bind(s.model_dump(), model.bind(s.model_dump()))

@@ -32,6 +32,8 @@ class ServeSettings(BaseModel):
 
     tenants: str | None = None  # tenants YAML (serve/tenants.py)
     allow_unauthenticated: bool = False  # only for local experiments: no keys, no limits
+    # Tenant limits held by one Ray actor for all replicas (serve/limits.py); false: per replica.
+    shared_rate_limits: bool = True
 
     # Adapter slots on the model, per replica. A slot costs rank x (in + out) per targeted layer;
     # at least max_batch_size, a batch never has to be split into rounds of fewer adapters.
@@ -44,6 +46,7 @@ class ServeSettings(BaseModel):
     layout: Literal["single", "routed"] = "single"
     model_replicas: int | None = Field(None, ge=1)  # routed: ModelServer replicas (or autoscaling)
     ingress_cpus: float = Field(0.5, ge=0)  # routed: CPUs of an ingress replica (tokenizing)
+    ingress_replicas: int = Field(1, ge=1)  # routed: HTTP ingress replicas
     ingress_max_ongoing_requests: int = Field(2048, ge=1)  # routed: then 503 from the ingress
     # routed: how often model replicas report the adapters they hold to the router, and how many
     # requests longer a holder's queue may be than the shortest before others are preferred.

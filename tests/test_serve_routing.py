@@ -10,10 +10,13 @@ import time
 import httpx
 import pytest
 import ray
+import yaml
 from ray import serve
 from transformers import AutoModelForCausalLM
 
 from serve.app import build_app
+from serve.limits import limiter_name
+from serve.tenants import hash_key
 from serve.testing import make_random_adapter
 from tests.helpers import REPO, free_port
 from tests.test_serve_adapters import publish
@@ -25,6 +28,7 @@ pytestmark = pytest.mark.integration
 V1 = "a1b2c3d4e5f6"
 ADAPTERS = ["red", "green", "blue", "gray"]
 MESSAGES = [{"role": "user", "content": "How was the delivery?"}]
+OPEN, METERED = "sk-test-open-key-0001", "sk-test-metered-key-0002"
 
 
 @pytest.fixture(scope="module")
@@ -34,32 +38,40 @@ def routed(tiny_model_dir, tmp_path_factory):
     for seed, name in enumerate(ADAPTERS, start=20):
         made = make_random_adapter(tiny_model_dir, tmp / "src" / name, seed=seed, base_model=base)
         publish(tmp / "registry", name, V1, made)
+    tenants = tmp / "tenants.yaml"
+    tenants.write_text(yaml.safe_dump({"tenants": [
+        {"name": "open", "key_sha256": hash_key(OPEN), "adapters": ["*"]},
+        {"name": "metered", "key_sha256": hash_key(METERED), "adapters": ["*"],
+         "requests_per_minute": 3},
+    ]}))  # fmt: skip
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})  # fmt: skip
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(
         build_app({"base_model": str(tiny_model_dir), "registry": str(tmp / "registry"),
-                   "allow_unauthenticated": True, "layout": "routed", "model_replicas": 2,
-                   "ingress_cpus": 0, "context_window": 256, "max_loaded_adapters": 4,
+                   "tenants": str(tenants), "layout": "routed", "model_replicas": 2,
+                   "ingress_replicas": 2, "ingress_cpus": 0, "context_window": 256, "max_loaded_adapters": 4,
                    "max_batch_size": 8, "batch_wait_timeout_s": 0.05, "max_ongoing_requests": 8,
                    "max_queued_requests": 16, "routing_stats_period_s": 0.2}),
         name="routed", route_prefix="/",
     )  # fmt: skip
-    yield {"url": f"http://127.0.0.1:{port}", "registry": tmp / "registry"}
+    yield {"url": f"http://127.0.0.1:{port}", "registry": tmp / "registry", "tenants": tenants}
     serve.shutdown()
     ray.shutdown()
 
 
-def chat(url, model, max_tokens=8, **kw):
-    r = httpx.post(f"{url}/v1/chat/completions", timeout=120, json={
-        "model": model, "messages": MESSAGES, "max_tokens": max_tokens, "temperature": 0, **kw})  # fmt: skip
-    assert r.status_code == 200, r.text
+def chat(url, model, max_tokens=8, key=OPEN, status=200):
+    r = httpx.post(f"{url}/v1/chat/completions", timeout=120, headers={"Authorization": f"Bearer {key}"},
+                   json={"model": model, "messages": MESSAGES, "max_tokens": max_tokens,
+                         "temperature": 0})  # fmt: skip
+    assert status is None or r.status_code == status, r.text
     return r
 
 
 async def chat_all(url, models, max_tokens=8):
-    async with httpx.AsyncClient(timeout=120) as c:
+    headers = {"Authorization": f"Bearer {OPEN}"}
+    async with httpx.AsyncClient(timeout=120, headers=headers) as c:
         return await asyncio.gather(*(
             c.post(f"{url}/v1/chat/completions", json={"model": m, "messages": MESSAGES,
                                                        "max_tokens": max_tokens, "temperature": 0})
@@ -126,3 +138,28 @@ def test_full_model_queues_are_503_in_openai_shape(routed):
             assert r.json()["error"]["code"] == "overloaded"
             assert set(r.json()["error"]) == {"message", "type", "param", "code"}
             assert int(r.headers["retry-after"]) >= 1
+
+
+def test_tenant_limits_hold_across_ingress_replicas(routed):
+    # Two ingress replicas, 3 requests a minute: 3 answers in all, not 3 per replica.
+    statuses = [chat(routed["url"], "base", max_tokens=1, key=METERED, status=None).status_code
+                for _ in range(9)]  # fmt: skip
+    assert sorted(statuses) == [200] * 3 + [429] * 6, statuses
+
+    # The limiter actor gone: replicas limit on their own (and start a new actor) meanwhile.
+    name = limiter_name("routed", routed["tenants"])
+
+    def limiter():
+        [namespace] = [a["namespace"] for a in ray.util.list_named_actors(all_namespaces=True)
+                       if a["name"] == name]  # fmt: skip
+        return ray.get_actor(name, namespace=namespace)
+
+    ray.kill(limiter())
+    deadline = time.time() + 20
+    while True:
+        chat(routed["url"], "base", max_tokens=1)  # admitted all the same
+        try:  # a replica that found the actor gone has started a new one
+            ray.get(limiter().admit.remote("open", 1), timeout=5)
+            break
+        except Exception:
+            assert time.time() < deadline, "no new rate-limit actor"
