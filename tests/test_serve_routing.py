@@ -5,6 +5,7 @@ killed under load costs no request, and a full queue is a 503 in the OpenAI shap
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import httpx
@@ -105,6 +106,21 @@ def test_a_replica_batches_requests_for_several_adapters_together(
         )
     batches = [dict(p.split("=") for p in r.headers["x-batch"].split("; ")) for r in responses]
     assert max(int(b["adapters"]) for b in batches) >= 2, batches  # one batch, several adapters
+
+
+def test_streaming_through_the_model_replica(routed):
+    url, headers = routed["url"], {"Authorization": f"Bearer {OPEN}"}
+    whole = chat(url, "blue", max_tokens=10).json()["choices"][0]["message"]["content"]
+    body = {"model": "blue", "messages": MESSAGES, "max_tokens": 10, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
+    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers,
+                      timeout=120) as r:  # fmt: skip
+        assert r.status_code == 200 and r.headers["x-model-replica"]
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == whole and chunks[-1]["usage"]["completion_tokens"] == 10
 
 
 def test_a_replica_killed_under_load_costs_no_request(routed, tiny_model_dir, tokenizer):
