@@ -85,6 +85,7 @@ def main():
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--slots", type=int, default=16, help="adapters on the model; 0: N/2")
     parser.add_argument("--repeats", type=int, default=3, help="rounds; the best of each mode")
+    parser.add_argument("--batch-wait", type=float, default=0.01, help="--layouts: seconds")
     parser.add_argument("--layouts", action="store_true",
                         help="compare the HTTP app's single and routed layouts instead")  # fmt: skip
     args = parser.parse_args()
@@ -245,7 +246,8 @@ def compare_layouts(args, work: Path) -> None:
     for layout in ("single", "routed"):
         serve.run(build_app({"base_model": str(work / "tiny"), "registry": str(work / "registry"),
                              "allow_unauthenticated": True, "layout": layout, "model_replicas": 1,
-                             "ingress_cpus": 0, "max_batch_size": args.batch}),
+                             "ingress_cpus": 0, "max_batch_size": args.batch,
+                             "batch_wait_timeout_s": args.batch_wait}),
                   name=layout, route_prefix="/")  # fmt: skip
         with httpx.Client(timeout=300) as c:
             for k in range(5):  # warm: adapters read, code paths run
@@ -273,7 +275,8 @@ def compare_layouts(args, work: Path) -> None:
         serve.delete(layout)
     serve.shutdown()
     ray.shutdown()
-    print(f"\nHTTP on local Ray, 1 model replica, {args.layers}-layer hidden-{args.hidden}, "
+    print(f"\nHTTP on local Ray, 1 model replica, batch_wait_timeout_s {args.batch_wait}, "
+          f"{args.layers}-layer hidden-{args.hidden}, "
           f"{args.max_tokens} tokens, {args.requests} concurrent over 4 adapters + base\n")  # fmt: skip
     print("| layout | p50 1 token s | p50 1 request s | tokens/s, all at once | rows/batch |")
     print("|--------|---------------|-----------------|-----------------------|------------|")
