@@ -25,7 +25,11 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.config import RequestRouterConfig
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -66,6 +70,7 @@ BATCH_HEADER = "x-batch"
 # A model replica that dies under a request: the request is sent again (to another replica) this
 # many times. Generation has no side effects, so running it twice is safe.
 REPLICA_RETRIES = 2
+REPLICA_GONE = (RayActorError, ReplicaUnavailableError)
 RETRY_AFTER_S = 1
 
 
@@ -315,7 +320,9 @@ class MultiAdapterServer:
                 served = await self.model.generate.remote(job)
             except BackPressureError:
                 raise overloaded("the model replicas' queues are full") from None
-            except RayActorError:
+            except DeploymentUnavailableError:
+                raise overloaded("the model deployment failed to start") from None
+            except REPLICA_GONE:
                 if attempt == REPLICA_RETRIES:
                     raise overloaded("model replicas failed under this request") from None
                 log.warning("a model replica died under a request; sending it again")
@@ -339,7 +346,9 @@ class MultiAdapterServer:
                 ready = await anext(remote)
             except BackPressureError:
                 raise overloaded("the model replicas' queues are full") from None
-            except RayActorError:
+            except DeploymentUnavailableError:
+                raise overloaded("the model deployment failed to start") from None
+            except REPLICA_GONE:
                 remote.cancel()
                 if attempt == REPLICA_RETRIES:
                     raise overloaded("model replicas failed under this request") from None

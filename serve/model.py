@@ -131,8 +131,8 @@ class ModelWorker:
         return result
 
     async def pieces(self, job: Job) -> AsyncIterator[str | GenerationResult]:
-        """ "" once the adapter is ready (errors before it are the request's, not the stream's),
-        then each new piece of text as it is generated, then the result."""
+        """Yields an empty string once the adapter is ready (errors before it are the request's,
+        not the stream's), then each new piece of text as it is generated, then the result."""
         if job.adapter is not None:
             await self.cache.prepare(job.adapter)
         yield ""
