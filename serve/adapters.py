@@ -351,3 +351,8 @@ class AdapterCache:
     def loaded_keys(self) -> list[str]:
         with self._lock:
             return list(self._loaded)
+
+    def held_keys(self) -> dict[str, list[str]]:
+        """Adapters this replica serves without reading storage: on the model, and in RAM."""
+        with self._lock:
+            return {"loaded": list(self._loaded), "ram": list(self._cpu)}

@@ -3,31 +3,50 @@
     serve run serve.app:build_app base_model=PATH registry=PATH_OR_S3 tenants=TENANTS.yaml
     serve run configs/serve.yaml
 
-One deployment: each replica holds the base model once, an adapter cache, and batches requests
-for any mix of adapters (and the base) into one generate call with `@serve.batch`.
+Two layouts (setting `layout`):
+- `single`: one deployment; each replica parses, authenticates and tokenizes, holds the base model
+  once with an adapter cache, and batches requests for any mix of adapters (and the base) into one
+  generate call with `@serve.batch`.
+- `routed`: a light ingress (this class, no weights) calls a `ModelServer` deployment
+  (serve/model.py) through a handle; serve/routing.py sends each request to a model replica that
+  already holds its adapter, and each model replica still batches across adapters.
 """
 
 # No `from __future__ import annotations` here: Serve reads build_app's annotation at runtime to
 # validate the app builder's args with ServeSettings.
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
-import ray
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.config import RequestRouterConfig
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+)
+from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serve.adapters import AdapterCache, AdapterRef, AdapterRegistry
+from serve.adapters import AdapterRef, AdapterRegistry
 from serve.config import ServeSettings
-from serve.engine import Engine, GenerationRequest, GenerationResult, HFEngine
-from serve.errors import ApiError, BodyTooLarge, ContextTooLong, InvalidRequest, ModelNotFound
+from serve.engine import GenerationRequest, GenerationResult
+from serve.errors import (
+    ApiError,
+    BodyTooLarge,
+    ContextTooLong,
+    InvalidRequest,
+    ModelNotFound,
+    Overloaded,
+)
+from serve.limits import LocalLimits, Release, SharedLimits, limiter_name
 from serve.metrics import Metrics
+from serve.model import Job, ModelServer, ModelWorker, Prompts
 from serve.names import parse_model_name
 from serve.protocol import (
     ChatRequest,
@@ -38,12 +57,29 @@ from serve.protocol import (
     parse_body,
     stream_chunk,
 )
-from serve.scheduler import generate_in_groups
+from serve.routing import AdapterAffinityRouter
 from serve.tenants import Tenant, Tenants
 
 log = logging.getLogger("ray.serve")
 
 VERSION_HEADER = "x-adapter-version"
+REPLICA_HEADER = "x-model-replica"  # the replica that generated: routing is visible and testable
+# Rows and distinct adapters of the batch a request ran in; sent with expose_metrics (like
+# /metrics, it tells a client something about the load from others).
+BATCH_HEADER = "x-batch"
+# A model replica that dies under a request: the request is sent again (to another replica) this
+# many times. Generation has no side effects, so running it twice is safe.
+REPLICA_RETRIES = 2
+REPLICA_GONE = (RayActorError, ReplicaUnavailableError)
+RETRY_AFTER_S = 1
+
+
+def overloaded(why: str) -> Overloaded:
+    return Overloaded(
+        f"The server is overloaded ({why}); retry after {RETRY_AFTER_S} s.",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
 
 api = FastAPI(title="rayft serve", docs_url=None, redoc_url=None)
 
@@ -66,59 +102,76 @@ async def _unexpected(request: Request, e: Exception) -> JSONResponse:
     return JSONResponse(ApiError("The server had an error processing your request.").body(), 500)
 
 
-@dataclass
-class Job:
-    """One request as the batcher sees it."""
+# Defined before the deployment: Serve pickles the class when it is decorated, with the module
+# globals that exist then.
+async def _remote_pieces(remote) -> AsyncIterator:
+    """A model replica's stream, its ApiError item raised here; closing it cancels the replica's
+    generator (the row stops at its next token)."""
+    finished = False
+    try:
+        async for item in remote:
+            if isinstance(item, ApiError):
+                raise item
+            yield item
+        finished = True
+    finally:
+        if not finished:
+            remote.cancel()
 
-    request: GenerationRequest
-    adapter: AdapterRef | None
+
+def _no_release(used: int) -> None:
+    pass
 
 
-def build_engine(settings: ServeSettings) -> HFEngine:
-    from jobs.config import ModelConfig
-    from jobs.model import load_base_model, load_tokenizer
+def app_name() -> str:
+    try:
+        return serve.get_replica_context().app_name
+    except Exception:
+        return "local"
 
-    device = settings.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        # As many threads as CPUs this replica holds: more spin against the other replicas'.
-        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-        torch.set_num_threads(max(1, int(cpus)))
-    cfg = ModelConfig(name_or_path=settings.base_model, dtype=settings.dtype)
-    base_names = (
-        [settings.base_model, *settings.base_model_aliases] if settings.check_base_name else []
-    )
-    return HFEngine(
-        load_base_model(cfg, torch.device(device)),
-        load_tokenizer(cfg),
-        max_lora_rank=settings.max_lora_rank,
-        max_adapters=settings.max_loaded_adapters,
-        base_names=base_names,
-        context_window=settings.context_window,
-    )
+
+def admission_limit(s: ServeSettings) -> int | None:
+    """How many requests one ingress replica holds before it answers 503 itself."""
+    if s.layout == "routed":
+        return s.ingress_max_ongoing_requests
+    if s.max_queued_requests < 0:
+        return None
+    return s.max_ongoing_requests + s.max_queued_requests
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 1}, health_check_period_s=10)
 @serve.ingress(api)
 class MultiAdapterServer:
-    def __init__(self, settings: dict):
+    """The HTTP side. With `model` (a ModelServer handle) it holds no weights and forwards each
+    request; without, it runs the model in this replica (the `single` layout)."""
+
+    def __init__(self, settings: dict, model: DeploymentHandle | None = None):
         self.settings = s = ServeSettings.model_validate(settings)
-        self.engine: Engine = build_engine(s)
         self.metrics = Metrics()
-        self.registry = AdapterRegistry(
-            s.registry, s.adapters, ttl_s=s.alias_ttl_s, download_dir=s.adapter_download_dir
-        )
-        self.cache = AdapterCache(
-            self.engine, self.registry, max_loaded=s.max_loaded_adapters,
-            max_cpu=s.max_cpu_adapters, on_event=self.metrics.cache_event,
-        )  # fmt: skip
+        self.model = model
+        if model is None:
+            self.worker: ModelWorker | None = ModelWorker(s, self.metrics)
+            self.prompts = self.worker.engine
+            self.registry = self.worker.registry
+        else:
+            self.worker = None
+            self.prompts = Prompts(s)
+            self.registry = AdapterRegistry(s.registry, s.adapters, ttl_s=s.alias_ttl_s,
+                                            download_dir=s.adapter_download_dir)  # fmt: skip
         self.tenants = Tenants.from_file(s.tenants) if s.tenants else None
-        # Every model operation (adapter loads, generate) runs on this one thread, in order:
-        # the event loop stays free for HTTP while a batch runs.
-        self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
-        self.generate_batch.set_max_batch_size(s.max_batch_size)
-        self.generate_batch.set_batch_wait_timeout_s(s.batch_wait_timeout_s)
+        self.limits: LocalLimits | SharedLimits | None = None
+        if self.tenants is not None:
+            self.limits = (
+                SharedLimits(self.tenants, s.tenants, limiter_name(app_name(), s.tenants))
+                if s.shared_rate_limits
+                else LocalLimits(self.tenants)
+            )
+            if isinstance(self.limits, SharedLimits):
+                self.limits.start()
+        # Requests in this replica (running, batching, waiting): over the limit is a 503 in the
+        # OpenAI shape here, before Serve's own queue limit would answer in plain text.
+        self.admitted = 0
+        self.max_admitted = admission_limit(s)
 
     # --- routes ------------------------------------------------------------------------------
     @api.get("/health")
@@ -181,6 +234,11 @@ class MultiAdapterServer:
 
     async def complete(self, request: Request, chat: bool) -> Response:
         model_label, status = "-", 500
+        if self.max_admitted is not None and self.admitted >= self.max_admitted:
+            self.metrics.request(model_label, 503)
+            raise overloaded(f"{self.admitted} requests in this replica")
+        self.admitted += 1
+        admitted = True  # a stream leaves this replica's count when it ends
         try:
             tenant = self.authenticate(request)
             body = parse_body(
@@ -189,22 +247,16 @@ class MultiAdapterServer:
             ref = await self.resolve(body.model, tenant)
             model_label = ref.name if ref else self.settings.base_model_id
             prompt_ids = await asyncio.to_thread(
-                self.engine.encode_chat, [{"role": m.role, "content": m.text()} for m in body.messages]
-            ) if chat else await asyncio.to_thread(self.engine.encode_text, body.prompt)  # fmt: skip
+                self.prompts.encode_chat, [{"role": m.role, "content": m.text()} for m in body.messages]
+            ) if chat else await asyncio.to_thread(self.prompts.encode_text, body.prompt)  # fmt: skip
             max_tokens = self.max_tokens_for(
                 len(prompt_ids), body.requested_max_tokens, "messages" if chat else "prompt"
             )
             reserved = len(prompt_ids) + max_tokens
-            if self.tenants is not None:
-                self.tenants.admit(tenant, reserved)
-            if ref is not None:
-                # After admission: a tenant over its limits makes us read no adapter. Reads and
-                # checks the adapter (400 if it cannot run on this base); a refusal costs nothing.
-                try:
-                    await self.cache.prepare(ref)
-                except Exception:
-                    self.settle(tenant, reserved, 0)
-                    raise
+            release: Release = _no_release
+            if self.limits is not None:
+                # Before any adapter is read: a tenant over its limits costs no storage read.
+                release = await self.limits.admit(tenant, reserved)
             job = Job(
                 GenerationRequest(prompt_ids, ref.key if ref else None, body.sampling(max_tokens)),
                 ref,
@@ -212,18 +264,27 @@ class MultiAdapterServer:
             served = ref.id if ref else self.settings.base_model_id
             headers = {VERSION_HEADER: ref.version if ref else "base"}
             request_id = new_id("chatcmpl" if chat else "cmpl")
-            if body.stream:
-                status = 200
-                stream = self.stream(
-                    job, request_id, served, chat, body.include_usage, tenant, reserved
-                )
-                return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
             used = 0  # a failed request costs the tenant nothing
+            if body.stream:
+                try:
+                    # The adapter is read and checked before the 200: its errors are HTTP errors.
+                    pieces, headers[REPLICA_HEADER] = await self.open_stream(job)
+                except BaseException:
+                    release(used)
+                    raise
+                status, admitted = 200, False
+                stream = self.stream(pieces, job, request_id, served, chat, body.include_usage,
+                                     release, reserved)  # fmt: skip
+                return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
             try:
-                result = await self.run(job)
+                result, headers[REPLICA_HEADER] = await self.execute(job)
                 used = result.prompt_tokens + result.completion_tokens
             finally:
-                self.settle(tenant, reserved, used)
+                release(used)
+            if self.settings.expose_metrics:
+                headers[BATCH_HEADER] = (
+                    f"rows={result.batch_rows}; adapters={result.batch_adapters}"
+                )
             self.metrics.usage(model_label, result.prompt_tokens, result.completion_tokens)
             make = chat_response if chat else completion_response
             status = 200
@@ -232,10 +293,12 @@ class MultiAdapterServer:
             status = e.status
             raise
         finally:
+            if admitted:
+                self.admitted -= 1
             self.metrics.request(model_label, status)
 
     def max_tokens_for(self, prompt_tokens: int, requested: int | None, param: str) -> int:
-        window = self.engine.context_window
+        window = self.prompts.context_window
         room = window - prompt_tokens
         if room < 1 or (requested is not None and requested > room):
             wanted = prompt_tokens + (requested or 1)
@@ -247,41 +310,80 @@ class MultiAdapterServer:
             )
         return requested or min(self.settings.default_max_tokens, room)
 
-    def settle(self, tenant: Tenant | None, reserved: int, used: int) -> None:
-        if self.tenants is not None:
-            self.tenants.settle(tenant, reserved, used)
+    # --- running a job, here or on a model replica -------------------------------------------
+    async def execute(self, job: Job) -> tuple[GenerationResult, str]:
+        """The job's result and the replica that generated it."""
+        if self.worker is not None:
+            return await self.worker.generate(job), self.worker.replica
+        for attempt in range(REPLICA_RETRIES + 1):
+            try:
+                served = await self.model.generate.remote(job)
+            except BackPressureError:
+                raise overloaded("the model replicas' queues are full") from None
+            except DeploymentUnavailableError:
+                raise overloaded("the model deployment failed to start") from None
+            except REPLICA_GONE:
+                if attempt == REPLICA_RETRIES:
+                    raise overloaded("model replicas failed under this request") from None
+                log.warning("a model replica died under a request; sending it again")
+                continue
+            if served.error is not None:
+                raise served.error
+            return served.result, served.replica
+        raise AssertionError("unreachable")
 
-    async def run(self, job: Job) -> GenerationResult:
-        result = await self.generate_batch(job)
-        if isinstance(result, Exception):
-            raise result
-        return result
+    async def open_stream(self, job: Job) -> tuple[AsyncIterator, str]:
+        """Pieces of text, then the GenerationResult, from a started generation (its adapter
+        is ready), and the replica that generates."""
+        if self.worker is not None:
+            pieces = self.worker.pieces(job)
+            await anext(pieces)
+            return pieces, self.worker.replica
+        for attempt in range(REPLICA_RETRIES + 1):
+            remote = self.model.options(stream=True).generate_stream.remote(job)
+            try:
+                replica = await anext(remote)
+                ready = await anext(remote)
+            except BackPressureError:
+                raise overloaded("the model replicas' queues are full") from None
+            except DeploymentUnavailableError:
+                raise overloaded("the model deployment failed to start") from None
+            except REPLICA_GONE:
+                remote.cancel()
+                if attempt == REPLICA_RETRIES:
+                    raise overloaded("model replicas failed under this request") from None
+                log.warning("a model replica died under a request; sending it again")
+                continue
+            if isinstance(ready, ApiError):
+                raise ready
+            return _remote_pieces(remote), replica
+        raise AssertionError("unreachable")
 
     async def stream(
-        self, job: Job, request_id: str, model: str, chat: bool, include_usage: bool,
-        tenant: Tenant | None, reserved: int,
+        self, pieces: AsyncIterator, job: Job, request_id: str, model: str, chat: bool,
+        include_usage: bool, release: Release, reserved: int,
     ) -> AsyncIterator[str]:  # fmt: skip
-        loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue[str | None] = asyncio.Queue()
-        job.request.on_text = lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text)
-        task = asyncio.ensure_future(self.run(job))
-        # The pieces were queued on the loop before the batch's result: this marker comes last.
-        task.add_done_callback(lambda _: pieces.put_nowait(None))
         used = reserved  # a client that hangs up mid-stream gets no refund
         try:
-            yield stream_chunk(request_id, model, chat, "" if chat else None, None, first=True)
-            while (text := await pieces.get()) is not None:
-                yield stream_chunk(request_id, model, chat, text, None)
-            if task.exception() is not None:
-                used, error = 0, task.exception()
-                body = (
-                    error.body()
-                    if isinstance(error, ApiError)
-                    else ApiError("generation failed").body()
-                )
-                yield f"data: {json.dumps(body)}\n\n"
-                return
-            result = task.result()
+            # aclosing: a client that goes away closes `pieces`, which frees the row.
+            async with contextlib.aclosing(pieces):
+                yield stream_chunk(request_id, model, chat, "" if chat else None, None, first=True)
+                result = None
+                try:
+                    async for item in pieces:
+                        if isinstance(item, str):
+                            yield stream_chunk(request_id, model, chat, item, None)
+                        else:
+                            result = item
+                    if result is None:  # a replica's stream that ended early
+                        raise ApiError("generation failed")
+                except Exception as error:
+                    used = 0
+                    if not isinstance(error, ApiError):
+                        log.warning("a stream failed: %s", type(error).__name__)
+                        error = ApiError("generation failed")
+                    yield f"data: {json.dumps(error.body())}\n\n"
+                    return
             used = result.prompt_tokens + result.completion_tokens
             self.metrics.usage(job.adapter.name if job.adapter else self.settings.base_model_id,
                                result.prompt_tokens, result.completion_tokens)  # fmt: skip
@@ -290,29 +392,36 @@ class MultiAdapterServer:
                 yield stream_chunk(request_id, model, chat, None, None, usage_of=result)
             yield "data: [DONE]\n\n"
         finally:
-            if not task.done():  # the client went away: free the row for others
-                job.request.cancelled = True
-            self.settle(tenant, reserved, used)
-
-    # --- batching ----------------------------------------------------------------------------
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def generate_batch(self, jobs: list[Job]) -> list[GenerationResult | Exception]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.model_thread, self.run_batch, jobs)
-
-    def run_batch(self, jobs: list[Job]) -> list[GenerationResult | Exception]:
-        def observe(rows: int, adapters: int) -> None:
-            self.metrics.batch_size.observe(rows)
-            self.metrics.batch_adapters.observe(adapters)
-
-        return generate_in_groups(self.engine, self.cache, [j.request for j in jobs], observe)
+            self.admitted -= 1
+            release(used)
 
 
 def build_app(args: ServeSettings) -> serve.Application:
     """The Serve application for `serve run serve.app:build_app key=value ...`."""
-    settings = args if isinstance(args, ServeSettings) else ServeSettings.model_validate(args)
-    deployment = MultiAdapterServer.options(
-        max_ongoing_requests=settings.max_ongoing_requests,
-        max_queued_requests=settings.max_queued_requests,
+    s = args if isinstance(args, ServeSettings) else ServeSettings.model_validate(args)
+    limit = admission_limit(s)
+    # Serve's own limits sit above ours, so that overload is always our 503 (OpenAI's shape, with
+    # Retry-After), never Serve's plain-text one: Serve forwards, the replica refuses at once.
+    ingress = MultiAdapterServer.options(
+        max_ongoing_requests=limit + max(16, limit) if limit is not None else 100_000,
+        max_queued_requests=-1,
     )
-    return deployment.bind(settings.model_dump())
+    if s.layout == "single":
+        return ingress.bind(s.model_dump())
+    model = ModelServer.options(
+        max_ongoing_requests=s.max_ongoing_requests,
+        max_queued_requests=s.max_queued_requests,
+        request_router_config=RequestRouterConfig(
+            request_router_class=AdapterAffinityRouter,
+            request_router_kwargs={
+                "imbalance": s.routing_imbalance,
+                "memory_s": s.routing_stats_period_s + 2,
+            },
+            request_routing_stats_period_s=s.routing_stats_period_s,
+        ),  # fmt: skip
+        **({"num_replicas": s.model_replicas} if s.model_replicas is not None else {}),
+    )
+    ingress = ingress.options(
+        ray_actor_options={"num_cpus": s.ingress_cpus}, num_replicas=s.ingress_replicas
+    )
+    return ingress.bind(s.model_dump(), model.bind(s.model_dump()))

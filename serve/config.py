@@ -32,6 +32,8 @@ class ServeSettings(BaseModel):
 
     tenants: str | None = None  # tenants YAML (serve/tenants.py)
     allow_unauthenticated: bool = False  # only for local experiments: no keys, no limits
+    # Tenant limits held by one Ray actor for all replicas (serve/limits.py); false: per replica.
+    shared_rate_limits: bool = True
 
     # Adapter slots on the model, per replica. A slot costs rank x (in + out) per targeted layer;
     # at least max_batch_size, a batch never has to be split into rounds of fewer adapters.
@@ -39,10 +41,25 @@ class ServeSettings(BaseModel):
     max_cpu_adapters: int = Field(64, ge=0)  # evicted adapters kept in RAM, per replica
     max_lora_rank: int = Field(64, ge=1)
 
+    # single: one deployment, each replica holds the model. routed: a light HTTP ingress and a
+    # ModelServer deployment whose requests go to replicas already holding their adapter.
+    layout: Literal["single", "routed"] = "single"
+    model_replicas: int | None = Field(None, ge=1)  # routed: ModelServer replicas (or autoscaling)
+    ingress_cpus: float = Field(0.5, ge=0)  # routed: CPUs of an ingress replica (tokenizing)
+    ingress_replicas: int = Field(1, ge=1)  # routed: HTTP ingress replicas
+    ingress_max_ongoing_requests: int = Field(2048, ge=1)  # routed: then 503 from the ingress
+    # routed: how often model replicas report the adapters they hold to the router, and how many
+    # requests longer a holder's queue may be than the shortest before others are preferred.
+    routing_stats_period_s: float = Field(1.0, gt=0, le=60)
+    routing_imbalance: int = Field(16, ge=0)
+
     max_batch_size: int = Field(16, ge=1)
     batch_wait_timeout_s: float = Field(0.01, ge=0, le=5)
-    max_ongoing_requests: int = Field(64, ge=1)  # per replica; batches need >= max_batch_size
-    max_queued_requests: int = Field(512, ge=-1)  # beyond this Serve answers 503 (-1: no limit)
+    # Per model replica: requests running or batching; batches need >= max_batch_size.
+    max_ongoing_requests: int = Field(64, ge=1)
+    # Requests waiting beyond those (single: per replica; routed: per ingress replica's handle);
+    # more is a 503 with Retry-After. -1: no limit.
+    max_queued_requests: int = Field(512, ge=-1)
 
     context_window: int | None = Field(None, ge=16)  # default: the model's own
     default_max_tokens: int = Field(256, ge=1)

@@ -54,6 +54,9 @@ class GenerationResult:
     completion_tokens: int
     finish_reason: Literal["stop", "length", "cancelled"]
     token_ids: list[int] = field(default_factory=list)  # generated, the stop token included
+    # The batch this row ran in: rows, and distinct adapters among them (set by the scheduler).
+    batch_rows: int = 0
+    batch_adapters: int = 0
 
 
 @dataclass
@@ -130,6 +133,17 @@ def base_name(name_or_path: str) -> str:
     return name_or_path.rstrip("/").rsplit("/", 1)[-1].lower()
 
 
+def context_window_of(model_config, tokenizer, override: int | None = None) -> int:
+    """The longest prompt + completion: the smallest of the model's positions, the tokenizer's
+    limit and the server's setting."""
+    limits = [
+        getattr(model_config, "max_position_embeddings", None),
+        getattr(tokenizer, "model_max_length", None),
+        override,
+    ]
+    return min(int(x) for x in limits if x and x < 10**8)
+
+
 class HFEngine(Engine):
     """transformers: the base model is loaded once; up to max_adapters adapters sit in slots."""
 
@@ -155,12 +169,7 @@ class HFEngine(Engine):
             if isinstance(m, torch.nn.Linear)
         }
         self.lora = MultiLora(model, max_adapters)
-        limits = [
-            getattr(model.config, "max_position_embeddings", None),
-            getattr(tokenizer, "model_max_length", None),
-            context_window,
-        ]
-        self.context_window = min(int(x) for x in limits if x and x < 10**8)
+        self.context_window = context_window_of(model.config, tokenizer, context_window)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         eos = model.generation_config.eos_token_id
         eos = eos if isinstance(eos, list) else [eos]

@@ -37,9 +37,8 @@ class MultiLoraLinear(nn.Module):
         kw = {"dtype": base.weight.dtype, "device": base.weight.device}
         self.register_buffer("A", torch.zeros(slots, 0, base.in_features, **kw), persistent=False)
         self.register_buffer("B", torch.zeros(slots, base.out_features, 0, **kw), persistent=False)
-        self.register_buffer("scale", torch.zeros(slots, **kw), persistent=False)
         self.rank = torch.zeros(slots, dtype=torch.long)  # live rank of each slot
-        self._gathered: tuple | None = None  # (generation, A rows, B rows, scale rows)
+        self._gathered: tuple | None = None  # (generation, (A rows, B rows) or None)
 
     def grow(self, rank: int) -> None:
         """Widen every slot to `rank` (zero-padded: a padded rank adds nothing to the output)."""
@@ -55,14 +54,13 @@ class MultiLoraLinear(nn.Module):
         self.grow(r)
         self.clear(slot)
         self.A[slot, :r] = a.to(self.A.dtype)
-        self.B[slot, :, :r] = b.to(self.B.dtype)
-        self.scale[slot] = scale
+        # The scale lives in B: one op fewer per layer and step than peft's `B(A(x)) * scale`.
+        self.B[slot, :, :r] = (b.float() * scale).to(self.B.dtype)
         self.rank[slot] = r
 
     def clear(self, slot: int) -> None:
         self.A[slot].zero_()
         self.B[slot].zero_()
-        self.scale[slot] = 0
         self.rank[slot] = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -78,11 +76,12 @@ class MultiLoraLinear(nn.Module):
         gathered = self._rows_weights(index)
         if gathered is None:
             return out
-        a, b, scale = gathered
-        return out + torch.bmm(torch.bmm(x, a), b) * scale
+        a, b = gathered
+        # Two ops per layer and step: [rows, tokens, in] @ [rows, in, r], then added in place.
+        return out.baddbmm_(torch.bmm(x, a), b)
 
     def _rows_weights(self, index: torch.Tensor) -> tuple | None:
-        """Each row's A^T, B^T and scale, gathered once per batch (the rows' slots do not change
+        """Each row's A^T and scaled B^T, gathered once per batch (the rows' slots do not change
         while it generates), not once per decoding step."""
         if self._gathered is None or self._gathered[0] != self.rows.generation:
             r = int(self.rank.max())  # only as wide as the widest adapter in this layer
@@ -91,7 +90,6 @@ class MultiLoraLinear(nn.Module):
                 weights = (
                     self.A[index, :r].transpose(1, 2).contiguous(),  # [rows, in, r]
                     self.B[index, :, :r].transpose(1, 2).contiguous(),  # [rows, r, out]
-                    self.scale[index].view(-1, 1, 1),
                 )
             self._gathered = (self.rows.generation, weights)
         return self._gathered[1]

@@ -54,5 +54,7 @@ def generate_in_groups(
         if on_group is not None:
             on_group(len(group), len(set(keys)))
         for i, out in zip(group, outputs, strict=True):
+            if isinstance(out, GenerationResult):
+                out.batch_rows, out.batch_adapters = len(group), len(set(keys))
             results[i] = out
     return results

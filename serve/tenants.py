@@ -124,6 +124,9 @@ class Tenants:
         except (OSError, yaml.YAMLError, ValidationError) as e:
             raise ValueError(f"tenants file {path}: {e}") from None
 
+    def get(self, name: str) -> Tenant:
+        return next(t for t in self._tenants if t.name == name)
+
     def authenticate(self, authorization: str | None) -> Tenant:
         """The tenant whose key is the bearer token; Unauthorized (401) otherwise."""
         scheme, _, key = (authorization or "").partition(" ")

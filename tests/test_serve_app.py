@@ -349,7 +349,7 @@ def test_s3_registry(server, files, tiny_model_dir, tokenizer):
     assert {m.id for m in c.models.list()} == {"support"}
 
 
-def test_overload_is_503_not_an_error(server):
+def test_overload_is_503_in_openai_shape_not_an_error(server):
     async def burst():
         async with httpx.AsyncClient(timeout=120) as c:
             return await asyncio.gather(*(
@@ -359,8 +359,14 @@ def test_overload_is_503_not_an_error(server):
                 for _ in range(12)
             ))  # fmt: skip
 
-    statuses = sorted(r.status_code for r in asyncio.run(burst()))
+    responses = asyncio.run(burst())
+    statuses = sorted(r.status_code for r in responses)
     assert set(statuses) == {200, 503}, statuses  # refused, never failed
+    for r in responses:
+        if r.status_code == 503:  # the OpenAI error shape, not Serve's plain-text body
+            assert r.json()["error"]["code"] == "overloaded", r.text
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+            assert int(r.headers["retry-after"]) >= 1
 
 
 def test_build_app_refuses_bad_settings():

@@ -14,22 +14,28 @@ from ray.serve.schema import ServeDeploySchema
 from serve.app import MultiAdapterServer
 from serve.config import ServeSettings
 from serve.engine import GenerationRequest
+from serve.model import ModelServer
 from serve.scheduler import group_by_adapter_limit
 
 CONFIG = Path("configs/serve.yaml")
 
 
-def test_serve_yaml_is_a_valid_serve_config_that_builds_the_app():
-    raw = yaml.safe_load(CONFIG.read_text())
+@pytest.mark.parametrize("config", [CONFIG, Path("configs/serve-routed.yaml")])
+def test_serve_yaml_is_a_valid_serve_config_that_builds_the_app(config):
+    raw = yaml.safe_load(config.read_text())
     schema = ServeDeploySchema.model_validate(raw)
     app = schema.applications[0]
     assert app.import_path == "serve.app:build_app"
+    settings = ServeSettings.model_validate(app.args)
     deployment = app.deployments[0]
-    assert deployment.name == MultiAdapterServer.name
+    model_holder = MultiAdapterServer if settings.layout == "single" else ModelServer
+    assert deployment.name == model_holder.name
     autoscaling = deployment.autoscaling_config
     assert 1 <= autoscaling["min_replicas"] <= autoscaling["max_replicas"]
-    settings = ServeSettings.model_validate(app.args)
-    assert deployment.max_ongoing_requests >= settings.max_batch_size
+    # Serve's own queue limits in `deployments:` would override the app's and answer overload
+    # in plain text instead of the OpenAI error shape.
+    fields = deployment.model_dump(exclude_unset=True)
+    assert "max_ongoing_requests" not in fields and "max_queued_requests" not in fields
     assert Path(settings.tenants).is_file()
     # The way `serve run` calls the builder: args are validated against its annotation.
     built = call_user_app_builder_with_args_if_necessary(import_attr(app.import_path), app.args)
