@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import ctypes
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -459,13 +461,11 @@ def _proc_status(key: str) -> int:
     raise KeyError(key)
 
 
-@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
-@pytest.mark.parametrize("overrides", [[], ["lora=null", "train.gradient_checkpointing=false"]])
-def test_estimate_within_2x_of_a_measured_cpu_step(overrides):
+def measure_second_step(overrides: list[str]) -> int:
     """Peak RSS growth over a second training step (weights and optimizer state already
-    allocated) against the plan's gradients + activations + logits. Allocations above 64 KiB
-    are mmapped so that freed tensors leave RSS, and the kernel's peak-RSS mark is reset just
-    before the step."""
+    allocated). Run in a fresh process (see the test): allocations above 64 KiB are mmapped so
+    that freed tensors leave RSS, and the kernel's peak-RSS mark is reset just before the step;
+    inside a long test session, pages freed by earlier tests would absorb the growth."""
     ctypes.CDLL(None).mallopt(-3, 65536)  # M_MMAP_THRESHOLD (glibc)
     arch = small_llama(vocab_size=2048, hidden_size=256, intermediate_size=512)
     cfg = job("data.max_seq_len=256", "train.micro_batch_size=4", *overrides)
@@ -487,17 +487,29 @@ def test_estimate_within_2x_of_a_measured_cpu_step(overrides):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # OpenMP threads crawl on a busy shared machine
-    try:
-        step()  # one-off allocations (thread pools, optimizer state) stay out of the measurement
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
-        before = _proc_status("VmRSS")
-        step()
-        measured = _proc_status("VmHWM") - before
-    finally:
-        torch.set_num_threads(threads)
+    step()  # one-off allocations (thread pools, optimizer state) stay out of the measurement
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = _proc_status("VmRSS")
+    step()
+    return _proc_status("VmHWM") - before
 
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("overrides", [[], ["lora=null", "train.gradient_checkpointing=false"]])
+def test_estimate_within_2x_of_a_measured_cpu_step(overrides):
+    """The plan's gradients + activations + logits against a measured step."""
+    code = (
+        "import json, sys; from tests.test_memory import measure_second_step; "
+        "print(measure_second_step(json.loads(sys.argv[1])))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(overrides)],
+        cwd=REPO, capture_output=True, text=True, check=True, timeout=300,
+    )  # fmt: skip
+    measured = int(out.stdout.strip().splitlines()[-1])
+    cfg = job("data.max_seq_len=256", "train.micro_batch_size=4", *overrides)
+    arch = small_llama(vocab_size=2048, hidden_size=256, intermediate_size=512)
     plan = plan_memory(cfg, model_shape(arch, cfg.lora))
     estimated = plan.device_bytes - plan.weights - plan.optimizer - plan.overhead
     print(
