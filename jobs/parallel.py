@@ -83,6 +83,7 @@ class Parallel:
 
     def step(self, max_grad_norm: float | None) -> None:
         if max_grad_norm:
+            # under FSDP the gradients are DTensors: the norm is taken over every shard
             torch.nn.utils.clip_grad_norm_(trainable_parameters(self.module), max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
@@ -204,14 +205,6 @@ class FSDP(Parallel):
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         self.root.set_requires_gradient_sync(last)
         loss.backward()
-
-    def step(self, max_grad_norm: float | None) -> None:
-        if max_grad_norm:
-            # DTensor gradients: the norm is computed over every shard
-            torch.nn.utils.clip_grad_norm_(trainable_parameters(self.module), max_grad_norm)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
 
     def _options(self, **kw):
         from torch.distributed.checkpoint.state_dict import StateDictOptions

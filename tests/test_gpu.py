@@ -30,6 +30,16 @@ pytestmark = [
 ]
 
 
+def constant_lr_parallel(cfg, model, device):
+    par = make_parallel(cfg, device)
+    par.setup(
+        model,
+        lambda params: torch.optim.AdamW(params, lr=cfg.train.lr),
+        lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0),
+    )
+    return par
+
+
 def test_bf16_lora_training_on_cuda(tiny_model_dir, tmp_path):
     cfg = load_config(
         "configs/quickstart.yaml",
@@ -48,12 +58,7 @@ def test_bf16_lora_training_on_cuda(tiny_model_dir, tmp_path):
     pad = tokenizer.pad_token_id
     base_loss = eval_loss(model, data.eval, 32, pad, device, autocast)
     plan = plan_steps(len(data.train), cfg)
-    par = make_parallel(cfg, device)
-    par.setup(
-        model,
-        lambda params: torch.optim.AdamW(params, lr=cfg.train.lr),
-        lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0),
-    )
+    par = constant_lr_parallel(cfg, model, device)
     model.train()
     for step in range(plan.total_steps):
         epoch, k = divmod(step, plan.steps_per_epoch)
@@ -95,12 +100,7 @@ def test_qlora_trains_a_4bit_base_on_cuda(tiny_model_dir):
     assert quantized and quantized[0].weight.quant_type == "nf4"
     autocast, pad = autocast_for(cfg, device), tokenizer.pad_token_id
     base_loss = eval_loss(model, data.eval, 32, pad, device, autocast)
-    par = make_parallel(cfg, device)
-    par.setup(
-        model,
-        lambda params: torch.optim.AdamW(params, lr=cfg.train.lr),
-        lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0),
-    )
+    par = constant_lr_parallel(cfg, model, device)
     model.train()
     for step in range(60):
         order = epoch_order(len(data.train), 0, step // 4)
