@@ -231,6 +231,7 @@ def test_missing_required_field(tmp_path):
             "offload_params needs train.deepspeed.stage: 3",
         ),
         (["train.strategy=megatron"], r"train\.strategy"),
+        (["train.method=dpo"], "train.method: dpo is not available yet"),
         (["train.lr=-1"], r"train\.lr: .*greater than 0"),
         (["tracking.backend=neptune"], r"tracking\.backend"),
         (["run.name=has space"], r"run\.name"),
