@@ -149,7 +149,8 @@ def wandb_run_id(run_key: str, run_name: str) -> str:
 
 class MlflowTracker(_GuardedTracker):
     """An MLflow run in experiment `tracking.project`, found again by its `rayft.run_key` tag.
-    Metrics are logged asynchronously: a slow tracking server never stalls a training step."""
+    Metrics are logged asynchronously, one batch in flight: a slow tracking server costs a step
+    at most the wait for the previous log interval's batch."""
 
     backend = "mlflow"
     RUN_KEY_TAG = "rayft.run_key"
@@ -208,6 +209,10 @@ class MlflowTracker(_GuardedTracker):
 
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        # One batch in flight at a time: MLflow's async writer runs batches on a thread pool, and
+        # two of one run appending to a file store at once lost a point (seen in CI under load).
+        if self.pending:
+            self.pending.pop().wait()
         self.pending.append(self.client.log_batch(self.run_id, metrics=batch, synchronous=False))
 
     def _log_checkpoint(self, path, step):
