@@ -1,6 +1,6 @@
 """Training throughput on CPU: packing vs padding, our step vs TRL's SFTTrainer, memory per strategy.
 
-    python benchmarks/train_bench.py                  # all three, ~10 minutes on 2 CPUs
+    python benchmarks/train_bench.py                  # all three, ~10 minutes on 2 CPUs (measured: 1+7+3 min)
     python benchmarks/train_bench.py --part packing   # or trl, or memory
 
 packing  the same LoRA steps over a length-skewed chat set (most rows short, a few long), padded
@@ -9,7 +9,7 @@ packing  the same LoRA steps over a length-skewed chat set (most rows short, a f
 trl      our training step (jobs.finetune.train_step) vs TRL's SFTTrainer on the same model,
          LoRA config, examples, batch size and steps, both in this process (no Ray; Ray's own
          cost is measured by benchmarks/ray_overhead.py). Target: ours >= 1.0x TRL.
-memory   a 2-worker full fine-tune of a ~30M-parameter model under ddp / fsdp / zero2 / zero3 on
+memory   a 2-worker full fine-tune of a ~20M-parameter model under ddp / fsdp / zero2 / zero3 on
          Ray; each worker's peak RSS (run.json's worker_peak_rss_mb).
 
 Every ratio compares runs made in this script on this machine: absolute numbers move with the
