@@ -357,11 +357,11 @@ def ray_storage(path: str):
                 f"checkpoint.storage_path: {path}: only local paths and s3:// are supported"
             )
         return path, None
-    import os
-
     import pyarrow.fs
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    from jobs.sources import s3_endpoint
+
+    endpoint = s3_endpoint()
     kwargs = {}
     if endpoint:
         kwargs = {"endpoint_override": endpoint, "scheme": endpoint.split("://")[0]}

@@ -20,7 +20,9 @@ def s3_filesystem():
     """s3fs with the endpoint from AWS_ENDPOINT_URL, so MinIO/R2/moto work like AWS."""
     import s3fs
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    from jobs.sources import s3_endpoint
+
+    endpoint = s3_endpoint()
     return s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint} if endpoint else {})
 
 

@@ -38,9 +38,14 @@ class SourceFile:
     kind: str  # jsonl | json | parquet | csv | arrow (a saved datasets dataset)
 
 
+def s3_endpoint() -> str | None:
+    """The S3 endpoint from AWS_ENDPOINT_URL(_S3), so MinIO, R2 and test servers work like AWS."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
 def storage_options(url: str) -> dict[str, Any]:
-    """s3:// goes to AWS_ENDPOINT_URL when set, so MinIO, R2 and test servers work like AWS."""
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    """fsspec options for `url`: s3:// goes to s3_endpoint() when one is set."""
+    endpoint = s3_endpoint()
     if url.startswith("s3://") and endpoint:
         return {"client_kwargs": {"endpoint_url": endpoint}}
     return {}
