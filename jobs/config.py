@@ -265,6 +265,11 @@ class CheckpointConfig(Section):
     storage_path: str = "runs"
     every_steps: int | None = Field(500, ge=1)
     keep_last: int = Field(2, ge=1)
+    # while storage is down, an upload is retried (with backoff) this long before the run fails;
+    # training goes on meanwhile, with at most max_pending_uploads checkpoints staged on local disk
+    upload_retry_s: float = Field(1800, gt=0)
+    max_pending_uploads: int = Field(3, ge=1)
+    save_on_sigterm: bool = True  # a spot node's shutdown: checkpoint now, then exit
 
     @field_validator("storage_path")
     @classmethod

@@ -28,7 +28,15 @@ import torch
 import typer
 from transformers import get_cosine_schedule_with_warmup
 
-from jobs.checkpointing import TrainerState, load_checkpoint, read_trainer_state, save_checkpoint
+from jobs.checkpointing import (
+    TrainerState,
+    checkpoint_step,
+    load_checkpoint,
+    newest_complete_checkpoint,
+    read_trainer_state,
+    save_checkpoint,
+    write_commit_marker,
+)
 from jobs.config import ConfigError, JobConfig, load_config
 from jobs.data import collate, epoch_order, pack, step_micro_batches
 from jobs.distributed import (
@@ -39,6 +47,7 @@ from jobs.distributed import (
     seed_everything,
     shutdown_ray,
 )
+from jobs.durable import Preemption, Uploader
 from jobs.evaluation import eval_loss, exact_match, perplexity, token_loss_sum
 from jobs.manifest import write_run_manifest
 from jobs.memory import preflight_memory
@@ -173,32 +182,57 @@ def train_func(config: dict) -> None:
         lambda opt: get_cosine_schedule_with_warmup(opt, plan.warmup_steps, plan.total_steps),
     )
 
-    # --- resume: Ray hands back the newest checkpoint of this run name, if any
+    # --- resume: the newest complete checkpoint of this run name, if any; torn ones are skipped
     # (a step's examples do not depend on the worker count, so a resume may change it)
     state = TrainerState()
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint, torn = resume_checkpoint()
+    for t in torn:
+        print0(f"WARNING: skipping torn checkpoint {t['checkpoint']}: {t['reason']}")
     if checkpoint:
         with checkpoint.as_directory() as ckpt_dir:
             state = load_checkpoint(Path(ckpt_dir), par, rank)
         state.resumed_at.append(state.step)
         print0(f"resumed from {checkpoint.path} at step {state.step}/{plan.total_steps}")
+    state.skipped_checkpoints += torn
     if state.completed:
         print0("this run already finished; nothing to train")
         ray.train.report({"step": state.step, **state.final_metrics})
         return
     tracker = start_tracker(cfg, config["run_info"], plan.total_steps)  # rank 0 only
+    uploader = Uploader(
+        cfg.checkpoint.upload_retry_s,
+        cfg.checkpoint.max_pending_uploads,
+        log=lambda message: print(f"[rank {rank}] {message}", flush=True),
+    )
+    preemption = Preemption(cfg.checkpoint.save_on_sigterm)
 
-    def report(metrics: dict, final: bool = False) -> None:
+    def report(metrics: dict, final: bool = False, now: bool = False) -> None:
         # ray.train.report costs about a second on a small machine: only at eval/checkpoint steps.
-        with tempfile.TemporaryDirectory() as tmp:
-            save_checkpoint(Path(tmp), par, tokenizer, state, rank, final=final)
-            name = f"checkpoint_{state.step:06d}" + ("_final" if final else "")
-            ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                checkpoint_dir_name=name,
+        # The upload runs in the background (storage may be down) unless this is the final
+        # checkpoint or one before exiting.
+        staged = uploader.stage()
+        try:
+            save_checkpoint(staged, par, tokenizer, state, rank, final=final)
+            write_commit_marker(staged, rank, world, state.step)
+        except BaseException:
+            uploader.unstage(staged)
+            raise
+        mode = ray.train.CheckpointUploadMode
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(str(staged)),
+            checkpoint_dir_name=f"checkpoint_{state.step:06d}" + ("_final" if final else ""),
+            checkpoint_upload_mode=mode.SYNC if final or now else mode.ASYNC,
+            checkpoint_upload_fn=uploader.upload,
+            delete_local_checkpoint_after_upload=False,  # the uploader removes it, on any outcome
+        )
+
+    def log_uploaded() -> None:  # a checkpoint is logged as saved once it is in storage
+        while uploader.saved:
+            name = uploader.saved.pop(0)
+            tracker.log_checkpoint(
+                f"{cfg.checkpoint.storage_path}/{cfg.run.name}/{name}", checkpoint_step(name)
             )
-        tracker.log_checkpoint(f"{cfg.checkpoint.storage_path}/{cfg.run.name}/{name}", state.step)
 
     state.worker_nodes = all_gather_objects(ray.get_runtime_context().get_node_id())
     pad_id = tokenizer.pad_token_id
@@ -279,17 +313,23 @@ def train_func(config: dict) -> None:
                 state.stopped_early = True
                 print0(f"early stop: eval loss has not improved for {patience} evals")
         pause = state.step == cfg.run.stop_after_steps
+        sigterm = preemption.requested(world)  # a spot node going away: save now
         if (
-            (eval_due or ckpt_due or pause)
+            (eval_due or ckpt_due or pause or sigterm)
             and state.step < plan.total_steps
             and not state.stopped_early
         ):
-            report(metrics)
+            if sigterm:
+                print0(f"SIGTERM: saving a checkpoint at step {state.step} before exiting")
+            report(metrics, now=sigterm or pause)
+            preemption.exit_if_signalled()
+        log_uploaded()
         if pause and state.step < plan.total_steps:
             print0(
                 f"stopping after step {state.step} (run.stop_after_steps); run again to continue"
             )
             tracker.finish()
+            preemption.close()
             return
 
     # --- final evaluation: the same held-out set with the adapter and without it (the base)
@@ -307,8 +347,24 @@ def train_func(config: dict) -> None:
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     state.worker_peak_rss_mb = all_gather_objects(round(peak_rss_mb, 1))
     report(final, final=True)
+    log_uploaded()
     tracker.summary(final)
     tracker.finish()
+    preemption.exit_if_signalled()
+    preemption.close()
+
+
+def resume_checkpoint():
+    """(the newest complete checkpoint in this run's storage or None, the torn ones skipped).
+
+    Looks at storage itself, not only at Ray's record of registered checkpoints: after a driver
+    is killed and the run resubmitted, what is in storage is what counts."""
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    fs = storage.storage_filesystem
+    path, torn = newest_complete_checkpoint(fs, storage.experiment_fs_path)
+    return (ray.train.Checkpoint(path=path, filesystem=fs) if path else None), torn
 
 
 # ------------------------------------------------------------------------ the driver
@@ -471,6 +527,7 @@ def _run_job(cfg: JobConfig, address, inline: str, callbacks: list, extra: dict)
         "steps": state.step,
         "stopped_early": state.stopped_early,
         "resumed_at_steps": state.resumed_at,
+        "skipped_checkpoints": state.skipped_checkpoints,
         "worker_nodes": state.worker_nodes,
         "worker_peak_rss_mb": state.worker_peak_rss_mb,
         "seed": cfg.run.seed,

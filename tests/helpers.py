@@ -117,3 +117,57 @@ def openai_chat_stub(reply: Callable[[dict, Any], str]):
         yield f"http://127.0.0.1:{server.server_address[1]}/v1"
     finally:
         server.shutdown()
+
+
+class TcpProxy:
+    """A TCP relay on 127.0.0.1 to a server, with a switch: `down()` makes the server look
+    unreachable (new connections are reset, open ones cut) while the server keeps its data, as
+    in a storage outage; `up()` restores it. `refused` counts the connections cut while down."""
+
+    def __init__(self, target_port: int):
+        self.target = ("127.0.0.1", target_port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.is_up, self.refused = True, 0
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def down(self) -> None:
+        with self._lock:
+            self.is_up = False
+            for s in self._open:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+            self._open.clear()
+
+    def up(self) -> None:
+        with self._lock:
+            self.is_up = True
+
+    def _accept(self) -> None:
+        while True:
+            client, _ = self.listener.accept()
+            with self._lock:
+                if not self.is_up:
+                    self.refused += 1
+                    client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+                    client.close()  # a reset, as from a host that is gone
+                    continue
+                server = socket.create_connection(self.target)
+                self._open |= {client, server}
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.close()
+            with self._lock:
+                self._open -= {src, dst}
