@@ -141,8 +141,10 @@ def test_cli_list_show_alias_rollback_delete(adapters, tmp_path):
     assert cli("alias", f"bot@{v1}", "production").returncode == 0
     listing = cli("list")
     assert listing.returncode == 0 and v0 in listing.stdout and "production" in listing.stdout
-    shown = cli("show", "bot@production")
+    shown = cli("show", "bot@production", "--json")
     assert json.loads(shown.stdout)["version"] == v1
+    chain = cli("show", "bot@production").stdout  # the readable chain: version, base, dataset, code
+    assert chain.startswith(f"adapter   bot@{v1}") and "base      tiny" in chain
     assert cli("rollback", "bot").stdout.strip() == f"bot@production -> {v0}"
     refused = cli("delete", f"bot@{v0}")
     assert refused.returncode == 2 and "points at" in refused.stderr

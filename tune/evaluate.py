@@ -75,6 +75,9 @@ class EvalConfig(Section):
     guard: DataConfig | None = None  # general prompts with reference answers (forgetting)
     gate: GateConfig | None = None
     batch_size: int = Field(16, ge=1)
+    # The adapter's replies to a task's first rows kept in eval.json, with their prompts: what a
+    # reader checks by eye, and what the pipeline's canary replays against the live endpoint.
+    keep_samples: int = Field(5, ge=0)
 
     @model_validator(mode="after")
     def _gate_metric_exists(self) -> EvalConfig:
@@ -233,9 +236,10 @@ def evaluate(
             if tuned is not None:
                 replies = generate(tuned, tokenizer, prompts, task.max_new_tokens, cfg.batch_size)
                 scores["adapter"].update(answer_metrics(task, prompts, replies, refs))
+                kept = list(zip(prompts, refs, replies, strict=True))[: cfg.keep_samples]
                 results.setdefault("samples", {})[task.name] = [
-                    {"prompt": p[-1]["content"], "reference": a, "reply": r}
-                    for p, a, r in list(zip(prompts, refs, replies, strict=True))[:5]
+                    {"prompt": p[-1]["content"], "reference": a, "reply": r, "messages": p}
+                    for p, a, r in kept
                 ]
         if tuned is None:
             scores.pop("adapter")

@@ -59,8 +59,13 @@ def promote_run(
     alias: str = "production",
     force: bool = False,
     limits: ServingLimits | None = None,
+    evaluation: dict[str, Any] | None = None,
+    lineage_extra: dict[str, Any] | None = None,
 ) -> str:
-    """Register RUN_DIR/adapter as NAME/VERSION and point ALIAS at it; returns the version."""
+    """Register RUN_DIR/adapter as NAME/VERSION and point ALIAS at it; returns the version.
+
+    The gate is read from `evaluation` when given (a pipeline's own evaluation), else from
+    RUN/eval.json; `lineage_extra` adds keys to lineage.json (the pipeline that promoted it)."""
     run_dir = Path(run_dir)
     adapter = run_dir / "adapter"
     if not (run_dir / "run.json").is_file() or not adapter.is_dir():
@@ -71,7 +76,8 @@ def promote_run(
     if problems:
         raise RegistryError(f"{run_dir}: not servable: " + "; ".join(problems))
     eval_path = run_dir / "eval.json"
-    evaluation = json.loads(eval_path.read_text()) if eval_path.is_file() else None
+    if evaluation is None and eval_path.is_file():
+        evaluation = json.loads(eval_path.read_text())
     gate = (evaluation or {}).get("gate")
     if force:
         gate = {**(gate or {}), "forced": True}
@@ -83,7 +89,8 @@ def promote_run(
     elif not gate["passed"]:
         raise RegistryError(f"{run_dir}: the gate failed: " + "; ".join(gate["reasons"]))
     try:
-        version = registry.register(adapter, name, lineage_of(run_dir, evaluation, gate, base_dir))
+        lineage = {**lineage_of(run_dir, evaluation, gate, base_dir), **(lineage_extra or {})}
+        version = registry.register(adapter, name, lineage)
     except OSError as e:
         raise ConfigError(
             f"registry {registry.root}: cannot write: {type(e).__name__}: {e}"

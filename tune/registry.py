@@ -286,14 +286,47 @@ def list_cmd(registry: RegistryOpt = DEFAULT_ROOT) -> None:
     Console().print(table)
 
 
+def lineage_chain(lineage: dict[str, Any]) -> list[str]:
+    """A version's lineage as the chain a reader follows from an answer's x-adapter-version
+    header back to the training data: version -> run -> dataset -> source files, and code."""
+    run, code, gate = lineage.get("run") or {}, lineage.get("code") or {}, lineage.get("gate") or {}
+    lines = [
+        f"adapter   {lineage['name']}@{lineage['version']}  (created {lineage.get('created_at', '?')[:19]})",
+        f"base      {lineage.get('base_model')}",
+        f"run       {run.get('name')}  {run.get('dir')}  ({run.get('steps')} steps)",
+    ]  # fmt: skip
+    if lineage.get("sweep"):
+        sweep = lineage["sweep"]
+        lines.append(
+            f"sweep     {sweep.get('name')} trial {sweep.get('trial')} {sweep.get('params')}"
+        )
+    if lineage.get("pipeline"):
+        p = lineage["pipeline"]
+        lines.append(f"pipeline  {p.get('name')}  {p.get('config')}  stages {p.get('stages')}")
+    if gate:
+        verdict = "forced" if gate.get("forced") else ("passed" if gate.get("passed") else "failed")
+        lines.append(f"gate      {verdict}  {gate.get('metric')}: {gate.get('adapter')} vs {gate.get('best_baseline')} {gate.get('baseline')}")  # fmt: skip
+    lines.append(f"dataset   {lineage.get('dataset_hash')}")
+    for source in lineage.get("data_sources") or []:
+        for f in source.get("files", []):
+            lines.append(f"  source  {f['url']}  {f['rows']} rows  {f['sha256']}  (split {source.get('split')})")  # fmt: skip
+    dirty = " (uncommitted changes)" if code.get("dirty") else ""
+    lines.append(f"code      {code.get('sha')}{dirty}")
+    return lines
+
+
 @app.command()
-def show(ref: str, registry: RegistryOpt = DEFAULT_ROOT) -> None:
+def show(
+    ref: str,
+    registry: RegistryOpt = DEFAULT_ROOT,
+    as_json: Annotated[bool, typer.Option("--json", help="the whole lineage.json")] = False,
+) -> None:
     """The lineage of NAME[@VERSION|@ALIAS]: adapter -> run -> dataset -> sources and code."""
     try:
         lineage = Registry(registry).lineage(ref)
     except RegistryError as e:
         _fail(e)
-    typer.echo(json.dumps(lineage, indent=2))
+    typer.echo(json.dumps(lineage, indent=2) if as_json else "\n".join(lineage_chain(lineage)))
 
 
 @app.command()

@@ -1,0 +1,617 @@
+"""One pipeline: a JSONL file in, a gated adapter live on the endpoint out, in one command.
+
+    python -m tune.pipeline configs/pipeline.yaml [key.sub=value ...] [--from STAGE]
+
+prepare (jobs/prepare.py) -> sweep (tune/sweep.py) -> evaluate the best trial against the
+baselines and gate it (tune/evaluate.py) -> promote it into the registry under an alias
+(tune/promote.py) -> serve: the running app, or one started here (serve/app.py), which picks up
+the alias move by itself -> canary: the eval set's first prompts through the endpoint must give
+the offline evaluation's answers, else the alias is rolled back -> report (table, report.md).
+
+The YAML composes the existing configs: `job`, `sweep` and `eval` are file paths (or the same
+mappings inline) and `serve.config` names a Serve config file; `job.train.lr=1e-4` or
+`sweep.num_trials=2` on the command line reach into them.
+
+prepare, sweep and evaluate write into WORKDIR/NAME/STAGE-KEY/, KEY a hash of what decides the
+stage's output: the data files' bytes and the data config; the dataset hash and the job and sweep
+configs; the adapter's weights, the dataset hash and the eval config. A stage directory with
+stage.json is finished, and a rerun reads it instead of running it; `--from STAGE` runs that
+stage and every later one again. Promotion is skipped when the alias already points at the
+version; serve and canary always run (they check the live endpoint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from pydantic import Field
+
+from jobs.config import (
+    ConfigError,
+    JobConfig,
+    Section,
+    apply_overrides,
+    parse_overrides,
+    read_yaml,
+    validate,
+    validate_config,
+)
+from serve.config import ServeSettings
+from tune.evaluate import EvalConfig
+from tune.sweep import SweepConfig
+
+log = logging.getLogger("rayft.pipeline")
+
+STAGES = ("prepare", "sweep", "evaluate", "promote", "serve", "canary")
+VERSION_HEADER = "x-adapter-version"  # serve/app.py
+
+
+class ServeSection(Section):
+    config: str  # a Serve config file (configs/serve.yaml); its application is what serves
+    application: str | None = None  # the application's name in that file; default: the first
+    args: dict[str, Any] = {}  # overrides of its args (serve/config.py's ServeSettings fields)
+    url: str | None = None  # an app already running (its base URL): use it; null: start one here
+    port: int | None = Field(None, ge=1, le=65535)  # an app started here: instead of http_options'
+    keep_running: bool = False  # an app started here keeps serving after the pipeline
+    api_key_env: str | None = None  # the variable holding the canary's key (an app with tenants)
+    ready_timeout_s: float = Field(120, gt=0)  # for an app given by url to answer /health
+
+
+class PromoteSection(Section):
+    name: str
+    alias: str = "production"
+
+
+class CanarySection(Section):
+    prompts: int = Field(3, ge=1)  # the eval set's first k prompts (at most eval.keep_samples)
+    timeout_s: float = Field(30, gt=0)  # beyond the app's alias_ttl_s, for the new version to show
+
+
+class PipelineConfig(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
+    workdir: str = "pipelines"  # stage outputs and the report: WORKDIR/NAME/
+    job: JobConfig  # default: the sweep's job
+    sweep: SweepConfig  # its `job` is the job above; its `promote` is replaced by the pipeline's
+    eval: EvalConfig  # must have a gate
+    serve: ServeSection
+    promote: PromoteSection
+    canary: CanarySection = CanarySection()
+
+
+@dataclass
+class Loaded:
+    """The validated config, the app's settings, and what the pipeline YAML was made of."""
+
+    cfg: PipelineConfig
+    settings: ServeSettings
+    app: dict[str, Any]  # the Serve config's application entry (name, route_prefix)
+    http: dict[str, Any]  # the Serve config's http_options
+    path: str
+    overrides: list[str]
+    files: dict[str, str]  # section -> the file it came from
+
+
+def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -> Loaded:
+    """Compose the pipeline YAML with the files it names, apply dotted overrides, check it all."""
+    raw = read_yaml(path)
+    files: dict[str, str] = {}
+    # Sections given as file paths are read first, so that overrides reach into them.
+    for key in ("sweep", "job", "eval"):
+        if key == "job" and "job" not in raw and isinstance(raw.get("sweep"), dict):
+            raw["job"] = raw["sweep"].get("job")  # the sweep's own job
+        if isinstance(raw.get(key), str):
+            files[key] = raw[key]
+            raw[key] = read_yaml(raw[key])
+    raw = apply_overrides(raw, parse_overrides(overrides or []))
+    if isinstance(raw.get("sweep"), dict):
+        # The pipeline evaluates, gates and promotes itself, and runs the job named above.
+        raw["sweep"] = {**raw["sweep"], "job": files.get("job", "<inline>"), "promote": None}
+    where = str(path) + "".join(f", {k}: {v}" for k, v in files.items())
+    cfg = validate(PipelineConfig, raw, where)
+    if cfg.eval.gate is None:
+        raise ConfigError(f"{where}: eval.gate: the pipeline needs a gate section")
+    swept_data = [k for k in cfg.sweep.space if k.startswith("data.")]
+    if swept_data:
+        raise ConfigError(f"{where}: sweep.space.{swept_data[0]}: the pipeline prepares the data once; sweep other keys")  # fmt: skip
+    trial_job(cfg)  # every trial's job must load
+    if cfg.canary.prompts > cfg.eval.keep_samples:
+        raise ConfigError(f"{where}: canary.prompts ({cfg.canary.prompts}) is above eval.keep_samples ({cfg.eval.keep_samples}), the replies the evaluation keeps")  # fmt: skip
+
+    serve_file = read_yaml(cfg.serve.config)
+    apps = serve_file.get("applications") or []
+    chosen = [a for a in apps if cfg.serve.application in (None, a.get("name"))][:1]
+    if not chosen:
+        raise ConfigError(f"{cfg.serve.config}: no application {cfg.serve.application or ''} (serve.application)")  # fmt: skip
+    app = chosen[0]
+    settings = validate(ServeSettings, {**(app.get("args") or {}), **cfg.serve.args},
+                        f"{cfg.serve.config} (serve.args)")  # fmt: skip
+    if not settings.registry:
+        raise ConfigError(f"{cfg.serve.config}: args.registry: the pipeline promotes into the app's registry; give one")  # fmt: skip
+    if settings.tenants and not settings.allow_unauthenticated:
+        env = cfg.serve.api_key_env
+        if not env:
+            raise ConfigError(f"{where}: serve.api_key_env: the app has tenants; name the variable holding the canary's API key")  # fmt: skip
+        if not os.environ.get(env):
+            raise ConfigError(f"{where}: serve.api_key_env: {env} is not set (export {env}=<a tenant's key>)")  # fmt: skip
+    return Loaded(cfg, settings, app, serve_file.get("http_options") or {}, str(path),
+                  list(overrides or []), files)  # fmt: skip
+
+
+def trial_job(cfg: PipelineConfig, prepared: str | None = None) -> JobConfig:
+    """The job as the sweep runs it: the sweep's overrides and its space's first values applied,
+    reading the prepared set when given."""
+    probe = [f"{k}={next(iter(v.values()))[0]}" for k, v in cfg.sweep.space.items()]
+    raw = apply_overrides(job_mapping(cfg, prepared), parse_overrides([*cfg.sweep.overrides, *probe]))  # fmt: skip
+    return validate_config(raw, "job (with sweep.overrides)")
+
+
+def job_mapping(cfg: PipelineConfig, prepared: str | None = None) -> dict[str, Any]:
+    raw = cfg.job.model_dump(mode="json", exclude_unset=True)
+    if prepared:
+        raw["data"] = {**raw["data"], "prepared": prepared}
+    return raw
+
+
+def content_key(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+# ---------------------------------------------------------------- the run's record
+
+
+@dataclass
+class Stage:
+    name: str
+    status: str = "not run"  # ran | cached | live | failed | skipped | rolled back | not run
+    seconds: float = 0.0
+    detail: str = ""
+    dir: str | None = None
+
+
+@dataclass
+class Run:
+    loaded: Loaded
+    root: Path
+    from_stage: str | None
+    stages: dict[str, Stage] = field(default_factory=lambda: {s: Stage(s) for s in STAGES})
+    facts: dict[str, Any] = field(default_factory=dict)  # what later stages and the report read
+
+    def cached(self, stage: str, stage_dir: Path) -> bool:
+        """Finished before (stage.json there) and not asked to run again with --from."""
+        forced = self.from_stage is not None and STAGES.index(stage) >= STAGES.index(self.from_stage)  # fmt: skip
+        if forced and stage_dir.exists():
+            shutil.rmtree(stage_dir)
+        return not forced and (stage_dir / "stage.json").is_file()
+
+    @property
+    def failed(self) -> Stage | None:
+        return next((s for s in self.stages.values() if s.status in ("failed", "rolled back")), None)  # fmt: skip
+
+    @property
+    def ok(self) -> bool:
+        return self.failed is None and all(s.status != "skipped" for s in self.stages.values())
+
+
+def finish_stage(stage_dir: Path, record: dict[str, Any]) -> None:
+    """stage.json goes last: its presence says the stage's outputs are all there."""
+    (stage_dir / "stage.json").write_text(json.dumps(record, indent=2, default=str))
+
+
+def workdir(cfg: PipelineConfig) -> Path:
+    """WORKDIR/NAME. Inside a Ray job's working_dir (a temporary copy Ray deletes) a relative
+    workdir goes under the home directory, like the job's checkpoints (jobs/finetune.py)."""
+    import ray
+
+    path = Path(cfg.workdir).expanduser()
+    if not path.is_absolute() and ray.get_runtime_context().runtime_env.get("working_dir"):
+        path = Path.home() / path
+    return path.resolve() / cfg.name
+
+
+# ---------------------------------------------------------------- the stages, in order
+
+
+def prepare_stage(run: Run) -> None:
+    """The job's data section through jobs/prepare.py, once per content of the data files."""
+    from jobs.prepare import PrepareConfig, prepare, read_manifest
+    from jobs.sources import expand_source, file_sha256
+
+    cfg = run.loaded.cfg
+    job = trial_job(cfg)
+    if job.data.prepared:  # the user gave a prepared set: nothing to do
+        run.facts["prepared"] = job.data.prepared
+        run.facts["dataset_hash"] = read_manifest(job.data.prepared)["dataset_hash"]
+        run.stages["prepare"].status, run.stages["prepare"].detail = "cached", "data.prepared given"  # fmt: skip
+        return
+    files = [f.url for i, s in enumerate(job.data.all_sources()) for f in expand_source(i, s)]
+    key = content_key({"data": job.data.model_dump(mode="json"), "files": {u: file_sha256(u) for u in files},
+                       "tokenizer": job.model.name_or_path, "seed": job.run.seed})  # fmt: skip
+    out = run.root / f"prepare-{key}"
+    stage = run.stages["prepare"]
+    stage.dir = str(out)
+    if run.cached("prepare", out):
+        manifest = read_manifest(str(out))
+        stage.status = "cached"
+    else:
+        manifest = prepare(PrepareConfig(data=job.data, tokenizer=job.model.name_or_path,
+                                         output=str(out), seed=job.run.seed), show_progress=False).data  # fmt: skip
+        finish_stage(out, {"stage": "prepare", "key": key, "dataset_hash": manifest["dataset_hash"]})  # fmt: skip
+        stage.status = "ran"
+    c = manifest["counts"]
+    stage.detail = f"{c['input_rows']} rows -> {c['train']} train / {c['eval']} eval, {manifest['dataset_hash'][:19]}"  # fmt: skip
+    run.facts["prepared"], run.facts["dataset_hash"] = str(out), manifest["dataset_hash"]
+
+
+def sweep_stage(run: Run) -> None:
+    """tune/sweep.py over the job reading the prepared set; the best finished trial goes on."""
+    from tune.sweep import run_sweep
+
+    cfg = run.loaded.cfg
+    job = job_mapping(cfg, run.facts["prepared"])
+    sweep = cfg.sweep.model_dump(mode="json", exclude={"name", "job", "storage_path", "promote"})
+    key = content_key({"dataset_hash": run.facts["dataset_hash"], "job": job, "sweep": sweep})
+    out = run.root / f"sweep-{key}"
+    stage = run.stages["sweep"]
+    stage.dir = str(out)
+    if run.cached("sweep", out):
+        summary = json.loads((out / "results.json").read_text())
+        stage.status = "cached"
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "job.yaml").write_text(
+            yaml.safe_dump(job, sort_keys=False)
+        )  # what every trial loads
+        sweep_cfg = cfg.sweep.model_copy(update={"name": out.name, "storage_path": str(run.root),
+                                                 "job": str(out / "job.yaml")})  # fmt: skip
+        summary = run_sweep(sweep_cfg)  # resumes an interrupted sweep in this directory
+        stage.status = "ran"
+    finished = [t for t in summary["trials"] if t["run_dir"] and (Path(t["run_dir"]) / "run.json").is_file()]  # fmt: skip
+    if not finished:
+        stage.status, stage.detail = "failed", "no trial finished (errors: " + "; ".join(str(t["error"]) for t in summary["trials"] if t["error"]) + ")"  # fmt: skip
+        return
+    if stage.status == "ran":
+        finish_stage(out, {"stage": "sweep", "key": key, "dataset_hash": run.facts["dataset_hash"]})
+    best = finished[0]
+    params = ", ".join(f"{k}={best[k]:.3g}" if isinstance(best[k], float) else f"{k}={best[k]}" for k in cfg.sweep.space)  # fmt: skip
+    stage.detail = f"{len(summary['trials'])} trials, best {best['trial']} ({params}) eval loss {best['best_eval_loss']:.4f}"  # fmt: skip
+    run.facts["run_dir"], run.facts["sweep_plot"] = Path(best["run_dir"]), out / "eval_curves.png"
+
+
+def evaluate_stage(run: Run) -> None:
+    """tune/evaluate.py on the best trial: baselines, guard set, gate."""
+    from tune.evaluate import evaluate_target
+    from tune.registry import adapter_version
+
+    cfg = run.loaded.cfg
+    run_dir = run.facts["run_dir"]
+    version = adapter_version(run_dir / "adapter")
+    key = content_key({"adapter": version, "dataset_hash": run.facts["dataset_hash"],
+                       "eval": cfg.eval.model_dump(mode="json")})  # fmt: skip
+    out = run.root / f"evaluate-{key}"
+    stage = run.stages["evaluate"]
+    stage.dir = str(out)
+    if run.cached("evaluate", out):
+        results = json.loads((out / "eval.json").read_text())
+        stage.status = "cached"
+    else:
+        results, _ = evaluate_target(run_dir, cfg.eval)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps(results, indent=2))
+        plot_gate(results, out / "gate.png")
+        finish_stage(out, {"stage": "evaluate", "key": key, "adapter_version": version})
+        stage.status = "ran"
+    gate = results["gate"]
+    run.facts.update(evaluation=results, version=version, gate_plot=out / "gate.png")
+    stage.detail = f"{gate['metric']}: adapter {gate['adapter']:.3f} vs {gate['best_baseline']} {gate['baseline']:.3f}"  # fmt: skip
+    if not gate["passed"]:
+        stage.status = "failed"
+        stage.detail += "; GATE FAILED: " + "; ".join(gate["reasons"])
+
+
+def promote_stage(run: Run) -> None:
+    """tune/promote.py into the serve app's registry; the alias moves unless it is already there."""
+    from tune.promote import promote_run
+    from tune.registry import Registry
+    from tune.servability import ServingLimits
+
+    cfg, settings = run.loaded.cfg, run.loaded.settings
+    registry = Registry(settings.registry)
+    name, alias, version = cfg.promote.name, cfg.promote.alias, run.facts["version"]
+    before = registry.aliases(name).get(alias) if name in registry.names() else None
+    stage = run.stages["promote"]
+    run.facts.update(previous=before, moved=False)
+    if before == version:
+        stage.status, stage.detail = "cached", f"{name}@{alias} is already {version}"
+        return
+    pipeline = {"name": cfg.name, "config": run.loaded.path, "overrides": run.loaded.overrides,
+                "stages": {s: run.stages[s].dir for s in ("prepare", "sweep", "evaluate")}}  # fmt: skip
+    promote_run(registry, run.facts["run_dir"], name, alias,
+                limits=ServingLimits(max_lora_rank=settings.max_lora_rank),
+                evaluation=run.facts["evaluation"], lineage_extra={"pipeline": pipeline})  # fmt: skip
+    run.facts.update(moved=True, moved_at=time.monotonic())
+    stage.status, stage.detail = "ran", f"{name}@{alias}: {before or 'none'} -> {version}"
+
+
+def serve_stage(run: Run) -> None:
+    """The endpoint: the app at serve.url, or the Serve config's application run on this Ray."""
+    import httpx
+
+    cfg = run.loaded.cfg
+    stage = run.stages["serve"]
+    if cfg.serve.url:
+        url = cfg.serve.url.rstrip("/")
+        deadline = time.monotonic() + cfg.serve.ready_timeout_s
+        while True:
+            try:
+                httpx.get(f"{url}/health", timeout=5).raise_for_status()
+                break
+            except httpx.HTTPError as e:
+                if time.monotonic() > deadline:
+                    stage.status, stage.detail = "failed", f"{url}/health: {type(e).__name__}: {e}"
+                    return
+                time.sleep(1)
+        stage.status, stage.detail = "live", f"{url} (running app)"
+    else:
+        url, started = start_app(run.loaded)
+        run.facts["started_app"] = started
+        stage.status, stage.detail = "ran" if started else "live", f"{url} ({'started here' if started else 'already running on this Ray'})"  # fmt: skip
+    run.facts["url"] = url
+
+
+def start_app(loaded: Loaded) -> tuple[str, bool]:
+    """serve.run of the app (paths made absolute: replicas do not share this working directory)
+    unless this Ray already runs it; (its URL, whether it was started now). The Serve config's
+    `deployments` options (autoscaling) are not applied here: `serve run CONFIG` applies them."""
+    from ray import serve
+
+    from jobs.distributed import init_ray
+    from serve.app import build_app
+
+    init_ray()
+    name, prefix = loaded.app.get("name", "default"), loaded.app.get("route_prefix", "/")
+    host = loaded.http.get("host", "127.0.0.1")
+    port = loaded.cfg.serve.port or loaded.http.get("port", 8000)
+    url = f"http://{host}:{port}{prefix.rstrip('/')}"
+    try:
+        running = serve.status().applications.get(name)
+    except Exception:  # no Serve on this cluster yet
+        running = None
+    if running is not None and running.status == "RUNNING":
+        return url, False
+    s = loaded.settings.model_copy()
+    for key in ("base_model", "registry", "tenants", "adapter_download_dir"):
+        value = getattr(s, key)
+        if value and "://" not in value and Path(value).expanduser().exists():
+            setattr(s, key, str(Path(value).expanduser().resolve()))
+    s.adapters = {n: str(Path(p).expanduser().resolve()) for n, p in s.adapters.items()}
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_app(s), name=name, route_prefix=prefix)
+    return url, True
+
+
+def canary_stage(run: Run) -> None:
+    """The eval set's first k prompts through the endpoint, greedy: each answer must equal the
+    offline evaluation's and come from the promoted version, else the alias moves back."""
+    import httpx
+
+    from tune.registry import Registry
+
+    cfg, settings = run.loaded.cfg, run.loaded.settings
+    stage = run.stages["canary"]
+    task_name = cfg.eval.gate.metric.partition(".")[0]
+    task = next(t for t in cfg.eval.tasks if t.name == task_name)
+    samples = run.facts["evaluation"]["samples"][task_name][: cfg.canary.prompts]
+    name, alias, version = cfg.promote.name, cfg.promote.alias, run.facts["version"]
+    key = os.environ.get(cfg.serve.api_key_env or "", "")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    # The app caches alias resolution for alias_ttl_s per replica: after that every replica
+    # reads the moved alias. Waiting here, then checking each answer's version header, needs no
+    # restart and no cache flush.
+    if run.facts.get("moved"):
+        time.sleep(max(0.0, run.facts["moved_at"] + settings.alias_ttl_s - time.monotonic()))
+
+    def ask(messages) -> tuple[str, str]:
+        body = {"model": f"{name}@{alias}", "messages": messages, "temperature": 0,
+                "max_tokens": task.max_new_tokens}  # fmt: skip
+        r = httpx.post(f"{run.facts['url']}/v1/chat/completions", json=body, headers=headers, timeout=120)  # fmt: skip
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
+        return r.headers.get(VERSION_HEADER, "?"), r.json()["choices"][0]["message"]["content"]
+
+    problems = []
+    deadline = time.monotonic() + cfg.canary.timeout_s
+    try:
+        for i, sample in enumerate(samples):
+            served, reply = ask(sample["messages"])
+            while served != version and time.monotonic() < deadline:  # a replica still caching
+                time.sleep(0.2)
+                served, reply = ask(sample["messages"])
+            if served != version:
+                problems.append(f"prompt {i}: served by version {served}, not {version}")
+            elif reply.strip() != sample["reply"]:
+                problems.append(f"prompt {i}: endpoint {reply.strip()!r} != offline {sample['reply']!r}")  # fmt: skip
+    except (httpx.HTTPError, RuntimeError) as e:
+        problems.append(f"{run.facts['url']}: {type(e).__name__}: {e}")
+    if not problems:
+        stage.status, stage.detail = "ran", f"{len(samples)}/{len(samples)} answers equal the offline evaluation's ({name}@{alias} = {version})"  # fmt: skip
+        return
+    stage.status = "failed"
+    stage.detail = "; ".join(problems)
+    registry = Registry(settings.registry)
+    if not run.facts.get("moved"):
+        stage.detail += f"; the alias was {version} before this run: not rolled back"
+    elif registry.aliases(name).get(alias) != version:
+        stage.detail += "; the alias has moved since this run moved it: not rolled back"
+    elif run.facts["previous"] is None:
+        stage.detail += f"; no earlier version of {name}@{alias} to roll back to: it stays {version}, move it by hand"  # fmt: skip
+    else:
+        previous = registry.rollback(name, alias)
+        time.sleep(settings.alias_ttl_s)
+        served = "?"
+        try:
+            served, _ = ask(samples[0]["messages"])
+        except (httpx.HTTPError, RuntimeError) as e:
+            served = f"unknown ({type(e).__name__})"
+        stage.status = "rolled back"
+        stage.detail += f"; {name}@{alias} rolled back to {previous} (endpoint serves {served})"
+        run.facts["rolled_back_to"] = previous
+
+
+# ---------------------------------------------------------------- the recipe
+
+
+def run_pipeline(loaded: Loaded, from_stage: str | None = None) -> Run:
+    """Every stage in order; a failed stage stops the ones after it (marked skipped)."""
+    from jobs.distributed import init_ray
+
+    init_ray()  # the sweep's trials and the app run on this Ray (RAY_ADDRESS, or a local one)
+    run = Run(loaded, workdir(loaded.cfg), from_stage)
+    run.root.mkdir(parents=True, exist_ok=True)
+    steps = {"prepare": prepare_stage, "sweep": sweep_stage, "evaluate": evaluate_stage,
+             "promote": promote_stage, "serve": serve_stage, "canary": canary_stage}  # fmt: skip
+    for name, step in steps.items():
+        stage = run.stages[name]
+        if run.failed:
+            stage.status, stage.detail = "skipped", f"{run.failed.name} {run.failed.status}"
+            continue
+        log.info("pipeline: %s", name)
+        start = time.monotonic()
+        try:
+            step(run)
+        except Exception as e:  # the report still says which stage and why
+            log.exception("pipeline: %s failed", name)
+            stage.status, stage.detail = "failed", f"{type(e).__name__}: {e}"
+        stage.seconds = round(time.monotonic() - start, 1)
+    write_report(run)
+    return run
+
+
+# ---------------------------------------------------------------- the report
+
+
+def plot_gate(results: dict[str, Any], path: Path) -> None:
+    """The gate metric of each baseline and of the adapter, as bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gate = results["gate"]
+    task, _, metric = gate["metric"].partition(".")
+    scores = {who: s[metric] for who, s in results["tasks"][task].items() if isinstance(s, dict) and metric in s}  # fmt: skip
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.bar(list(scores), list(scores.values()), color=["#999"] * (len(scores) - 1) + ["#2a7"])
+    ax.set_ylabel(gate["metric"])
+    ax.set_title(("gate passed" if gate["passed"] else "gate failed") + f" (margin {gate['margin']})")  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(run: Run) -> None:
+    """WORKDIR/NAME/report.md (stages, wall times, plots) and report.json; no config values
+    beyond names and paths, so no secret can reach them."""
+    cfg = run.loaded.cfg
+    verdict = outcome(run)
+    lines = [f"# Pipeline {cfg.name}", "", f"{verdict}", "",
+             f"config: `{run.loaded.path}` {' '.join(run.loaded.overrides)}", "",
+             "| stage | status | wall s | detail |", "|---|---|---:|---|"]  # fmt: skip
+    for s in run.stages.values():
+        lines.append(f"| {s.name} | {s.status} | {s.seconds} | {s.detail.replace('|', '/')} |")
+    for title, key in (("Sweep: eval loss per trial", "sweep_plot"), ("Gate", "gate_plot")):
+        plot = run.facts.get(key)
+        if plot and Path(plot).is_file():
+            lines += ["", f"## {title}", "", f"![{title}]({Path(plot).relative_to(run.root)})"]
+    if run.facts.get("version") and run.stages["promote"].status in ("ran", "cached"):
+        lines += ["", "## Trace an answer", "",
+                  f"The endpoint's `{VERSION_HEADER}` header names the version; its chain to the data and code:",  # fmt: skip
+                  "", f"    python -m tune.registry show {cfg.promote.name}@{run.facts['version']} --registry {run.loaded.settings.registry}"]  # fmt: skip
+    (run.root / "report.md").write_text("\n".join(lines) + "\n")
+    record = {"name": cfg.name, "ok": run.ok, "outcome": verdict, "config": run.loaded.path,
+              "overrides": run.loaded.overrides, "version": run.facts.get("version"),
+              "stages": {s.name: vars(s) for s in run.stages.values()}}  # fmt: skip
+    (run.root / "report.json").write_text(json.dumps(record, indent=2, default=str))
+
+
+def outcome(run: Run) -> str:
+    cfg = run.loaded.cfg
+    ref = f"{cfg.promote.name}@{cfg.promote.alias}"
+    if run.ok:
+        return f"{ref} = {run.facts['version']}, live at {run.facts['url']}"
+    failed = run.failed
+    return f"{ref} not changed: {failed.name} {failed.status}: {failed.detail}"
+
+
+def print_report(run: Run) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"pipeline {run.loaded.cfg.name}")
+    for col in ("stage", "status", "wall s", "detail"):
+        table.add_column(col, justify="right" if col == "wall s" else "left")
+    for s in run.stages.values():
+        table.add_row(s.name, s.status, f"{s.seconds:.1f}", s.detail)
+    console = Console()
+    if not console.is_terminal:  # job logs: rich would wrap the table at 80 columns
+        console = Console(width=200)
+    console.print(table)
+    print(outcome(run))
+    print(f"report: {run.root / 'report.md'}")
+
+
+# ---------------------------------------------------------------- CLI
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@app.command()
+def main(
+    config: Annotated[Path, typer.Argument(help="pipeline YAML")],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="dotted overrides: sweep.num_trials=2")
+    ] = None,  # fmt: skip
+    from_stage: Annotated[
+        str | None, typer.Option("--from", help=f"run again from this stage: {', '.join(STAGES)}")
+    ] = None,  # fmt: skip
+) -> None:
+    """prepare -> sweep -> evaluate + gate -> promote -> serve -> canary; exit 1 when the gate or
+    the canary failed (the endpoint then serves what it served before)."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if from_stage is not None and from_stage not in STAGES:
+        typer.echo(f"error: --from {from_stage}: one of {', '.join(STAGES)}", err=True)
+        raise typer.Exit(2)
+    try:
+        loaded = load_pipeline_config(config, overrides or [])
+    except ConfigError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    run = run_pipeline(loaded, from_stage)
+    print_report(run)
+    if run.facts.get("started_app"):
+        if loaded.cfg.serve.keep_running and not os.environ.get("RAY_ADDRESS"):
+            # this process owns the local Ray: the app lives as long as it does
+            print(f"serving at {run.facts['url']}/v1 - Ctrl-C stops")
+            try:
+                while True:
+                    time.sleep(3600)
+            except KeyboardInterrupt:
+                pass
+        elif not loaded.cfg.serve.keep_running:
+            from ray import serve
+
+            serve.delete(loaded.app.get("name", "default"))
+    raise typer.Exit(0 if run.ok else 1)
+
+
+if __name__ == "__main__":
+    app()
