@@ -212,9 +212,21 @@ class DeepSpeedConfig(Section):
 
 
 class DpoConfig(Section):
+    """Preference tuning (train.method: dpo); the loss is TRL's DPOTrainer code (jobs/preference.py)."""
+
     beta: float = Field(0.1, gt=0)
-    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"  # TRL's DPO loss variants
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    # TRL's names: sigmoid (DPO), ipo, hinge, robust (DPO under label noise: label_smoothing)
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = "sigmoid"
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # robust only: the share of flipped labels
+
+    @model_validator(mode="after")
+    def _smoothing_needs_robust(self) -> DpoConfig:
+        if self.label_smoothing and self.loss_type != "robust":
+            # TRL 1.x ignores it for the other losses: refused rather than silently dropped
+            raise ValueError(
+                f"label_smoothing is used by loss_type: robust only (got {self.loss_type})"
+            )
+        return self
 
 
 class TrainConfig(Section):
@@ -360,8 +372,7 @@ class JobConfig(Section):
         if self.train.strategy == "deepspeed" and ds.offload_params and ds.stage != 3:
             raise ValueError("train.deepspeed.offload_params needs train.deepspeed.stage: 3")
         if self.train.method == "dpo":
-            # refused rather than silently trained as sft until the preference recipe lands
-            raise ValueError("train.method: dpo is not available yet; only sft trains today")
+            self._check_dpo()
         if self.model.attn_implementation == "flash_attention_2" and not self.scaling.use_gpu:
             raise ValueError(
                 "model.attn_implementation: flash_attention_2 needs scaling.use_gpu: true"
@@ -369,6 +380,23 @@ class JobConfig(Section):
         if self.train.precision == "fp16" and not self.scaling.use_gpu:
             raise ValueError("train.precision: fp16 needs scaling.use_gpu: true")
         return self
+
+    def _check_dpo(self) -> None:
+        if self.lora is None:
+            # the reference is the base with the adapter switched off; a full fine-tune would
+            # need a second, frozen copy of the model, which the recipe does not hold
+            raise ValueError(
+                "train.method: dpo trains a LoRA adapter (the reference model is the base with the "
+                "adapter disabled); lora: null (full fine-tune) would need a frozen reference copy, "
+                "which is not supported: give a lora section"
+            )
+        if self.train.packing:
+            raise ValueError("train.packing: not supported with train.method: dpo; set it false")
+        if self.data.prepared:
+            raise ValueError(
+                "data.prepared: a prepared set holds SFT conversations; train.method: dpo reads "
+                "prompt/chosen/rejected rows from data.train_files or data.sources"
+            )
 
     @property
     def grad_accum_steps(self) -> int:

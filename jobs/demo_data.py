@@ -2,7 +2,8 @@
 
 A tiny randomly initialised model can visibly learn it in a few minutes on a CPU: the answer
 depends on which adjectives appear, so a held-out review (unseen combination) tests generalisation
-rather than recall. `python -m jobs.demo_data OUT.jsonl` regenerates the shipped file exactly.
+rather than recall. `python -m jobs.demo_data OUT.jsonl` regenerates the shipped file exactly;
+`--pairs` writes the same task as preference pairs (data/review_pairs.jsonl, train.method: dpo).
 """
 
 from __future__ import annotations
@@ -70,6 +71,29 @@ def make_rows(n: int = 800, seed: int = 0) -> list[dict]:
     return rows
 
 
+def make_preference_rows(n: int = 320, seed: int = 7) -> list[dict]:
+    """The same task as preference pairs: the right label is chosen, a wrong one rejected."""
+    rng = random.Random(seed)
+    rows, seen = [], set()
+    while len(rows) < n:
+        text, label = make_review(rng)
+        if text in seen:
+            continue
+        seen.add(text)
+        wrong = rng.choice([x for x in ("positive", "negative", "mixed") if x != label])
+        rows.append(
+            {
+                "prompt": [
+                    {"role": "system", "content": SYSTEM},
+                    {"role": "user", "content": f"Review: {text}"},
+                ],
+                "chosen": [{"role": "assistant", "content": label}],
+                "rejected": [{"role": "assistant", "content": wrong}],
+            }
+        )
+    return rows
+
+
 def corpus() -> list[str]:
     """Text the tiny tokenizer is trained on: the task's vocabulary plus common English."""
     words = " ".join(NOUNS + POSITIVE + NEGATIVE + [w.capitalize() for w in POSITIVE + NEGATIVE])
@@ -93,4 +117,9 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    write_jsonl(sys.argv[1] if len(sys.argv) > 1 else "data/reviews.jsonl", make_rows())
+    # python -m jobs.demo_data [OUT.jsonl]  |  python -m jobs.demo_data --pairs [OUT.jsonl]
+    args = sys.argv[1:]
+    if args[:1] == ["--pairs"]:
+        write_jsonl(args[1] if len(args) > 1 else "data/review_pairs.jsonl", make_preference_rows())
+    else:
+        write_jsonl(args[0] if args else "data/reviews.jsonl", make_rows())

@@ -53,6 +53,7 @@ from jobs.manifest import write_run_manifest
 from jobs.memory import preflight_memory
 from jobs.model import add_lora, enable_gradient_checkpointing, load_base_model, load_tokenizer
 from jobs.parallel import Parallel, deepspeed_config, make_parallel
+from jobs.preference import collate_pairs, dpo_train_step, preference_metrics, prepare_pairs
 from jobs.prepare import DROP_CODES, MALFORMED, prepare_data
 from jobs.tracking import start_tracker, tracking_run_info
 
@@ -121,8 +122,12 @@ def train_step(par: Parallel, micro_batches, device, autocast, max_grad_norm) ->
 
 
 def held_out_metrics(par: Parallel, cfg, tokenizer, examples, convs, device, autocast) -> dict:
-    """Loss, perplexity and (if asked) exact match of the model as it is now."""
+    """Loss, perplexity and (if asked) exact match of the model as it is now; for DPO the
+    preference loss, reward margin and accuracy on the held-out pairs."""
     pad_id, lockstep = tokenizer.pad_token_id, par.collective_forward
+    if cfg.train.method == "dpo":
+        bs, dpo = cfg.eval.batch_size, cfg.train.dpo
+        return preference_metrics(par, examples, bs, pad_id, device, autocast, dpo)
     loss = eval_loss(par.module, examples, cfg.eval.batch_size, pad_id, device, autocast, lockstep)
     metrics = {"eval_loss": loss, "eval_ppl": perplexity(loss)}
     gen_convs = convs[: cfg.eval.max_generate_samples]
@@ -236,7 +241,10 @@ def train_func(config: dict) -> None:
 
     state.worker_nodes = all_gather_objects(ray.get_runtime_context().get_node_id())
     pad_id = tokenizer.pad_token_id
-    if cfg.train.packing:
+    dpo = cfg.train.method == "dpo"
+    if dpo:
+        batch_of = partial(collate_pairs, pad_id=pad_id)
+    elif cfg.train.packing:
         batch_of = partial(pack, max_len=cfg.data.max_seq_len, pad_id=pad_id)
     else:
         batch_of = partial(collate, pad_id=pad_id)
@@ -266,10 +274,17 @@ def train_func(config: dict) -> None:
         ]
 
         t0 = time.perf_counter()
-        loss, tokens = train_step(par, micro, device, autocast, cfg.train.max_grad_norm)
+        extra = {}  # DPO: rewards, margin and accuracy of the step's pairs
+        if dpo:
+            extra, tokens = dpo_train_step(
+                par, micro, device, autocast, cfg.train.max_grad_norm, cfg.train.dpo
+            )
+            loss = extra.pop("loss")
+        else:
+            loss, tokens = train_step(par, micro, device, autocast, cfg.train.max_grad_norm)
         state.step += 1
         state.history.append(
-            {"step": state.step, "loss": loss, "lr": par.last_lr(), "epoch": epoch}
+            {"step": state.step, "loss": loss, "lr": par.last_lr(), "epoch": epoch, **extra}
         )
         if state.step > 1:  # the first step pays one-off costs (allocations, lazy init)
             time_since += time.perf_counter() - t0
@@ -277,11 +292,13 @@ def train_func(config: dict) -> None:
 
         if state.step % cfg.train.log_every_steps == 0 or state.step == plan.total_steps:
             tps = tokens_since / time_since if time_since else 0.0
+            shown = "".join(f" | {k} {extra[k]:.3f}" for k in ("margin", "accuracy") if k in extra)
             print0(
-                f"step {state.step}/{plan.total_steps} | loss {loss:.4f} | lr {par.last_lr():.2e} | {tps:,.0f} tok/s"
+                f"step {state.step}/{plan.total_steps} | loss {loss:.4f}{shown} | lr {par.last_lr():.2e} | {tps:,.0f} tok/s"
             )
             tracker.log(
-                {"train/loss": loss, "train/lr": par.last_lr(), "train/tokens_per_s": tps},
+                {"train/loss": loss, "train/lr": par.last_lr(), "train/tokens_per_s": tps}
+                | {f"train/{TRACKED.get(k, k)}": v for k, v in extra.items()},
                 state.step,
             )
 
@@ -293,17 +310,28 @@ def train_func(config: dict) -> None:
         eval_due = cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0
         ckpt_due = cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0
         if eval_due:
-            metrics["eval_loss"] = eval_loss(
-                par.module,
-                eval_examples,
-                cfg.eval.batch_size,
-                pad_id,
-                device,
-                autocast,
-                par.collective_forward,
-            )
+            pairs = {}  # DPO: the held-out margin, accuracy and rewards besides the loss
+            if dpo:
+                pairs = held_out_metrics(par, cfg, tokenizer, eval_examples, [], device, autocast)
+                metrics["eval_loss"] = pairs.pop("eval_loss")
+            else:
+                metrics["eval_loss"] = eval_loss(
+                    par.module,
+                    eval_examples,
+                    cfg.eval.batch_size,
+                    pad_id,
+                    device,
+                    autocast,
+                    par.collective_forward,
+                )
             improved = state.record_eval(state.step, metrics["eval_loss"])
-            tracker.log({"eval/loss": metrics["eval_loss"]}, state.step)
+            state.evals[-1].update(pairs)
+            metrics |= pairs
+            tracker.log(
+                {"eval/loss": metrics["eval_loss"]}
+                | {f"eval/{TRACKED.get(k[5:], k[5:])}": v for k, v in pairs.items()},
+                state.step,
+            )
             print0(
                 f"eval at step {state.step}: loss {metrics['eval_loss']:.4f}"
                 + (" (best)" if improved else "")
@@ -336,7 +364,7 @@ def train_func(config: dict) -> None:
     print0("final evaluation: base vs fine-tuned on the held-out set")
     final = {"step": state.step, "train_tokens_per_s": tokens_since / max(time_since, 1e-9)}
     base = state.base_metrics
-    if cfg.lora is not None:
+    if cfg.lora is not None and not dpo:  # DPO's base is its reference: margin 0 by definition
         with par.adapter_disabled():
             base = held_out_metrics(
                 par, cfg, tokenizer, eval_examples, eval_convs, device, autocast
@@ -395,6 +423,9 @@ def resolve_local_paths(cfg: JobConfig) -> JobConfig:
 
 
 DROP_COUNTS = {MALFORMED, *DROP_CODES.values()}
+# DPO metric names as TRL logs them (train/rewards/margins, ...)
+TRACKED = {"rewards_chosen": "rewards/chosen", "rewards_rejected": "rewards/rejected",
+           "margin": "rewards/margins", "accuracy": "rewards/accuracies"}  # fmt: skip
 
 
 def is_remote(path: str) -> bool:
@@ -445,7 +476,10 @@ def _run_job(cfg: JobConfig, address, inline: str, callbacks: list, extra: dict)
     from ray.train.torch import TorchTrainer
 
     tokenizer = load_tokenizer(cfg.model)
-    data = prepare_data(cfg.data, tokenizer, cfg.run.seed, cfg.model.name_or_path, inline)
+    if cfg.train.method == "dpo":
+        data = prepare_pairs(cfg.data, tokenizer, cfg.run.seed)
+    else:
+        data = prepare_data(cfg.data, tokenizer, cfg.run.seed, cfg.model.name_or_path, inline)
     report = data.report
     counts = report["counts"]
     print(
@@ -578,6 +612,14 @@ def print_summary(summary: dict) -> None:
     m = summary["metrics"]
     if not m:
         print(f"{summary['run_name']}: {summary['status']}; run the same command again to continue")
+        return
+    if "eval_margin" in m:  # DPO: the reference (base) has margin 0 and accuracy 0 by definition
+        print(
+            f"held-out pairs ({summary['run_name']}, {summary['steps']} steps): DPO loss "
+            f"{m['eval_loss']:.4f}, reward margin {m['eval_margin']:.3f}, accuracy "
+            f"{m['eval_accuracy']:.1%} (chosen {m['eval_rewards_chosen']:.3f}, rejected "
+            f"{m['eval_rewards_rejected']:.3f})\nadapter: {summary['adapter']}"
+        )
         return
     table = Table(title=f"held-out evaluation ({summary['run_name']}, {summary['steps']} steps)")
     table.add_column("model")

@@ -231,7 +231,12 @@ def test_missing_required_field(tmp_path):
             "offload_params needs train.deepspeed.stage: 3",
         ),
         (["train.strategy=megatron"], r"train\.strategy"),
-        (["train.method=dpo"], "train.method: dpo is not available yet"),
+        (["train.method=dpo", "lora=null"], r"train\.method: dpo trains a LoRA adapter"),
+        (["train.method=dpo", "train.packing=true"], r"train\.packing: not supported"),
+        (
+            ["train.dpo.label_smoothing=0.1"],
+            r"train\.dpo: label_smoothing is used by loss_type: robust",
+        ),
         (["train.lr=-1"], r"train\.lr: .*greater than 0"),
         (["tracking.backend=neptune"], r"tracking\.backend"),
         (["run.name=has space"], r"run\.name"),
