@@ -160,6 +160,7 @@ def test_upload_waits_out_an_outage_and_gives_up_after_the_bound(s3_via_proxy, t
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_training_goes_on_while_storage_is_down(s3_via_proxy, tiny_model_dir):
     proxy, endpoint = s3_via_proxy
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="flaky")
@@ -212,6 +213,7 @@ def ray_local():
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_sigterm_then_sigkill_lose_nothing_but_steps_since_the_last_checkpoint(
     ray_local, tiny_model_dir, tmp_path
 ):
@@ -253,6 +255,7 @@ def test_sigterm_then_sigkill_lose_nothing_but_steps_since_the_last_checkpoint(
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_driver_killed_then_resubmitted_resumes_past_a_torn_checkpoint(
     ray_local, tiny_model_dir, tmp_path
 ):

@@ -16,7 +16,7 @@ from ray.cluster_utils import Cluster
 from jobs.config import load_config
 from jobs.finetune import run_job
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.fixture

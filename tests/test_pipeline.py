@@ -103,6 +103,7 @@ def statuses(run) -> dict[str, str]:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_pipeline_serves_the_gated_adapter_and_traces_its_answers_to_the_data(pipeline):
     run, registry = pipeline["first"], pipeline["registry"]
     assert run.ok, statuses(run) | {"why": run.failed and run.failed.detail}
@@ -136,6 +137,7 @@ def test_pipeline_serves_the_gated_adapter_and_traces_its_answers_to_the_data(pi
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_rerun_skips_finished_stages_and_from_reruns_a_stage(pipeline):
     loaded, first = pipeline["loaded"], pipeline["first"]
     trials = sorted(Path(first.stages["sweep"].dir, "runs").iterdir())
@@ -154,6 +156,7 @@ def test_rerun_skips_finished_stages_and_from_reruns_a_stage(pipeline):
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_a_failing_gate_leaves_the_endpoint_unchanged(pipeline):
     registry, previous, url = pipeline["registry"], pipeline["previous"], pipeline["first"].facts["url"]  # fmt: skip
     registry.set_alias("reviews", "production", previous)
@@ -174,6 +177,7 @@ def test_a_failing_gate_leaves_the_endpoint_unchanged(pipeline):
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_a_canary_mismatch_rolls_the_alias_back(pipeline):
     """The offline answers the canary compares with are changed on disk: the endpoint (serving
     the promoted adapter) then disagrees with them, as it would if serving drifted from eval."""

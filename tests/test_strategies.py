@@ -89,6 +89,7 @@ def losses(summary):
     ],
     ids=["fsdp-grad_op-checkpointing", "zero2", "zero3-offload"],
 )  # fmt: skip
+@pytest.mark.slow
 def test_strategy_trains_resumes_and_saves_the_ddp_adapter(
     ddp_run, tiny_model_dir, tmp_path, strategy, pause
 ):
@@ -117,6 +118,7 @@ def test_strategy_trains_resumes_and_saves_the_ddp_adapter(
     )
 
 
+@pytest.mark.slow
 def test_full_fine_tune_under_fsdp_saves_a_consolidated_model(ray_local, tiny_model_dir, tmp_path):
     run = paused_and_resumed(
         tiny_model_dir, tmp_path, "full", "lora=null", "train.strategy=fsdp", "train.lr=1e-4"

@@ -49,6 +49,7 @@ def kill_sweep(proc: subprocess.Popen, ray_tmp: str) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_asha_sweep_survives_a_killed_driver_and_promotes_its_best_trial(tmp_path, tiny_model_dir):
     config = sweep_yaml(tmp_path, tiny_model_dir)
     root = tmp_path / "sweeps" / "reviews"
