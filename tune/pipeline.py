@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -601,6 +602,8 @@ def main(
         if loaded.cfg.serve.keep_running and not os.environ.get("RAY_ADDRESS"):
             # this process owns the local Ray: the app lives as long as it does
             print(f"serving at {run.facts['url']}/v1 - Ctrl-C stops")
+            # Tune leaves its own SIGINT handler (stop the sweep) installed after the sweep
+            signal.signal(signal.SIGINT, signal.default_int_handler)
             try:
                 while True:
                     time.sleep(3600)
