@@ -9,10 +9,18 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 Model = TypeVar("Model", bound=BaseModel)
 
@@ -271,10 +279,19 @@ class ScalingConfig(Section):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
 
+def _local_or_s3(v: str) -> str:
+    if "://" in v and not v.startswith("s3://"):
+        raise ValueError(f"{v}: give a local directory or s3://bucket/prefix")
+    return v
+
+
+StoragePath = Annotated[str, AfterValidator(_local_or_s3)]  # a job's or a sweep's storage
+
+
 class CheckpointConfig(Section):
     # a run lives in STORAGE_PATH/RUN_NAME: a local directory or s3://bucket/prefix (endpoint
     # from AWS_ENDPOINT_URL for MinIO/R2/GCS interop)
-    storage_path: str = "runs"
+    storage_path: StoragePath = "runs"
     every_steps: int | None = Field(500, ge=1)
     keep_last: int = Field(2, ge=1)
     # while storage is down, an upload is retried (with backoff) this long before the run fails;
@@ -282,13 +299,6 @@ class CheckpointConfig(Section):
     upload_retry_s: float = Field(1800, gt=0)
     max_pending_uploads: int = Field(3, ge=1)
     save_on_sigterm: bool = True  # a spot node's shutdown: checkpoint now, then exit
-
-    @field_validator("storage_path")
-    @classmethod
-    def _local_or_s3(cls, v: str) -> str:
-        if "://" in v and not v.startswith("s3://"):
-            raise ValueError(f"{v}: give a local directory or s3://bucket/prefix")
-        return v
 
 
 class EvalConfig(Section):

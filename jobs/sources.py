@@ -11,8 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -49,6 +52,37 @@ def storage_options(url: str) -> dict[str, Any]:
     if url.startswith("s3://") and endpoint:
         return {"client_kwargs": {"endpoint_url": endpoint}}
     return {}
+
+
+def open_url(url: str, mode: str = "rb", **kwargs):
+    """fsspec.open for a local path or s3:// (with the endpoint): small files written or read
+    the same way wherever a run or sweep directory lives."""
+    return fsspec.open(url, mode, **storage_options(url), **kwargs)
+
+
+def url_exists(url: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(url, **storage_options(url))
+    return fs.exists(path)
+
+
+@contextmanager
+def local_copy(url: str, parts: tuple[str, ...] | None = None) -> Iterator[Path]:
+    """A local directory with url's contents: url itself when local, else a temporary download
+    (removed afterwards) of its top-level entries named in `parts` (all when None), so that a
+    run directory on S3 is read without its checkpoints."""
+    if "://" not in url:
+        yield Path(url)
+        return
+    fs, root = fsspec.core.url_to_fs(url, **storage_options(url))
+    root = root.rstrip("/")
+    with tempfile.TemporaryDirectory(prefix="rayft-copy-") as tmp:
+        for remote in fs.find(root):
+            rel = remote[len(root) + 1 :]
+            if rel and (parts is None or rel.split("/")[0] in parts):
+                dest = Path(tmp) / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(remote, str(dest))
+        yield Path(tmp)
 
 
 def file_kind(name: str) -> str | None:

@@ -219,6 +219,8 @@ def test_pipeline_config_is_checked_before_anything_runs(tmp_path, tiny_model_di
         load_pipeline_config(path, [*overrides, "canary.prompts=9"])
     with pytest.raises(ConfigError, match="sweep.space.data.max_seq_len"):
         load_pipeline_config(path, [*overrides, "sweep.space={data.max_seq_len: {choice: [64]}}"])
+    with pytest.raises(ConfigError, match="sweep.storage_path: s3://b/s: the pipeline keeps its stages"):  # fmt: skip
+        load_pipeline_config(path, [*overrides, "sweep.storage_path=s3://b/s"])
     monkeypatch.delenv("RAYFT_API_KEY")
     with pytest.raises(ConfigError, match="serve.api_key_env: RAYFT_API_KEY is not set") as e:
         load_pipeline_config(path, overrides)

@@ -1,6 +1,7 @@
 """tune.sweep end to end on 2 CPUs: a 4-trial ASHA sweep of the job whose driver is killed
 mid-sweep, resumed, finished with at least one trial stopped early, and whose best trial is
-evaluated, gated and promoted. Also the sweep config's checks."""
+evaluated, gated and promoted; a 2-trial sweep whose storage is s3:// on a real S3-compatible
+server (moto's), evaluated and promoted from the bucket. Also the sweep config's checks."""
 
 from __future__ import annotations
 
@@ -19,14 +20,16 @@ import yaml
 from jobs.config import ConfigError
 from tests.helpers import REPO
 from tune.registry import Registry
-from tune.sweep import load_sweep_config
+from tune.sweep import load_sweep_config, promote_best, run_sweep
 
 
-def sweep_yaml(tmp_path: Path, tiny_model_dir: Path) -> Path:
+def sweep_yaml(tmp_path: Path, tiny_model_dir: Path, job: list[str] = (), **fields) -> Path:
+    """configs/sweep_reviews.yaml on the tiny model into tmp_path; `job` adds trial overrides."""
     raw = yaml.safe_load((REPO / "configs/sweep_reviews.yaml").read_text())
-    raw["overrides"].append(f"model.name_or_path={tiny_model_dir}")
+    raw["overrides"] += [f"model.name_or_path={tiny_model_dir}", *job]
     raw["storage_path"] = str(tmp_path / "sweeps")
     raw["promote"]["registry"] = str(tmp_path / "registry")
+    raw.update(fields)
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
@@ -97,6 +100,74 @@ def test_asha_sweep_survives_a_killed_driver_and_promotes_its_best_trial(tmp_pat
     assert lineage["gate"]["passed"] and lineage["dataset_hash"].startswith("sha256:")
 
 
+@pytest.mark.integration
+def test_sweep_on_s3_resumes_and_promotes_from_the_bucket(tmp_path, tiny_model_dir, s3_server, caplog):  # fmt: skip
+    import boto3
+    import ray
+    import s3fs
+    from typer.testing import CliRunner
+
+    from jobs.distributed import start_local_ray
+    from tune.registry import app as registry_app
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="rayft")
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
+    # the gate is not what this test is about: 4 steps of training need not beat the base
+    eval_raw = yaml.safe_load((REPO / "configs/eval_reviews.yaml").read_text())
+    eval_raw["tasks"][0].update(max_samples=16, few_shot=1)
+    eval_raw["gate"]["margin"] = -1.0
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(eval_raw))
+    reviews = tmp_path / "reviews.jsonl"  # a quarter of the rows: less to prepare and evaluate
+    reviews.write_text("".join((REPO / "data/reviews.jsonl").read_text().splitlines(True)[:200]))
+    config = sweep_yaml(
+        tmp_path, tiny_model_dir,
+        job=[f"data.train_files=[{reviews}]", "train.max_steps=4", "eval.every_steps=2",
+             "checkpoint.every_steps=2", "eval.max_generate_samples=8"],  # fmt: skip
+        num_trials=2, scheduler={"type": "none"}, storage_path="s3://rayft/sweeps",
+        promote={"name": "reviews", "eval": str(tmp_path / "eval.yaml"), "registry": "s3://rayft/registry"},
+    )  # fmt: skip
+    cfg = load_sweep_config(config)
+    # 3 logical CPUs: each trial's function holds 0.01 CPU, so with 2 the second trial's worker
+    # (1 CPU) would wait for the first trial to end
+    start_local_ray(num_cpus=3)
+    try:
+        summary = run_sweep(cfg)
+        outcome = promote_best(cfg, summary)
+        caplog.set_level("INFO", logger="rayft.sweep")
+        again = run_sweep(cfg)  # finished: restored from the bucket, nothing trains again
+    finally:
+        ray.shutdown()
+
+    root = "rayft/sweeps/reviews"
+    stored = json.loads(fs.cat(f"{root}/results.json"))
+    trials = stored["trials"]
+    assert [t["trial"] for t in trials] == [t["trial"] for t in summary["trials"]]
+    assert len(trials) == 2 and not any(t["error"] for t in trials)
+    for t in trials:
+        assert t["run_dir"] == f"s3://{root}/runs/reviews-{t['trial']}" and t["steps"] == 4
+        assert fs.exists(f"{t['run_dir']}/run.json") and fs.exists(f"{t['run_dir']}/adapter")
+    for name in ("results.csv", "eval_curves.png", "eval_loss_vs_train_lr.png"):
+        assert fs.size(f"{root}/{name}") > 0, name
+    assert fs.exists(f"{root}/tune")  # Tune's experiment state, what a restore reads
+    assert "resuming the sweep from s3://rayft/sweeps/reviews/tune" in caplog.text
+    assert [t["trial"] for t in again["trials"]] == [t["trial"] for t in trials]
+    assert not (tmp_path / "sweeps").exists() and not (REPO / "s3:").exists()  # nothing local
+
+    best = trials[0]["run_dir"]
+    assert outcome["promoted"] and outcome["run_dir"] == best, outcome
+    evaluation = json.loads(fs.cat(f"{best}/eval.json"))  # written beside the run, in the bucket
+    assert evaluation["adapter"] == f"{best}/adapter" and evaluation["gate"]["passed"]
+    registry = Registry("s3://rayft/registry")
+    lineage = registry.lineage("reviews@production")
+    assert lineage["version"] == outcome["version"] and lineage["run"]["dir"] == best
+    assert lineage["evaluation"]["adapter"] == f"{best}/adapter"
+    assert lineage["sweep"]["name"] == "reviews" and lineage["sweep"]["trial"] == trials[0]["trial"]
+    # the registry CLI takes the s3:// run directory as well (its gate result is in eval.json)
+    cli = CliRunner().invoke(registry_app, ["promote", best, "--name", "reviews-cli", "--registry", "s3://rayft/registry"])  # fmt: skip
+    assert cli.exit_code == 0, cli.output
+    assert registry.lineage("reviews-cli@production")["run"]["dir"] == best
+
+
 def test_sweep_config_is_checked_before_anything_runs(tmp_path, tiny_model_dir):
     config = sweep_yaml(tmp_path, tiny_model_dir)
     cfg = load_sweep_config(config)
@@ -107,3 +178,7 @@ def test_sweep_config_is_checked_before_anything_runs(tmp_path, tiny_model_dir):
         load_sweep_config(config, ["search=grid"])
     with pytest.raises(ConfigError, match="unknown key 'lora.rr'"):
         load_sweep_config(config, ["space={lora.rr: {choice: [4]}}"])
+    with pytest.raises(
+        ConfigError, match="storage_path: gs://b/p: give a local directory or s3://"
+    ):
+        load_sweep_config(config, ["storage_path=gs://b/p"])

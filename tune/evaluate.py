@@ -34,6 +34,7 @@ from jobs.data import prompt_and_answer
 from jobs.evaluation import eval_loss, perplexity
 from jobs.model import load_base_model, load_tokenizer
 from jobs.prepare import prepare_data
+from jobs.sources import local_copy, open_url, url_exists
 
 METRICS = ("loss", "perplexity", "exact_match", "accuracy", "f1", "contains", "regex", "judge")
 LOWER_IS_BETTER = {"loss", "perplexity"}
@@ -296,27 +297,31 @@ def gate(cfg: GateConfig, results: dict[str, Any]) -> dict[str, Any]:
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
-def evaluate_target(target: Path, cfg: EvalConfig, base: str | None = None) -> tuple[dict[str, Any], Path]:  # fmt: skip
-    """A run directory (adapter/ + run.json) or an adapter directory -> (results, where saved)."""
-    run_json = target / "run.json"
-    if run_json.is_file():
-        run = json.loads(run_json.read_text())
-        data = DataConfig.model_validate(run["config"]["data"])
-        results = evaluate(cfg, target / "adapter", base or cfg.base_model or run["base_model"], data, run["seed"])  # fmt: skip
-        out = target / "eval.json"
-    elif (target / "adapter_config.json").is_file():
-        base_model = base or cfg.base_model or json.loads((target / "adapter_config.json").read_text())["base_model_name_or_path"]  # fmt: skip
-        results = evaluate(cfg, target, base_model)
-        out = target / "eval.json"
-    else:
-        raise ConfigError(f"{target}: neither a run directory (run.json) nor a peft adapter")
-    out.write_text(json.dumps(results, indent=2))
+def evaluate_target(target: str | Path, cfg: EvalConfig, base: str | None = None) -> tuple[dict[str, Any], str]:  # fmt: skip
+    """A run directory (adapter/ + run.json) or an adapter directory, local or s3:// (read from a
+    temporary copy) -> (results, where eval.json was written: beside them, in the same storage)."""
+    target = str(target).rstrip("/")
+    is_run = url_exists(f"{target}/run.json")
+    with local_copy(target, ("run.json", "adapter") if is_run else None) as local:
+        if is_run:
+            run = json.loads((local / "run.json").read_text())
+            data = DataConfig.model_validate(run["config"]["data"])
+            results = evaluate(cfg, local / "adapter", base or cfg.base_model or run["base_model"], data, run["seed"])  # fmt: skip
+        elif (local / "adapter_config.json").is_file():
+            base_model = base or cfg.base_model or json.loads((local / "adapter_config.json").read_text())["base_model_name_or_path"]  # fmt: skip
+            results = evaluate(cfg, local, base_model)
+        else:
+            raise ConfigError(f"{target}: neither a run directory (run.json) nor a peft adapter")
+    results["adapter"] = f"{target}/adapter" if is_run else target  # not the temporary copy
+    out = f"{target}/eval.json"
+    with open_url(out, "w") as f:
+        f.write(json.dumps(results, indent=2))
     return results, out
 
 
 @app.command()
 def main(
-    target: Annotated[Path, typer.Argument(help="run directory or adapter directory")],
+    target: Annotated[str, typer.Argument(help="run or adapter directory (local or s3://)")],
     config: Annotated[Path, typer.Argument(help="eval YAML")],
     base: Annotated[str | None, typer.Option(help="base model (default: the run's)")] = None,
 ) -> None:

@@ -121,6 +121,9 @@ def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -
     cfg = validate(PipelineConfig, raw, where)
     if cfg.eval.gate is None:
         raise ConfigError(f"{where}: eval.gate: the pipeline needs a gate section")
+    for key, value in (("workdir", cfg.workdir), ("sweep.storage_path", cfg.sweep.storage_path)):
+        if "://" in value:  # stage caching and the report read local files
+            raise ConfigError(f"{where}: {key}: {value}: the pipeline keeps its stages, the sweep included, under a local workdir; for a sweep on S3 run python -m tune.sweep")  # fmt: skip
     swept_data = [k for k in cfg.sweep.space if k.startswith("data.")]
     if swept_data:
         raise ConfigError(f"{where}: sweep.space.{swept_data[0]}: the pipeline prepares the data once; sweep other keys")  # fmt: skip

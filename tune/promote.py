@@ -11,6 +11,7 @@ from typing import Any
 
 from jobs.config import ConfigError, ModelConfig
 from jobs.model import resolve_model_path
+from jobs.sources import local_copy
 from tune.registry import Registry, RegistryError
 from tune.servability import ServingLimits, servability_problems
 
@@ -26,7 +27,8 @@ def base_fingerprint(base_dir: Path) -> str | None:
     return "sha256:" + h.hexdigest()
 
 
-def lineage_of(run_dir: Path, evaluation: dict[str, Any] | None, gate: dict[str, Any], base_dir: Path | None = None) -> dict[str, Any]:  # fmt: skip
+def lineage_of(run_dir: Path, evaluation: dict[str, Any] | None, gate: dict[str, Any], base_dir: Path | None = None, uri: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """`uri` is where the run lives when `run_dir` is a temporary copy of it (s3://...)."""
     run = json.loads((run_dir / "run.json").read_text())
     data_manifest = run_dir / "data" / "manifest.json"
     sources = json.loads(data_manifest.read_text())["sources"] if data_manifest.is_file() else None
@@ -38,7 +40,7 @@ def lineage_of(run_dir: Path, evaluation: dict[str, Any] | None, gate: dict[str,
         "data_sources": sources,
         "run": {
             "name": run.get("run_name"),
-            "dir": str(run_dir.resolve()),
+            "dir": uri or str(run_dir.resolve()),
             "checkpoint": run.get("checkpoint"),
             "steps": run.get("steps"),
         },  # fmt: skip
@@ -54,7 +56,7 @@ def lineage_of(run_dir: Path, evaluation: dict[str, Any] | None, gate: dict[str,
 
 def promote_run(
     registry: Registry,
-    run_dir: Path,
+    run_dir: str | Path,
     name: str,
     alias: str = "production",
     force: bool = False,
@@ -65,35 +67,40 @@ def promote_run(
     """Register RUN_DIR/adapter as NAME/VERSION and point ALIAS at it; returns the version.
 
     The gate is read from `evaluation` when given (a pipeline's own evaluation), else from
-    RUN/eval.json; `lineage_extra` adds keys to lineage.json (the pipeline that promoted it)."""
-    run_dir = Path(run_dir)
-    adapter = run_dir / "adapter"
-    if not (run_dir / "run.json").is_file() or not adapter.is_dir():
-        raise RegistryError(f"{run_dir}: not a finished run (needs adapter/ and run.json)")
-    run = json.loads((run_dir / "run.json").read_text())
-    base_dir = Path(resolve_model_path(ModelConfig(name_or_path=run["base_model"])))
-    problems = servability_problems(adapter, base_dir, limits or ServingLimits())
-    if problems:
-        raise RegistryError(f"{run_dir}: not servable: " + "; ".join(problems))
-    eval_path = run_dir / "eval.json"
-    if evaluation is None and eval_path.is_file():
-        evaluation = json.loads(eval_path.read_text())
-    gate = (evaluation or {}).get("gate")
-    if force:
-        gate = {**(gate or {}), "forced": True}
-    elif gate is None:
-        raise RegistryError(
-            f"{run_dir}: no gate result; run `python -m tune.evaluate {run_dir} EVAL.yaml` "
-            "(with a gate section) first, or promote with --force"
-        )
-    elif not gate["passed"]:
-        raise RegistryError(f"{run_dir}: the gate failed: " + "; ".join(gate["reasons"]))
-    try:
-        lineage = {**lineage_of(run_dir, evaluation, gate, base_dir), **(lineage_extra or {})}
-        version = registry.register(adapter, name, lineage)
-    except OSError as e:
-        raise ConfigError(
-            f"registry {registry.root}: cannot write: {type(e).__name__}: {e}"
-        ) from None
+    RUN/eval.json; `lineage_extra` adds keys to lineage.json (the pipeline that promoted it).
+    An s3:// run is read from a temporary copy; its lineage names the s3:// URI."""
+    uri = str(run_dir).rstrip("/")
+    with local_copy(uri, ("run.json", "eval.json", "adapter", "data")) as run_dir:
+        adapter = run_dir / "adapter"
+        if not (run_dir / "run.json").is_file() or not adapter.is_dir():
+            raise RegistryError(f"{uri}: not a finished run (needs adapter/ and run.json)")
+        run = json.loads((run_dir / "run.json").read_text())
+        base_dir = Path(resolve_model_path(ModelConfig(name_or_path=run["base_model"])))
+        problems = servability_problems(adapter, base_dir, limits or ServingLimits())
+        if problems:
+            raise RegistryError(f"{uri}: not servable: " + "; ".join(problems))
+        eval_path = run_dir / "eval.json"
+        if evaluation is None and eval_path.is_file():
+            evaluation = json.loads(eval_path.read_text())
+        gate = (evaluation or {}).get("gate")
+        if force:
+            gate = {**(gate or {}), "forced": True}
+        elif gate is None:
+            raise RegistryError(
+                f"{uri}: no gate result; run `python -m tune.evaluate {uri} EVAL.yaml` "
+                "(with a gate section) first, or promote with --force"
+            )
+        elif not gate["passed"]:
+            raise RegistryError(f"{uri}: the gate failed: " + "; ".join(gate["reasons"]))
+        try:
+            lineage = {
+                **lineage_of(run_dir, evaluation, gate, base_dir, uri if "://" in uri else None),
+                **(lineage_extra or {}),
+            }
+            version = registry.register(adapter, name, lineage)
+        except OSError as e:
+            raise ConfigError(
+                f"registry {registry.root}: cannot write: {type(e).__name__}: {e}"
+            ) from None
     registry.set_alias(name, alias, version, reason="promote" + (" (forced)" if force else ""))
     return version

@@ -331,7 +331,9 @@ def show(
 
 @app.command()
 def promote(
-    run: Annotated[Path, typer.Argument(help="a run directory (adapter/ + run.json)")],
+    run: Annotated[
+        str, typer.Argument(help="a run directory (adapter/ + run.json), local or s3://")
+    ],
     name: Annotated[str, typer.Option(help="registry name")],
     alias: Annotated[str, typer.Option(help="alias to point at the new version")] = "production",
     force: Annotated[bool, typer.Option(help="skip the gate (recorded in lineage)")] = False,

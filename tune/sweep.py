@@ -4,9 +4,10 @@
 
 A trial is a whole run of the job (`jobs.finetune.run_job`, its own Ray Train workers) inside a
 function trainable; Ray Train's `TuneReportCallback` forwards each eval report to Tune, so ASHA
-can stop a poor trial at its next eval. Results land in SWEEP_DIR (storage_path/name):
-results.csv/json, plots, one run directory per finished trial (run.json, adapter/), and Tune's
-own experiment state, which `Tuner.restore` uses to resume an interrupted sweep.
+can stop a poor trial at its next eval. Results land in SWEEP_DIR (storage_path/name, a local
+directory or s3://bucket/prefix/name that every node of a cluster reaches): results.csv/json,
+plots, one run directory per finished trial (run.json, adapter/), and Tune's own experiment
+state, which `Tuner.restore` uses to resume an interrupted sweep.
 """
 
 from __future__ import annotations
@@ -25,12 +26,14 @@ from pydantic import Field, model_validator
 from jobs.config import (
     ConfigError,
     Section,
+    StoragePath,
     apply_overrides,
     load_config,
     parse_overrides,
     read_yaml,
     validate,
 )
+from jobs.sources import open_url, url_exists
 
 log = logging.getLogger("rayft.sweep")
 
@@ -67,7 +70,7 @@ class SweepConfig(Section):
     scheduler: SchedulerConfig = SchedulerConfig()
     budget: BudgetConfig = BudgetConfig()
     max_failures: int = Field(1, ge=0)  # an errored trial is retried this many times
-    storage_path: str = "sweeps"
+    storage_path: StoragePath = "sweeps"  # a local directory or s3://bucket/prefix
     seed: int = 0
     promote: PromoteConfig | None = None
 
@@ -133,8 +136,11 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- the sweep
 
 
-def sweep_dir(cfg: SweepConfig) -> Path:
-    return (Path(cfg.storage_path) / cfg.name).resolve()
+def sweep_dir(cfg: SweepConfig) -> str:
+    """storage_path/name: an absolute local directory or s3://bucket/prefix/name."""
+    if "://" in cfg.storage_path:
+        return f"{cfg.storage_path.rstrip('/')}/{cfg.name}"
+    return str((Path(cfg.storage_path) / cfg.name).resolve())
 
 
 def run_sweep(cfg: SweepConfig, resume: bool = True) -> dict[str, Any]:
@@ -144,13 +150,15 @@ def run_sweep(cfg: SweepConfig, resume: bool = True) -> dict[str, Any]:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from jobs.distributed import init_ray
+    from jobs.finetune import is_remote, ray_storage
 
     init_ray()
     job = load_config(cfg.job, cfg.overrides)
     root = sweep_dir(cfg)
-    root.mkdir(parents=True, exist_ok=True)
+    if not is_remote(root):
+        Path(root).mkdir(parents=True, exist_ok=True)
     sweep = {"name": cfg.name, "job": str(Path(cfg.job).resolve()), "overrides": cfg.overrides,
-             "runs": str(root / "runs"), "cwd": os.getcwd()}  # fmt: skip
+             "runs": f"{root}/runs", "cwd": os.getcwd()}  # fmt: skip
     every = job.eval.every_steps
     if cfg.scheduler.type == "asha" and not every:
         raise ConfigError(f"{cfg.job}: eval.every_steps must be set for ASHA (it stops trials at evals)")  # fmt: skip
@@ -172,10 +180,12 @@ def run_sweep(cfg: SweepConfig, resume: bool = True) -> dict[str, Any]:
         {"cpu": 0.01},  # the trial's workers hold the CPUs
     )
     stopper = BudgetStopper(cfg.budget, job.scaling.num_workers)
-    path = str(root / "tune")
-    if resume and tune.Tuner.can_restore(path):
-        log.info("resuming the sweep from %s", path)
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    # on S3 Tune gets a path inside the bucket and a filesystem with the endpoint, as Train does
+    storage_path, storage_fs = ray_storage(root)
+    if resume and tune.Tuner.can_restore(f"{storage_path}/tune", storage_fs):
+        log.info("resuming the sweep from %s/tune", root)
+        tuner = tune.Tuner.restore(f"{storage_path}/tune", trainable=trainable,
+                                   resume_errored=True, storage_filesystem=storage_fs)  # fmt: skip
     else:
         tuner = tune.Tuner(
             trainable,
@@ -195,7 +205,8 @@ def run_sweep(cfg: SweepConfig, resume: bool = True) -> dict[str, Any]:
             ),  # fmt: skip
             run_config=tune.RunConfig(
                 name="tune",
-                storage_path=str(root),
+                storage_path=storage_path,
+                storage_filesystem=storage_fs,
                 stop=stopper,
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                 verbose=1,
@@ -238,8 +249,8 @@ class BudgetStopper(_stopper_base()):
         return self.limit_s is not None and sum(self.seen.values()) >= self.limit_s
 
 
-def summarize(cfg: SweepConfig, results, root: Path, wall_s: float, _resources) -> dict[str, Any]:
-    """results.csv / results.json / plots, sorted best first."""
+def summarize(cfg: SweepConfig, results, root: str, wall_s: float, _resources) -> dict[str, Any]:
+    """results.csv / results.json / plots into root (local or s3://), sorted best first."""
     rows = []
     for r in results:
         metrics = r.metrics or {}
@@ -254,7 +265,7 @@ def summarize(cfg: SweepConfig, results, root: Path, wall_s: float, _resources) 
             "exact_match": metrics.get("exact_match"),
             "stopped_early": bool(metrics.get("step", 0) and "exact_match" not in metrics),
             "error": str(r.error).splitlines()[0][:200] if r.error else None,
-            "run_dir": str(root / "runs" / f"{cfg.name}-{r.metrics.get('trial_id', '')}") if r.metrics else None,
+            "run_dir": f"{root}/runs/{cfg.name}-{r.metrics.get('trial_id', '')}" if r.metrics else None,
             "evals": evals,
         })  # fmt: skip
     key = "best_eval_loss"
@@ -262,23 +273,24 @@ def summarize(cfg: SweepConfig, results, root: Path, wall_s: float, _resources) 
     summary = {"name": cfg.name, "wall_s": round(wall_s, 1), "trials": rows,
                "total_steps": sum(r["steps"] for r in rows),
                "best": rows[0] if rows else None}  # fmt: skip
-    (root / "results.json").write_text(json.dumps(summary, indent=2, default=str))
-    write_csv(root / "results.csv", rows, list(cfg.space))
+    with open_url(f"{root}/results.json", "w") as f:
+        f.write(json.dumps(summary, indent=2, default=str))
+    write_csv(f"{root}/results.csv", rows, list(cfg.space))
     plot(root, rows, list(cfg.space))
     return summary
 
 
-def write_csv(path: Path, rows: list[dict], params: list[str]) -> None:
+def write_csv(url: str, rows: list[dict], params: list[str]) -> None:
     import csv
 
     cols = ["trial", *params, "steps", "best_eval_loss", "exact_match", "stopped_early", "error"]
-    with open(path, "w", newline="") as f:
+    with open_url(url, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
 
 
-def plot(root: Path, rows: list[dict], params: list[str]) -> None:
+def plot(root: str, rows: list[dict], params: list[str]) -> None:
     """eval_curves.png (eval loss per trial) and one metric-vs-parameter scatter per key."""
     import matplotlib
 
@@ -294,7 +306,7 @@ def plot(root: Path, rows: list[dict], params: list[str]) -> None:
     ax.set_ylabel("eval loss")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(root / "eval_curves.png", dpi=100)
+    save_png(fig, f"{root}/eval_curves.png")
     plt.close(fig)
     for p in params:
         fig, ax = plt.subplots(figsize=(4, 3))
@@ -306,8 +318,13 @@ def plot(root: Path, rows: list[dict], params: list[str]) -> None:
         ax.set_xlabel(p)
         ax.set_ylabel("best eval loss")
         fig.tight_layout()
-        fig.savefig(root / f"eval_loss_vs_{p.replace('.', '_')}.png", dpi=100)
+        save_png(fig, f"{root}/eval_loss_vs_{p.replace('.', '_')}.png")
         plt.close(fig)
+
+
+def save_png(fig, url: str) -> None:
+    with open_url(url, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
 
 
 def print_table(summary: dict[str, Any], params: list[str]) -> None:
@@ -334,15 +351,15 @@ def promote_best(cfg: SweepConfig, summary: dict[str, Any]) -> dict[str, Any]:
     from tune.promote import promote_run
     from tune.registry import Registry
 
-    finished = [r for r in summary["trials"] if r["run_dir"] and (Path(r["run_dir"]) / "run.json").is_file()]  # fmt: skip
+    finished = [r for r in summary["trials"] if r["run_dir"] and url_exists(f"{r['run_dir']}/run.json")]  # fmt: skip
     if not finished:
         return {"promoted": False, "reason": "no trial finished"}
     best = finished[0]
-    results, _ = evaluate_target(Path(best["run_dir"]), load_eval_config(cfg.promote.eval))
+    results, _ = evaluate_target(best["run_dir"], load_eval_config(cfg.promote.eval))
     outcome = {"trial": best["trial"], "run_dir": best["run_dir"], "gate": results.get("gate")}
     if not results.get("gate", {}).get("passed"):
         return {**outcome, "promoted": False, "reason": "; ".join(results.get("gate", {}).get("reasons", ["no gate"]))}  # fmt: skip
-    version = promote_run(Registry(cfg.promote.registry), Path(best["run_dir"]), cfg.promote.name, cfg.promote.alias)  # fmt: skip
+    version = promote_run(Registry(cfg.promote.registry), best["run_dir"], cfg.promote.name, cfg.promote.alias)  # fmt: skip
     return {**outcome, "promoted": True, "version": version, "name": cfg.promote.name, "alias": cfg.promote.alias}  # fmt: skip
 
 
@@ -364,9 +381,8 @@ def main(
         typer.echo(f"results: {sweep_dir(cfg)}/results.csv, plots: {sweep_dir(cfg)}/*.png")
         if cfg.promote:
             outcome = promote_best(cfg, summary)
-            (sweep_dir(cfg) / "promotion.json").write_text(
-                json.dumps(outcome, indent=2, default=str)
-            )
+            with open_url(f"{sweep_dir(cfg)}/promotion.json", "w") as f:
+                f.write(json.dumps(outcome, indent=2, default=str))
             typer.echo(("promoted " + f"{outcome['name']}@{outcome['version']} ({outcome['alias']})") if outcome["promoted"] else f"not promoted: {outcome['reason']}")  # fmt: skip
     except ConfigError as e:
         typer.echo(f"error: {e}", err=True)
