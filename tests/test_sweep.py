@@ -101,6 +101,7 @@ def test_asha_sweep_survives_a_killed_driver_and_promotes_its_best_trial(tmp_pat
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_sweep_on_s3_resumes_and_promotes_from_the_bucket(tmp_path, tiny_model_dir, s3_server, caplog):  # fmt: skip
     import boto3
     import ray
