@@ -23,7 +23,7 @@ quickstart: setup
 	$(BIN)/python -m jobs.tiny_model .cache/tiny-llama
 	$(BIN)/python -m jobs.finetune configs/quickstart.yaml run.name=$(RUN_NAME)
 
-# The suite (~16 min on 2 CPUs) leaves out the long multi-process runs marked slow (~19 min more):
+# The suite (~18 min on 2 CPUs) leaves out the long multi-process runs marked slow (~21 min more):
 # `make test-slow` runs them; CI (.ci/run) runs both.
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow" --durations=15
