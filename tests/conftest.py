@@ -90,3 +90,15 @@ def s3_server():
             os.environ[k] = v
     proc.terminate()
     proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A fresh local Ray (2 CPUs) for a module's Ray Train runs."""
+    import ray
+
+    from jobs.distributed import start_local_ray
+
+    start_local_ray(num_cpus=2)
+    yield
+    ray.shutdown()

@@ -205,13 +205,6 @@ def test_training_goes_on_while_storage_is_down(s3_via_proxy, tiny_model_dir):
             assert len(load(f.read())) == 28
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    start_local_ray(num_cpus=2)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.integration
 @pytest.mark.slow
 def test_sigterm_then_sigkill_lose_nothing_but_steps_since_the_last_checkpoint(

@@ -15,14 +15,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import ray
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from jobs.config import ConfigError, load_config
-from jobs.distributed import start_local_ray
 from jobs.finetune import run_job
 from jobs.parallel import deepspeed_config
 
@@ -39,13 +37,6 @@ COMMON = [
     "eval.task_metric=none",
     "checkpoint.every_steps=null",
 ]
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    start_local_ray(num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 def job(tiny_model_dir, storage, name, *overrides):

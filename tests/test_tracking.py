@@ -11,10 +11,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-import ray
 
 from jobs.config import load_config
-from jobs.distributed import start_local_ray
 from jobs.manifest import git_state
 from jobs.tracking import (
     MlflowTracker,
@@ -272,13 +270,6 @@ def test_tracker_files_hold_no_secret(backend, tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------ on Ray Train workers
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    start_local_ray(num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.integration

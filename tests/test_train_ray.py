@@ -11,20 +11,12 @@ import torch
 from peft import PeftModel
 
 from jobs.config import load_config
-from jobs.distributed import start_local_ray
 from jobs.evaluation import eval_loss
 from jobs.finetune import run_job
 from jobs.model import load_base_model, load_tokenizer
 from jobs.prepare import prepare_data
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    start_local_ray(num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 def job_config(tiny_model_dir, storage, *overrides):
