@@ -51,14 +51,22 @@ def make_review(rng: random.Random) -> tuple[str, str]:
     return text, label
 
 
+def unique_reviews(rng: random.Random):
+    """(text, label) of reviews never seen before, drawn from rng for as long as asked."""
+    seen = set()
+    while True:
+        text, label = make_review(rng)
+        if text not in seen:
+            seen.add(text)
+            yield text, label
+
+
 def make_rows(n: int = 800, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
-    rows, seen = [], set()
-    while len(rows) < n:
-        text, label = make_review(rng)
-        if text in seen:
-            continue
-        seen.add(text)
+    rows = []
+    for text, label in unique_reviews(rng):
+        if len(rows) == n:
+            break
         rows.append(
             {
                 "messages": [
@@ -74,12 +82,10 @@ def make_rows(n: int = 800, seed: int = 0) -> list[dict]:
 def make_preference_rows(n: int = 320, seed: int = 7) -> list[dict]:
     """The same task as preference pairs: the right label is chosen, a wrong one rejected."""
     rng = random.Random(seed)
-    rows, seen = [], set()
-    while len(rows) < n:
-        text, label = make_review(rng)
-        if text in seen:
-            continue
-        seen.add(text)
+    rows = []
+    for text, label in unique_reviews(rng):
+        if len(rows) == n:
+            break
         wrong = rng.choice([x for x in ("positive", "negative", "mixed") if x != label])
         rows.append(
             {
