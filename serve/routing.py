@@ -8,7 +8,11 @@ from the request itself (the `Job` the ingress passes to ModelServer) and ranks 
    `ModelServer.record_routing_stats` (polled by Serve's controller every
    `routing_stats_period_s`), or to which this router sent the adapter in the last
    `routing_stats_period_s` + 2 s (a fresh load is known here at once, before the next poll);
-2. every other replica.
+2. when no replica is known to hold it: the adapter's home, the replica that rendezvous hashing
+   of (adapter, replica id) picks. Every router computes the same home, so requests for a cold
+   adapter arriving through different ingress replicas load it on one model replica, not on
+   each, before the holder's next report reaches the other routers;
+3. every other replica.
 
 Within a rank Serve takes the replica with the shortest queue that has room. A holder whose
 queue is `imbalance` requests longer than the shortest queue is not preferred: a popular adapter
@@ -17,6 +21,7 @@ spreads over replicas instead of queueing on one. Base-model requests go to the 
 
 from __future__ import annotations
 
+import hashlib
 import random
 import time
 
@@ -28,6 +33,12 @@ def adapter_key_of(request: PendingRequest | None) -> str | None:
     if request is None or not request.args:
         return None
     return getattr(request.args[0], "adapter_key", None)
+
+
+def home_of(key: str, replica_ids: list[str]) -> str:
+    """The replica id rendezvous hashing gives `key`: the same in every process (unlike `hash`),
+    and when a replica leaves only the keys whose home it was move."""
+    return max(replica_ids, key=lambda r: hashlib.blake2b(f"{key}\0{r}".encode()).digest())
 
 
 class AdapterAffinityRouter(RequestRouter):
@@ -71,6 +82,14 @@ class AdapterAffinityRouter(RequestRouter):
                 for r in self.holders(key, candidate_replicas)
                 if self.queue_len(r) - shortest <= self.imbalance
             ]
+            if not warm:
+                home_id = home_of(key, [r.replica_id.unique_id for r in candidate_replicas])
+                warm = [
+                    r
+                    for r in candidate_replicas
+                    if r.replica_id.unique_id == home_id
+                    and self.queue_len(r) - shortest <= self.imbalance
+                ]
             if warm:
                 rest = [r for r in candidate_replicas if r not in warm]
                 return [warm, rest] if rest else [warm]

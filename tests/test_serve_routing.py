@@ -83,6 +83,8 @@ async def chat_all(url, models, max_tokens=8):
 def test_requests_go_to_the_replica_that_holds_their_adapter(routed):
     url = routed["url"]
     first = chat(url, "red").headers["x-model-replica"]
+    # Right after the load, through either ingress replica: the one that sent it remembers, the
+    # other has not heard yet (stats every 0.2 s) and sends it to red's home, the same replica.
     assert {chat(url, "red").headers["x-model-replica"] for _ in range(5)} == {first}
     # Past the router's own memory of where it sent "red": the replica's reported adapters
     # (record_routing_stats, polled every 0.2 s) still lead there.
