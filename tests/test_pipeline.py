@@ -111,6 +111,14 @@ def test_pipeline_serves_the_gated_adapter_and_traces_its_answers_to_the_data(pi
     version = run.facts["version"]
     assert registry.aliases("reviews")["production"] == version != pipeline["previous"]
 
+    # started as `serve run CONFIG` starts it: the config's `deployments:` options apply
+    from ray.serve.context import _get_global_client
+
+    app = _get_global_client().get_serve_details()["applications"]["rayft"]
+    deployed = app["deployments"]["MultiAdapterServer"]["deployment_config"]
+    assert deployed["autoscaling_config"]["max_replicas"] == 4
+    assert deployed["autoscaling_config"]["target_ongoing_requests"] == 16
+
     sample = run.facts["evaluation"]["samples"]["sentiment"][0]
     answer, served = chat(run.facts["url"], sample["messages"])
     assert served == version and answer.strip() == sample["reply"]

@@ -65,7 +65,7 @@ class ServeSection(Section):
     port: int | None = Field(None, ge=1, le=65535)  # an app started here: instead of http_options'
     keep_running: bool = False  # an app started here keeps serving after the pipeline
     api_key_env: str | None = None  # the variable holding the canary's key (an app with tenants)
-    ready_timeout_s: float = Field(120, gt=0)  # for an app given by url to answer /health
+    ready_timeout_s: float = Field(120, gt=0)  # for the app to start and answer /health
 
 
 class PromoteSection(Section):
@@ -353,33 +353,37 @@ def serve_stage(run: Run) -> None:
     cfg = run.loaded.cfg
     stage = run.stages["serve"]
     if cfg.serve.url:
-        url = cfg.serve.url.rstrip("/")
-        deadline = time.monotonic() + cfg.serve.ready_timeout_s
-        while True:
-            try:
-                httpx.get(f"{url}/health", timeout=5).raise_for_status()
-                break
-            except httpx.HTTPError as e:
-                if time.monotonic() > deadline:
-                    stage.status, stage.detail = "failed", f"{url}/health: {type(e).__name__}: {e}"
-                    return
-                time.sleep(1)
-        stage.status, stage.detail = "live", f"{url} (running app)"
+        url, started = cfg.serve.url.rstrip("/"), None
     else:
         url, started = start_app(run.loaded)
         run.facts["started_app"] = started
+    deadline = time.monotonic() + cfg.serve.ready_timeout_s
+    while True:  # the app answers once Serve's HTTP proxy has it
+        try:
+            httpx.get(f"{url}/health", timeout=5).raise_for_status()
+            break
+        except httpx.HTTPError as e:
+            if time.monotonic() > deadline:
+                stage.status, stage.detail = "failed", f"{url}/health: {type(e).__name__}: {e}"
+                return
+            time.sleep(0.5)
+    if started is None:
+        stage.status, stage.detail = "live", f"{url} (running app)"
+    else:
         stage.status, stage.detail = "ran" if started else "live", f"{url} ({'started here' if started else 'already running on this Ray'})"  # fmt: skip
     run.facts["url"] = url
 
 
 def start_app(loaded: Loaded) -> tuple[str, bool]:
-    """serve.run of the app (paths made absolute: replicas do not share this working directory)
-    unless this Ray already runs it; (its URL, whether it was started now). The Serve config's
-    `deployments` options (autoscaling) are not applied here: `serve run CONFIG` applies them."""
+    """The app as `serve run CONFIG` starts it (Serve's deploy of the config's application entry,
+    its `deployments:` options such as autoscaling included), with the args the pipeline resolved
+    (paths made absolute: replicas do not share this working directory), unless this Ray already
+    runs it; (its URL, whether it was started now)."""
     from ray import serve
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
 
     from jobs.distributed import init_ray
-    from serve.app import build_app
 
     init_ray()
     name, prefix = loaded.app.get("name", "default"), loaded.app.get("route_prefix", "/")
@@ -398,9 +402,37 @@ def start_app(loaded: Loaded) -> tuple[str, bool]:
         if value and "://" not in value and Path(value).expanduser().exists():
             setattr(s, key, str(Path(value).expanduser().resolve()))
     s.adapters = {n: str(Path(p).expanduser().resolve()) for n, p in s.adapters.items()}
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(s), name=name, route_prefix=prefix)
+    app = {**loaded.app, "name": name, "route_prefix": prefix,
+           "args": s.model_dump(mode="json", exclude_defaults=True)}  # fmt: skip
+    app["runtime_env"] = app_runtime_env(app.get("runtime_env") or {})
+    http = {**loaded.http, "host": host, "port": port}
+    config = ServeDeploySchema.model_validate({"http_options": http, "applications": [app]})
+    # serve_start + deploy_apps is what `serve run CONFIG` calls (ray/serve/scripts.py).
+    serve_start(http_options=config.http_options.model_dump()).deploy_apps(config)
+    deadline = time.monotonic() + loaded.cfg.serve.ready_timeout_s
+    while (status := serve.status().applications.get(name)) is None or status.status != "RUNNING":
+        if status is not None and status.status == "DEPLOY_FAILED":
+            raise RuntimeError(f"{loaded.cfg.serve.config}: application {name}: {status.message}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"application {name} not running after serve.ready_timeout_s ({loaded.cfg.serve.ready_timeout_s:g} s): {status and status.message}")  # fmt: skip
+        time.sleep(0.5)
     return url, True
+
+
+def app_runtime_env(env: dict) -> dict:
+    """Serve's controller imports the app's import path in a task of its own, which does not get
+    this job's runtime env: give it this job's working_dir (`ray job submit --working-dir .`, on
+    any node), or else this checkout on its PYTHONPATH (the embedded local Ray)."""
+    import ray
+
+    if "working_dir" in env or "py_modules" in env:
+        return env
+    job_dir = (ray.get_runtime_context().runtime_env or {}).get("working_dir")
+    if job_dir:
+        return {**env, "working_dir": job_dir}
+    env_vars = env.get("env_vars") or {}
+    paths = [str(Path(__file__).resolve().parents[1]), env_vars.get("PYTHONPATH", "")]
+    return {**env, "env_vars": {**env_vars, "PYTHONPATH": os.pathsep.join(p for p in paths if p)}}
 
 
 def canary_stage(run: Run) -> None:
