@@ -553,6 +553,7 @@ def _run_job(cfg: JobConfig, address, inline: str, callbacks: list, extra: dict)
         "adapter": f"{run_dir}/{kind}" if kind == "adapter" else None,
         "model": f"{run_dir}/{kind}" if kind == "model" else None,
         "method": "lora" if cfg.lora is not None else "full",
+        "objective": cfg.train.method,  # sft or dpo
         "strategy": cfg.train.strategy,
         "base_model": cfg.model.name_or_path,
         "dataset_hash": data.dataset_hash,

@@ -254,6 +254,7 @@ def run_tags(cfg: JobConfig, info: dict, total_steps: int) -> dict[str, str]:
         "base_model": cfg.model.name_or_path,
         "dataset_hash": info["dataset_hash"],
         "method": "lora" if cfg.lora else "full",
+        "objective": cfg.train.method,
         "lora_r": cfg.lora.r if cfg.lora else None,
         "lora_alpha": cfg.lora.alpha if cfg.lora else None,
         "lr": cfg.train.lr,

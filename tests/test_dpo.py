@@ -141,6 +141,7 @@ def test_dpo_job_grows_the_chosen_vs_rejected_margin(tiny_model_dir, tmp_path):
         summary = run_job(cfg)
     finally:
         ray.shutdown()
+    assert summary["objective"] == "dpo" and summary["method"] == "lora"
     margins = [e["eval_margin"] for e in summary["eval_history"]]
     assert [e["step"] for e in summary["eval_history"]] == [4, 8, 12]
     assert margins[-1] > margins[0] and margins[-1] > 0.3, margins

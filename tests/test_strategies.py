@@ -116,7 +116,7 @@ def test_full_fine_tune_under_fsdp_saves_a_consolidated_model(ray_local, tiny_mo
     )
     ref = run_job(job(tiny_model_dir, tmp_path, "full-ddp", "lora=null", "train.lr=1e-4"))
     assert losses(run) == pytest.approx(losses(ref), rel=1e-4)
-    assert run["adapter"] is None and run["method"] == "full"
+    assert run["adapter"] is None and run["method"] == "full" and run["objective"] == "sft"
     manifest = json.loads((tmp_path / "full" / "run.json").read_text())
     assert manifest["model"] == run["model"]
     # a plain transformers checkpoint, every weight moved by training, equal to the DDP model's

@@ -141,6 +141,7 @@ def test_mlflow_run_is_read_back_and_a_rerun_continues_it(tmp_path):
         "lora_r": "16", "lora_alpha": "32.0", "lr": "0.002", "steps": "30", "strategy": "ddp", "team": "nlp",
     }  # fmt: skip
     assert tags["dataset_hash"] == "sha256:feed" and tags["git_sha"] == git_state()["sha"]
+    assert tags["method"] == "lora" and tags["objective"] == "sft"
     assert tags["mlflow.source.git.commit"] == git_state()["sha"]
     assert tags["base_model"] == ".cache/tiny-llama" and tags["rayft.run_key"] == info["run_key"]
     assert tags["rayft.checkpoint.000020"] == "runs/track/checkpoint_000020"
