@@ -203,183 +203,195 @@ def train_func(config: dict) -> None:
         print0("this run already finished; nothing to train")
         ray.train.report({"step": state.step, **state.final_metrics})
         return
-    tracker = start_tracker(cfg, config["run_info"], plan.total_steps)  # rank 0 only
-    uploader = Uploader(
-        cfg.checkpoint.upload_retry_s,
-        cfg.checkpoint.max_pending_uploads,
-        log=lambda message: print(f"[rank {rank}] {message}", flush=True),
-    )
-    preemption = Preemption(cfg.checkpoint.save_on_sigterm)
-
-    def report(metrics: dict, final: bool = False, now: bool = False) -> None:
-        # ray.train.report costs about a second on a small machine: only at eval/checkpoint steps.
-        # The upload runs in the background (storage may be down) unless this is the final
-        # checkpoint or one before exiting.
-        staged = uploader.stage()
-        try:
-            save_checkpoint(staged, par, tokenizer, state, rank, final=final)
-            write_commit_marker(staged, rank, world, state.step)
-        except BaseException:
-            uploader.unstage(staged)
-            raise
-        mode = ray.train.CheckpointUploadMode
-        ray.train.report(
-            metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(str(staged)),
-            checkpoint_dir_name=f"checkpoint_{state.step:06d}" + ("_final" if final else ""),
-            checkpoint_upload_mode=mode.SYNC if final or now else mode.ASYNC,
-            checkpoint_upload_fn=uploader.upload,
-            delete_local_checkpoint_after_upload=False,  # the uploader removes it, on any outcome
+    # rank 0 only; finished on the way out, marked failed when the train function raises
+    with start_tracker(cfg, config["run_info"], plan.total_steps) as tracker:
+        uploader = Uploader(
+            cfg.checkpoint.upload_retry_s,
+            cfg.checkpoint.max_pending_uploads,
+            log=lambda message: print(f"[rank {rank}] {message}", flush=True),
         )
+        preemption = Preemption(cfg.checkpoint.save_on_sigterm)
 
-    def log_uploaded() -> None:  # a checkpoint is logged as saved once it is in storage
-        while uploader.saved:
-            name = uploader.saved.pop(0)
-            tracker.log_checkpoint(
-                f"{cfg.checkpoint.storage_path}/{cfg.run.name}/{name}", checkpoint_step(name)
+        def report(metrics: dict, final: bool = False, now: bool = False) -> None:
+            # ray.train.report costs about a second on a small machine: only at eval/checkpoint steps.
+            # The upload runs in the background (storage may be down) unless this is the final
+            # checkpoint or one before exiting.
+            staged = uploader.stage()
+            try:
+                save_checkpoint(staged, par, tokenizer, state, rank, final=final)
+                write_commit_marker(staged, rank, world, state.step)
+            except BaseException:
+                uploader.unstage(staged)
+                raise
+            mode = ray.train.CheckpointUploadMode
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(str(staged)),
+                checkpoint_dir_name=f"checkpoint_{state.step:06d}" + ("_final" if final else ""),
+                checkpoint_upload_mode=mode.SYNC if final or now else mode.ASYNC,
+                checkpoint_upload_fn=uploader.upload,
+                delete_local_checkpoint_after_upload=False,  # the uploader removes it, on any outcome
             )
 
-    state.worker_nodes = all_gather_objects(ray.get_runtime_context().get_node_id())
-    pad_id = tokenizer.pad_token_id
-    dpo = cfg.train.method == "dpo"
-    if dpo:
-        batch_of = partial(collate_pairs, pad_id=pad_id)
-    elif cfg.train.packing:
-        batch_of = partial(pack, max_len=cfg.data.max_seq_len, pad_id=pad_id)
-    else:
-        batch_of = partial(collate, pad_id=pad_id)
-    if cfg.lora is None and state.step == 0:  # a full fine-tune has no base to compare with later
-        print0("evaluating the base model before training")
-        state.base_metrics = held_out_metrics(
-            par, cfg, tokenizer, eval_examples, eval_convs, device, autocast
-        )
-    par.model.train()
-    print0(
-        f"training {plan.total_steps} steps ({plan.steps_per_epoch}/epoch) on {world} worker(s) "
-        f"with {cfg.train.strategy}, {cfg.grad_accum_steps} accumulation step(s) of "
-        f"{cfg.train.micro_batch_size} per worker, device {device}"
-    )
-
-    # --- the loop
-    tokens_since, time_since, order, current_epoch = 0, 0.0, [], -1
-    while state.step < plan.total_steps and not state.stopped_early:
-        epoch, k = divmod(state.step, plan.steps_per_epoch)
-        if epoch != current_epoch:  # the order is a function of (seed, epoch): resume continues it
-            order, current_epoch = epoch_order(len(train_examples), cfg.run.seed, epoch), epoch
-        micro = [
-            batch_of([train_examples[j] for j in idx])
-            for idx in step_micro_batches(
-                order, k, cfg.train.effective_batch_size, rank, world, cfg.train.micro_batch_size
-            )
-        ]
-
-        t0 = time.perf_counter()
-        extra = {}  # DPO: rewards, margin and accuracy of the step's pairs
-        if dpo:
-            extra, tokens = dpo_train_step(
-                par, micro, device, autocast, cfg.train.max_grad_norm, cfg.train.dpo
-            )
-            loss = extra.pop("loss")
-        else:
-            loss, tokens = train_step(par, micro, device, autocast, cfg.train.max_grad_norm)
-        state.step += 1
-        state.history.append(
-            {"step": state.step, "loss": loss, "lr": par.last_lr(), "epoch": epoch, **extra}
-        )
-        if state.step > 1:  # the first step pays one-off costs (allocations, lazy init)
-            time_since += time.perf_counter() - t0
-            tokens_since += tokens
-
-        if state.step % cfg.train.log_every_steps == 0 or state.step == plan.total_steps:
-            tps = tokens_since / time_since if time_since else 0.0
-            shown = "".join(f" | {k} {extra[k]:.3f}" for k in ("margin", "accuracy") if k in extra)
-            print0(
-                f"step {state.step}/{plan.total_steps} | loss {loss:.4f}{shown} | lr {par.last_lr():.2e} | {tps:,.0f} tok/s"
-            )
-            tracker.log(
-                {"train/loss": loss, "train/lr": par.last_lr(), "train/tokens_per_s": tps}
-                | {f"train/{TRACKED.get(k, k)}": v for k, v in extra.items()},
-                state.step,
-            )
-
-        metrics = {
-            "step": state.step,
-            "loss": loss,
-            "train_tokens_per_s": tokens_since / max(time_since, 1e-9),
-        }
-        eval_due = cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0
-        ckpt_due = cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0
-        if eval_due:
-            pairs = {}  # DPO: the held-out margin, accuracy and rewards besides the loss
-            if dpo:
-                pairs = held_out_metrics(par, cfg, tokenizer, eval_examples, [], device, autocast)
-                metrics["eval_loss"] = pairs.pop("eval_loss")
-            else:
-                metrics["eval_loss"] = eval_loss(
-                    par.module,
-                    eval_examples,
-                    cfg.eval.batch_size,
-                    pad_id,
-                    device,
-                    autocast,
-                    par.collective_forward,
+        def log_uploaded() -> None:  # a checkpoint is logged as saved once it is in storage
+            while uploader.saved:
+                name = uploader.saved.pop(0)
+                tracker.log_checkpoint(
+                    f"{cfg.checkpoint.storage_path}/{cfg.run.name}/{name}", checkpoint_step(name)
                 )
-            improved = state.record_eval(state.step, metrics["eval_loss"])
-            state.evals[-1].update(pairs)
-            metrics |= pairs
-            tracker.log(
-                {"eval/loss": metrics["eval_loss"]}
-                | {f"eval/{TRACKED.get(k[5:], k[5:])}": v for k, v in pairs.items()},
-                state.step,
-            )
-            print0(
-                f"eval at step {state.step}: loss {metrics['eval_loss']:.4f}"
-                + (" (best)" if improved else "")
-            )
-            patience = cfg.eval.early_stopping_patience
-            if patience and state.evals_without_improvement >= patience:
-                state.stopped_early = True
-                print0(f"early stop: eval loss has not improved for {patience} evals")
-        pause = state.step == cfg.run.stop_after_steps
-        sigterm = preemption.requested(world)  # a spot node going away: save now
-        if (
-            (eval_due or ckpt_due or pause or sigterm)
-            and state.step < plan.total_steps
-            and not state.stopped_early
-        ):
-            if sigterm:
-                print0(f"SIGTERM: saving a checkpoint at step {state.step} before exiting")
-            report(metrics, now=sigterm or pause)
-            preemption.exit_if_signalled()
-        log_uploaded()
-        if pause and state.step < plan.total_steps:
-            print0(
-                f"stopping after step {state.step} (run.stop_after_steps); run again to continue"
-            )
-            tracker.finish()
-            preemption.close()
-            return
 
-    # --- final evaluation: the same held-out set with the adapter and without it (the base)
-    print0("final evaluation: base vs fine-tuned on the held-out set")
-    final = {"step": state.step, "train_tokens_per_s": tokens_since / max(time_since, 1e-9)}
-    base = state.base_metrics
-    if cfg.lora is not None and not dpo:  # DPO's base is its reference: margin 0 by definition
-        with par.adapter_disabled():
-            base = held_out_metrics(
+        state.worker_nodes = all_gather_objects(ray.get_runtime_context().get_node_id())
+        pad_id = tokenizer.pad_token_id
+        dpo = cfg.train.method == "dpo"
+        if dpo:
+            batch_of = partial(collate_pairs, pad_id=pad_id)
+        elif cfg.train.packing:
+            batch_of = partial(pack, max_len=cfg.data.max_seq_len, pad_id=pad_id)
+        else:
+            batch_of = partial(collate, pad_id=pad_id)
+        if (
+            cfg.lora is None and state.step == 0
+        ):  # a full fine-tune has no base to compare with later
+            print0("evaluating the base model before training")
+            state.base_metrics = held_out_metrics(
                 par, cfg, tokenizer, eval_examples, eval_convs, device, autocast
             )
-    final |= {f"base_{k}": v for k, v in base.items()}
-    final |= held_out_metrics(par, cfg, tokenizer, eval_examples, eval_convs, device, autocast)
-    state.completed, state.final_metrics = True, final
-    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    state.worker_peak_rss_mb = all_gather_objects(round(peak_rss_mb, 1))
-    report(final, final=True)
-    log_uploaded()
-    tracker.summary(final)
-    tracker.finish()
-    preemption.exit_if_signalled()
-    preemption.close()
+        par.model.train()
+        print0(
+            f"training {plan.total_steps} steps ({plan.steps_per_epoch}/epoch) on {world} worker(s) "
+            f"with {cfg.train.strategy}, {cfg.grad_accum_steps} accumulation step(s) of "
+            f"{cfg.train.micro_batch_size} per worker, device {device}"
+        )
+
+        # --- the loop
+        tokens_since, time_since, order, current_epoch = 0, 0.0, [], -1
+        while state.step < plan.total_steps and not state.stopped_early:
+            epoch, k = divmod(state.step, plan.steps_per_epoch)
+            if (
+                epoch != current_epoch
+            ):  # the order is a function of (seed, epoch): resume continues it
+                order, current_epoch = epoch_order(len(train_examples), cfg.run.seed, epoch), epoch
+            micro = [
+                batch_of([train_examples[j] for j in idx])
+                for idx in step_micro_batches(
+                    order,
+                    k,
+                    cfg.train.effective_batch_size,
+                    rank,
+                    world,
+                    cfg.train.micro_batch_size,
+                )
+            ]
+
+            t0 = time.perf_counter()
+            extra = {}  # DPO: rewards, margin and accuracy of the step's pairs
+            if dpo:
+                extra, tokens = dpo_train_step(
+                    par, micro, device, autocast, cfg.train.max_grad_norm, cfg.train.dpo
+                )
+                loss = extra.pop("loss")
+            else:
+                loss, tokens = train_step(par, micro, device, autocast, cfg.train.max_grad_norm)
+            state.step += 1
+            state.history.append(
+                {"step": state.step, "loss": loss, "lr": par.last_lr(), "epoch": epoch, **extra}
+            )
+            if state.step > 1:  # the first step pays one-off costs (allocations, lazy init)
+                time_since += time.perf_counter() - t0
+                tokens_since += tokens
+
+            if state.step % cfg.train.log_every_steps == 0 or state.step == plan.total_steps:
+                tps = tokens_since / time_since if time_since else 0.0
+                shown = "".join(
+                    f" | {k} {extra[k]:.3f}" for k in ("margin", "accuracy") if k in extra
+                )
+                print0(
+                    f"step {state.step}/{plan.total_steps} | loss {loss:.4f}{shown} | lr {par.last_lr():.2e} | {tps:,.0f} tok/s"
+                )
+                tracker.log(
+                    {"train/loss": loss, "train/lr": par.last_lr(), "train/tokens_per_s": tps}
+                    | {f"train/{TRACKED.get(k, k)}": v for k, v in extra.items()},
+                    state.step,
+                )
+
+            metrics = {
+                "step": state.step,
+                "loss": loss,
+                "train_tokens_per_s": tokens_since / max(time_since, 1e-9),
+            }
+            eval_due = cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0
+            ckpt_due = cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0
+            if eval_due:
+                pairs = {}  # DPO: the held-out margin, accuracy and rewards besides the loss
+                if dpo:
+                    pairs = held_out_metrics(
+                        par, cfg, tokenizer, eval_examples, [], device, autocast
+                    )
+                    metrics["eval_loss"] = pairs.pop("eval_loss")
+                else:
+                    metrics["eval_loss"] = eval_loss(
+                        par.module,
+                        eval_examples,
+                        cfg.eval.batch_size,
+                        pad_id,
+                        device,
+                        autocast,
+                        par.collective_forward,
+                    )
+                improved = state.record_eval(state.step, metrics["eval_loss"])
+                state.evals[-1].update(pairs)
+                metrics |= pairs
+                tracker.log(
+                    {"eval/loss": metrics["eval_loss"]}
+                    | {f"eval/{TRACKED.get(k[5:], k[5:])}": v for k, v in pairs.items()},
+                    state.step,
+                )
+                print0(
+                    f"eval at step {state.step}: loss {metrics['eval_loss']:.4f}"
+                    + (" (best)" if improved else "")
+                )
+                patience = cfg.eval.early_stopping_patience
+                if patience and state.evals_without_improvement >= patience:
+                    state.stopped_early = True
+                    print0(f"early stop: eval loss has not improved for {patience} evals")
+            pause = state.step == cfg.run.stop_after_steps
+            sigterm = preemption.requested(world)  # a spot node going away: save now
+            if (
+                (eval_due or ckpt_due or pause or sigterm)
+                and state.step < plan.total_steps
+                and not state.stopped_early
+            ):
+                if sigterm:
+                    print0(f"SIGTERM: saving a checkpoint at step {state.step} before exiting")
+                report(metrics, now=sigterm or pause)
+                preemption.exit_if_signalled()
+            log_uploaded()
+            if pause and state.step < plan.total_steps:
+                print0(
+                    f"stopping after step {state.step} (run.stop_after_steps); run again to continue"
+                )
+                preemption.close()
+                return
+
+        # --- final evaluation: the same held-out set with the adapter and without it (the base)
+        print0("final evaluation: base vs fine-tuned on the held-out set")
+        final = {"step": state.step, "train_tokens_per_s": tokens_since / max(time_since, 1e-9)}
+        base = state.base_metrics
+        if cfg.lora is not None and not dpo:  # DPO's base is its reference: margin 0 by definition
+            with par.adapter_disabled():
+                base = held_out_metrics(
+                    par, cfg, tokenizer, eval_examples, eval_convs, device, autocast
+                )
+        final |= {f"base_{k}": v for k, v in base.items()}
+        final |= held_out_metrics(par, cfg, tokenizer, eval_examples, eval_convs, device, autocast)
+        state.completed, state.final_metrics = True, final
+        peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+        state.worker_peak_rss_mb = all_gather_objects(round(peak_rss_mb, 1))
+        report(final, final=True)
+        log_uploaded()
+        tracker.summary(final)
+        preemption.exit_if_signalled()
+        preemption.close()
 
 
 def resume_checkpoint():

@@ -53,8 +53,15 @@ class Tracker:
     def summary(self, final: dict[str, Any]) -> None:
         pass
 
-    def finish(self) -> None:
+    def finish(self, failed: bool = False) -> None:
         pass
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        # An exception leaves the run marked failed, not running forever in the tracker's UI.
+        self.finish(failed=exc_type is not None)
 
 
 class _GuardedTracker(Tracker):
@@ -87,8 +94,8 @@ class _GuardedTracker(Tracker):
     def summary(self, final):
         self._guard("summary", self._summary, final)
 
-    def finish(self):
-        self._guard("finish", self._finish)
+    def finish(self, failed=False):
+        self._guard("finish", self._finish, failed)
         self.off = True
 
 
@@ -134,8 +141,8 @@ class WandbTracker(_GuardedTracker):
     def _summary(self, final):
         self.run.summary.update({f"final/{k}": v for k, v in final.items()})
 
-    def _finish(self):
-        self.run.finish()
+    def _finish(self, failed):
+        self.run.finish(exit_code=1 if failed else 0)
 
 
 def wandb_run_id(run_key: str, run_name: str) -> str:
@@ -223,10 +230,12 @@ class MlflowTracker(_GuardedTracker):
         numbers = {f"final/{k}": v for k, v in final.items() if isinstance(v, (int, float))}
         self._log(numbers, int(final.get("step", 0)))
 
-    def _finish(self):
-        for operation in self.pending:
-            operation.wait()  # raises the first failed async log, if any
-        self.client.set_terminated(self.run_id)
+    def _finish(self, failed):
+        try:
+            for operation in self.pending:
+                operation.wait()  # raises the first failed async log, if any
+        finally:
+            self.client.set_terminated(self.run_id, status="FAILED" if failed else "FINISHED")
 
 
 def is_local_path_uri(uri: str) -> bool:
@@ -338,7 +347,7 @@ def wandb_dir(info: dict) -> str:
 
 def read_wandb_run(path: str | Path) -> dict:
     """An offline wandb run read back from its `.wandb` file (a run directory or the file): run id,
-    project, tags, config, history rows and summary, as `wandb sync` would upload them.
+    project, tags, config, history rows, summary and exit code, as `wandb sync` would upload them.
 
     wandb 0.31 writes no wandb-summary.json/config.yaml offline (wandb/wandb#9646) and has no
     Python reader: the file is wandb's LevelDB-style log (a 7-byte header, 32 KiB blocks of records
@@ -350,7 +359,8 @@ def read_wandb_run(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir():
         (path,) = path.glob("*.wandb")
-    run = {"run_id": None, "project": None, "tags": [], "config": {}, "history": [], "summary": {}}
+    run = {"run_id": None, "project": None, "tags": [], "config": {}, "history": [], "summary": {},
+           "exit_code": None}  # fmt: skip
     for data in _wandb_log_records(path.read_bytes(), path):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(data)
@@ -369,6 +379,8 @@ def read_wandb_run(path: str | Path) -> dict:
             _apply(run["summary"], record.summary.update)
             for item in record.summary.remove:
                 run["summary"].pop(item.key or item.nested_key[0], None)
+        elif kind == "exit":
+            run["exit_code"] = record.exit.exit_code
     return run
 
 

@@ -102,6 +102,37 @@ def history(client, run_id: str, key: str) -> list:
     return sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
 
 
+def mlflow_status(store) -> str:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(store.as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("rayft").experiment_id])
+    return run.info.status
+
+
+def test_a_run_that_raises_is_marked_failed_and_a_rerun_finishes_it(tmp_path):
+    store = tmp_path / "mlruns"
+    for backend in ("mlflow", "wandb"):
+        cfg = job_config(
+            tmp_path / "runs", f"tracking.backend={backend}", f"tracking.tracking_uri={store}",
+            "tracking.mode=offline",
+        )  # fmt: skip
+        info = tracking_run_info(cfg, "sha256:feed")
+        with (
+            pytest.raises(RuntimeError, match="worker lost"),
+            start_tracker(cfg, info, total_steps=30) as tracker,
+        ):
+            tracker.log({"train/loss": 0.3}, 10)
+            raise RuntimeError("worker lost")
+        if backend == "mlflow":
+            assert mlflow_status(store) == "FAILED"
+        with start_tracker(cfg, info, total_steps=30) as tracker:  # the restart
+            tracker.log({"train/loss": 0.1}, 20)
+    assert mlflow_status(store) == "FINISHED"
+    failed, finished = sorted((tmp_path / "runs" / "track" / "wandb").glob("offline-run-*"))
+    assert read_wandb_run(failed)["exit_code"] == 1 and read_wandb_run(finished)["exit_code"] == 0
+
+
 def test_mlflow_run_is_read_back_and_a_rerun_continues_it(tmp_path):
     from mlflow.tracking import MlflowClient
 
