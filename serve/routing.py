@@ -61,6 +61,10 @@ class AdapterAffinityRouter(RequestRouter):
                 found.append(r)
         return found
 
+    def home(self, key: str, replicas: list[RunningReplica]) -> list[RunningReplica]:
+        home_id = home_of(key, [r.replica_id.unique_id for r in replicas])
+        return [r for r in replicas if r.replica_id.unique_id == home_id]
+
     def queue_len(self, replica: RunningReplica) -> int:
         return self.replica_queue_len_cache.get(replica.replica_id) or 0
 
@@ -77,19 +81,13 @@ class AdapterAffinityRouter(RequestRouter):
         key = adapter_key_of(pending_request)
         if key is not None:
             shortest = min(self.queue_len(r) for r in candidate_replicas)
-            warm = [
-                r
-                for r in self.holders(key, candidate_replicas)
-                if self.queue_len(r) - shortest <= self.imbalance
-            ]
-            if not warm:
-                home_id = home_of(key, [r.replica_id.unique_id for r in candidate_replicas])
-                warm = [
-                    r
-                    for r in candidate_replicas
-                    if r.replica_id.unique_id == home_id
-                    and self.queue_len(r) - shortest <= self.imbalance
-                ]
+
+            def not_too_busy(replicas: list[RunningReplica]) -> list[RunningReplica]:
+                return [r for r in replicas if self.queue_len(r) - shortest <= self.imbalance]
+
+            warm = not_too_busy(self.holders(key, candidate_replicas)) or not_too_busy(
+                self.home(key, candidate_replicas)
+            )
             if warm:
                 rest = [r for r in candidate_replicas if r not in warm]
                 return [warm, rest] if rest else [warm]
