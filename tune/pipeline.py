@@ -353,10 +353,11 @@ def serve_stage(run: Run) -> None:
     cfg = run.loaded.cfg
     stage = run.stages["serve"]
     if cfg.serve.url:
-        url, started = cfg.serve.url.rstrip("/"), None
+        url, status, how = cfg.serve.url.rstrip("/"), "live", "running app"
     else:
         url, started = start_app(run.loaded)
         run.facts["started_app"] = started
+        status, how = ("ran", "started here") if started else ("live", "already running on this Ray")  # fmt: skip
     deadline = time.monotonic() + cfg.serve.ready_timeout_s
     while True:  # the app answers once Serve's HTTP proxy has it
         try:
@@ -367,10 +368,7 @@ def serve_stage(run: Run) -> None:
                 stage.status, stage.detail = "failed", f"{url}/health: {type(e).__name__}: {e}"
                 return
             time.sleep(0.5)
-    if started is None:
-        stage.status, stage.detail = "live", f"{url} (running app)"
-    else:
-        stage.status, stage.detail = "ran" if started else "live", f"{url} ({'started here' if started else 'already running on this Ray'})"  # fmt: skip
+    stage.status, stage.detail = status, f"{url} ({how})"
     run.facts["url"] = url
 
 
