@@ -8,6 +8,7 @@ rather than recall. `python -m jobs.demo_data OUT.jsonl` regenerates the shipped
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import sys
@@ -64,9 +65,7 @@ def unique_reviews(rng: random.Random):
 def make_rows(n: int = 800, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     rows = []
-    for text, label in unique_reviews(rng):
-        if len(rows) == n:
-            break
+    for text, label in itertools.islice(unique_reviews(rng), n):
         rows.append(
             {
                 "messages": [
@@ -83,9 +82,7 @@ def make_preference_rows(n: int = 320, seed: int = 7) -> list[dict]:
     """The same task as preference pairs: the right label is chosen, a wrong one rejected."""
     rng = random.Random(seed)
     rows = []
-    for text, label in unique_reviews(rng):
-        if len(rows) == n:
-            break
+    for text, label in itertools.islice(unique_reviews(rng), n):
         wrong = rng.choice([x for x in ("positive", "negative", "mixed") if x != label])
         rows.append(
             {
