@@ -127,15 +127,17 @@ def s3_via_proxy(s3_server):
     os.environ["AWS_ENDPOINT_URL"] = s3_server
 
 
-def s3fs_for(endpoint: str) -> pyarrow.fs.S3FileSystem:
-    return pyarrow.fs.S3FileSystem(endpoint_override=endpoint, scheme="http")
+def s3fs_for(endpoint: str, **options) -> pyarrow.fs.S3FileSystem:
+    return pyarrow.fs.S3FileSystem(endpoint_override=endpoint, scheme="http", **options)
 
 
 @pytest.mark.integration
 def test_upload_waits_out_an_outage_and_gives_up_after_the_bound(s3_via_proxy, tmp_path):
     proxy, endpoint = s3_via_proxy
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="outage")
-    fs = s3fs_for(endpoint)
+    # No retries inside the AWS SDK: on a loaded machine its own backoff outlasted the outage (seen
+    # in CI: 5 refused, no retry of ours); every refused request must reach upload_with_retry.
+    fs = s3fs_for(endpoint, retry_strategy=pyarrow.fs.AwsStandardS3RetryStrategy(max_attempts=1))
     local = tmp_path / "checkpoint_000005"
     (local / "adapter").mkdir(parents=True)
     (local / "adapter" / "adapter_model.safetensors").write_bytes(os.urandom(50_000))
