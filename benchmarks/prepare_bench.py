@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 
 from jobs.config import DataConfig, DedupConfig
-from jobs.dedup import lsh_bands, near_duplicate_of, signatures
-from jobs.prepare import PrepareConfig, prepare
-from jobs.sources import SourceFile, read_rows
+from jobs.data.dedup import lsh_bands, near_duplicate_of, signatures
+from jobs.data.prepare import PrepareConfig, prepare
+from jobs.data.sources import SourceFile, read_rows
 
 WORDS = [f"w{i}" for i in range(5000)]
 

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from transformers import get_cosine_schedule_with_warmup
 
+from jobs.batching import collate, epoch_order, step_micro_batches
 from jobs.config import load_config
-from jobs.data import collate, epoch_order, prepare_data, step_micro_batches
+from jobs.data.formats import prepare_data
 from jobs.finetune import autocast_for, plan_steps, run_job, train_step
 from jobs.model import add_lora, load_base_model, load_tokenizer, trainable_parameters
 

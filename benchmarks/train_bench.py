@@ -30,8 +30,9 @@ from pathlib import Path
 
 import torch
 
+from jobs.batching import collate, pack
 from jobs.config import JobConfig, load_config
-from jobs.data import collate, pack, render_and_mask
+from jobs.data.render import render_and_mask
 from jobs.finetune import train_step
 from jobs.model import add_lora
 from jobs.parallel import make_parallel

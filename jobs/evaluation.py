@@ -7,7 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from jobs.data import IGNORE_INDEX, collate, prompt_and_answer
+from jobs.batching import collate
+from jobs.data.render import IGNORE_INDEX, prompt_and_answer
 from jobs.distributed import all_reduce_sum, rank_and_world
 
 

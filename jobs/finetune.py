@@ -28,6 +28,8 @@ import torch
 import typer
 from transformers import get_cosine_schedule_with_warmup
 
+from jobs import storage
+from jobs.batching import collate, collate_pairs, epoch_order, pack, step_micro_batches
 from jobs.checkpointing import (
     TrainerState,
     checkpoint_step,
@@ -38,7 +40,7 @@ from jobs.checkpointing import (
     write_commit_marker,
 )
 from jobs.config import ConfigError, JobConfig, load_config
-from jobs.data import collate, epoch_order, pack, step_micro_batches
+from jobs.data import load_for_job, summary_lines
 from jobs.distributed import (
     all_gather_objects,
     all_reduce_sum,
@@ -53,8 +55,7 @@ from jobs.manifest import write_run_manifest
 from jobs.memory import preflight_memory
 from jobs.model import add_lora, enable_gradient_checkpointing, load_base_model, load_tokenizer
 from jobs.parallel import Parallel, deepspeed_config, make_parallel
-from jobs.preference import collate_pairs, dpo_train_step, preference_metrics, prepare_pairs
-from jobs.prepare import DROP_CODES, MALFORMED, prepare_data
+from jobs.preference import dpo_train_step, preference_metrics
 from jobs.tracking import start_tracker, tracking_run_info
 
 logger = logging.getLogger(__name__)
@@ -425,46 +426,18 @@ def resolve_local_paths(cfg: JobConfig) -> JobConfig:
     model = Path(cfg.model.name_or_path).expanduser()
     if not in_working_dir and model.exists():
         cfg.model.name_or_path = str(model.resolve())
-    if is_remote(cfg.checkpoint.storage_path):
+    if storage.is_remote(cfg.checkpoint.storage_path):
         return cfg
-    storage = Path(cfg.checkpoint.storage_path).expanduser()
-    if not storage.is_absolute():
-        storage = Path.home() / storage if in_working_dir else storage.resolve()
-    cfg.checkpoint.storage_path = str(storage)
+    local = Path(cfg.checkpoint.storage_path).expanduser()
+    if not local.is_absolute():
+        local = Path.home() / local if in_working_dir else local.resolve()
+    cfg.checkpoint.storage_path = str(local)
     return cfg
 
 
-DROP_COUNTS = {MALFORMED, *DROP_CODES.values()}
 # DPO metric names as TRL logs them (train/rewards/margins, ...)
 TRACKED = {"rewards_chosen": "rewards/chosen", "rewards_rejected": "rewards/rejected",
            "margin": "rewards/margins", "accuracy": "rewards/accuracies"}  # fmt: skip
-
-
-def is_remote(path: str) -> bool:
-    return "://" in path
-
-
-def ray_storage(path: str):
-    """Ray Train's (storage_path, storage_filesystem) for a local directory or s3://bucket/prefix.
-
-    The S3 endpoint comes from AWS_ENDPOINT_URL(_S3), as everywhere else here (MinIO, R2, moto);
-    credentials from the usual AWS chain, never from the config.
-    """
-    if not path.startswith("s3://"):
-        if is_remote(path):
-            raise ConfigError(
-                f"checkpoint.storage_path: {path}: only local paths and s3:// are supported"
-            )
-        return path, None
-    import pyarrow.fs
-
-    from jobs.sources import s3_endpoint
-
-    endpoint = s3_endpoint()
-    kwargs = {}
-    if endpoint:
-        kwargs = {"endpoint_override": endpoint, "scheme": endpoint.split("://")[0]}
-    return path.removeprefix("s3://"), pyarrow.fs.S3FileSystem(**kwargs)
 
 
 def run_job(
@@ -488,23 +461,10 @@ def _run_job(cfg: JobConfig, address, inline: str, callbacks: list, extra: dict)
     from ray.train.torch import TorchTrainer
 
     tokenizer = load_tokenizer(cfg.model)
-    if cfg.train.method == "dpo":
-        data = prepare_pairs(cfg.data, tokenizer, cfg.run.seed)
-    else:
-        data = prepare_data(cfg.data, tokenizer, cfg.run.seed, cfg.model.name_or_path, inline)
+    data = load_for_job(cfg, tokenizer, inline)
     report = data.report
-    counts = report["counts"]
-    print(
-        f"data: {len(data.train)} train / {len(data.eval)} eval examples from {counts['input_rows']} rows"
-        f" ({report['prepared']}), {data.dataset_hash[:19]}"
-    )
-    dropped = {k: v for k, v in counts.items() if isinstance(v, int) and v and k in DROP_COUNTS}
-    if dropped:
-        print("data: dropped " + ", ".join(f"{k} {v}" for k, v in dropped.items()))
-    for entry in report["errors"][:5]:
-        print(f"  {entry['where']}: {entry['reason']}")
-    for line in report.get("dropped_at_tokenize", [])[:5]:
-        print(f"  {line}")
+    for line in summary_lines(data):
+        print(line)
     plan_steps(len(data.train), cfg)  # fail here, not on a worker
     if cfg.train.strategy == "deepspeed":
         deepspeed_config(cfg, cfg.scaling.num_workers)  # a bad user JSON fails here too
@@ -513,7 +473,7 @@ def _run_job(cfg: JobConfig, address, inline: str, callbacks: list, extra: dict)
     preflight_memory(cfg)  # refuses a job that cannot fit, before any worker starts
     cfg = resolve_local_paths(cfg)
     run_dir = f"{cfg.checkpoint.storage_path.rstrip('/')}/{cfg.run.name}"
-    storage_path, storage_fs = ray_storage(cfg.checkpoint.storage_path)
+    storage_path, storage_fs = storage.ray_storage(cfg.checkpoint.storage_path)
     print(f"run directory: {run_dir}")
     payload = {
         "train": data.train,
@@ -551,7 +511,7 @@ def _run_job(cfg: JobConfig, address, inline: str, callbacks: list, extra: dict)
     # Written to a local directory first; for s3:// storage uploaded with run.json last, so a
     # run.json that exists describes outputs that are all there.
     kind = "adapter" if cfg.lora is not None else "model"
-    local_dir = Path(run_dir) if not is_remote(run_dir) else Path(inline) / "run"
+    local_dir = Path(run_dir) if not storage.is_remote(run_dir) else Path(inline) / "run"
     out_dir = local_dir / kind
     with result.checkpoint.as_directory() as ckpt_dir:
         state = read_trainer_state(Path(ckpt_dir))
@@ -585,37 +545,22 @@ def _run_job(cfg: JobConfig, address, inline: str, callbacks: list, extra: dict)
         "eval_history": state.evals,
     }
     keep_data_report(cfg.data.prepared or inline, local_dir / "data")
-    if is_remote(run_dir):
-        upload_dir(local_dir, run_dir)
+    if storage.is_remote(run_dir):
+        storage.put_dir(local_dir, run_dir)
         with tempfile.TemporaryDirectory() as tmp:
             write_run_manifest(Path(tmp) / "run.json", **summary)
-            upload_dir(Path(tmp), run_dir)
+            storage.put_dir(Path(tmp), run_dir)
     else:
         write_run_manifest(local_dir / "run.json", **summary)
     return summary
 
 
-def upload_dir(local: Path, remote: str) -> None:
-    import fsspec
-
-    from jobs.sources import storage_options
-
-    fs, root = fsspec.core.url_to_fs(remote, **storage_options(remote))
-    for f in sorted(p for p in local.rglob("*") if p.is_file()):
-        fs.put_file(str(f), f"{root}/{f.relative_to(local).as_posix()}")
-
-
 def keep_data_report(prepared: str, dest: Path) -> None:
     """The prepared set's manifest and dropped rows stay with the run (not the rows): lineage."""
-    import fsspec
-
-    from jobs.sources import storage_options
-
-    fs, root = fsspec.core.url_to_fs(prepared, **storage_options(prepared))
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("manifest.json", "dropped.jsonl"):
-        if fs.exists(f"{root}/{name}"):
-            fs.get_file(f"{root}/{name}", str(dest / name))
+        if storage.exists(storage.join(prepared, name)):
+            storage.get_file(storage.join(prepared, name), dest / name)
 
 
 def print_summary(summary: dict) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import torch
@@ -11,48 +10,25 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from jobs import storage
 from jobs.config import ConfigError, LoraConfig, ModelConfig
 
 DEFAULT_CACHE = Path.home() / ".cache" / "rayft" / "models"
 
 
-def s3_filesystem():
-    """s3fs with the endpoint from AWS_ENDPOINT_URL, so MinIO/R2/moto work like AWS."""
-    import s3fs
-
-    from jobs.sources import s3_endpoint
-
-    endpoint = s3_endpoint()
-    return s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint} if endpoint else {})
-
-
 def download_s3_dir(uri: str, cache_dir: str | Path | None = None) -> Path:
-    """Copy s3://bucket/prefix into the local cache once; a marker file makes a copy complete."""
-    key = uri.removeprefix("s3://").rstrip("/")
-    local = Path(cache_dir or DEFAULT_CACHE) / key
-    marker = local / ".download-complete"
-    if marker.is_file():
-        return local
-    fs = s3_filesystem()
+    """A local copy of s3://bucket/prefix in the model cache, downloaded once."""
     try:
-        remote_files = [f for f in fs.find(key) if not f.endswith("/")]
+        return storage.cached_copy(uri, cache_dir or DEFAULT_CACHE)
+    except FileNotFoundError:
+        raise ConfigError(f"model.name_or_path: no files under {uri}") from None
     except (OSError, PermissionError) as e:  # s3fs maps auth and network errors to OSError
-        raise ConfigError(
-            f"model.name_or_path: cannot list {uri}: {type(e).__name__}: {e}"
-        ) from None
-    if not remote_files:
-        raise ConfigError(f"model.name_or_path: no files under {uri}")
-    for remote in remote_files:
-        dest = local / os.path.relpath(remote, key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fs.get_file(remote, str(dest))
-    marker.write_text(uri)
-    return local
+        raise ConfigError(f"model.name_or_path: cannot list {uri}: {type(e).__name__}: {e}") from None
 
 
 def resolve_model_path(cfg: ModelConfig) -> str:
     """A path or hub id that from_pretrained can read; s3:// is downloaded to the local cache."""
-    if cfg.name_or_path.startswith("s3://"):
+    if storage.is_remote(cfg.name_or_path):
         return str(download_s3_dir(cfg.name_or_path, cfg.cache_dir))
     looks_local = cfg.name_or_path.startswith(("/", ".", "~")) or cfg.name_or_path.count("/") > 1
     if looks_local and not Path(cfg.name_or_path).expanduser().is_dir():

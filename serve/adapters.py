@@ -14,7 +14,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
 from collections import Counter, OrderedDict
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from jobs import storage
 from serve.engine import AdapterWeights, Engine, read_adapter
 from serve.errors import AdapterUnavailable, ModelNotFound
 from serve.names import DEFAULT_ALIAS, VERSION_RE, ModelName, is_valid_name
@@ -56,23 +56,16 @@ class _Storage:
     """The few filesystem operations the registry needs, on a local directory or s3://."""
 
     def __init__(self, root: str):
-        self.is_s3 = root.startswith("s3://")
-        if self.is_s3:
-            from jobs.model import s3_filesystem
-
-            self.fs = s3_filesystem()
-            self.root = root.removeprefix("s3://").rstrip("/")
-        else:
-            import fsspec
-
-            self.fs = fsspec.filesystem("file")
-            self.root = str(Path(root).expanduser().resolve())
+        if not storage.is_remote(root):
+            root = str(Path(root).expanduser().resolve())
+        self.fs, self.root = storage.filesystem(root)
+        self.root, self.scheme = self.root.rstrip("/"), storage.protocol(root)
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
     def uri(self, *parts: str) -> str:
-        return ("s3://" if self.is_s3 else "") + self.path(*parts)
+        return self.scheme + self.path(*parts)
 
     def read_text(self, *parts: str) -> str | None:
         try:
@@ -94,12 +87,7 @@ class _Storage:
         marker = dest / ".download-complete"
         if marker.is_file():
             return dest
-        remote = self.path(*parts)
-        files = [f for f in self.fs.find(remote) if not f.endswith("/")]
-        for f in files:
-            target = dest / os.path.relpath(f, remote)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            self.fs.get_file(f, str(target))
+        storage.get_dir(self.uri(*parts), dest)
         marker.write_text(self.uri(*parts))
         return dest
 

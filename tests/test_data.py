@@ -8,18 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from jobs.batching import collate, epoch_order, step_micro_batches
 from jobs.config import ConfigError, DataConfig
-from jobs.data import (
-    IGNORE_INDEX,
-    RowError,
-    collate,
-    epoch_order,
-    render_and_mask,
-    step_micro_batches,
-    to_messages,
-)
+from jobs.data.formats import RowError, to_messages
+from jobs.data.prepare import prepare_data
+from jobs.data.render import IGNORE_INDEX, render_and_mask
 from jobs.demo_data import make_rows, write_jsonl
-from jobs.prepare import prepare_data
 
 REPO = Path(__file__).resolve().parents[1]
 

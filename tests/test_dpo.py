@@ -8,19 +8,14 @@ import pytest
 import ray
 import torch
 
+from jobs.batching import collate_pairs
 from jobs.config import DataConfig, DpoConfig, load_config
+from jobs.data.pairs import prepare_pairs, to_pair, tokenize_pair
+from jobs.data.sources import RowError
 from jobs.demo_data import SYSTEM, make_preference_rows
 from jobs.distributed import start_local_ray
 from jobs.finetune import run_job
-from jobs.preference import (
-    answer_token_logps,
-    collate_pairs,
-    prepare_pairs,
-    to_pair,
-    tokenize_pair,
-    trl_dpo_loss,
-)
-from jobs.sources import RowError
+from jobs.preference import answer_token_logps, trl_dpo_loss
 
 USER = {"role": "user", "content": "Is the sky blue?"}
 YES, NO = {"role": "assistant", "content": "yes"}, {"role": "assistant", "content": "no"}

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from jobs.batching import collate
 from jobs.config import JudgeConfig, load_config
-from jobs.data import collate
+from jobs.data.prepare import prepare_data
 from jobs.model import add_lora, load_base_model, load_tokenizer
-from jobs.prepare import prepare_data
 from tests.helpers import REPO, openai_chat_stub
 from tests.test_registry import make_adapter
 from tune.evaluate import (

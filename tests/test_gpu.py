@@ -10,8 +10,9 @@ import pytest
 import torch
 from peft import PeftModel
 
+from jobs.batching import collate, epoch_order, step_micro_batches
 from jobs.config import load_config
-from jobs.data import collate, epoch_order, step_micro_batches
+from jobs.data.prepare import prepare_data
 from jobs.evaluation import eval_loss, exact_match
 from jobs.finetune import autocast_for, plan_steps, train_step
 from jobs.model import (
@@ -22,7 +23,6 @@ from jobs.model import (
     trainable_parameters,
 )
 from jobs.parallel import make_parallel
-from jobs.prepare import prepare_data
 
 pytestmark = [
     pytest.mark.gpu,

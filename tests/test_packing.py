@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from jobs.data import IGNORE_INDEX, collate, pack
+from jobs.batching import collate, pack
+from jobs.data.render import IGNORE_INDEX
 from jobs.evaluation import token_loss_sum
 
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from jobs.config import ConfigError
-from jobs.sources import file_sha256
+from jobs.data.sources import file_sha256
 from serve.tenants import hash_key
 from serve.testing import make_random_adapter
 from tests.helpers import REPO, free_port

@@ -18,8 +18,7 @@ import pytest
 import yaml
 
 from jobs.config import ConfigError, DataConfig, load_config
-from jobs.demo_data import make_rows, write_jsonl
-from jobs.prepare import (
+from jobs.data.prepare import (
     PrepareConfig,
     load_prepare_config,
     prepare,
@@ -27,6 +26,7 @@ from jobs.prepare import (
     read_manifest,
     read_split,
 )
+from jobs.demo_data import make_rows, write_jsonl
 from tests.helpers import REPO, openai_chat_stub
 
 MESSY = REPO / "tests/fixtures/messy"

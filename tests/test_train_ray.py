@@ -11,10 +11,10 @@ import torch
 from peft import PeftModel
 
 from jobs.config import load_config
+from jobs.data.prepare import prepare_data
 from jobs.evaluation import eval_loss
 from jobs.finetune import run_job
 from jobs.model import load_base_model, load_tokenizer
-from jobs.prepare import prepare_data
 
 pytestmark = pytest.mark.integration
 

@@ -30,11 +30,12 @@ from jobs.config import (
     read_yaml,
     validate,
 )
-from jobs.data import prompt_and_answer
+from jobs.data.prepare import prepare_data
+from jobs.data.render import prompt_and_answer
 from jobs.evaluation import eval_loss, perplexity
 from jobs.model import load_base_model, load_tokenizer
-from jobs.prepare import prepare_data
-from jobs.sources import local_copy, open_url, url_exists
+from jobs.storage import exists as url_exists
+from jobs.storage import local_copy, open_url
 
 METRICS = ("loss", "perplexity", "exact_match", "accuracy", "f1", "contains", "regex", "judge")
 LOWER_IS_BETTER = {"loss", "perplexity"}
@@ -156,7 +157,7 @@ def answer_metrics(task: TaskConfig, prompts, replies: list[str], refs: list[str
 
 def judge_score(cfg: JudgeConfig, prompts, replies, refs) -> float:
     """Mean grade in [0, 1] from an OpenAI-compatible endpoint comparing reply and reference."""
-    from jobs.quality import JudgeScorer
+    from jobs.data.quality import JudgeScorer
 
     scorer = JudgeScorer(cfg.model_copy(update={"rubric": cfg.rubric or (
         "Grade the ASSISTANT reply against the REFERENCE answer for the USER request, from 1 "

@@ -227,8 +227,8 @@ def workdir(cfg: PipelineConfig) -> Path:
 
 def prepare_stage(run: Run) -> None:
     """The job's data section through jobs/prepare.py, once per content of the data files."""
-    from jobs.prepare import PrepareConfig, prepare, read_manifest
-    from jobs.sources import expand_source, file_sha256
+    from jobs.data.prepare import PrepareConfig, prepare, read_manifest
+    from jobs.data.sources import expand_source, file_sha256
 
     cfg = run.loaded.cfg
     job = trial_job(cfg)

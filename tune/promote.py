@@ -11,7 +11,7 @@ from typing import Any
 
 from jobs.config import ConfigError, ModelConfig
 from jobs.model import resolve_model_path
-from jobs.sources import local_copy
+from jobs.storage import local_copy
 from tune.registry import Registry, RegistryError
 from tune.servability import ServingLimits, servability_problems
 

@@ -38,7 +38,7 @@ from fsspec.implementations.local import LocalFileSystem
 from safetensors import safe_open
 
 from jobs.config import ConfigError
-from jobs.sources import storage_options
+from jobs.storage import storage_options
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9\-_.]{0,62}")
 VERSION_RE = re.compile(r"[a-f0-9]{12}")

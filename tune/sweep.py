@@ -33,7 +33,8 @@ from jobs.config import (
     read_yaml,
     validate,
 )
-from jobs.sources import open_url, url_exists
+from jobs.storage import exists as url_exists
+from jobs.storage import open_url
 
 log = logging.getLogger("rayft.sweep")
 
@@ -150,7 +151,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = True) -> dict[str, Any]:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from jobs.distributed import init_ray
-    from jobs.finetune import is_remote, ray_storage
+    from jobs.storage import is_remote, ray_storage
 
     init_ray()
     job = load_config(cfg.job, cfg.overrides)
@@ -219,9 +220,9 @@ def run_sweep(cfg: SweepConfig, resume: bool = True) -> dict[str, Any]:
 
 
 def plan_total_steps(job) -> int:
+    from jobs.data.prepare import prepare_data
     from jobs.finetune import plan_steps
     from jobs.model import load_tokenizer
-    from jobs.prepare import prepare_data
 
     data = prepare_data(job.data, load_tokenizer(job.model), job.run.seed)
     return plan_steps(len(data.train), job).total_steps

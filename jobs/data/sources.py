@@ -11,18 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import fsspec
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from jobs.config import ConfigError, SourceConfig
+from jobs.storage import filesystem, is_remote, open_url, protocol
 
 KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet",
          ".csv": "csv"}  # fmt: skip
@@ -41,50 +38,6 @@ class SourceFile:
     kind: str  # jsonl | json | parquet | csv | arrow (a saved datasets dataset)
 
 
-def s3_endpoint() -> str | None:
-    """The S3 endpoint from AWS_ENDPOINT_URL(_S3), so MinIO, R2 and test servers work like AWS."""
-    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-
-
-def storage_options(url: str) -> dict[str, Any]:
-    """fsspec options for `url`: s3:// goes to s3_endpoint() when one is set."""
-    endpoint = s3_endpoint()
-    if url.startswith("s3://") and endpoint:
-        return {"client_kwargs": {"endpoint_url": endpoint}}
-    return {}
-
-
-def open_url(url: str, mode: str = "rb", **kwargs):
-    """fsspec.open for a local path or s3:// (with the endpoint): small files written or read
-    the same way wherever a run or sweep directory lives."""
-    return fsspec.open(url, mode, **storage_options(url), **kwargs)
-
-
-def url_exists(url: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(url, **storage_options(url))
-    return fs.exists(path)
-
-
-@contextmanager
-def local_copy(url: str, parts: tuple[str, ...] | None = None) -> Iterator[Path]:
-    """A local directory with url's contents: url itself when local, else a temporary download
-    (removed afterwards) of its top-level entries named in `parts` (all when None), so that a
-    run directory on S3 is read without its checkpoints."""
-    if "://" not in url:
-        yield Path(url)
-        return
-    fs, root = fsspec.core.url_to_fs(url, **storage_options(url))
-    root = root.rstrip("/")
-    with tempfile.TemporaryDirectory(prefix="rayft-copy-") as tmp:
-        for remote in fs.find(root):
-            rel = remote[len(root) + 1 :]
-            if rel and (parts is None or rel.split("/")[0] in parts):
-                dest = Path(tmp) / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                fs.get_file(remote, str(dest))
-        yield Path(tmp)
-
-
 def file_kind(name: str) -> str | None:
     for ext in COMPRESSIONS:
         name = name.removesuffix(ext)
@@ -95,11 +48,11 @@ def expand_source(index: int, source: SourceConfig) -> list[SourceFile]:
     """The readable files a source names, sorted; an error names the source when there are none."""
     where = f"data.sources[{index}].path ({source.path})"
     try:
-        fs, root = fsspec.core.url_to_fs(source.path, **storage_options(source.path))
-        protocol = source.path.split("://")[0] + "://" if "://" in source.path else ""
+        fs, root = filesystem(source.path)
+        scheme = protocol(source.path)
         if fs.isdir(root) and fs.exists(f"{root}/dataset_info.json"):
             arrows = sorted(p for p in fs.find(root) if p.endswith(".arrow"))
-            return [SourceFile(index, _display(protocol + p), "arrow") for p in arrows]
+            return [SourceFile(index, _display(scheme + p), "arrow") for p in arrows]
         if fs.isdir(root):
             candidates = fs.find(root)
         elif any(ch in root for ch in "*?["):
@@ -111,7 +64,7 @@ def expand_source(index: int, source: SourceConfig) -> list[SourceFile]:
     except (OSError, PermissionError) as e:  # s3fs maps auth and network errors to OSError
         raise ConfigError(f"{where}: cannot read: {type(e).__name__}: {e}") from None
     files = [
-        SourceFile(index, _display(protocol + p), file_kind(p))
+        SourceFile(index, _display(scheme + p), file_kind(p))
         for p in sorted(candidates)
         if file_kind(p)
     ]
@@ -124,7 +77,7 @@ def expand_source(index: int, source: SourceConfig) -> list[SourceFile]:
 
 def _display(url: str) -> str:
     """Local files under the working directory keep a relative path: shorter, portable errors."""
-    if "://" in url:
+    if is_remote(url):
         return url
     rel = os.path.relpath(url)
     return url if rel.startswith("..") else rel
@@ -133,7 +86,7 @@ def _display(url: str) -> str:
 def file_sha256(url: str) -> str:
     """Content hash of a file's bytes: a source's identity in the manifest."""
     h = hashlib.sha256()
-    with fsspec.open(url, "rb", **storage_options(url)) as f:
+    with open_url(url, "rb") as f:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return "sha256:" + h.hexdigest()
@@ -142,13 +95,12 @@ def file_sha256(url: str) -> str:
 def read_rows(file: SourceFile) -> Iterator[tuple[str, Any]]:
     """Yield (where, row dict or RowError) for every row of one file, streaming."""
     name = file.url
-    opts = storage_options(file.url)
     if file.kind == "jsonl":
-        with fsspec.open(file.url, "rb", compression="infer", **opts) as f:
+        with open_url(file.url, "rb", compression="infer") as f:
             yield from _jsonl_rows(f, name)
     elif file.kind == "json":
         # A JSON array (or {"data": [...]}) has to be parsed whole; such files are small exports.
-        with fsspec.open(file.url, "rb", compression="infer", **opts) as f:
+        with open_url(file.url, "rb", compression="infer") as f:
             raw = f.read()
         try:
             doc = json.loads(raw.decode("utf-8-sig"))
@@ -167,10 +119,10 @@ def read_rows(file: SourceFile) -> Iterator[tuple[str, Any]]:
         for i, row in enumerate(rows):
             yield f"{name}:[{i}]", row
     elif file.kind == "parquet":
-        with fsspec.open(file.url, "rb", **opts) as f:
+        with open_url(file.url, "rb") as f:
             yield from _arrow_batches_rows(pq.ParquetFile(f).iter_batches(BATCH_ROWS), name, 0)
     elif file.kind == "csv":
-        with fsspec.open(file.url, "rb", compression="infer", **opts) as f:
+        with open_url(file.url, "rb", compression="infer") as f:
             reader = pacsv.open_csv(
                 f,
                 read_options=pacsv.ReadOptions(block_size=1 << 22),
@@ -181,7 +133,7 @@ def read_rows(file: SourceFile) -> Iterator[tuple[str, Any]]:
     elif file.kind == "arrow":
         import pyarrow as pa
 
-        with fsspec.open(file.url, "rb", **opts) as f:
+        with open_url(file.url, "rb") as f:
             reader = pa.ipc.open_stream(f)
             yield from _arrow_batches_rows(reader, name, 0)
     else:  # pragma: no cover - expand_source only yields known kinds

@@ -1,0 +1,75 @@
+"""Messages -> token ids: the chat template's render, and labels masked to the answer turns."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jobs.config import ConfigError
+from jobs.data.sources import RowError
+
+IGNORE_INDEX = -100  # positions the loss skips (prompt tokens, padding)
+
+
+def render(example: dict[str, Any], tokenizer) -> str:
+    """The text a model is trained on: the chat template's render, or the plain text."""
+    if "text" in example:
+        return example["text"]
+    return tokenizer.apply_chat_template(example["messages"], tokenize=False)
+
+
+# ---------------------------------------------------------------- messages -> token ids
+
+
+def tokenize_text(text: str, tokenizer, max_seq_len: int) -> dict[str, list[int]]:
+    """Plain text (continued pre-training): every token is learned, the end-of-text token too."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        ids = ids + [tokenizer.eos_token_id]
+    ids = ids[:max_seq_len]
+    return {"input_ids": ids, "labels": list(ids)}
+
+
+def tokenize_example(example: dict[str, Any], tokenizer, max_seq_len: int):
+    if "text" in example:
+        return tokenize_text(example["text"], tokenizer, max_seq_len)
+    return render_and_mask(example["messages"], tokenizer, max_seq_len)
+
+
+def render_and_mask(messages: list[dict], tokenizer, max_seq_len: int) -> dict[str, list[int]]:
+    """Render with the chat template; labels are the token ids of assistant turns, else -100.
+
+    An assistant turn's text is what its render adds after the prompt for it (the generation
+    prompt), so its closing end-of-turn token is learned too. Tokens are matched to turns by their
+    character offsets in the full render, so the ids are exactly those of the whole text.
+    """
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(
+            messages[:i], tokenize=False, add_generation_prompt=True
+        )
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (full.startswith(before) and full.startswith(upto)):
+            raise ConfigError(
+                "the tokenizer's chat template does not render conversations prefix by prefix; "
+                "assistant-only loss masking needs that (set a different template)"
+            )
+        spans.append((len(before), len(upto)))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [IGNORE_INDEX] * len(ids)
+    for pos, (start, end) in enumerate(offsets):
+        if end > start and any(a <= start < b for a, b in spans):
+            labels[pos] = ids[pos]
+    ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+    if all(label == IGNORE_INDEX for label in labels):
+        raise RowError(f"no assistant tokens within max_seq_len={max_seq_len}")
+    return {"input_ids": ids, "labels": labels}
+
+
+def prompt_and_answer(messages: list[dict]) -> tuple[list[dict], str]:
+    """Split off the last assistant turn: the prompt a model is asked and the reference answer."""
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return messages[:last], messages[last]["content"]
