@@ -3,7 +3,7 @@
     python benchmarks/ray_overhead.py [--steps 150] [key.sub=value ...]     (make benchmark)
     python benchmarks/ray_overhead.py --plain-only --device cuda           (GPU machine without Ray)
 
-Both loops run `jobs.finetune.train_step` on the same micro-batches with the same thread count,
+Both loops run the job's own setup, batches and SFT step on the same data with the same thread count,
 skip the first (warm-up) step, and count non-padding tokens. The Ray side is the real job
 (`run_job`), evaluation and checkpoints off during the loop, so the ratio is what Ray Train costs.
 Target: ratio >= 0.95.
@@ -18,40 +18,31 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import get_cosine_schedule_with_warmup
 
-from jobs.batching import collate, epoch_order, step_micro_batches
 from jobs.config import load_config
-from jobs.data.formats import prepare_data
-from jobs.finetune import autocast_for, plan_steps, run_job, train_step
-from jobs.model import add_lora, load_base_model, load_tokenizer, trainable_parameters
+from jobs.data import load_for_job
+from jobs.finetune import StepBatches, plan_steps, run_job, setup
+from jobs.model import load_tokenizer
+from jobs.objectives import make_objective
+from jobs.runtime import Runtime
 
 
-def plain_loop(cfg, data, pad_id: int, device: torch.device, steps: int) -> float:
-    """The baseline: the job's step function in this process, no Ray; returns tokens/s."""
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    torch.manual_seed(cfg.run.seed)
-    model = add_lora(load_base_model(cfg.model, device), cfg.lora)
-    model.train()
-    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.train.lr)
+def plain_loop(cfg, data, device: torch.device, steps: int) -> float:
+    """The baseline: the job's own setup, batches and step in this process, no Ray; tokens/s."""
+    rt = Runtime.for_job(cfg, device)
     plan = plan_steps(len(data.train), cfg)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, plan.warmup_steps, plan.total_steps)
-    autocast = autocast_for(cfg, device)
+    tokenizer, par = setup(cfg, rt, plan)  # threads, seeds, model, LoRA, optimizer as the job's
+    held_out = {"train": data.train, "eval": data.eval, "eval_conversations": []}
+    obj = make_objective(cfg, rt, tokenizer, held_out)
+    batches = StepBatches(cfg, rt, obj, plan)
+    par.model.train()
     tokens, elapsed = 0, 0.0
     for step in range(steps):
-        epoch, k = divmod(step, plan.steps_per_epoch)
-        order = epoch_order(len(data.train), cfg.run.seed, epoch)
-        batches = step_micro_batches(
-            order, k, cfg.train.effective_batch_size, 0, 1, cfg.train.micro_batch_size
-        )
-        micro = [collate([data.train[j] for j in idx], pad_id) for idx in batches]
+        micro = batches.micro_batches(step)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        _, n = train_step(
-            model, optimizer, scheduler, micro, device, autocast, cfg.train.max_grad_norm
-        )
+        n = obj.train_step(par, micro).tokens
         if device.type == "cuda":
             torch.cuda.synchronize()
         if step > 0:
@@ -88,15 +79,14 @@ def main() -> None:
             *args.overrides,
         ]
         cfg = load_config(args.config, overrides)
-        tokenizer = load_tokenizer(cfg.model)
-        data = prepare_data(cfg.data, tokenizer, cfg.run.seed)
+        data = load_for_job(cfg, load_tokenizer(cfg.model), f"{storage}/prepared")
         device = torch.device(args.device)
         threads = f"{cfg.scaling.cpus_per_worker:g} threads" if device.type == "cpu" else "GPU"
         # Alternate the two and compare medians: on a small shared machine one run of either
         # varies by 10-15% with whatever else the machine is doing.
         plain, ray_runs = [], []
         for i in range(args.repeats):
-            plain.append(plain_loop(cfg, data, tokenizer.pad_token_id, device, args.steps))
+            plain.append(plain_loop(cfg, data, device, args.steps))
             print(f"plain PyTorch loop ({device}, {threads}): {plain[-1]:,.0f} tokens/s")
             if args.plain_only:
                 continue
@@ -110,8 +100,9 @@ def main() -> None:
         if ray_runs:
             ratio = statistics.median(ray_runs) / statistics.median(plain)
             print(
-                f"median tokens/s: plain {statistics.median(plain):,.0f}, Ray {statistics.median(ray_runs):,.0f}; "
-                f"ratio Ray / plain: {ratio:.3f}  (target >= 0.95; {args.steps} steps x {args.repeats}, "
+                f"median tokens/s: plain {statistics.median(plain):,.0f}, "
+                f"Ray {statistics.median(ray_runs):,.0f}; ratio Ray / plain: {ratio:.3f}  "
+                f"(target >= 0.95; {args.steps} steps x {args.repeats}, "
                 f"config {Path(args.config).name})"
             )
 

@@ -6,7 +6,7 @@
 packing  the same LoRA steps over a length-skewed chat set (most rows short, a few long), padded
          to each micro-batch's longest row vs packed into rows of max_seq_len. Tokens/s counts
          real tokens only. Target: packed >= 2x padded.
-trl      our training step (jobs.finetune.train_step) vs TRL's SFTTrainer on the same model,
+trl      our training step (jobs.objectives.sft.train_step) vs TRL's SFTTrainer on the same model,
          LoRA config, pre-tokenized rows in the same order, batch size, steps, precision (fp32),
          clipping and threads, both in this process (no Ray; Ray's own cost is measured by
          benchmarks/ray_overhead.py); best of --repeats interleaved rounds. Target: ours >= 1.0x.
@@ -25,7 +25,7 @@ import random
 import resource
 import tempfile
 import time
-from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -33,9 +33,10 @@ import torch
 from jobs.batching import collate, pack
 from jobs.config import JobConfig, load_config
 from jobs.data.render import render_and_mask
-from jobs.finetune import train_step
 from jobs.model import add_lora
+from jobs.objectives.sft import train_step
 from jobs.parallel import make_parallel
+from jobs.runtime import Runtime
 from jobs.tiny_model import build_model, build_tokenizer
 
 WORDS = [
@@ -95,9 +96,10 @@ def job_config(model_dir: Path, storage: Path, *overrides: str) -> JobConfig:
 def our_steps(
     cfg: JobConfig, model, examples, steps: int, packing: bool, pad_id: int, max_grad_norm=None
 ) -> dict:
-    """tokens/s of `steps` optimizer steps of jobs.finetune.train_step (the first one excluded)."""
+    """tokens/s of `steps` optimizer steps of jobs.objectives.sft.train_step (the first one excluded)."""
     torch.manual_seed(0)
-    par = make_parallel(cfg, torch.device("cpu"))
+    rt = Runtime(torch.device("cpu"))
+    par = make_parallel(cfg, rt)
     par.setup(
         model,
         lambda p: torch.optim.AdamW(p, lr=cfg.train.lr),
@@ -107,13 +109,10 @@ def our_steps(
     tokens, elapsed = 0, 0.0
     for s in range(steps + 1):
         chunk = examples[s * per_step : (s + 1) * per_step]
-        batches = [
-            pack(chunk[i : i + micro], cfg.data.max_seq_len, pad_id) if packing
-            else collate(chunk[i : i + micro], pad_id)
-            for i in range(0, per_step, micro)
-        ]  # fmt: skip
+        batch = partial(pack, max_len=cfg.data.max_seq_len) if packing else collate
+        batches = [batch(chunk[i : i + micro], pad_id=pad_id) for i in range(0, per_step, micro)]
         t0 = time.perf_counter()
-        _, n = train_step(par, batches, torch.device("cpu"), nullcontext, max_grad_norm)
+        _, n = train_step(par, batches, rt, max_grad_norm)
         if s:  # the first step pays for allocation and lazy init
             elapsed += time.perf_counter() - t0
             tokens += n
@@ -125,12 +124,19 @@ def bench_packing(args, tmp: Path) -> None:
     convs = skewed_conversations(args.steps * 32 + 32)
     examples = [render_and_mask(c["messages"], tokenizer, 512) for c in convs]
     lengths = sorted(len(e["input_ids"]) for e in examples)
-    print(f"packing: {len(examples)} rows, tokens median {lengths[len(lengths) // 2]}, "
-          f"p90 {lengths[int(len(lengths) * 0.9)]}, max {lengths[-1]}")  # fmt: skip
+    print(
+        f"packing: {len(examples)} rows, tokens median {lengths[len(lengths) // 2]}, "
+        f"p90 {lengths[int(len(lengths) * 0.9)]}, max {lengths[-1]}"
+    )
     # rows of 512 tokens: on CPU, sdpa computes each packed row's whole (masked) attention
     # matrix, so rows much longer than the examples spend on attention what packing saved
-    cfg = job_config(tmp / "model", tmp / "runs", "train.micro_batch_size=16",
-                     "train.effective_batch_size=32", "data.max_seq_len=512")  # fmt: skip
+    cfg = job_config(
+        tmp / "model",
+        tmp / "runs",
+        "train.micro_batch_size=16",
+        "train.effective_batch_size=32",
+        "data.max_seq_len=512",
+    )
     results = {}
     for name, packing in (("padded", False), ("packed", True)):
         _, model = setup(args.hidden, args.layers, tmp)
@@ -142,6 +148,54 @@ def bench_packing(args, tmp: Path) -> None:
         )
     ratio = results["packed"]["tokens_per_s"] / results["padded"]["tokens_per_s"]
     print(f"  packed / padded: {ratio:.2f}x  (target >= 2x)")
+
+
+def step_timer():
+    """A Trainer callback timing each optimizer step and counting its non-padding tokens."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times, self.tokens, self.threads, self.t0 = [], [], set(), 0.0
+
+        def on_step_begin(self, args, state, control, **k):
+            self.threads.add(torch.get_num_threads())
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **k):
+            self.times.append(time.perf_counter() - self.t0)
+            self.tokens.append(int(state.num_input_tokens_seen))  # cumulative, non-padding
+
+    return StepTimer()
+
+
+def sft_config(cfg: JobConfig, steps: int, tmp: Path, bf16: bool):
+    """SFTConfig matched to our step: micro-batch, accumulation, lr, clipping, no extras."""
+    from trl import SFTConfig
+
+    micro, per_step = cfg.train.micro_batch_size, cfg.train.effective_batch_size
+    return SFTConfig(
+        output_dir=str(tmp / "trl"),
+        max_steps=steps + 1,
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=per_step // micro,
+        learning_rate=cfg.train.lr,
+        lr_scheduler_type="constant",
+        optim="adamw_torch",
+        max_grad_norm=1.0,
+        max_length=cfg.data.max_seq_len,
+        train_sampling_strategy="sequential",
+        bf16=bf16,
+        fp16=False,
+        use_cpu=True,
+        report_to=[],
+        logging_steps=10**6,
+        save_strategy="no",
+        dataloader_num_workers=0,
+        gradient_checkpointing=False,
+        seed=0,
+        include_num_input_tokens_seen="non_padding",
+    )
 
 
 def trl_steps(
@@ -156,89 +210,75 @@ def trl_steps(
     collated before that, like ours."""
     from datasets import Dataset
     from peft import LoraConfig as PeftLoraConfig
-    from transformers import TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.times, self.tokens, self.threads, self.t0 = [], [], set(), 0.0
-
-        def on_step_begin(self, args, state, control, **k):
-            self.threads.add(torch.get_num_threads())
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **k):
-            self.times.append(time.perf_counter() - self.t0)
-            self.tokens.append(int(state.num_input_tokens_seen))  # cumulative, non-padding
-
-    micro, per_step = cfg.train.micro_batch_size, cfg.train.effective_batch_size
-    rows = examples[: (steps + 1) * per_step]
-    timer = StepTimer()
+    rows = examples[: (steps + 1) * cfg.train.effective_batch_size]
+    timer = step_timer()
     trainer = SFTTrainer(
         model=model,
         processing_class=tokenizer,
         train_dataset=Dataset.from_list(
             [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in rows]
-        ),  # fmt: skip
+        ),
         peft_config=PeftLoraConfig(
             r=cfg.lora.r,
             lora_alpha=cfg.lora.alpha,
             lora_dropout=0.0,
             target_modules="all-linear",
             task_type="CAUSAL_LM",
-        ),  # fmt: skip
-        args=SFTConfig(
-            output_dir=str(tmp / "trl"),
-            max_steps=steps + 1,
-            per_device_train_batch_size=micro,
-            gradient_accumulation_steps=per_step // micro,
-            learning_rate=cfg.train.lr,
-            lr_scheduler_type="constant",
-            optim="adamw_torch",
-            max_grad_norm=1.0,
-            max_length=cfg.data.max_seq_len,
-            train_sampling_strategy="sequential",
-            bf16=bf16,
-            fp16=False,
-            use_cpu=True,
-            report_to=[],
-            logging_steps=10**6,
-            save_strategy="no",
-            dataloader_num_workers=0,
-            gradient_checkpointing=False,
-            seed=0,
-            include_num_input_tokens_seen="non_padding",
-        ),  # fmt: skip
+        ),
+        args=sft_config(cfg, steps, tmp, bf16),
         callbacks=[timer],
     )
     trainer.train()
     tokens = [b - a for a, b in zip([0, *timer.tokens], timer.tokens, strict=False)]
     seconds = sum(timer.times[1:])
-    return {"tokens_per_s": sum(tokens[1:]) / seconds, "seconds": seconds,
-            "tokens": sum(tokens[1:]), "threads": timer.threads}  # fmt: skip
+    return {
+        "tokens_per_s": sum(tokens[1:]) / seconds,
+        "seconds": seconds,
+        "tokens": sum(tokens[1:]),
+        "threads": timer.threads,
+    }
 
 
 def bench_trl(args, tmp: Path) -> None:
     tokenizer, _ = setup(args.hidden, args.layers, tmp)
     convs = skewed_conversations((args.steps + 1) * 16, seed=1)
     # same rows both sides; lengths capped so that both truncate nothing
-    cfg = job_config(tmp / "model", tmp / "runs", "train.micro_batch_size=8",
-                     "train.effective_batch_size=16", "data.max_seq_len=1024", "lora.dropout=0")  # fmt: skip
+    cfg = job_config(
+        tmp / "model",
+        tmp / "runs",
+        "train.micro_batch_size=8",
+        "train.effective_batch_size=16",
+        "data.max_seq_len=1024",
+        "lora.dropout=0",
+    )
     examples = [render_and_mask(c["messages"], tokenizer, 1024) for c in convs]
-    print(f"trl: {args.steps} timed steps of 16 rows (2 x 8), {args.repeats} interleaved rounds, "
-          f"torch threads {torch.get_num_threads()}")  # fmt: skip
+    print(
+        f"trl: {args.steps} timed steps of 16 rows (2 x 8), {args.repeats} interleaved rounds, "
+        f"torch threads {torch.get_num_threads()}"
+    )
     best = {"ours": None, "trl": None}
     for r in range(args.repeats):
         for name in ("ours", "trl"):
             _, model = setup(args.hidden, args.layers, tmp)  # a fresh model each run
             if name == "ours":
-                res = our_steps(cfg, add_lora(model, cfg.lora), examples, args.steps, False,
-                                tokenizer.pad_token_id, max_grad_norm=1.0)  # fmt: skip
+                res = our_steps(
+                    cfg,
+                    add_lora(model, cfg.lora),
+                    examples,
+                    args.steps,
+                    False,
+                    tokenizer.pad_token_id,
+                    max_grad_norm=1.0,
+                )
             else:
                 res = trl_steps(cfg, model, tokenizer, examples, args.steps, tmp, args.trl_bf16)
             extra = f", torch threads {sorted(res['threads'])}" if "threads" in res else ""
-            print(f"  round {r + 1} {name:4s} {res['tokens_per_s']:8,.0f} tok/s "
-                  f"({res['tokens']:,} tokens in {res['seconds']:.1f} s{extra})")  # fmt: skip
+            print(
+                f"  round {r + 1} {name:4s} {res['tokens_per_s']:8,.0f} tok/s "
+                f"({res['tokens']:,} tokens in {res['seconds']:.1f} s{extra})"
+            )
             if best[name] is None or res["tokens_per_s"] > best[name]["tokens_per_s"]:
                 best[name] = res
     ours, trl = best["ours"], best["trl"]
@@ -246,8 +286,10 @@ def bench_trl(args, tmp: Path) -> None:
         print(
             f"  WARNING: the timed steps saw different token counts: {ours['tokens']} vs {trl['tokens']}"
         )
-    print(f"  best of {args.repeats}: ours {ours['tokens_per_s']:,.0f} tok/s, SFTTrainer "
-          f"{trl['tokens_per_s']:,.0f} tok/s (same {ours['tokens']:,} non-padding tokens)")  # fmt: skip
+    print(
+        f"  best of {args.repeats}: ours {ours['tokens_per_s']:,.0f} tok/s, SFTTrainer "
+        f"{trl['tokens_per_s']:,.0f} tok/s (same {ours['tokens']:,} non-padding tokens)"
+    )
     print(
         f"  ours / SFTTrainer: {ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x  (target >= 1.0x)"
     )
@@ -274,13 +316,25 @@ def bench_memory(args, tmp: Path) -> None:
             ("zero3", ["train.strategy=deepspeed", "train.deepspeed.stage=3"]),
         ):
             cfg = job_config(
-                tmp / "model", tmp / "runs", f"run.name=mem-{name}", "lora=null",
-                f"data.train_files=[{data}]", "data.length.min_tokens=1", "data.length.max_tokens=1024",
-                "data.max_seq_len=512", "train.max_steps=3", "train.micro_batch_size=4",
-                "train.effective_batch_size=8", "scaling.num_workers=2", "scaling.cpus_per_worker=1",
-                "eval.every_steps=null", "eval.early_stopping_patience=null", "eval.task_metric=none",
-                "checkpoint.every_steps=null", *overrides,
-            )  # fmt: skip
+                tmp / "model",
+                tmp / "runs",
+                f"run.name=mem-{name}",
+                "lora=null",
+                f"data.train_files=[{data}]",
+                "data.length.min_tokens=1",
+                "data.length.max_tokens=1024",
+                "data.max_seq_len=512",
+                "train.max_steps=3",
+                "train.micro_batch_size=4",
+                "train.effective_batch_size=8",
+                "scaling.num_workers=2",
+                "scaling.cpus_per_worker=1",
+                "eval.every_steps=null",
+                "eval.early_stopping_patience=null",
+                "eval.task_metric=none",
+                "checkpoint.every_steps=null",
+                *overrides,
+            )
             summary = run_job(cfg)
             rss = summary["worker_peak_rss_mb"]
             print(f"  {name:6s} peak RSS per worker: {', '.join(f'{r:,.0f}' for r in rss)} MiB")

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from jobs.distributed import rng_state, set_rng_state
+from jobs.distributed import print0, rng_state, set_rng_state
+from jobs.durable import Preemption, Uploader
 
 
 @dataclass
@@ -33,9 +34,7 @@ class TrainerState:
     step: int = 0
     history: list[dict] = field(default_factory=list)  # one row per optimizer step
     evals: list[dict] = field(default_factory=list)
-    resumed_at: list[int] = field(
-        default_factory=list
-    )  # the step of each resume (restart or re-run)
+    resumed_at: list[int] = field(default_factory=list)  # the step of each restart or re-run
     best_eval_loss: float | None = None
     evals_without_improvement: int = 0
     stopped_early: bool = False
@@ -168,3 +167,98 @@ def newest_complete_checkpoint(fs, run_path: str) -> tuple[str | None, list[dict
             return path, skipped
         skipped.append({"checkpoint": path.rsplit("/", 1)[-1], "reason": reason})
     return None, skipped
+
+
+# ------------------------------------------------------------------- resume and save, on Ray Train
+
+
+def resume(par, rank: int, total_steps: int) -> TrainerState:
+    """The state of the newest complete checkpoint of this run, loaded into `par`; a fresh state
+    when there is none. Torn checkpoints are skipped, with a warning, and recorded.
+
+    Looks at storage itself, not only at Ray's record of registered checkpoints: after a driver
+    is killed and the run resubmitted, what is in storage is what counts. A step's examples do not
+    depend on the worker count, so a resume may change it."""
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+    fs = storage.storage_filesystem
+    path, torn = newest_complete_checkpoint(fs, storage.experiment_fs_path)
+    for t in torn:
+        print0(f"WARNING: skipping torn checkpoint {t['checkpoint']}: {t['reason']}")
+    state = TrainerState()
+    if path:
+        checkpoint = ray.train.Checkpoint(path=path, filesystem=fs)
+        with checkpoint.as_directory() as ckpt_dir:
+            state = load_checkpoint(Path(ckpt_dir), par, rank)
+        state.resumed_at.append(state.step)
+        print0(f"resumed from {checkpoint.path} at step {state.step}/{total_steps}")
+    state.skipped_checkpoints += torn
+    return state
+
+
+class Checkpointer:
+    """A worker's checkpoints: staged on local disk, saved by every rank (the sharded strategies
+    gather collectively), committed with this rank's marker, reported to Ray Train and uploaded
+    in the background; logged to the tracker once in storage; one more on SIGTERM before exiting.
+
+    `ray.train.report` costs about a second on a small machine: it is called only here, at
+    eval/checkpoint steps. As a context manager it hands SIGTERM back to Ray on the way out."""
+
+    def __init__(self, cfg, rt, par, tokenizer, state: TrainerState, tracker):
+        self.cfg, self.rt, self.par, self.tokenizer = cfg, rt, par, tokenizer
+        self.state, self.tracker = state, tracker
+        ck = cfg.checkpoint
+        self.uploader = Uploader(ck.upload_retry_s, ck.max_pending_uploads, log=self._log)
+        self.preemption = Preemption(ck.save_on_sigterm)
+
+    def _log(self, message: str) -> None:  # every rank's uploads, not only rank 0's
+        print(f"[rank {self.rt.rank}] {message}", flush=True)
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.preemption.exit_if_signalled()
+            self.preemption.close()
+
+    def sigterm_requested(self) -> bool:
+        """A spot node going away (any rank signalled): every rank saves now."""
+        return self.preemption.requested(self.rt.world)
+
+    def exit_if_signalled(self) -> None:
+        self.preemption.exit_if_signalled()
+
+    def stop(self) -> None:
+        """Training stops here on purpose (run.stop_after_steps): SIGTERM goes back to Ray."""
+        self.preemption.close()
+
+    def save(self, metrics: dict, final: bool = False, now: bool = False) -> None:
+        """Save, commit and report a checkpoint with `metrics`. The upload runs in the background
+        (storage may be down) unless this is the final checkpoint or one before exiting (`now`)."""
+        import ray.train
+
+        step, staged = self.state.step, self.uploader.stage()
+        try:
+            save_checkpoint(staged, self.par, self.tokenizer, self.state, self.rt.rank, final)
+            write_commit_marker(staged, self.rt.rank, self.rt.world, step)
+        except BaseException:
+            self.uploader.unstage(staged)
+            raise
+        mode = ray.train.CheckpointUploadMode
+        ray.train.report(
+            metrics,
+            checkpoint=ray.train.Checkpoint.from_directory(str(staged)),
+            checkpoint_dir_name=f"checkpoint_{step:06d}" + ("_final" if final else ""),
+            checkpoint_upload_mode=mode.SYNC if final or now else mode.ASYNC,
+            checkpoint_upload_fn=self.uploader.upload,
+            delete_local_checkpoint_after_upload=False,  # the uploader removes it, on any outcome
+        )
+
+    def log_uploaded(self) -> None:
+        """A checkpoint is logged to the tracker as saved once it is in storage."""
+        run_dir = f"{self.cfg.checkpoint.storage_path}/{self.cfg.run.name}"
+        while self.uploader.saved:
+            name = self.uploader.saved.pop(0)
+            self.tracker.log_checkpoint(f"{run_dir}/{name}", checkpoint_step(name))

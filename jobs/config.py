@@ -172,8 +172,10 @@ class DataConfig(Section):
     def all_sources(self) -> list[SourceConfig]:
         """The sources in full form (the shorthand expanded)."""
         if self.sources:
-            return [s if s.format != "auto" else s.model_copy(update={"format": self.format})
-                    for s in self.sources]  # fmt: skip
+            return [
+                s if s.format != "auto" else s.model_copy(update={"format": self.format})
+                for s in self.sources
+            ]
         split = "train" if self.eval_files else "auto"
         return [SourceConfig(path=p, format=self.format, split=split) for p in self.train_files] + [
             SourceConfig(path=p, format=self.format, split="eval") for p in self.eval_files
@@ -220,7 +222,7 @@ class DeepSpeedConfig(Section):
 
 
 class DpoConfig(Section):
-    """Preference tuning (train.method: dpo); the loss is TRL's DPOTrainer code (jobs/preference.py)."""
+    """Preference tuning (train.method: dpo); the loss is TRL's DPOTrainer code (jobs/objectives/dpo.py)."""
 
     beta: float = Field(0.1, gt=0)
     # TRL's names: sigmoid (DPO), ipo, hinge, robust (DPO under label noise: label_smoothing)

@@ -16,17 +16,51 @@ from pathlib import Path
 
 SYSTEM = "Classify the sentiment of the review as positive, negative or mixed."
 NOUNS = [
-    "battery", "screen", "keyboard", "camera", "speaker", "price", "design", "charger",
-    "delivery", "packaging", "manual", "handle", "lid", "strap", "app", "fabric",
-]  # fmt: skip
+    "battery",
+    "screen",
+    "keyboard",
+    "camera",
+    "speaker",
+    "price",
+    "design",
+    "charger",
+    "delivery",
+    "packaging",
+    "manual",
+    "handle",
+    "lid",
+    "strap",
+    "app",
+    "fabric",
+]
 POSITIVE = [
-    "excellent", "great", "superb", "reliable", "sturdy", "lovely", "fantastic", "smooth",
-    "bright", "comfortable", "fast", "solid",
-]  # fmt: skip
+    "excellent",
+    "great",
+    "superb",
+    "reliable",
+    "sturdy",
+    "lovely",
+    "fantastic",
+    "smooth",
+    "bright",
+    "comfortable",
+    "fast",
+    "solid",
+]
 NEGATIVE = [
-    "awful", "terrible", "flimsy", "broken", "noisy", "slow", "dull", "cheap", "fragile",
-    "useless", "sticky", "poor",
-]  # fmt: skip
+    "awful",
+    "terrible",
+    "flimsy",
+    "broken",
+    "noisy",
+    "slow",
+    "dull",
+    "cheap",
+    "fragile",
+    "useless",
+    "sticky",
+    "poor",
+]
 TEMPLATES = [
     "The {n1} is {a1} and the {n2} is {a2}.",
     "I found the {n1} {a1}, while the {n2} felt {a2}.",

@@ -5,6 +5,7 @@ How the model is wrapped and sharded (DDP, FSDP, DeepSpeed) is jobs/parallel.py.
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import socket
@@ -12,6 +13,8 @@ import socket
 import numpy as np
 import torch
 import torch.distributed as dist
+
+logger = logging.getLogger("jobs")
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -70,6 +73,13 @@ def shutdown_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+def print0(message: str) -> None:
+    """Progress lines from rank 0. Through logging: Ray Train routes it to the driver once, while
+    its patched print() echoes twice when a library has wrapped sys.stdout."""
+    if rank_and_world()[0] == 0:
+        logger.info(message)
 
 
 def rank_and_world() -> tuple[int, int]:

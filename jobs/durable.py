@@ -19,8 +19,6 @@ import threading
 import time
 from pathlib import Path
 
-from jobs.checkpointing import MARKER
-
 
 class Uploader:
     """One per worker: staging directories, the retrying upload, the bound on what waits."""
@@ -100,6 +98,8 @@ def copy_committed(local: Path, fs, dest: str) -> None:
 
     files = sorted(p for p in local.rglob("*") if p.is_file())
     # the marker says "every file above is there": it must be the last thing to land
+    from jobs.checkpointing import MARKER  # that module builds on this one
+
     files.sort(key=lambda p: bool(MARKER.fullmatch(p.name)))
     source = pyarrow.fs.LocalFileSystem()
     for f in files:

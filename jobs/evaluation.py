@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from jobs.batching import collate
 from jobs.data.render import IGNORE_INDEX, prompt_and_answer
-from jobs.distributed import all_reduce_sum, rank_and_world
+from jobs.runtime import Runtime
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
@@ -29,35 +29,32 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     return loss, int((labels != IGNORE_INDEX).sum())
 
 
-def rank_batches(items: list, batch_size: int, lockstep: bool) -> list[list | None]:
-    """This rank's share of `items` in batches. With `lockstep` (sharded parameters: every forward
+def rank_batches(items: list, batch_size: int, rt: Runtime) -> list[list | None]:
+    """This rank's share of `items` in batches. In lockstep (sharded parameters: every forward
     pass is collective) every rank gets the same number of batches; None marks a pass a rank
     makes only to keep the others company."""
-    rank, world = rank_and_world()
-    mine = items[rank::world]
+    mine = items[rt.rank :: rt.world]
     batches = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
-    if lockstep and world > 1:
-        most = math.ceil(math.ceil(len(items) / world) / batch_size)
+    if rt.lockstep:
+        most = math.ceil(math.ceil(len(items) / rt.world) / batch_size)
         batches += [None] * (most - len(batches))
     return batches
 
 
 @torch.no_grad()
-def eval_loss(
-    model, examples, batch_size: int, pad_id: int, device, autocast, lockstep: bool = False
-) -> float:
+def eval_loss(model, examples, batch_size: int, pad_id: int, rt: Runtime) -> float:
     """Mean loss per label token over the whole held-out set, each rank taking its share."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for chunk in rank_batches(examples, batch_size, lockstep):
-        batch = {k: v.to(device) for k, v in collate(chunk or examples[:1], pad_id).items()}
-        with autocast():
+    for chunk in rank_batches(examples, batch_size, rt):
+        batch = rt.to_device(collate(chunk or examples[:1], pad_id))
+        with rt.autocast():
             loss, n = token_loss_sum(model, batch)
         if chunk is not None:
             total, count = total + loss.item(), count + n
     model.train(was_training)
-    total, count = all_reduce_sum([total, count], device)
+    total, count = rt.sum_over_ranks([total, count])
     return total / max(count, 1)
 
 
@@ -67,14 +64,7 @@ def perplexity(loss: float) -> float:
 
 @torch.no_grad()
 def exact_match(
-    model,
-    tokenizer,
-    conversations,
-    max_new_tokens: int,
-    batch_size: int,
-    device,
-    autocast,
-    lockstep: bool = False,
+    model, tokenizer, conversations, max_new_tokens: int, batch_size: int, rt: Runtime
 ) -> float:
     """Share of held-out prompts whose greedy answer equals the reference (whitespace-stripped)."""
     was_training = model.training
@@ -82,7 +72,7 @@ def exact_match(
     # generate from the right edge
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     correct, total = 0, 0
-    for chunk in rank_batches(conversations, batch_size, lockstep):
+    for chunk in rank_batches(conversations, batch_size, rt):
         prompts, answers = zip(
             *(prompt_and_answer(c) for c in chunk or conversations[:1]), strict=True
         )
@@ -90,10 +80,9 @@ def exact_match(
             tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
             for p in prompts
         ]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(
-            device
-        )
-        with autocast():
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = enc.to(rt.device)
+        with rt.autocast():
             out = model.generate(
                 **enc,
                 max_new_tokens=max_new_tokens,
@@ -101,7 +90,7 @@ def exact_match(
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
                 # sharded weights: a rank that finishes early keeps joining the others' passes
-                synced_gpus=lockstep and rank_and_world()[1] > 1,
+                synced_gpus=rt.lockstep,
             )
         if chunk is None:
             continue
@@ -112,5 +101,5 @@ def exact_match(
         total += len(answers)
     tokenizer.padding_side = padding_side
     model.train(was_training)
-    correct, total = all_reduce_sum([correct, total], device)
+    correct, total = rt.sum_over_ranks([correct, total])
     return correct / max(total, 1)

@@ -1,26 +1,25 @@
-"""The LoRA fine-tuning job: a JSONL file in, an evaluated peft adapter out.
+"""The fine-tuning job: a JSONL file in, an evaluated peft adapter (or model) out.
 
     python -m jobs.finetune configs/quickstart.yaml [key.sub=value ...]
     ray job submit --working-dir . -- python -m jobs.finetune configs/quickstart.yaml
 
-The driver (`main`) validates the config and the data before any worker starts, then runs
-`train_func` on Ray Train workers. `train_func` reads top to bottom: setup, resume, the loop,
-the final evaluation (base vs adapter) and the final save. Re-running with the same run.name
-resumes from the newest checkpoint in STORAGE_PATH/RUN_NAME.
+The driver (`run_job`) validates the config and the data before any worker starts, then runs
+`train_func` on Ray Train workers. `train_func` reads top to bottom: setup, resume, the loop, the
+final evaluation (base vs tuned) and the final save. What a step computes is the objective's
+(jobs/objectives/: SFT, DPO); how the model is spread over workers is jobs/parallel.py; how
+checkpoints survive lost workers and storage is jobs/checkpointing.py. Re-running with the same
+run.name resumes from the newest checkpoint in STORAGE_PATH/RUN_NAME.
 """
 
 from __future__ import annotations
 
-import logging
 import math
+import os
 import resource
 import shutil
-import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Annotated
 
@@ -28,44 +27,19 @@ import torch
 import typer
 from transformers import get_cosine_schedule_with_warmup
 
-from jobs import storage
-from jobs.batching import collate, collate_pairs, epoch_order, pack, step_micro_batches
-from jobs.checkpointing import (
-    TrainerState,
-    checkpoint_step,
-    load_checkpoint,
-    newest_complete_checkpoint,
-    read_trainer_state,
-    save_checkpoint,
-    write_commit_marker,
-)
+from jobs import cli, storage
+from jobs.batching import epoch_order, step_micro_batches
+from jobs.checkpointing import Checkpointer, TrainerState, read_trainer_state, resume
 from jobs.config import ConfigError, JobConfig, load_config
 from jobs.data import load_for_job, summary_lines
-from jobs.distributed import (
-    all_gather_objects,
-    all_reduce_sum,
-    init_ray,
-    rank_and_world,
-    seed_everything,
-    shutdown_ray,
-)
-from jobs.durable import Preemption, Uploader
-from jobs.evaluation import eval_loss, exact_match, perplexity, token_loss_sum
+from jobs.distributed import all_gather_objects, init_ray, print0, seed_everything, shutdown_ray
 from jobs.manifest import write_run_manifest
 from jobs.memory import preflight_memory
 from jobs.model import add_lora, enable_gradient_checkpointing, load_base_model, load_tokenizer
+from jobs.objectives import Objective, StepResult, make_objective, objective_class
 from jobs.parallel import Parallel, deepspeed_config, make_parallel
-from jobs.preference import dpo_train_step, preference_metrics
+from jobs.runtime import Runtime
 from jobs.tracking import start_tracker, tracking_run_info
-
-logger = logging.getLogger(__name__)
-
-
-def print0(message: str) -> None:
-    """Progress lines from rank 0. Through logging: Ray Train routes it to the driver once, while
-    its patched print() echoes twice when a library has wrapped sys.stdout."""
-    if rank_and_world()[0] == 0:
-        logger.info(message)
 
 
 @dataclass
@@ -87,328 +61,356 @@ def plan_steps(n_train: int, cfg: JobConfig) -> StepPlan:
     return StepPlan(steps_per_epoch, total, math.ceil(cfg.train.warmup_ratio * total))
 
 
-def autocast_for(cfg: JobConfig, device: torch.device):
-    """bf16/fp16 autocast on GPU (precision=auto picks bf16 where supported); fp32 otherwise."""
-    precision = cfg.train.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision == "fp32":
-        return nullcontext
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def train_step(par: Parallel, micro_batches, device, autocast, max_grad_norm) -> tuple[float, int]:
-    """One optimizer step over this rank's micro-batches (gradient accumulation); returns the
-    step's loss and its non-padding input tokens, both over all ranks.
-
-    The loss is the mean over every label token in the step on every rank, so accumulation and
-    data parallelism give the same gradient as one big batch (not a mean of micro-batch means).
-    """
-    _, world = rank_and_world()
-    local_tokens = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro_batches)
-    (global_tokens,) = all_reduce_sum([local_tokens], device)
-    loss_sum = 0.0
-    for i, batch in enumerate(micro_batches):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with autocast():
-            loss, _ = token_loss_sum(par.model, batch)
-        # every strategy averages gradients over ranks; scaling by world undoes that average
-        par.backward(loss * world / global_tokens, last=i == len(micro_batches) - 1)
-        loss_sum += loss.item()
-    par.step(max_grad_norm)
-    local_inputs = sum(int(b["attention_mask"].sum()) for b in micro_batches)
-    total_loss, inputs = all_reduce_sum([loss_sum, local_inputs], device)
-    return total_loss / global_tokens, int(inputs)
-
-
-def held_out_metrics(par: Parallel, cfg, tokenizer, examples, convs, device, autocast) -> dict:
-    """Loss, perplexity and (if asked) exact match of the model as it is now; for DPO the
-    preference loss, reward margin and accuracy on the held-out pairs."""
-    pad_id, lockstep = tokenizer.pad_token_id, par.collective_forward
-    if cfg.train.method == "dpo":
-        bs, dpo = cfg.eval.batch_size, cfg.train.dpo
-        return preference_metrics(par, examples, bs, pad_id, device, autocast, dpo)
-    loss = eval_loss(par.module, examples, cfg.eval.batch_size, pad_id, device, autocast, lockstep)
-    metrics = {"eval_loss": loss, "eval_ppl": perplexity(loss)}
-    gen_convs = convs[: cfg.eval.max_generate_samples]
-    if cfg.eval.task_metric == "exact_match" and gen_convs:
-        metrics["exact_match"] = exact_match(
-            par.module,
-            tokenizer,
-            gen_convs,
-            cfg.eval.max_new_tokens,
-            cfg.eval.batch_size,
-            device,
-            autocast,
-            lockstep,
-        )
-    return metrics
-
-
 # ------------------------------------------------------------------------ the train function
 
 
 def train_func(config: dict) -> None:
-    """Runs on every Ray Train worker."""
+    """Runs on every Ray Train worker: setup -> resume -> the loop -> final evaluation and save."""
+    import ray
     import ray.train
     import ray.train.torch
 
     cfg = JobConfig.model_validate(config["job"])
     data = config["data"]
-    if isinstance(data, ray.ObjectRef):
-        data = ray.get(data)
-    train_examples, eval_examples, eval_convs = (
-        data["train"],
-        data["eval"],
-        data["eval_conversations"],
-    )
+    data = ray.get(data) if isinstance(data, ray.ObjectRef) else data
+    rt = Runtime.for_job(cfg, ray.train.torch.get_device())
+    plan = plan_steps(len(data["train"]), cfg)
+    tokenizer, par = setup(cfg, rt, plan)
+    obj = make_objective(cfg, rt, tokenizer, data)
 
-    # --- setup: device, threads, seeds, model, how it is spread over the workers
-    rank, world = rank_and_world()
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
-    autocast = autocast_for(cfg, device)
-    seed_everything(cfg.run.seed)  # identical LoRA init on every rank
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_base_model(cfg.model, device)
-    if cfg.lora is not None:
-        model = add_lora(model, cfg.lora)
-    if cfg.train.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    seed_everything(cfg.run.seed + rank)  # distinct dropout masks per rank
-    plan = plan_steps(len(train_examples), cfg)
-    par = make_parallel(cfg, device)
-    par.setup(
-        model,
-        lambda params: torch.optim.AdamW(
-            params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay
-        ),
-        lambda opt: get_cosine_schedule_with_warmup(opt, plan.warmup_steps, plan.total_steps),
-    )
-
-    # --- resume: the newest complete checkpoint of this run name, if any; torn ones are skipped
-    # (a step's examples do not depend on the worker count, so a resume may change it)
-    state = TrainerState()
-    checkpoint, torn = resume_checkpoint()
-    for t in torn:
-        print0(f"WARNING: skipping torn checkpoint {t['checkpoint']}: {t['reason']}")
-    if checkpoint:
-        with checkpoint.as_directory() as ckpt_dir:
-            state = load_checkpoint(Path(ckpt_dir), par, rank)
-        state.resumed_at.append(state.step)
-        print0(f"resumed from {checkpoint.path} at step {state.step}/{plan.total_steps}")
-    state.skipped_checkpoints += torn
+    state = resume(par, rt.rank, plan.total_steps)
     if state.completed:
         print0("this run already finished; nothing to train")
         ray.train.report({"step": state.step, **state.final_metrics})
         return
-    # rank 0 only; finished on the way out, marked failed when the train function raises
-    with start_tracker(cfg, config["run_info"], plan.total_steps) as tracker:
-        uploader = Uploader(
-            cfg.checkpoint.upload_retry_s,
-            cfg.checkpoint.max_pending_uploads,
-            log=lambda message: print(f"[rank {rank}] {message}", flush=True),
-        )
-        preemption = Preemption(cfg.checkpoint.save_on_sigterm)
-
-        def report(metrics: dict, final: bool = False, now: bool = False) -> None:
-            # ray.train.report costs about a second on a small machine: only at eval/checkpoint steps.
-            # The upload runs in the background (storage may be down) unless this is the final
-            # checkpoint or one before exiting.
-            staged = uploader.stage()
-            try:
-                save_checkpoint(staged, par, tokenizer, state, rank, final=final)
-                write_commit_marker(staged, rank, world, state.step)
-            except BaseException:
-                uploader.unstage(staged)
-                raise
-            mode = ray.train.CheckpointUploadMode
-            ray.train.report(
-                metrics,
-                checkpoint=ray.train.Checkpoint.from_directory(str(staged)),
-                checkpoint_dir_name=f"checkpoint_{state.step:06d}" + ("_final" if final else ""),
-                checkpoint_upload_mode=mode.SYNC if final or now else mode.ASYNC,
-                checkpoint_upload_fn=uploader.upload,
-                delete_local_checkpoint_after_upload=False,  # the uploader removes it, on any outcome
-            )
-
-        def log_uploaded() -> None:  # a checkpoint is logged as saved once it is in storage
-            while uploader.saved:
-                name = uploader.saved.pop(0)
-                tracker.log_checkpoint(
-                    f"{cfg.checkpoint.storage_path}/{cfg.run.name}/{name}", checkpoint_step(name)
-                )
-
+    # the tracker is rank 0's; it is finished on the way out, and marked failed on an exception
+    with (
+        start_tracker(cfg, config["run_info"], plan.total_steps) as tracker,
+        Checkpointer(cfg, rt, par, tokenizer, state, tracker) as ckpt,
+    ):
         state.worker_nodes = all_gather_objects(ray.get_runtime_context().get_node_id())
-        pad_id = tokenizer.pad_token_id
-        dpo = cfg.train.method == "dpo"
-        if dpo:
-            batch_of = partial(collate_pairs, pad_id=pad_id)
-        elif cfg.train.packing:
-            batch_of = partial(pack, max_len=cfg.data.max_seq_len, pad_id=pad_id)
-        else:
-            batch_of = partial(collate, pad_id=pad_id)
-        if (
-            cfg.lora is None and state.step == 0
-        ):  # a full fine-tune has no base to compare with later
+        if cfg.lora is None and state.step == 0:  # a full fine-tune keeps no base to compare with
             print0("evaluating the base model before training")
-            state.base_metrics = held_out_metrics(
-                par, cfg, tokenizer, eval_examples, eval_convs, device, autocast
-            )
+            state.base_metrics = obj.evaluate(par, full=True)
         par.model.train()
         print0(
-            f"training {plan.total_steps} steps ({plan.steps_per_epoch}/epoch) on {world} worker(s) "
-            f"with {cfg.train.strategy}, {cfg.grad_accum_steps} accumulation step(s) of "
-            f"{cfg.train.micro_batch_size} per worker, device {device}"
+            f"training {plan.total_steps} steps ({plan.steps_per_epoch}/epoch) on {rt.world} "
+            f"worker(s) with {cfg.train.strategy}, {cfg.grad_accum_steps} accumulation step(s) "
+            f"of {cfg.train.micro_batch_size} per worker, device {rt.device}"
         )
 
         # --- the loop
-        tokens_since, time_since, order, current_epoch = 0, 0.0, [], -1
+        run = TrainingRun(cfg, obj, par, state, tracker, ckpt, plan)
+        meter, batches = Throughput(), StepBatches(cfg, rt, obj, plan)
         while state.step < plan.total_steps and not state.stopped_early:
-            epoch, k = divmod(state.step, plan.steps_per_epoch)
-            if (
-                epoch != current_epoch
-            ):  # the order is a function of (seed, epoch): resume continues it
-                order, current_epoch = epoch_order(len(train_examples), cfg.run.seed, epoch), epoch
-            micro = [
-                batch_of([train_examples[j] for j in idx])
-                for idx in step_micro_batches(
-                    order,
-                    k,
-                    cfg.train.effective_batch_size,
-                    rank,
-                    world,
-                    cfg.train.micro_batch_size,
-                )
-            ]
-
+            micro_batches = batches.micro_batches(state.step)
             t0 = time.perf_counter()
-            extra = {}  # DPO: rewards, margin and accuracy of the step's pairs
-            if dpo:
-                extra, tokens = dpo_train_step(
-                    par, micro, device, autocast, cfg.train.max_grad_norm, cfg.train.dpo
-                )
-                loss = extra.pop("loss")
-            else:
-                loss, tokens = train_step(par, micro, device, autocast, cfg.train.max_grad_norm)
+            step = obj.train_step(par, micro_batches)
             state.step += 1
-            state.history.append(
-                {"step": state.step, "loss": loss, "lr": par.last_lr(), "epoch": epoch, **extra}
-            )
-            if state.step > 1:  # the first step pays one-off costs (allocations, lazy init)
-                time_since += time.perf_counter() - t0
-                tokens_since += tokens
-
-            if state.step % cfg.train.log_every_steps == 0 or state.step == plan.total_steps:
-                tps = tokens_since / time_since if time_since else 0.0
-                shown = "".join(
-                    f" | {k} {extra[k]:.3f}" for k in ("margin", "accuracy") if k in extra
-                )
-                print0(
-                    f"step {state.step}/{plan.total_steps} | loss {loss:.4f}{shown} | lr {par.last_lr():.2e} | {tps:,.0f} tok/s"
-                )
-                tracker.log(
-                    {"train/loss": loss, "train/lr": par.last_lr(), "train/tokens_per_s": tps}
-                    | {f"train/{TRACKED.get(k, k)}": v for k, v in extra.items()},
-                    state.step,
-                )
-
-            metrics = {
-                "step": state.step,
-                "loss": loss,
-                "train_tokens_per_s": tokens_since / max(time_since, 1e-9),
-            }
-            eval_due = cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0
-            ckpt_due = cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0
-            if eval_due:
-                pairs = {}  # DPO: the held-out margin, accuracy and rewards besides the loss
-                if dpo:
-                    pairs = held_out_metrics(
-                        par, cfg, tokenizer, eval_examples, [], device, autocast
-                    )
-                    metrics["eval_loss"] = pairs.pop("eval_loss")
-                else:
-                    metrics["eval_loss"] = eval_loss(
-                        par.module,
-                        eval_examples,
-                        cfg.eval.batch_size,
-                        pad_id,
-                        device,
-                        autocast,
-                        par.collective_forward,
-                    )
-                improved = state.record_eval(state.step, metrics["eval_loss"])
-                state.evals[-1].update(pairs)
-                metrics |= pairs
-                tracker.log(
-                    {"eval/loss": metrics["eval_loss"]}
-                    | {f"eval/{TRACKED.get(k[5:], k[5:])}": v for k, v in pairs.items()},
-                    state.step,
-                )
-                print0(
-                    f"eval at step {state.step}: loss {metrics['eval_loss']:.4f}"
-                    + (" (best)" if improved else "")
-                )
-                patience = cfg.eval.early_stopping_patience
-                if patience and state.evals_without_improvement >= patience:
-                    state.stopped_early = True
-                    print0(f"early stop: eval loss has not improved for {patience} evals")
-            pause = state.step == cfg.run.stop_after_steps
-            sigterm = preemption.requested(world)  # a spot node going away: save now
-            if (
-                (eval_due or ckpt_due or pause or sigterm)
-                and state.step < plan.total_steps
-                and not state.stopped_early
-            ):
-                if sigterm:
-                    print0(f"SIGTERM: saving a checkpoint at step {state.step} before exiting")
-                report(metrics, now=sigterm or pause)
-                preemption.exit_if_signalled()
-            log_uploaded()
-            if pause and state.step < plan.total_steps:
+            meter.add(state.step, step.tokens, time.perf_counter() - t0)
+            metrics = run.record(step, meter)
+            if run.evaluate_and_checkpoint(metrics):
                 print0(
                     f"stopping after step {state.step} (run.stop_after_steps); run again to continue"
                 )
-                preemption.close()
+                ckpt.stop()
                 return
 
-        # --- final evaluation: the same held-out set with the adapter and without it (the base)
-        print0("final evaluation: base vs fine-tuned on the held-out set")
-        final = {"step": state.step, "train_tokens_per_s": tokens_since / max(time_since, 1e-9)}
-        base = state.base_metrics
-        if cfg.lora is not None and not dpo:  # DPO's base is its reference: margin 0 by definition
-            with par.adapter_disabled():
-                base = held_out_metrics(
-                    par, cfg, tokenizer, eval_examples, eval_convs, device, autocast
-                )
-        final |= {f"base_{k}": v for k, v in base.items()}
-        final |= held_out_metrics(par, cfg, tokenizer, eval_examples, eval_convs, device, autocast)
-        state.completed, state.final_metrics = True, final
-        peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-        state.worker_peak_rss_mb = all_gather_objects(round(peak_rss_mb, 1))
-        report(final, final=True)
-        log_uploaded()
+        # --- final evaluation (base vs tuned) and the final checkpoint
+        final = final_evaluation(obj, par, state, meter)
+        ckpt.save(final, final=True)
+        ckpt.log_uploaded()
         tracker.summary(final)
-        preemption.exit_if_signalled()
-        preemption.close()
 
 
-def resume_checkpoint():
-    """(the newest complete checkpoint in this run's storage or None, the torn ones skipped).
+def final_evaluation(obj: Objective, par: Parallel, state: TrainerState, meter) -> dict:
+    """The held-out set with the adapter and without it (the base); the run is then complete."""
+    print0("final evaluation: base vs fine-tuned on the held-out set")
+    final = {"step": state.step, "train_tokens_per_s": meter.rate()}
+    final |= {f"base_{k}": v for k, v in obj.base_metrics(par, state).items()}
+    final |= obj.evaluate(par, full=True)
+    state.completed, state.final_metrics = True, final
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    state.worker_peak_rss_mb = all_gather_objects(round(peak_rss_mb, 1))
+    return final
 
-    Looks at storage itself, not only at Ray's record of registered checkpoints: after a driver
-    is killed and the run resubmitted, what is in storage is what counts."""
-    import ray.train
 
-    storage = ray.train.get_context().get_storage()
-    fs = storage.storage_filesystem
-    path, torn = newest_complete_checkpoint(fs, storage.experiment_fs_path)
-    return (ray.train.Checkpoint(path=path, filesystem=fs) if path else None), torn
+def setup(cfg: JobConfig, rt: Runtime, plan: StepPlan) -> tuple[object, Parallel]:
+    """Threads, seeds, tokenizer, the model (+ LoRA) and the strategy that spreads it over the
+    workers, which owns the optimizer and the learning-rate schedule."""
+    if rt.device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.scaling.cpus_per_worker)))
+    seed_everything(cfg.run.seed)  # identical LoRA init on every rank
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_base_model(cfg.model, rt.device)
+    if cfg.lora is not None:
+        model = add_lora(model, cfg.lora)
+    if cfg.train.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    seed_everything(cfg.run.seed + rt.rank)  # distinct dropout masks per rank
+    par = make_parallel(cfg, rt)
+    train = cfg.train
+    par.setup(
+        model,
+        lambda params: torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay),
+        lambda opt: get_cosine_schedule_with_warmup(opt, plan.warmup_steps, plan.total_steps),
+    )
+    return tokenizer, par
+
+
+class StepBatches:
+    """This rank's micro-batches of each step. The example order is a function of (seed, epoch)
+    and a step's examples do not depend on the worker count: a resume continues exactly."""
+
+    def __init__(self, cfg: JobConfig, rt: Runtime, obj: Objective, plan: StepPlan):
+        self.cfg, self.rt, self.obj, self.plan = cfg, rt, obj, plan
+        self.epoch, self.order = -1, []
+
+    def micro_batches(self, step: int) -> list[dict]:
+        epoch, k = divmod(step, self.plan.steps_per_epoch)
+        if epoch != self.epoch:
+            self.epoch = epoch
+            self.order = epoch_order(len(self.obj.train_examples), self.cfg.run.seed, epoch)
+        train, rt = self.cfg.train, self.rt
+        indices = step_micro_batches(
+            self.order, k, train.effective_batch_size, rt.rank, rt.world, train.micro_batch_size
+        )
+        return [self.obj.batch([self.obj.train_examples[j] for j in idx]) for idx in indices]
+
+
+class Throughput:
+    """Training tokens per second, step 1 left out (it pays one-off costs: allocations, lazy init)."""
+
+    def __init__(self):
+        self.tokens, self.seconds = 0, 0.0
+
+    def add(self, step: int, tokens: int, seconds: float) -> None:
+        if step > 1:
+            self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
+
+    def rate(self) -> float:
+        return self.tokens / max(self.seconds, 1e-9)
+
+
+@dataclass
+class TrainingRun:
+    """What the loop's bookkeeping needs: logging a step, evaluating, checkpointing when due."""
+
+    cfg: JobConfig
+    obj: Objective
+    par: Parallel
+    state: TrainerState
+    tracker: object
+    ckpt: Checkpointer
+    plan: StepPlan
+
+    def record(self, step: StepResult, meter: Throughput) -> dict:
+        """The step in the history, on the progress line and in the tracker; its Ray metrics."""
+        state, lr, total = self.state, self.par.last_lr(), self.plan.total_steps
+        epoch = (state.step - 1) // self.plan.steps_per_epoch
+        state.history.append(
+            {"step": state.step, "loss": step.loss, "lr": lr, "epoch": epoch, **step.metrics}
+        )
+        if state.step % self.cfg.train.log_every_steps == 0 or state.step == total:
+            shown = "".join(
+                f" | {k} {step.metrics[k]:.3f}"
+                for k in self.obj.shown_on_progress
+                if k in step.metrics
+            )
+            print0(
+                f"step {state.step}/{total} | loss {step.loss:.4f}{shown} | lr {lr:.2e} | "
+                f"{meter.rate():,.0f} tok/s"
+            )
+            logged = {"train/loss": step.loss, "train/lr": lr, "train/tokens_per_s": meter.rate()}
+            self.tracker.log(logged | self.obj.tracked("train", step.metrics), state.step)
+        return {"step": state.step, "loss": step.loss, "train_tokens_per_s": meter.rate()}
+
+    def evaluate(self, metrics: dict) -> None:
+        """The in-loop evaluation: recorded, tracked, and the early-stopping count kept."""
+        state = self.state
+        extra = self.obj.evaluate(self.par, full=False)
+        loss = metrics["eval_loss"] = extra.pop("eval_loss")
+        improved = state.record_eval(state.step, loss)
+        state.evals[-1].update(extra)
+        metrics |= extra
+        extra = {k.removeprefix("eval_"): v for k, v in extra.items()}
+        self.tracker.log({"eval/loss": loss} | self.obj.tracked("eval", extra), state.step)
+        print0(f"eval at step {state.step}: loss {loss:.4f}" + (" (best)" if improved else ""))
+        patience = self.cfg.eval.early_stopping_patience
+        if patience and state.evals_without_improvement >= patience:
+            state.stopped_early = True
+            print0(f"early stop: eval loss has not improved for {patience} evals")
+
+    def evaluate_and_checkpoint(self, metrics: dict) -> bool:
+        """Evaluate and checkpoint at their steps, and checkpoint on SIGTERM or a requested
+        pause; True when training pauses here (run.stop_after_steps)."""
+        cfg, state = self.cfg, self.state
+        eval_due = cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0
+        ckpt_due = cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0
+        if eval_due:
+            self.evaluate(metrics)
+        pause = state.step == cfg.run.stop_after_steps
+        sigterm = self.ckpt.sigterm_requested()
+        more = state.step < self.plan.total_steps and not state.stopped_early
+        if (eval_due or ckpt_due or pause or sigterm) and more:
+            if sigterm:
+                print0(f"SIGTERM: saving a checkpoint at step {state.step} before exiting")
+            self.ckpt.save(metrics, now=sigterm or pause)
+            self.ckpt.exit_if_signalled()
+        self.ckpt.log_uploaded()
+        return pause and state.step < self.plan.total_steps
 
 
 # ------------------------------------------------------------------------ the driver
+
+
+def run_job(
+    cfg: JobConfig, address: str | None = None, callbacks: list | None = None, **extra
+) -> dict:
+    """Validate data, train on Ray, then write the adapter and run.json; returns the run summary.
+
+    `callbacks` go to Ray Train's RunConfig (a sweep passes Tune's report callback); `extra`
+    fields are recorded in run.json (a sweep records its name, trial and parameters).
+    """
+    scratch = scratch_dir()  # a set prepared inline lives here until the run ends
+    try:
+        data = load_data(cfg, scratch)
+        init_ray(address)
+        preflight_memory(cfg)  # refuses a job that cannot fit, before any worker starts
+        cfg = resolve_local_paths(cfg)
+        result = fit(cfg, data, callbacks or [])
+        return write_outputs(cfg, data, result, scratch, extra)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def scratch_dir() -> str:
+    """A temporary directory tagged with this process's id. A sweep trial that Ray Tune stops
+    early is killed without running `finally`: the next run removes what dead processes left."""
+    for old in Path(tempfile.gettempdir()).glob("rayft-data-*"):
+        pid = old.name.split("-")[2]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"rayft-data-{os.getpid()}-")
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except PermissionError:
+        return True
+    except (ProcessLookupError, OverflowError):
+        return False
+    return True
+
+
+def load_data(cfg: JobConfig, scratch: str):
+    """The prepared set for the job's objective, checked before any worker starts."""
+    data = load_for_job(cfg, load_tokenizer(cfg.model), scratch)
+    for line in summary_lines(data):
+        print(line)
+    plan_steps(len(data.train), cfg)  # fail here, not on a worker
+    if cfg.train.strategy == "deepspeed":
+        deepspeed_config(cfg, cfg.scaling.num_workers)  # a bad user JSON fails here too
+    return data
+
+
+def fit(cfg: JobConfig, data, callbacks: list):
+    """Run train_func on Ray Train workers; the result of a run that saved its final checkpoint."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    run_dir = storage.join(cfg.checkpoint.storage_path, cfg.run.name)
+    storage_path, storage_fs = storage.ray_storage(cfg.checkpoint.storage_path)
+    print(f"run directory: {run_dir}")
+    payload = {
+        "train": data.train,
+        "eval": data.eval,
+        "eval_conversations": data.eval_conversations,
+    }
+    scaling = cfg.scaling
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={
+            "job": cfg.model_dump(),
+            "data": ray.put(payload),
+            "run_info": tracking_run_info(cfg, data.dataset_hash),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker},
+            placement_strategy=scaling.placement_strategy,
+        ),
+        run_config=ray.train.RunConfig(
+            name=cfg.run.name,
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
+            callbacks=callbacks,
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint in {run_dir}")
+    return result
+
+
+def write_outputs(cfg: JobConfig, data, result, scratch: str, extra: dict) -> dict:
+    """The adapter (LoRA) or consolidated model (full fine-tune, final checkpoint only), the
+    data's manifest and run.json, in the run directory. For s3:// storage everything is written
+    locally first and uploaded with run.json last: a run.json that exists describes outputs
+    that are all there."""
+    run_dir = storage.join(cfg.checkpoint.storage_path, cfg.run.name)
+    kind = "adapter" if cfg.lora is not None else "model"
+    local_dir = Path(scratch) / "run" if storage.is_remote(run_dir) else Path(run_dir)
+    with result.checkpoint.as_directory() as ckpt_dir:
+        state = read_trainer_state(Path(ckpt_dir))
+        if (Path(ckpt_dir) / kind).is_dir():
+            shutil.rmtree(local_dir / kind, ignore_errors=True)
+            shutil.copytree(Path(ckpt_dir) / kind, local_dir / kind)
+    summary = run_summary(cfg, data, state, result, f"{run_dir}/{kind}", extra)
+    keep_data_report(cfg.data.prepared or scratch, local_dir / "data")
+    if storage.is_remote(run_dir):
+        storage.put_dir(local_dir, run_dir)
+        with tempfile.TemporaryDirectory() as tmp:
+            write_run_manifest(Path(tmp) / "run.json", **summary)
+            storage.put_dir(tmp, run_dir)
+    else:
+        write_run_manifest(local_dir / "run.json", **summary)
+    return summary
+
+
+def run_summary(cfg: JobConfig, data, state: TrainerState, result, out: str, extra: dict) -> dict:
+    """run.json's fields: what was trained, from what data, how the run went, and its history."""
+    lora = cfg.lora is not None
+    return {
+        "run_name": cfg.run.name,
+        "status": "completed" if state.completed else f"paused at step {state.step}",
+        "adapter": out if lora else None,
+        "model": None if lora else out,
+        "method": "lora" if lora else "full",
+        "objective": cfg.train.method,  # sft or dpo
+        "strategy": cfg.train.strategy,
+        "base_model": cfg.model.name_or_path,
+        "dataset_hash": data.dataset_hash,
+        "data_report": data.report,
+        "metrics": state.final_metrics,
+        "steps": state.step,
+        "stopped_early": state.stopped_early,
+        "resumed_at_steps": state.resumed_at,
+        "skipped_checkpoints": state.skipped_checkpoints,
+        "worker_nodes": state.worker_nodes,
+        "worker_peak_rss_mb": state.worker_peak_rss_mb,
+        "seed": cfg.run.seed,
+        "checkpoint": result.checkpoint.path,
+        "config": cfg.model_dump(),
+        **extra,
+        "loss_history": state.history,
+        "eval_history": state.evals,
+    }
 
 
 def resolve_local_paths(cfg: JobConfig) -> JobConfig:
@@ -435,126 +437,6 @@ def resolve_local_paths(cfg: JobConfig) -> JobConfig:
     return cfg
 
 
-# DPO metric names as TRL logs them (train/rewards/margins, ...)
-TRACKED = {"rewards_chosen": "rewards/chosen", "rewards_rejected": "rewards/rejected",
-           "margin": "rewards/margins", "accuracy": "rewards/accuracies"}  # fmt: skip
-
-
-def run_job(
-    cfg: JobConfig, address: str | None = None, callbacks: list | None = None, **extra
-) -> dict:
-    """Validate data, train on Ray, then write the adapter and run.json; returns the run summary.
-
-    `callbacks` go to Ray Train's RunConfig (a sweep passes Tune's report callback); `extra`
-    fields are recorded in run.json (a sweep records its name, trial and parameters).
-    """
-    inline = tempfile.mkdtemp(prefix="rayft-data-")  # an inline-prepared set, until the run ends
-    try:
-        return _run_job(cfg, address, inline, callbacks or [], extra)
-    finally:
-        shutil.rmtree(inline, ignore_errors=True)
-
-
-def _run_job(cfg: JobConfig, address, inline: str, callbacks: list, extra: dict) -> dict:
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    tokenizer = load_tokenizer(cfg.model)
-    data = load_for_job(cfg, tokenizer, inline)
-    report = data.report
-    for line in summary_lines(data):
-        print(line)
-    plan_steps(len(data.train), cfg)  # fail here, not on a worker
-    if cfg.train.strategy == "deepspeed":
-        deepspeed_config(cfg, cfg.scaling.num_workers)  # a bad user JSON fails here too
-
-    init_ray(address)
-    preflight_memory(cfg)  # refuses a job that cannot fit, before any worker starts
-    cfg = resolve_local_paths(cfg)
-    run_dir = f"{cfg.checkpoint.storage_path.rstrip('/')}/{cfg.run.name}"
-    storage_path, storage_fs = storage.ray_storage(cfg.checkpoint.storage_path)
-    print(f"run directory: {run_dir}")
-    payload = {
-        "train": data.train,
-        "eval": data.eval,
-        "eval_conversations": data.eval_conversations,
-    }
-    resources = {"CPU": cfg.scaling.cpus_per_worker, **cfg.scaling.resources_per_worker}
-    trainer = TorchTrainer(
-        train_func,
-        train_loop_config={
-            "job": cfg.model_dump(),
-            "data": ray.put(payload),
-            "run_info": tracking_run_info(cfg, data.dataset_hash),
-        },
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=cfg.scaling.num_workers,
-            use_gpu=cfg.scaling.use_gpu,
-            resources_per_worker=resources,
-            placement_strategy=cfg.scaling.placement_strategy,
-        ),
-        run_config=ray.train.RunConfig(
-            name=cfg.run.name,
-            storage_path=storage_path,
-            storage_filesystem=storage_fs,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
-            callbacks=callbacks,
-        ),
-    )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"training finished without a checkpoint in {run_dir}")
-
-    # LoRA: the adapter; full fine-tune: the consolidated model (in the final checkpoint only).
-    # Written to a local directory first; for s3:// storage uploaded with run.json last, so a
-    # run.json that exists describes outputs that are all there.
-    kind = "adapter" if cfg.lora is not None else "model"
-    local_dir = Path(run_dir) if not storage.is_remote(run_dir) else Path(inline) / "run"
-    out_dir = local_dir / kind
-    with result.checkpoint.as_directory() as ckpt_dir:
-        state = read_trainer_state(Path(ckpt_dir))
-        if (Path(ckpt_dir) / kind).is_dir():
-            if out_dir.exists():
-                shutil.rmtree(out_dir)
-            shutil.copytree(Path(ckpt_dir) / kind, out_dir)
-    summary = {
-        "run_name": cfg.run.name,
-        "status": "completed" if state.completed else f"paused at step {state.step}",
-        "adapter": f"{run_dir}/{kind}" if kind == "adapter" else None,
-        "model": f"{run_dir}/{kind}" if kind == "model" else None,
-        "method": "lora" if cfg.lora is not None else "full",
-        "objective": cfg.train.method,  # sft or dpo
-        "strategy": cfg.train.strategy,
-        "base_model": cfg.model.name_or_path,
-        "dataset_hash": data.dataset_hash,
-        "data_report": report,
-        "metrics": state.final_metrics,
-        "steps": state.step,
-        "stopped_early": state.stopped_early,
-        "resumed_at_steps": state.resumed_at,
-        "skipped_checkpoints": state.skipped_checkpoints,
-        "worker_nodes": state.worker_nodes,
-        "worker_peak_rss_mb": state.worker_peak_rss_mb,
-        "seed": cfg.run.seed,
-        "checkpoint": result.checkpoint.path,
-        "config": cfg.model_dump(),
-        **extra,
-        "loss_history": state.history,
-        "eval_history": state.evals,
-    }
-    keep_data_report(cfg.data.prepared or inline, local_dir / "data")
-    if storage.is_remote(run_dir):
-        storage.put_dir(local_dir, run_dir)
-        with tempfile.TemporaryDirectory() as tmp:
-            write_run_manifest(Path(tmp) / "run.json", **summary)
-            storage.put_dir(Path(tmp), run_dir)
-    else:
-        write_run_manifest(local_dir / "run.json", **summary)
-    return summary
-
-
 def keep_data_report(prepared: str, dest: Path) -> None:
     """The prepared set's manifest and dropped rows stay with the run (not the rows): lineage."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -563,41 +445,11 @@ def keep_data_report(prepared: str, dest: Path) -> None:
             storage.get_file(storage.join(prepared, name), dest / name)
 
 
-def print_summary(summary: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    m = summary["metrics"]
-    if not m:
+def print_summary(cfg: JobConfig, summary: dict) -> None:
+    if not summary["metrics"]:
         print(f"{summary['run_name']}: {summary['status']}; run the same command again to continue")
         return
-    if "eval_margin" in m:  # DPO: the reference (base) has margin 0 and accuracy 0 by definition
-        print(
-            f"held-out pairs ({summary['run_name']}, {summary['steps']} steps): DPO loss "
-            f"{m['eval_loss']:.4f}, reward margin {m['eval_margin']:.3f}, accuracy "
-            f"{m['eval_accuracy']:.1%} (chosen {m['eval_rewards_chosen']:.3f}, rejected "
-            f"{m['eval_rewards_rejected']:.3f})\nadapter: {summary['adapter']}"
-        )
-        return
-    table = Table(title=f"held-out evaluation ({summary['run_name']}, {summary['steps']} steps)")
-    table.add_column("model")
-    for col in ("eval loss", "perplexity", "exact match"):
-        table.add_column(col, justify="right")
-    tuned = "base + adapter" if summary["adapter"] else "fine-tuned"
-    for name, prefix in (("base", "base_"), (tuned, "")):
-        em = m.get(f"{prefix}exact_match")
-        table.add_row(
-            name,
-            f"{m[f'{prefix}eval_loss']:.4f}",
-            f"{m[f'{prefix}eval_ppl']:.2f}",
-            "-" if em is None else f"{em:.1%}",
-        )
-    console = Console()
-    console.print(table)
-    # plain print: a path must stay whole on one line, whatever the terminal's width
-    kind = "adapter" if summary["adapter"] else "model"
-    out = summary[kind]
-    print(f"{kind}: {out}\nmanifest: {out.rsplit('/', 1)[0]}/run.json")
+    objective_class(cfg).print_summary(summary)
 
 
 def main(
@@ -611,24 +463,24 @@ def main(
     ] = None,
 ) -> None:
     """Fine-tune a LoRA adapter as CONFIG describes."""
+    cfg = load_config(config, overrides or [])
     try:
-        cfg = load_config(config, overrides or [])
         summary = run_job(cfg, address)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise typer.Exit(2) from None
+    except ConfigError:
+        raise
     except Exception as e:  # the cause goes on the last line, for `ray job submit` and CI logs
         shutdown_ray()  # flushes the workers' streamed logs before our last line
-        cause = e
-        while cause.__cause__ is not None:
-            cause = cause.__cause__
-        print(
-            f"error: training failed: {type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}",
-            file=sys.stderr,
-        )
-        raise typer.Exit(1) from None
-    print_summary(summary)
+        cli.fail(f"training failed: {last_cause(e)}", code=1)
+    print_summary(cfg, summary)
+
+
+def last_cause(e: BaseException) -> str:
+    """`Type: last line of the message` of the innermost cause: what a log's last line should say."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    message = str(e).strip()
+    return f"{type(e).__name__}: {message.splitlines()[-1] if message else ''}"
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    cli.run(main)

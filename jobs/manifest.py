@@ -133,8 +133,10 @@ def hardware() -> dict[str, Any]:
         try:
             out = subprocess.run(
                 ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
-                capture_output=True, text=True, timeout=20,
-            )  # fmt: skip
+                capture_output=True,
+                text=True,
+                timeout=20,
+            )
             for line in out.stdout.strip().splitlines() if out.returncode == 0 else []:
                 name, mem = (part.strip() for part in line.rsplit(",", 1))
                 gpus.append({"name": name, "memory_gb": round(float(mem) / 1024, 1)})
@@ -163,14 +165,16 @@ def ray_cluster() -> dict[str, Any] | None:
             if not node.get("Alive"):
                 continue
             res = node.get("Resources", {})
-            nodes.append({
-                "cpus": res.get("CPU", 0),
-                "gpus": res.get("GPU", 0),
-                "accelerator": next(
-                    (k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")), None
-                ),
-                "memory_gb": round(res.get("memory", 0) / 2**30, 1),
-            })  # fmt: skip
+            nodes.append(
+                {
+                    "cpus": res.get("CPU", 0),
+                    "gpus": res.get("GPU", 0),
+                    "accelerator": next(
+                        (k.split(":", 1)[1] for k in res if k.startswith("accelerator_type:")), None
+                    ),
+                    "memory_gb": round(res.get("memory", 0) / 2**30, 1),
+                }
+            )
         return {"ray_version": ray.__version__, "nodes": nodes}
     except Exception:  # a cluster that cannot be asked does not fail the run's record
         return None

@@ -202,7 +202,7 @@ def compute_bytes(cfg: JobConfig) -> int:
 
 
 def weight_bytes(cfg: JobConfig) -> int:
-    """Bytes per stored weight, as jobs.model.torch_dtype loads them (auto: bf16 on GPU)."""
+    """Bytes per stored weight, as jobs.runtime.resolve_dtype loads them (auto: bf16 on GPU)."""
     dtype = cfg.model.dtype
     if dtype == "auto":
         dtype = "bfloat16" if cfg.scaling.use_gpu else "float32"
@@ -243,13 +243,24 @@ def plan_memory(
 ) -> MemoryPlan:
     """Estimate one worker's memory for this job; `shape` defaults to the job's model config."""
     shape = shape or load_model_shape(cfg)
-    t, gpu = cfg.train, cfg.scaling.use_gpu
-    plan = MemoryPlan(shape.total_params, shape.trainable_params, on_gpu=gpu)
-    w_shards, g_shards, o_shards = shard_counts(cfg, gpus_per_node)
-    wb, cb = weight_bytes(cfg), compute_bytes(cfg)
-    full = cfg.lora is None
+    plan = MemoryPlan(shape.total_params, shape.trainable_params, on_gpu=cfg.scaling.use_gpu)
+    shards = shard_counts(cfg, gpus_per_node)
+    plan_model_states(plan, cfg, shape, shards)
+    plan_offload(plan, cfg, shape, shards[2])
+    plan_activations(plan, cfg, shape)
+    if cfg.scaling.use_gpu:
+        plan.overhead = CUDA_OVERHEAD
+        plan.host_overhead = PROCESS_OVERHEAD
+    else:
+        plan.overhead = PROCESS_OVERHEAD  # on CPU the "device" is host RAM
+    return plan
 
-    # --- model states: weights, gradients, optimizer
+
+def plan_model_states(plan: MemoryPlan, cfg: JobConfig, shape: ModelShape, shards) -> None:
+    """Weights, gradients, optimizer state (and DPO's reference) per worker, once sharded."""
+    t, full = cfg.train, cfg.lora is None
+    w_shards, g_shards, o_shards = shards
+    wb, cb = weight_bytes(cfg), compute_bytes(cfg)
     # `total_params` counts the base model; LoRA's parameters come on top of it
     if cfg.model.quantization:
         # bitsandbytes 4-bit: half a byte per weight plus one fp32 absmax per 64-weight block;
@@ -292,7 +303,10 @@ def plan_memory(
         gathered_bytes = cb if param_dtype == "auto" else DTYPE_BYTES[param_dtype]
         plan.gathered = (shape.outer_params + 2 * shape.layer_params) * gathered_bytes
 
-    # --- offload: moved from device memory to host memory
+
+def plan_offload(plan: MemoryPlan, cfg: JobConfig, shape: ModelShape, o_shards: int) -> None:
+    """What offloading moves from device memory to host memory."""
+    t = cfg.train
     ds, fsdp = t.deepspeed, t.fsdp
     if t.strategy == "deepspeed" and ds.offload_optimizer:
         # ZeRO-Offload steps on the CPU: the optimizer state and this worker's gradient
@@ -309,8 +323,11 @@ def plan_memory(
         plan.host_gradients, plan.gradients = plan.gradients, 0
         plan.host_optimizer, plan.optimizer = plan.optimizer, 0
 
-    # --- activations and logits for one micro-batch of max_seq_len tokens per sequence (the
-    # worst case: padding to the longest in the batch, or packing)
+
+def plan_activations(plan: MemoryPlan, cfg: JobConfig, shape: ModelShape) -> None:
+    """Activations and logits for one micro-batch of max_seq_len tokens per sequence (the worst
+    case: padding to the longest in the batch, or packing)."""
+    t, cb = cfg.train, compute_bytes(cfg)
     sequences = t.micro_batch_size * (2 if t.method == "dpo" else 1)  # chosen + rejected
     tokens = sequences * cfg.data.max_seq_len
     per_layer = activation_elements_per_token(shape, cfg) * cb
@@ -329,13 +346,6 @@ def plan_memory(
     # input gradient, all fp32: max(cb + 8, 12) = 12 bytes per logit. The peak of small models
     # with large vocabularies.
     plan.logits = tokens * shape.vocab * 12
-
-    if gpu:
-        plan.overhead = CUDA_OVERHEAD
-        plan.host_overhead = PROCESS_OVERHEAD
-    else:
-        plan.overhead = PROCESS_OVERHEAD  # on CPU the "device" is host RAM
-    return plan
 
 
 # ------------------------------------------------------------------------ what the workers have

@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from jobs import storage
 from jobs.config import ConfigError, LoraConfig, ModelConfig
+from jobs.runtime import resolve_dtype
 
 DEFAULT_CACHE = Path.home() / ".cache" / "rayft" / "models"
 
@@ -20,10 +21,12 @@ def download_s3_dir(uri: str, cache_dir: str | Path | None = None) -> Path:
     """A local copy of s3://bucket/prefix in the model cache, downloaded once."""
     try:
         return storage.cached_copy(uri, cache_dir or DEFAULT_CACHE)
-    except FileNotFoundError:
+    except storage.EmptyLocation:
         raise ConfigError(f"model.name_or_path: no files under {uri}") from None
     except (OSError, PermissionError) as e:  # s3fs maps auth and network errors to OSError
-        raise ConfigError(f"model.name_or_path: cannot list {uri}: {type(e).__name__}: {e}") from None
+        raise ConfigError(
+            f"model.name_or_path: cannot list {uri}: {type(e).__name__}: {e}"
+        ) from None
 
 
 def resolve_model_path(cfg: ModelConfig) -> str:
@@ -56,13 +59,6 @@ def load_tokenizer(cfg: ModelConfig):
     return tokenizer
 
 
-def torch_dtype(cfg: ModelConfig, device: torch.device):
-    if cfg.dtype != "auto":
-        return getattr(torch, cfg.dtype)
-    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    return torch.bfloat16 if cuda_bf16 else torch.float32
-
-
 def attn_implementation(cfg: ModelConfig, device: torch.device) -> str:
     if cfg.attn_implementation != "auto":
         return cfg.attn_implementation
@@ -93,7 +89,7 @@ def load_base_model(cfg: ModelConfig, device: torch.device):
     model = auto_class.from_pretrained(
         path,
         revision=cfg.revision,
-        dtype=torch_dtype(cfg, device),
+        dtype=resolve_dtype(cfg.dtype, device),
         attn_implementation=attn_implementation(cfg, device),
         trust_remote_code=cfg.trust_remote_code,
         **kwargs,

@@ -2,7 +2,7 @@
 
 The recipe (jobs/finetune.py) sees one interface and never branches on the strategy:
 
-    par = make_parallel(cfg, device)
+    par = make_parallel(cfg, rt)
     par.setup(model, build_optimizer, build_scheduler)   # wraps; owns optimizer and scheduler
     loss = forward(par.model, batch)                       # training forward
     par.backward(loss, last=...)                           # per micro-batch, gradient sync on the last
@@ -12,8 +12,8 @@ The recipe (jobs/finetune.py) sees one interface and never branches on the strat
     par.save_state(dir) / par.load_state(dir)              # resume state, sharded where sharded
 
 Every rank calls every method: under FSDP and ZeRO-3 a forward pass, a state-dict gather and a
-save are collective. `collective_forward` tells the recipe when it must keep ranks in lockstep
-(the same number of forward passes on each, `synced_gpus` for generate).
+save are collective: `Runtime.lockstep` (jobs/runtime.py) tells evaluation and generation when they
+must keep ranks in step (the same number of forward passes on each, `synced_gpus` for generate).
 """
 
 from __future__ import annotations
@@ -28,15 +28,15 @@ import torch
 import torch.distributed as dist
 
 from jobs.config import ConfigError, JobConfig
-from jobs.distributed import rank_and_world
 from jobs.model import trainable_parameters
+from jobs.runtime import Runtime, resolve_dtype
 
 BuildOptimizer = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
 BuildScheduler = Callable[[torch.optim.Optimizer], Any]
 
 
-def make_parallel(cfg: JobConfig, device: torch.device) -> Parallel:
-    return {"ddp": Parallel, "fsdp": FSDP, "deepspeed": DeepSpeed}[cfg.train.strategy](cfg, device)
+def make_parallel(cfg: JobConfig, rt: Runtime) -> Parallel:
+    return {"ddp": Parallel, "fsdp": FSDP, "deepspeed": DeepSpeed}[cfg.train.strategy](cfg, rt)
 
 
 def decoder_layer_classes(model: torch.nn.Module) -> set[type]:
@@ -55,11 +55,9 @@ def decoder_layer_classes(model: torch.nn.Module) -> set[type]:
 class Parallel:
     """DDP is the base case: each worker holds the whole model, gradients are all-reduced."""
 
-    collective_forward = False
-
-    def __init__(self, cfg: JobConfig, device: torch.device):
-        self.cfg, self.device = cfg, device
-        self.rank, self.world = rank_and_world()
+    def __init__(self, cfg: JobConfig, rt: Runtime):
+        self.cfg, self.rt, self.device = cfg, rt, rt.device
+        self.rank, self.world = rt.rank, rt.world
         self.lora = cfg.lora is not None
 
     def setup(self, model, build_optimizer: BuildOptimizer, build_scheduler: BuildScheduler):
@@ -133,8 +131,6 @@ class FSDP(Parallel):
     (embeddings, final norm, head) in the root's forward hook.
     """
 
-    collective_forward = True
-
     def setup(self, model, build_optimizer: BuildOptimizer, build_scheduler: BuildScheduler):
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
@@ -146,8 +142,8 @@ class FSDP(Parallel):
             # grad_op keeps gathered parameters from forward to backward (ZeRO-2 like)
             "reshard_after_forward": fsdp.sharding != "grad_op",
             "mp_policy": MixedPrecisionPolicy(
-                param_dtype=self._dtype(fsdp.param_dtype),
-                reduce_dtype=self._dtype(fsdp.reduce_dtype),
+                param_dtype=resolve_dtype(fsdp.param_dtype, self.device),
+                reduce_dtype=resolve_dtype(fsdp.reduce_dtype, self.device),
             ),
         }
         if fsdp.cpu_offload:
@@ -195,12 +191,6 @@ class FSDP(Parallel):
         return init_device_mesh(
             self.device.type, (self.world // group, group), mesh_dim_names=("replicate", "shard")
         )
-
-    def _dtype(self, name: str):
-        if name == "auto":
-            cuda_bf16 = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-            name = "bfloat16" if cuda_bf16 else "float32"
-        return getattr(torch, name)
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         self.root.set_requires_gradient_sync(last)
@@ -259,10 +249,6 @@ class FSDP(Parallel):
 class DeepSpeed(Parallel):
     """DeepSpeed ZeRO 1/2/3; the engine owns the optimizer step, clipping and accumulation."""
 
-    def __init__(self, cfg: JobConfig, device: torch.device):
-        super().__init__(cfg, device)
-        self.collective_forward = cfg.train.deepspeed.stage == 3
-
     def setup(self, model, build_optimizer: BuildOptimizer, build_scheduler: BuildScheduler):
         import deepspeed
 
@@ -292,7 +278,7 @@ class DeepSpeed(Parallel):
         pass  # done in backward(last=True) by the engine
 
     def gathered_state_dict(self, trainable_only: bool) -> dict[str, torch.Tensor] | None:
-        if self.collective_forward:  # ZeRO-3: parameters are partitioned, gather layer by layer
+        if self.rt.collective_forward:  # ZeRO-3: parameters are partitioned, gather layer by layer
             sd = self.engine._zero3_consolidated_16bit_state_dict(
                 exclude_frozen_parameters=trainable_only
             )

@@ -22,6 +22,10 @@ import fsspec
 SUPPORTED = ("s3://",)
 
 
+class EmptyLocation(LookupError):
+    """A directory or prefix with no files under it (not an I/O failure)."""
+
+
 def is_remote(url: str) -> bool:
     """True for any URL with a scheme (s3://, gs://, ...), false for a local path."""
     return "://" in str(url)
@@ -87,8 +91,6 @@ def list_files(url: str) -> list[str]:
     """Every file under url, as paths relative to it, sorted."""
     fs, root = filesystem(url)
     root = root.rstrip("/")
-    if not fs.exists(root):
-        return []
     return sorted(p[len(root) + 1 :] for p in fs.find(root) if p != root)
 
 
@@ -138,15 +140,16 @@ def local_copy(url: str, parts: tuple[str, ...] | None = None) -> Iterator[Path]
 
 def cached_copy(url: str, cache_dir: str | Path) -> Path:
     """A local copy of a remote directory under cache_dir, downloaded once: a marker file written
-    last makes a copy complete, so an interrupted download is redone. Raises OSError when the
-    listing fails and FileNotFoundError when there is nothing under url."""
+    last makes a copy complete, so an interrupted download is redone. Raises EmptyLocation when
+    there is nothing under url, OSError when it cannot be listed (s3fs maps auth and network
+    errors, and a missing bucket, to OSError)."""
     key = url.split("://", 1)[1].rstrip("/")
     local = Path(cache_dir) / key
     marker = local / ".download-complete"
     if marker.is_file():
         return local
     if not list_files(url):
-        raise FileNotFoundError(f"no files under {url}")
+        raise EmptyLocation(f"no files under {url}")
     get_dir(url, local)
     marker.write_text(url)
     return local

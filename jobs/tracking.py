@@ -280,17 +280,19 @@ def run_tags(cfg: JobConfig, info: dict, total_steps: int) -> dict[str, str]:
 def tracked_config(cfg: JobConfig, info: dict, total_steps: int) -> dict:
     """The job's config (secrets redacted) plus the run's provenance: the same facts as run.json,
     measured on the rank-0 worker that trains."""
-    return redact({
-        **cfg.model_dump(mode="json"),
-        "provenance": {
-            "run_dir": info["run_dir"],
-            "dataset_hash": info["dataset_hash"],
-            "total_steps": total_steps,
-            "code": info["code"],
-            "libraries": library_versions(),
-            "hardware": hardware(),
-        },
-    })  # fmt: skip
+    return redact(
+        {
+            **cfg.model_dump(mode="json"),
+            "provenance": {
+                "run_dir": info["run_dir"],
+                "dataset_hash": info["dataset_hash"],
+                "total_steps": total_steps,
+                "code": info["code"],
+                "libraries": library_versions(),
+                "hardware": hardware(),
+            },
+        }
+    )
 
 
 def flat_params(config: dict, prefix: str = "") -> dict[str, str]:
@@ -359,8 +361,15 @@ def read_wandb_run(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir():
         (path,) = path.glob("*.wandb")
-    run = {"run_id": None, "project": None, "tags": [], "config": {}, "history": [], "summary": {},
-           "exit_code": None}  # fmt: skip
+    run = {
+        "run_id": None,
+        "project": None,
+        "tags": [],
+        "config": {},
+        "history": [],
+        "summary": {},
+        "exit_code": None,
+    }
     for data in _wandb_log_records(path.read_bytes(), path):
         record = wandb_internal_pb2.Record()
         record.ParseFromString(data)

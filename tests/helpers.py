@@ -67,9 +67,19 @@ def start_ray_head(*args: str, port: int, dashboard_port: int, env: dict[str, st
         **env,
     }
     env.pop("RAY_ADDRESS", None)
-    cmd = [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--temp-dir={session_dir}",
-           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-           "--disable-usage-stats", *args]  # fmt: skip
+    cmd = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        f"--port={port}",
+        f"--temp-dir={session_dir}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
+        "--disable-usage-stats",
+        *args,
+    ]
     proc = subprocess.Popen(
         cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -96,12 +106,22 @@ def openai_chat_stub(reply: Callable[[dict, Any], str]):
         def do_POST(self):  # noqa: N802 - http.server's name
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             content = reply(body, self.headers)  # case-insensitive .get
-            data = json.dumps({
-                "id": "stub", "object": "chat.completion", "created": 0, "model": body["model"],
-                "choices": [{"index": 0, "finish_reason": "stop",
-                             "message": {"role": "assistant", "content": content}}],
-                "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-            }).encode()  # fmt: skip
+            data = json.dumps(
+                {
+                    "id": "stub",
+                    "object": "chat.completion",
+                    "created": 0,
+                    "model": body["model"],
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": "stop",
+                            "message": {"role": "assistant", "content": content},
+                        }
+                    ],
+                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+                }
+            ).encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))

@@ -56,7 +56,7 @@ def test_override_values_are_parsed_as_yaml():
             "run.name=abc",
             "data.system_prompt=",
         ]
-    ) == {  # fmt: skip
+    ) == {
         "train.lr": 1e-4,
         "lora.r": 8,
         "scaling.use_gpu": True,

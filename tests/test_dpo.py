@@ -15,7 +15,7 @@ from jobs.data.sources import RowError
 from jobs.demo_data import SYSTEM, make_preference_rows
 from jobs.distributed import start_local_ray
 from jobs.finetune import run_job
-from jobs.preference import answer_token_logps, trl_dpo_loss
+from jobs.objectives.dpo import answer_token_logps, trl_dpo_loss
 
 USER = {"role": "user", "content": "Is the sky blue?"}
 YES, NO = {"role": "assistant", "content": "yes"}, {"role": "assistant", "content": "no"}
@@ -82,10 +82,10 @@ def test_tokenization_and_loss_equal_trl_dpo_trainer(tiny_model_dir, tokenizer, 
             init_lora_weights=False,
             lora_dropout=0.0,
             task_type="CAUSAL_LM",
-        ),  # fmt: skip
+        ),
         args=DPOConfig(
             output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to=[], max_length=256
-        ),  # fmt: skip
+        ),
     )
     ours = [tokenize_pair(to_pair(r), tokenizer, 256) for r in rows]
     for i, pair in enumerate(ours):
@@ -126,11 +126,19 @@ def test_dpo_job_grows_the_chosen_vs_rejected_margin(tiny_model_dir, tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in make_preference_rows(32)))
     cfg = load_config(
         "configs/dpo.yaml",
-        [f"model.name_or_path={tiny_model_dir}", f"checkpoint.storage_path={tmp_path}",
-         "run.name=dpo", f"data.train_files=[{path}]", f"data.eval_files=[{path}]",
-         "train.max_steps=12", "train.dpo.beta=0.5", "train.warmup_ratio=0", "eval.every_steps=4",
-         "checkpoint.every_steps=null"],
-    )  # fmt: skip
+        [
+            f"model.name_or_path={tiny_model_dir}",
+            f"checkpoint.storage_path={tmp_path}",
+            "run.name=dpo",
+            f"data.train_files=[{path}]",
+            f"data.eval_files=[{path}]",
+            "train.max_steps=12",
+            "train.dpo.beta=0.5",
+            "train.warmup_ratio=0",
+            "eval.every_steps=4",
+            "checkpoint.every_steps=null",
+        ],
+    )
     start_local_ray(num_cpus=2)
     try:
         summary = run_job(cfg)

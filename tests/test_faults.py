@@ -41,9 +41,13 @@ QUIET = ["eval.every_steps=null", "eval.early_stopping_patience=null", "eval.tas
 def job(tiny_model_dir, storage, *overrides):
     return load_config(
         "configs/quickstart.yaml",
-        [f"model.name_or_path={tiny_model_dir}", f"checkpoint.storage_path={storage}", *QUIET,
-         *overrides],
-    )  # fmt: skip
+        [
+            f"model.name_or_path={tiny_model_dir}",
+            f"checkpoint.storage_path={storage}",
+            *QUIET,
+            *overrides,
+        ],
+    )
 
 
 def registered_steps(snapshot_text: str | None) -> list[int]:
@@ -113,8 +117,9 @@ def test_commit_markers_tell_complete_from_torn(tmp_path):
 
     path, skipped = newest_complete_checkpoint(fs, str(tmp_path))
     assert path == str(tmp_path / "checkpoint_000010")
-    assert skipped == [{"checkpoint": "checkpoint_000020",
-                        "reason": "no commit marker from rank(s) [1] of 2"}]  # fmt: skip
+    assert skipped == [
+        {"checkpoint": "checkpoint_000020", "reason": "no commit marker from rank(s) [1] of 2"}
+    ]
 
 
 @pytest.fixture
@@ -151,8 +156,11 @@ def test_upload_waits_out_an_outage_and_gives_up_after_the_bound(s3_via_proxy, t
     assert torn_reason(fs, "outage/run/checkpoint_000005") is None
 
     proxy.down()
-    with pytest.raises(RuntimeError, match=r"checkpoint outage/run/checkpoint_000006: upload "
-                       r"failed for 2 s \(checkpoint.upload_retry_s\)"):  # fmt: skip
+    with pytest.raises(
+        RuntimeError,
+        match=r"checkpoint outage/run/checkpoint_000006: upload "
+        r"failed for 2 s \(checkpoint.upload_retry_s\)",
+    ):
         upload_with_retry(local, fs, "outage/run/checkpoint_000006", retry_s=2, log=log.append)
     proxy.up()
     assert torn_reason(fs, "outage/run/checkpoint_000006") is not None  # never called saved
@@ -168,9 +176,15 @@ def test_training_goes_on_while_storage_is_down(s3_via_proxy, tiny_model_dir):
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="flaky")
     start_local_ray(num_cpus=2)  # after AWS_ENDPOINT_URL points at the relay: workers inherit it
     try:
-        cfg = job(tiny_model_dir, "s3://flaky/runs", "run.name=outage", "train.max_steps=120",
-                  "checkpoint.every_steps=10", "checkpoint.keep_last=20",
-                  "checkpoint.upload_retry_s=120")  # fmt: skip
+        cfg = job(
+            tiny_model_dir,
+            "s3://flaky/runs",
+            "run.name=outage",
+            "train.max_steps=120",
+            "checkpoint.every_steps=10",
+            "checkpoint.keep_last=20",
+            "checkpoint.upload_retry_s=120",
+        )
         runner, outcome = in_background(cfg)
         fs = s3fs_for(endpoint)
 
@@ -212,9 +226,15 @@ def test_training_goes_on_while_storage_is_down(s3_via_proxy, tiny_model_dir):
 def test_sigterm_then_sigkill_lose_nothing_but_steps_since_the_last_checkpoint(
     ray_local, tiny_model_dir, tmp_path
 ):
-    common = ["scaling.num_workers=2", "scaling.cpus_per_worker=1", "train.micro_batch_size=8",
-              "train.max_steps=160",
-              "checkpoint.every_steps=20", "checkpoint.keep_last=2", "scaling.max_failures=3"]  # fmt: skip
+    common = [
+        "scaling.num_workers=2",
+        "scaling.cpus_per_worker=1",
+        "train.micro_batch_size=8",
+        "train.max_steps=160",
+        "checkpoint.every_steps=20",
+        "checkpoint.keep_last=2",
+        "scaling.max_failures=3",
+    ]
     reference = run_job(job(tiny_model_dir, tmp_path, "run.name=calm", *common))
 
     runner, outcome = in_background(job(tiny_model_dir, tmp_path, "run.name=chaos", *common))
@@ -226,11 +246,15 @@ def test_sigterm_then_sigkill_lose_nothing_but_steps_since_the_last_checkpoint(
     os.kill(first_group[-1], signal.SIGTERM)  # the node's shutdown reaches one worker
 
     # the group restarts from the SIGTERM checkpoint; after its next regular one, SIGKILL
-    wait_for(lambda: set(train_workers()).isdisjoint(first_group) and len(train_workers()) == 2,
-             "the restarted worker group", runner)  # fmt: skip
+    wait_for(
+        lambda: set(train_workers()).isdisjoint(first_group) and len(train_workers()) == 2,
+        "the restarted worker group",
+        runner,
+    )
     after_restart = max(read())
-    wait_for(lambda: max(read()) > after_restart and max(read()) % 20 == 0, "a new checkpoint",
-             runner)  # fmt: skip
+    wait_for(
+        lambda: max(read()) > after_restart and max(read()) % 20 == 0, "a new checkpoint", runner
+    )
     os.kill(train_workers()[0], signal.SIGKILL)
     runner.join(timeout=300)
 
@@ -254,15 +278,24 @@ def test_sigterm_then_sigkill_lose_nothing_but_steps_since_the_last_checkpoint(
 def test_driver_killed_then_resubmitted_resumes_past_a_torn_checkpoint(
     ray_local, tiny_model_dir, tmp_path
 ):
-    overrides = [f"model.name_or_path={tiny_model_dir}", f"checkpoint.storage_path={tmp_path}",
-                 "run.name=laptop", "train.max_steps=200", "checkpoint.every_steps=10",
-                 "checkpoint.keep_last=5", *QUIET]  # fmt: skip
+    overrides = [
+        f"model.name_or_path={tiny_model_dir}",
+        f"checkpoint.storage_path={tmp_path}",
+        "run.name=laptop",
+        "train.max_steps=200",
+        "checkpoint.every_steps=10",
+        "checkpoint.keep_last=5",
+        *QUIET,
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     driver = subprocess.Popen(
         [sys.executable, "-m", "jobs.finetune", "configs/quickstart.yaml", *overrides],
-        cwd=REPO, env=env, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+        cwd=REPO,
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     snapshot = tmp_path / "laptop" / "checkpoint_manager_snapshot.json"
     deadline = time.time() + 240
     while len(registered_steps(snapshot.read_text() if snapshot.is_file() else None)) < 2:
@@ -294,7 +327,7 @@ def test_driver_killed_then_resubmitted_resumes_past_a_torn_checkpoint(
         {
             "checkpoint": newest.name,
             "reason": "no commit marker (written last: the upload did not finish)",
-        }  # fmt: skip
+        }
     ]
     assert summary["resumed_at_steps"] == [expected]
     assert [h["step"] for h in summary["loss_history"]] == list(range(1, 201))

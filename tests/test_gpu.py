@@ -14,7 +14,7 @@ from jobs.batching import collate, epoch_order, step_micro_batches
 from jobs.config import load_config
 from jobs.data.prepare import prepare_data
 from jobs.evaluation import eval_loss, exact_match
-from jobs.finetune import autocast_for, plan_steps, train_step
+from jobs.finetune import plan_steps
 from jobs.model import (
     add_lora,
     attn_implementation,
@@ -22,7 +22,9 @@ from jobs.model import (
     load_tokenizer,
     trainable_parameters,
 )
+from jobs.objectives.sft import train_step
 from jobs.parallel import make_parallel
+from jobs.runtime import Runtime
 
 pytestmark = [
     pytest.mark.gpu,
@@ -30,8 +32,8 @@ pytestmark = [
 ]
 
 
-def constant_lr_parallel(cfg, model, device):
-    par = make_parallel(cfg, device)
+def constant_lr_parallel(cfg, model, rt):
+    par = make_parallel(cfg, rt)
     par.setup(
         model,
         lambda params: torch.optim.AdamW(params, lr=cfg.train.lr),
@@ -54,11 +56,11 @@ def test_bf16_lora_training_on_cuda(tiny_model_dir, tmp_path):
     assert all(p.dtype == torch.float32 for p in trainable_parameters(model))  # adapters stay fp32
     assert attn_implementation(cfg.model, device) in {"sdpa", "flash_attention_2"}
 
-    autocast = autocast_for(cfg, device)
+    rt = Runtime.for_job(cfg, device)
     pad = tokenizer.pad_token_id
-    base_loss = eval_loss(model, data.eval, 32, pad, device, autocast)
+    base_loss = eval_loss(model, data.eval, 32, pad, rt)
     plan = plan_steps(len(data.train), cfg)
-    par = constant_lr_parallel(cfg, model, device)
+    par = constant_lr_parallel(cfg, model, rt)
     model.train()
     for step in range(plan.total_steps):
         epoch, k = divmod(step, plan.steps_per_epoch)
@@ -67,18 +69,14 @@ def test_bf16_lora_training_on_cuda(tiny_model_dir, tmp_path):
             order, k, cfg.train.effective_batch_size, 0, 1, cfg.train.micro_batch_size
         )
         micro = [collate([data.train[j] for j in idx], pad) for idx in batches]
-        train_step(par, micro, device, autocast, 1.0)
-    trained_loss = eval_loss(model, data.eval, 32, pad, device, autocast)
+        train_step(par, micro, rt, 1.0)
+    trained_loss = eval_loss(model, data.eval, 32, pad, rt)
     assert trained_loss < base_loss / 4, (base_loss, trained_loss)
-    assert (
-        exact_match(model, tokenizer, data.eval_conversations[:32], 4, 32, device, autocast) > 0.5
-    )
+    assert exact_match(model, tokenizer, data.eval_conversations[:32], 4, 32, rt) > 0.5
 
     model.save_pretrained(tmp_path / "adapter")
     reloaded = PeftModel.from_pretrained(load_base_model(cfg.model, device), tmp_path / "adapter")
-    assert eval_loss(reloaded, data.eval, 32, pad, device, autocast) == pytest.approx(
-        trained_loss, rel=1e-3
-    )
+    assert eval_loss(reloaded, data.eval, 32, pad, rt) == pytest.approx(trained_loss, rel=1e-3)
 
 
 def test_qlora_trains_a_4bit_base_on_cuda(tiny_model_dir):
@@ -86,9 +84,13 @@ def test_qlora_trains_a_4bit_base_on_cuda(tiny_model_dir):
     pytest.importorskip("bitsandbytes")
     cfg = load_config(
         "configs/quickstart.yaml",
-        [f"model.name_or_path={tiny_model_dir}", "scaling.use_gpu=true", "train.max_steps=60",
-         "model.quantization.bits=4"],
-    )  # fmt: skip
+        [
+            f"model.name_or_path={tiny_model_dir}",
+            "scaling.use_gpu=true",
+            "train.max_steps=60",
+            "model.quantization.bits=4",
+        ],
+    )
     device = torch.device("cuda")
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, tokenizer, cfg.run.seed)
@@ -98,14 +100,12 @@ def test_qlora_trains_a_4bit_base_on_cuda(tiny_model_dir):
 
     quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert quantized and quantized[0].weight.quant_type == "nf4"
-    autocast, pad = autocast_for(cfg, device), tokenizer.pad_token_id
-    base_loss = eval_loss(model, data.eval, 32, pad, device, autocast)
-    par = constant_lr_parallel(cfg, model, device)
+    rt, pad = Runtime.for_job(cfg, device), tokenizer.pad_token_id
+    base_loss = eval_loss(model, data.eval, 32, pad, rt)
+    par = constant_lr_parallel(cfg, model, rt)
     model.train()
     for step in range(60):
         order = epoch_order(len(data.train), 0, step // 4)
         idx = step_micro_batches(order, step % 4, 16, 0, 1, 16)
-        train_step(
-            par, [collate([data.train[j] for j in i], pad) for i in idx], device, autocast, 1.0
-        )
-    assert eval_loss(model, data.eval, 32, pad, device, autocast) < base_loss / 2
+        train_step(par, [collate([data.train[j] for j in i], pad) for i in idx], rt, 1.0)
+    assert eval_loss(model, data.eval, 32, pad, rt) < base_loss / 2

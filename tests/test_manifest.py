@@ -55,10 +55,24 @@ def test_run_manifest_records_versions_and_hides_secrets(tmp_path):
 
 @pytest.mark.parametrize(
     "key",
-    ["api_key", "apiKey", "APIKey", "api-key", "HF_TOKEN", "hf_token", "auth-token", "accessToken",
-     "aws_secret_access_key", "AWS_SECRET_ACCESS_KEY", "secretAccessKey", "db_password",
-     "credentials", "access_key_id", "token"],
-)  # fmt: skip
+    [
+        "api_key",
+        "apiKey",
+        "APIKey",
+        "api-key",
+        "HF_TOKEN",
+        "hf_token",
+        "auth-token",
+        "accessToken",
+        "aws_secret_access_key",
+        "AWS_SECRET_ACCESS_KEY",
+        "secretAccessKey",
+        "db_password",
+        "credentials",
+        "access_key_id",
+        "token",
+    ],
+)
 def test_secret_looking_keys_are_masked(key):
     assert redact({"x": [{key: "value"}]}) == {"x": [{key: "***"}]}
     assert redact({key: {"nested": "dict"}}) == {key: "***"}  # a whole secret section

@@ -509,8 +509,12 @@ def test_estimate_within_2x_of_a_measured_cpu_step(overrides):
     )
     out = subprocess.run(
         [sys.executable, "-c", code, json.dumps(overrides)],
-        cwd=REPO, capture_output=True, text=True, check=True, timeout=300,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
     measured = int(out.stdout.strip().splitlines()[-1])
     cfg = job("data.max_seq_len=256", "train.micro_batch_size=4", *overrides)
     arch = small_llama(vocab_size=2048, hidden_size=256, intermediate_size=512)

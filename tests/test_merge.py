@@ -30,7 +30,9 @@ def logits(model, tokenizer) -> torch.Tensor:
 
 
 def test_merged_model_equals_base_plus_adapter(adapter, tiny_model_dir, tmp_path, tokenizer):
-    reference = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(adapter))  # fmt: skip
+    reference = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir), str(adapter)
+    )
     base_only = logits(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer)
     expected = logits(reference, tokenizer)
     assert not torch.allclose(expected, base_only, atol=1e-3)  # the adapter changes the output
@@ -48,8 +50,13 @@ def test_merged_model_equals_base_plus_adapter(adapter, tiny_model_dir, tmp_path
 
 
 def test_cli_and_errors(adapter, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "jobs.merge", str(adapter), "--out", str(tmp_path / "m")],
-                            cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "jobs.merge", str(adapter), "--out", str(tmp_path / "m")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "m" / "model.safetensors").is_file()
     with pytest.raises(ConfigError, match="not a peft adapter"):

@@ -70,14 +70,25 @@ def test_missing_local_path_says_so(path):
         resolve_model_path(ModelConfig(name_or_path=path))
 
 
-@pytest.mark.parametrize(("option", "check"), [
-    ("use_rslora", lambda m: m.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"] == pytest.approx(32 / 8**0.5)),
-    ("use_dora", lambda m: any("lora_magnitude_vector" in n for n, _ in m.named_parameters())),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("option", "check"),
+    [
+        (
+            "use_rslora",
+            lambda m: (
+                m.base_model.model.model.layers[0].self_attn.q_proj.scaling["default"]
+                == pytest.approx(32 / 8**0.5)
+            ),
+        ),
+        ("use_dora", lambda m: any("lora_magnitude_vector" in n for n, _ in m.named_parameters())),
+    ],
+)
 def test_rslora_and_dora_options_reach_peft(tiny_model_dir, option, check):
     from jobs.config import LoraConfig
     from jobs.model import add_lora
 
     model = load_base_model(ModelConfig(name_or_path=str(tiny_model_dir)), torch.device("cpu"))
-    tuned = add_lora(model, LoraConfig(r=8, alpha=32, target_modules=["q_proj", "v_proj"], **{option: True}))  # fmt: skip
+    tuned = add_lora(
+        model, LoraConfig(r=8, alpha=32, target_modules=["q_proj", "v_proj"], **{option: True})
+    )
     assert check(tuned)

@@ -35,11 +35,21 @@ def test_training_survives_losing_its_node(cluster, tiny_model_dir, tmp_path):
     doomed = cluster.add_node(num_cpus=1, resources=gpu_like)
     cfg = load_config(
         "configs/quickstart.yaml",
-        [f"model.name_or_path={tiny_model_dir}", f"checkpoint.storage_path={tmp_path}", "run.name=spot",
-         "train.max_steps=120", "checkpoint.every_steps=10", "checkpoint.keep_last=2", "eval.every_steps=null",
-         "eval.early_stopping_patience=null", "eval.task_metric=none", "scaling.cpus_per_worker=1",
-         "scaling.resources_per_worker={trainer_slot: 1}", "scaling.max_failures=2"],
-    )  # fmt: skip
+        [
+            f"model.name_or_path={tiny_model_dir}",
+            f"checkpoint.storage_path={tmp_path}",
+            "run.name=spot",
+            "train.max_steps=120",
+            "checkpoint.every_steps=10",
+            "checkpoint.keep_last=2",
+            "eval.every_steps=null",
+            "eval.early_stopping_patience=null",
+            "eval.task_metric=none",
+            "scaling.cpus_per_worker=1",
+            "scaling.resources_per_worker={trainer_slot: 1}",
+            "scaling.max_failures=2",
+        ],
+    )
     outcome = {}
     runner = threading.Thread(target=lambda: outcome.update(summary=run_job(cfg)), daemon=True)
     runner.start()
@@ -69,12 +79,23 @@ def test_two_workers_spread_over_two_nodes_shard_one_model(cluster, tiny_model_d
     nodes = [cluster.add_node(num_cpus=2, resources={"trainer_slot": 2}) for _ in range(2)]
     cfg = load_config(
         "configs/quickstart.yaml",
-        [f"model.name_or_path={tiny_model_dir}", f"checkpoint.storage_path={tmp_path}", "run.name=spread",
-         "train.max_steps=4", "train.micro_batch_size=8", "checkpoint.every_steps=null",
-         "eval.every_steps=null", "eval.early_stopping_patience=null", "eval.task_metric=none",
-         "scaling.num_workers=2", "scaling.cpus_per_worker=1", "scaling.resources_per_worker={trainer_slot: 1}",
-         "scaling.placement_strategy=SPREAD", "train.strategy=fsdp"],
-    )  # fmt: skip
+        [
+            f"model.name_or_path={tiny_model_dir}",
+            f"checkpoint.storage_path={tmp_path}",
+            "run.name=spread",
+            "train.max_steps=4",
+            "train.micro_batch_size=8",
+            "checkpoint.every_steps=null",
+            "eval.every_steps=null",
+            "eval.early_stopping_patience=null",
+            "eval.task_metric=none",
+            "scaling.num_workers=2",
+            "scaling.cpus_per_worker=1",
+            "scaling.resources_per_worker={trainer_slot: 1}",
+            "scaling.placement_strategy=SPREAD",
+            "train.strategy=fsdp",
+        ],
+    )
     summary = run_job(cfg)
 
     assert summary["status"] == "completed"

@@ -33,8 +33,14 @@ def per_example_losses_padded(model, exs):
     out = []
     for row, e in enumerate(exs):
         n = len(e["input_ids"])
-        out.append(F.cross_entropy(logits[row, : n - 1], batch["labels"][row, 1:n], reduction="none",
-                                   ignore_index=IGNORE_INDEX))  # fmt: skip
+        out.append(
+            F.cross_entropy(
+                logits[row, : n - 1],
+                batch["labels"][row, 1:n],
+                reduction="none",
+                ignore_index=IGNORE_INDEX,
+            )
+        )
     return out
 
 
@@ -80,8 +86,12 @@ def test_packed_loss_equals_padded_loss_per_example(model):
                 if s + n <= packed["input_ids"].shape[1] and torch.equal(
                     packed["input_ids"][row, s : s + n], target
                 ):
-                    got = F.cross_entropy(logits[row, s : s + n - 1], torch.tensor(e["labels"][1:]),
-                                          reduction="none", ignore_index=IGNORE_INDEX)  # fmt: skip
+                    got = F.cross_entropy(
+                        logits[row, s : s + n - 1],
+                        torch.tensor(e["labels"][1:]),
+                        reduction="none",
+                        ignore_index=IGNORE_INDEX,
+                    )
                     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
                     found += 1
     assert found == len(exs)

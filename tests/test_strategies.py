@@ -74,12 +74,29 @@ def losses(summary):
     ("strategy", "pause"),
     [
         # gradient checkpointing on (the default for real models) and grad_op sharding
-        (["train.strategy=fsdp", "train.gradient_checkpointing=true", "train.fsdp.sharding=grad_op"], True),
-        (["train.strategy=deepspeed", "train.deepspeed.stage=2"], False),  # same engine code as ZeRO-3
-        (["train.strategy=deepspeed", "train.deepspeed.stage=3", "train.deepspeed.offload_optimizer=true"], True),
+        (
+            [
+                "train.strategy=fsdp",
+                "train.gradient_checkpointing=true",
+                "train.fsdp.sharding=grad_op",
+            ],
+            True,
+        ),
+        (
+            ["train.strategy=deepspeed", "train.deepspeed.stage=2"],
+            False,
+        ),  # same engine code as ZeRO-3
+        (
+            [
+                "train.strategy=deepspeed",
+                "train.deepspeed.stage=3",
+                "train.deepspeed.offload_optimizer=true",
+            ],
+            True,
+        ),
     ],
     ids=["fsdp-grad_op-checkpointing", "zero2", "zero3-offload"],
-)  # fmt: skip
+)
 @pytest.mark.slow
 def test_strategy_trains_resumes_and_saves_the_ddp_adapter(
     ddp_run, tiny_model_dir, tmp_path, strategy, pause
@@ -134,8 +151,15 @@ def test_full_fine_tune_under_fsdp_saves_a_consolidated_model(ray_local, tiny_mo
 
 
 def test_deepspeed_config_is_generated_and_a_user_file_merged(tmp_path, tiny_model_dir):
-    cfg = job(tiny_model_dir, tmp_path, "ds", "train.strategy=deepspeed", "train.deepspeed.stage=3",
-              "train.deepspeed.offload_params=true", "train.max_grad_norm=0.5")  # fmt: skip
+    cfg = job(
+        tiny_model_dir,
+        tmp_path,
+        "ds",
+        "train.strategy=deepspeed",
+        "train.deepspeed.stage=3",
+        "train.deepspeed.offload_params=true",
+        "train.max_grad_norm=0.5",
+    )
     generated = deepspeed_config(cfg, world=2)
     assert generated["train_batch_size"] == 16
     assert generated["train_micro_batch_size_per_gpu"] == 4
@@ -145,8 +169,11 @@ def test_deepspeed_config_is_generated_and_a_user_file_merged(tmp_path, tiny_mod
     assert generated["zero_optimization"]["offload_param"]["device"] == "cpu"
 
     user = tmp_path / "ds.json"
-    user.write_text(json.dumps({"zero_optimization": {"overlap_comm": True},
-                                "train_micro_batch_size_per_gpu": "auto"}))  # fmt: skip
+    user.write_text(
+        json.dumps(
+            {"zero_optimization": {"overlap_comm": True}, "train_micro_batch_size_per_gpu": "auto"}
+        )
+    )
     cfg.train.deepspeed.config = str(user)
     merged = deepspeed_config(cfg, world=2)
     assert merged["zero_optimization"]["overlap_comm"] is True

@@ -53,9 +53,12 @@ def job_config(storage, *overrides):
 
 def test_wandb_offline_run_is_read_back_and_a_rerun_continues_it(tmp_path):
     cfg = job_config(
-        tmp_path / "runs", "tracking.backend=wandb", "tracking.mode=offline",
-        "tracking.tags.team=nlp", f"tracking.tags.note={'x' * 40_000}",  # spans wandb's 32 KiB blocks
-    )  # fmt: skip
+        tmp_path / "runs",
+        "tracking.backend=wandb",
+        "tracking.mode=offline",
+        "tracking.tags.team=nlp",
+        f"tracking.tags.note={'x' * 40_000}",  # spans wandb's 32 KiB blocks
+    )
     info = tracking_run_info(cfg, "sha256:feed")
     tracker = start_tracker(cfg, info, total_steps=30)
     assert isinstance(tracker, WandbTracker)
@@ -75,8 +78,9 @@ def test_wandb_offline_run_is_read_back_and_a_rerun_continues_it(tmp_path):
     assert run["run_id"] == rerun["run_id"] == wandb_run_id(info["run_key"], "track")
     assert run["project"] == "rayft"
     assert [(h["_step"], h.get("train/loss"), h.get("eval/loss")) for h in run["history"]] == [
-        (10, 0.3, None), (20, 0.15, 0.4),
-    ]  # fmt: skip
+        (10, 0.3, None),
+        (20, 0.15, 0.4),
+    ]
     assert run["history"][0]["train/tokens_per_s"] == 500.0
     assert [(h["_step"], h["train/loss"]) for h in rerun["history"]] == [(30, 0.05)]
     config = run["config"]
@@ -86,8 +90,16 @@ def test_wandb_offline_run_is_read_back_and_a_rerun_continues_it(tmp_path):
     assert provenance["dataset_hash"] == "sha256:feed" and provenance["total_steps"] == 30
     assert provenance["code"]["sha"] == git_state()["sha"]
     assert provenance["libraries"]["torch"] and provenance["hardware"]["cpu_count"] >= 1
-    assert {"lora_r=16", "lora_alpha=32.0", "lr=0.002", "steps=30", "strategy=ddp", "team=nlp",
-            "dataset_hash=sha256:feed", f"git_sha={git_state()['sha']}"} <= set(run["tags"])  # fmt: skip
+    assert {
+        "lora_r=16",
+        "lora_alpha=32.0",
+        "lr=0.002",
+        "steps=30",
+        "strategy=ddp",
+        "team=nlp",
+        "dataset_hash=sha256:feed",
+        f"git_sha={git_state()['sha']}",
+    } <= set(run["tags"])
     assert "base_model=.cache/tiny-llama" in run["tags"]
     assert run["summary"]["last_checkpoint"].endswith("track/checkpoint_000020")
     assert run["summary"]["checkpoints"] == [
@@ -114,9 +126,11 @@ def test_a_run_that_raises_is_marked_failed_and_a_rerun_finishes_it(tmp_path):
     store = tmp_path / "mlruns"
     for backend in ("mlflow", "wandb"):
         cfg = job_config(
-            tmp_path / "runs", f"tracking.backend={backend}", f"tracking.tracking_uri={store}",
+            tmp_path / "runs",
+            f"tracking.backend={backend}",
+            f"tracking.tracking_uri={store}",
             "tracking.mode=offline",
-        )  # fmt: skip
+        )
         info = tracking_run_info(cfg, "sha256:feed")
         with (
             pytest.raises(RuntimeError, match="worker lost"),
@@ -138,9 +152,12 @@ def test_mlflow_run_is_read_back_and_a_rerun_continues_it(tmp_path):
 
     store = tmp_path / "mlruns"
     cfg = job_config(
-        tmp_path / "runs", "tracking.backend=mlflow", f"tracking.tracking_uri={store}",
-        "tracking.project=reviews", "tracking.tags.team=nlp",
-    )  # fmt: skip
+        tmp_path / "runs",
+        "tracking.backend=mlflow",
+        f"tracking.tracking_uri={store}",
+        "tracking.project=reviews",
+        "tracking.tags.team=nlp",
+    )
     info = tracking_run_info(cfg, "sha256:feed")
     tracker = start_tracker(cfg, info, total_steps=30)
     assert isinstance(tracker, MlflowTracker)
@@ -169,8 +186,13 @@ def test_mlflow_run_is_read_back_and_a_rerun_continues_it(tmp_path):
     assert "final/note" not in run.data.metrics
     tags = run.data.tags
     assert {k: tags[k] for k in ("lora_r", "lora_alpha", "lr", "steps", "strategy", "team")} == {
-        "lora_r": "16", "lora_alpha": "32.0", "lr": "0.002", "steps": "30", "strategy": "ddp", "team": "nlp",
-    }  # fmt: skip
+        "lora_r": "16",
+        "lora_alpha": "32.0",
+        "lr": "0.002",
+        "steps": "30",
+        "strategy": "ddp",
+        "team": "nlp",
+    }
     assert tags["dataset_hash"] == "sha256:feed" and tags["git_sha"] == git_state()["sha"]
     assert tags["method"] == "lora" and tags["objective"] == "sft"
     assert tags["mlflow.source.git.commit"] == git_state()["sha"]
@@ -266,10 +288,11 @@ def test_wandb_files_go_beside_a_local_run_else_to_the_home_cache(tmp_path, monk
 
 def test_the_tracked_config_hides_secrets(tmp_path, monkeypatch):
     cfg = job_config(
-        tmp_path, "tracking.backend=mlflow",
+        tmp_path,
+        "tracking.backend=mlflow",
         "tracking.tracking_uri=https://bob:pa55word-xyz@mlflow.example.com",
         "tracking.tags.api_key=sk-live-abc123",
-    )  # fmt: skip
+    )
     text = json.dumps(tracked_config(cfg, tracking_run_info(cfg, "sha256:x"), 3))
     assert "pa55word-xyz" not in text and "sk-live-abc123" not in text
     assert "https://***@mlflow.example.com" in text
@@ -285,9 +308,12 @@ def test_tracker_files_hold_no_secret(backend, tmp_path, monkeypatch):
         monkeypatch.setenv(name, value)
     store = tmp_path / "store"
     cfg = job_config(
-        tmp_path / "runs", f"tracking.backend={backend}", "tracking.mode=offline",
-        f"tracking.tracking_uri={store}", "tracking.tags.hf_token=hf_canary-in-config-Qq12",
-    )  # fmt: skip
+        tmp_path / "runs",
+        f"tracking.backend={backend}",
+        "tracking.mode=offline",
+        f"tracking.tracking_uri={store}",
+        "tracking.tags.hf_token=hf_canary-in-config-Qq12",
+    )
     tracker = start_tracker(cfg, tracking_run_info(cfg, "sha256:feed"), total_steps=2)
     assert type(tracker) is not Tracker
     tracker.log({"train/loss": 1.0}, 1)
@@ -316,11 +342,16 @@ def test_a_job_tracked_with_mlflow_logs_steps_evals_checkpoints_and_final_metric
 
     store = tmp_path / "mlruns"
     common = [
-        f"model.name_or_path={tiny_model_dir}", "train.max_steps=6", "train.log_every_steps=2",
-        "eval.every_steps=3", "checkpoint.every_steps=3", "eval.max_generate_samples=4",
-        "eval.early_stopping_patience=null", "tracking.backend=mlflow",
+        f"model.name_or_path={tiny_model_dir}",
+        "train.max_steps=6",
+        "train.log_every_steps=2",
+        "eval.every_steps=3",
+        "checkpoint.every_steps=3",
+        "eval.max_generate_samples=4",
+        "eval.early_stopping_patience=null",
+        "tracking.backend=mlflow",
         f"tracking.tracking_uri={store}",
-    ]  # fmt: skip
+    ]
     first = run_job(job_config(tmp_path / "runs", "run.stop_after_steps=3", *common))
     assert first["status"] == "paused at step 3"
     summary = run_job(job_config(tmp_path / "runs", *common))  # resumes from step 3

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from contextlib import nullcontext
 
 import pytest
 import ray
@@ -15,6 +14,7 @@ from jobs.data.prepare import prepare_data
 from jobs.evaluation import eval_loss
 from jobs.finetune import run_job
 from jobs.model import load_base_model, load_tokenizer
+from jobs.runtime import Runtime
 
 pytestmark = pytest.mark.integration
 
@@ -36,9 +36,14 @@ def test_single_worker_job_writes_an_adapter_that_reloads_exactly(
     ray_local, tiny_model_dir, tmp_path
 ):
     cfg = job_config(
-        tiny_model_dir, tmp_path, "run.name=one", "train.max_steps=24", "eval.every_steps=8",
-        "checkpoint.every_steps=8", "checkpoint.keep_last=2",
-    )  # fmt: skip
+        tiny_model_dir,
+        tmp_path,
+        "run.name=one",
+        "train.max_steps=24",
+        "eval.every_steps=8",
+        "checkpoint.every_steps=8",
+        "checkpoint.keep_last=2",
+    )
     summary = run_job(cfg)
 
     run_dir = tmp_path / "one"
@@ -78,7 +83,7 @@ def test_single_worker_job_writes_an_adapter_that_reloads_exactly(
     batch = tokenizer(["Review: The lid is sturdy and the app is fast."], return_tensors="pt")
     base_logits = base(**batch).logits
     model = PeftModel.from_pretrained(base, adapter)
-    loss = eval_loss(model, data.eval, 32, tokenizer.pad_token_id, cpu, nullcontext)
+    loss = eval_loss(model, data.eval, 32, tokenizer.pad_token_id, Runtime(cpu))
     assert loss == pytest.approx(metrics["eval_loss"], rel=1e-5)
     assert not torch.allclose(
         model(**batch).logits, base_logits, atol=1e-3
@@ -114,8 +119,14 @@ def test_resume_continues_exactly(ray_local, tiny_model_dir, tmp_path):
 
 def test_two_workers_match_one_worker(ray_local, tiny_model_dir, tmp_path):
     """Same seed and data: 2 DDP workers x 8 compute the same steps as 1 worker x 16."""
-    common = ["train.max_steps=6", "lora.dropout=0", "eval.every_steps=null", "eval.task_metric=none",
-              "checkpoint.every_steps=null", "train.effective_batch_size=16"]  # fmt: skip
+    common = [
+        "train.max_steps=6",
+        "lora.dropout=0",
+        "eval.every_steps=null",
+        "eval.task_metric=none",
+        "checkpoint.every_steps=null",
+        "train.effective_batch_size=16",
+    ]
     one = run_job(
         job_config(tiny_model_dir, tmp_path, "run.name=w1", "scaling.cpus_per_worker=1", *common)
     )
@@ -128,7 +139,7 @@ def test_two_workers_match_one_worker(ray_local, tiny_model_dir, tmp_path):
             "scaling.cpus_per_worker=1",
             "train.micro_batch_size=8",
             *common,
-        )  # fmt: skip
+        )
     )
     assert [h["loss"] for h in two["loss_history"]] == pytest.approx(
         [h["loss"] for h in one["loss_history"]], rel=1e-4

@@ -34,6 +34,7 @@ from jobs.data.prepare import prepare_data
 from jobs.data.render import prompt_and_answer
 from jobs.evaluation import eval_loss, perplexity
 from jobs.model import load_base_model, load_tokenizer
+from jobs.runtime import Runtime
 from jobs.storage import exists as url_exists
 from jobs.storage import local_copy, open_url
 
@@ -202,10 +203,10 @@ def evaluate(
     def loss_of(examples) -> dict[str, float]:
         if tuned is not None:
             with tuned.disable_adapter():
-                base_loss = eval_loss(tuned, examples, cfg.batch_size, tokenizer.pad_token_id, cpu, _no_autocast)  # fmt: skip
-            tuned_loss = eval_loss(tuned, examples, cfg.batch_size, tokenizer.pad_token_id, cpu, _no_autocast)  # fmt: skip
+                base_loss = eval_loss(tuned, examples, cfg.batch_size, tokenizer.pad_token_id, Runtime(cpu))  # fmt: skip
+            tuned_loss = eval_loss(tuned, examples, cfg.batch_size, tokenizer.pad_token_id, Runtime(cpu))  # fmt: skip
             return {"base": base_loss, "adapter": tuned_loss}
-        return {"base": eval_loss(base, examples, cfg.batch_size, tokenizer.pad_token_id, cpu, _no_autocast)}  # fmt: skip
+        return {"base": eval_loss(base, examples, cfg.batch_size, tokenizer.pad_token_id, Runtime(cpu))}  # fmt: skip
 
     for task in cfg.tasks:
         data = task.data or run_data

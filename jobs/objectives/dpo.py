@@ -1,15 +1,9 @@
-"""Preference tuning (`train.method: dpo`): prompt/chosen/rejected pairs, their batches, the step.
+"""Preference tuning (`train.method: dpo`): TRL's DPO loss on our log-probs, the reference being
+the base with the adapter switched off (`par.adapter_disabled()`): no second copy in memory.
 
-Rows, in TRL's preference formats (detected per row):
-  {"prompt": "...", "chosen": "...", "rejected": "..."}          the prompt becomes a user turn and
-                                                                 each answer an assistant turn
-  {"prompt": [messages], "chosen": [messages], "rejected": [messages]}
-  {"chosen": [messages], "rejected": [messages]}                 the shared leading turns are the prompt
-Every pair is rendered with the chat template, like SFT rows, so the adapter is served the same way.
-
+The data side (TRL's pair formats -> prompt/chosen/rejected token ids) is jobs/data/pairs.py.
 The loss is TRL's own DPO code (`DPOTrainer._compute_loss`), fed the log-probabilities computed
-here; the reference model is the base with the adapter switched off (`par.adapter_disabled()`),
-so there is no second copy of the model in memory.
+here; tests/test_dpo.py checks it against a real DPOTrainer.
 """
 
 from __future__ import annotations
@@ -23,10 +17,17 @@ import torch.nn.functional as F
 from jobs.batching import collate_pairs
 from jobs.config import DpoConfig
 from jobs.data.render import IGNORE_INDEX
-from jobs.distributed import all_reduce_sum, rank_and_world
 from jobs.evaluation import rank_batches
+from jobs.objectives.base import Objective, StepResult
+from jobs.runtime import Runtime
 
-# ---------------------------------------------------------------- log-probs and TRL's loss
+# DPO metric names as TRL logs them (train/rewards/margins, ...)
+TRACKED = {
+    "rewards_chosen": "rewards/chosen",
+    "rewards_rejected": "rewards/rejected",
+    "margin": "rewards/margins",
+    "accuracy": "rewards/accuracies",
+}
 
 
 def answer_token_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -113,12 +114,20 @@ class PairStats:
         rewards = self.beta * (policy_logps.detach().float() - ref_logps.float())
         chosen, rejected = rewards.chunk(2)
         n = len(chosen)
-        for i, v in enumerate((n, mean_loss * n, chosen.sum(), rejected.sum(),
-                               (chosen - rejected).sum(), (chosen > rejected).sum())):  # fmt: skip
+        margins = chosen - rejected
+        values = (
+            n,
+            mean_loss * n,
+            chosen.sum(),
+            rejected.sum(),
+            margins.sum(),
+            (margins > 0).sum(),
+        )
+        for i, v in enumerate(values):
             self.sums[i] += float(v)
 
-    def reduced(self, device, prefix: str = "") -> dict[str, float]:
-        pairs, loss, chosen, rejected, margin, correct = all_reduce_sum(self.sums, device)
+    def reduced(self, rt: Runtime, prefix: str = "") -> dict[str, float]:
+        pairs, loss, chosen, rejected, margin, correct = rt.sum_over_ranks(self.sums)
         pairs = max(pairs, 1)
         names = ("loss", "rewards_chosen", "rewards_rejected", "margin", "accuracy")
         values = (loss, chosen, rejected, margin, correct)
@@ -126,47 +135,78 @@ class PairStats:
 
 
 def dpo_train_step(
-    par, micro_batches, device, autocast, max_grad_norm, dpo: DpoConfig
+    par, micro_batches, rt: Runtime, max_grad_norm, dpo: DpoConfig
 ) -> tuple[dict[str, float], int]:
     """One optimizer step of DPO over this rank's micro-batches of pairs; returns the step's
     metrics (loss, rewards, margin, accuracy: means over every pair on every rank) and its
     non-padding input tokens. Like the SFT step, the loss is a mean over all the step's pairs,
     so accumulation and data parallelism give one big batch's gradient."""
-    _, world = rank_and_world()
     local_pairs = sum(len(b["input_ids"]) // 2 for b in micro_batches)
-    (global_pairs,) = all_reduce_sum([local_pairs], device)
+    (global_pairs,) = rt.sum_over_ranks([local_pairs])
     stats = PairStats(dpo.beta)
     for i, batch in enumerate(micro_batches):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = rt.to_device(batch)
         # every rank runs the reference pass too: under FSDP/ZeRO-3 a forward is collective
-        with torch.no_grad(), par.adapter_disabled(), autocast():
+        with torch.no_grad(), par.adapter_disabled(), rt.autocast():
             ref = answer_token_logps(par.module, batch).sum(1)
-        with autocast():
+        with rt.autocast():
             policy = answer_token_logps(par.model, batch)
         loss = trl_dpo_loss(policy, ref, batch, dpo)
         pairs = len(batch["input_ids"]) // 2
         # every strategy averages gradients over ranks; scaling by world undoes that average
-        par.backward(loss * pairs * world / global_pairs, last=i == len(micro_batches) - 1)
+        par.backward(loss * pairs * rt.world / global_pairs, last=i == len(micro_batches) - 1)
         stats.add(loss.item(), policy.sum(1), ref)
     par.step(max_grad_norm)
-    (tokens,) = all_reduce_sum([sum(int(b["attention_mask"].sum()) for b in micro_batches)], device)
-    return stats.reduced(device), int(tokens)
+    (tokens,) = rt.sum_over_ranks([sum(int(b["attention_mask"].sum()) for b in micro_batches)])
+    return stats.reduced(rt), int(tokens)
 
 
 @torch.no_grad()
-def preference_metrics(par, pairs, batch_size: int, pad_id: int, device, autocast, dpo) -> dict:
+def preference_metrics(par, pairs, batch_size: int, pad_id: int, rt: Runtime, dpo) -> dict:
     """Held-out DPO loss, reward margin, reward accuracy and mean rewards, over all ranks."""
     model = par.module
     was_training = model.training
     model.eval()
     stats = PairStats(dpo.beta)
-    for chunk in rank_batches(pairs, batch_size, par.collective_forward):
-        batch = {k: v.to(device) for k, v in collate_pairs(chunk or pairs[:1], pad_id).items()}
-        with par.adapter_disabled(), autocast():
+    for chunk in rank_batches(pairs, batch_size, rt):
+        batch = rt.to_device(collate_pairs(chunk or pairs[:1], pad_id))
+        with par.adapter_disabled(), rt.autocast():
             ref = answer_token_logps(model, batch).sum(1)
-        with autocast():
+        with rt.autocast():
             policy = answer_token_logps(model, batch)
         if chunk is not None:
             stats.add(trl_dpo_loss(policy, ref, batch, dpo).item(), policy.sum(1), ref)
     model.train(was_training)
-    return stats.reduced(device, prefix="eval_")
+    return stats.reduced(rt, prefix="eval_")
+
+
+class DPO(Objective):
+    tracked_names = TRACKED
+    shown_on_progress = ("margin", "accuracy")
+
+    def batch(self, examples):
+        return collate_pairs(examples, self.pad_id)
+
+    def train_step(self, par, micro_batches):
+        train = self.cfg.train
+        metrics, tokens = dpo_train_step(
+            par, micro_batches, self.rt, train.max_grad_norm, train.dpo
+        )
+        return StepResult(metrics.pop("loss"), tokens, metrics)
+
+    def evaluate(self, par, full):
+        bs, dpo = self.cfg.eval.batch_size, self.cfg.train.dpo
+        return preference_metrics(par, self.eval_examples, bs, self.pad_id, self.rt, dpo)
+
+    def base_metrics(self, par, state):
+        return {}  # the base is DPO's reference: margin 0 and accuracy 0 by definition
+
+    @staticmethod
+    def print_summary(summary):
+        m = summary["metrics"]
+        print(
+            f"held-out pairs ({summary['run_name']}, {summary['steps']} steps): DPO loss "
+            f"{m['eval_loss']:.4f}, reward margin {m['eval_margin']:.3f}, accuracy "
+            f"{m['eval_accuracy']:.1%} (chosen {m['eval_rewards_chosen']:.3f}, rejected "
+            f"{m['eval_rewards_rejected']:.3f})\nadapter: {summary['adapter']}"
+        )
