@@ -7,7 +7,7 @@ import yaml
 from typer.testing import CliRunner
 
 from serve.errors import InvalidRequest, RateLimited, Unauthorized
-from serve.tenants import Tenants, TenantsFile, cli, hash_key
+from serve.tenants import Tenants, TenantsFile, app, hash_key
 
 KEY_A, KEY_B = "sk-test-acme-0123456789", "sk-test-beta-9876543210"
 
@@ -118,8 +118,8 @@ def test_example_tenants_file_loads():
 
 def test_cli_hashes_a_key_from_stdin_and_makes_new_keys():
     runner = CliRunner()
-    result = runner.invoke(cli, ["hash-key"], input=f"{KEY_A}\n")
+    result = runner.invoke(app, ["hash-key"], input=f"{KEY_A}\n")
     assert result.exit_code == 0 and result.stdout.strip() == hash_key(KEY_A)
-    result = runner.invoke(cli, ["new-key"])
+    result = runner.invoke(app, ["new-key"])
     key, digest = (line.split()[-1] for line in result.stdout.splitlines())
     assert key.startswith("sk-") and len(key) > 40 and digest == hash_key(key)
