@@ -23,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 from jobs import storage
+from serve.config import ServeSettings
 from serve.engine import AdapterWeights, Engine, read_adapter
 from serve.errors import AdapterUnavailable, ModelNotFound
 from serve.names import DEFAULT_ALIAS, VERSION_RE, ModelName, is_valid_name
@@ -120,6 +121,10 @@ class AdapterRegistry:
         self.clock = clock
         self._resolved: dict[ModelName, tuple[float, AdapterRef]] = {}
         self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, s: ServeSettings) -> AdapterRegistry:
+        return cls(s.registry, s.adapters, ttl_s=s.alias_ttl_s, download_dir=s.adapter_download_dir)
 
     def resolve(self, model: ModelName) -> AdapterRef:
         """The version `model` names now; ModelNotFound (404) when there is none. Blocking I/O."""
