@@ -69,9 +69,8 @@ def submit(config: Path, overrides: list[str], address: str, wait: bool, pip: bo
     try:
         asyncio.run(follow_logs(client, job_id))
     except KeyboardInterrupt:
-        print(
-            f"\nstopped following; the job goes on. To stop it: ray job stop --address {address} {job_id}"
-        )
+        stop = f"ray job stop --address {address} {job_id}"
+        print(f"\nstopped following; the job goes on. To stop it: {stop}")
         return 130
     status = client.get_job_status(job_id)
     print(f"job {job_id}: {status.value}")
