@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -22,6 +21,7 @@ from typing import Annotated
 import typer
 import yaml
 
+from jobs import cli
 from jobs.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,9 +69,8 @@ def submit(config: Path, overrides: list[str], address: str, wait: bool, pip: bo
     try:
         asyncio.run(follow_logs(client, job_id))
     except KeyboardInterrupt:
-        print(
-            f"\nstopped following; the job goes on. To stop it: ray job stop --address {address} {job_id}"
-        )
+        stop = f"ray job stop --address {address} {job_id}"
+        print(f"\nstopped following; the job goes on. To stop it: {stop}")
         return 130
     status = client.get_job_status(job_id)
     print(f"job {job_id}: {status.value}")
@@ -91,13 +90,8 @@ def main(
         bool, typer.Option("--pip", help="install requirements.lock in the job's env")
     ] = False,
 ) -> None:
-    try:
-        code = submit(config, overrides or [], address, not no_wait, pip)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise typer.Exit(2) from None
-    raise typer.Exit(code)
+    raise typer.Exit(submit(config, overrides or [], address, not no_wait, pip))
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    cli.run(main)

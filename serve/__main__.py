@@ -16,6 +16,8 @@ from typing import Annotated
 
 import typer
 
+from jobs import cli
+
 
 def serve_run_command(config: Path, address: str | None) -> list[str]:
     serve_cli = Path(sys.executable).parent / "serve"  # the venv's Ray Serve CLI
@@ -34,4 +36,4 @@ def main(
 
 
 if __name__ == "__main__":
-    typer.run(main)
+    cli.run(main)

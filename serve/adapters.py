@@ -5,7 +5,7 @@ Registry layout (written by tune/registry.py; only read here):
     ROOT/NAME/aliases/ALIAS    text file holding a VERSION
 The writer puts lineage.json last: a version directory without it is a copy in progress (or an
 interrupted one) and is not served.
-ROOT is a local directory or s3://bucket/prefix (s3fs, endpoint from AWS_ENDPOINT_URL).
+ROOT is a local directory or s3://bucket/prefix, read through jobs.storage.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 from jobs import storage
+from serve.config import ServeSettings
 from serve.engine import AdapterWeights, Engine, read_adapter
 from serve.errors import AdapterUnavailable, ModelNotFound
 from serve.names import DEFAULT_ALIAS, VERSION_RE, ModelName, is_valid_name
@@ -52,14 +53,15 @@ class AdapterRef:
         return f"{self.name}@{self.version}"
 
 
-class _Storage:
-    """The few filesystem operations the registry needs, on a local directory or s3://."""
+class _RegistryFiles:
+    """The few reads the registry needs, on a local directory or s3:// (jobs.storage underneath)."""
 
     def __init__(self, root: str):
         if not storage.is_remote(root):
             root = str(Path(root).expanduser().resolve())
-        self.fs, self.root = storage.filesystem(root)
-        self.root, self.scheme = self.root.rstrip("/"), storage.protocol(root)
+        self.scheme = storage.protocol(root)
+        self.fs, path = storage.filesystem(root)
+        self.root = path.rstrip("/")
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
@@ -82,14 +84,11 @@ class _Storage:
     def exists(self, *parts: str) -> bool:
         return self.fs.exists(self.path(*parts))
 
-    def download(self, parts: tuple[str, ...], dest: Path) -> Path:
-        """Copy a version directory once; versions are immutable, so a complete copy is reused."""
-        marker = dest / ".download-complete"
-        if marker.is_file():
-            return dest
-        storage.get_dir(self.uri(*parts), dest)
-        marker.write_text(self.uri(*parts))
-        return dest
+    def modified(self, *parts: str) -> float:
+        """A file's modification time (seconds since the epoch; 0 when the store has none)."""
+        info = self.fs.info(self.path(*parts))
+        mtime = info.get("mtime") or info.get("LastModified") or 0
+        return mtime.timestamp() if isinstance(mtime, datetime) else float(mtime)
 
 
 class AdapterRegistry:
@@ -104,7 +103,7 @@ class AdapterRegistry:
         download_dir: str | Path | None = None,
         clock: Callable[[], float] = time.monotonic,
     ):
-        self.storage = _Storage(root) if root else None
+        self.files = _RegistryFiles(root) if root else None
         self.plain = {name: str(Path(p).expanduser()) for name, p in (adapters or {}).items()}
         bad = [n for n in self.plain if not is_valid_name(n)]
         if bad:
@@ -123,6 +122,10 @@ class AdapterRegistry:
         self._resolved: dict[ModelName, tuple[float, AdapterRef]] = {}
         self._lock = threading.Lock()
 
+    @classmethod
+    def from_settings(cls, s: ServeSettings) -> AdapterRegistry:
+        return cls(s.registry, s.adapters, ttl_s=s.alias_ttl_s, download_dir=s.adapter_download_dir)
+
     def resolve(self, model: ModelName) -> AdapterRef:
         """The version `model` names now; ModelNotFound (404) when there is none. Blocking I/O."""
         now = self.clock()
@@ -140,7 +143,7 @@ class AdapterRegistry:
             if model.selector is not None:
                 raise ModelNotFound(str(model))  # plain directories have a single version
             return self._plain_ref(model.name)
-        if self.storage is None:
+        if self.files is None:
             raise ModelNotFound(str(model))
         try:
             version = self._registry_version(model)
@@ -152,12 +155,11 @@ class AdapterRegistry:
             raise AdapterUnavailable(f"adapter '{model}' cannot be read right now") from None
         if version is None:
             raise ModelNotFound(str(model))
-        return AdapterRef(model.name, version, self.storage.uri(model.name, version))
+        return AdapterRef(model.name, version, self.files.uri(model.name, version))
 
     def _registry_version(self, model: ModelName) -> str | None:
-        storage = self.storage
         if model.selector is not None:
-            if VERSION_RE.fullmatch(model.selector) and storage.exists(
+            if VERSION_RE.fullmatch(model.selector) and self.files.exists(
                 model.name, model.selector, LINEAGE
             ):
                 return model.selector
@@ -165,23 +167,23 @@ class AdapterRegistry:
         return self._alias(model.name, DEFAULT_ALIAS) or self._newest_version(model.name)
 
     def _alias(self, name: str, alias: str) -> str | None:
-        version = self.storage.read_text(name, ALIASES_DIR, alias)
+        version = self.files.read_text(name, ALIASES_DIR, alias)
         if version is None:
             return None
-        if not VERSION_RE.fullmatch(version) or not self.storage.exists(name, version, LINEAGE):
+        if not VERSION_RE.fullmatch(version) or not self.files.exists(name, version, LINEAGE):
             log.warning("alias %s@%s points at a missing or invalid version", name, alias)
             return None
         return version
 
     def _newest_version(self, name: str) -> str | None:
         candidates = []
-        for entry in self.storage.listdir(name):
+        for entry in self.files.listdir(name):
             version = entry["name"].rstrip("/").rsplit("/", 1)[-1]
             if entry.get("type") != "directory" or not VERSION_RE.fullmatch(version):
                 continue
             if version == ALIASES_DIR:
                 continue
-            lineage = self.storage.read_text(name, version, LINEAGE)
+            lineage = self.files.read_text(name, version, LINEAGE)
             if lineage is None:  # not committed yet
                 continue
             candidates.append((self._created_at(name, version, lineage), version))
@@ -194,9 +196,7 @@ class AdapterRegistry:
             except (ValueError, KeyError, TypeError):
                 log.warning("%s/%s/lineage.json has no readable created_at", name, version)
         # S3 prefixes have no time of their own; a version's files do.
-        info = self.storage.fs.info(self.storage.path(name, version, "adapter_config.json"))
-        mtime = info.get("mtime") or info.get("LastModified") or 0
-        return mtime.timestamp() if isinstance(mtime, datetime) else float(mtime)
+        return self.files.modified(name, version, "adapter_config.json")
 
     def _plain_ref(self, name: str) -> AdapterRef:
         path = Path(self.plain[name])
@@ -213,9 +213,9 @@ class AdapterRegistry:
     def names(self) -> list[str]:
         """Every adapter name that can be served (plain ones and the registry's)."""
         found = set(self.plain)
-        if self.storage is not None:
+        if self.files is not None:
             try:
-                entries = self.storage.listdir()
+                entries = self.files.listdir()
             except OSError as e:
                 log.warning("listing the registry failed: %s", type(e).__name__)
                 entries = []
@@ -226,12 +226,12 @@ class AdapterRegistry:
         return sorted(found)
 
     def local_path(self, ref: AdapterRef) -> Path:
-        """A local directory with the version's files (downloaded from s3 once)."""
-        if not ref.location.startswith("s3://"):
+        """A local directory with the version's files (downloaded from s3 once: versions are
+        immutable, so a complete copy is reused)."""
+        if not storage.is_remote(ref.location):
             return Path(ref.location)
-        dest = self.download_dir / ref.location.removeprefix("s3://")
         try:
-            return self.storage.download((ref.name, ref.version), dest)
+            return storage.cached_copy(ref.location, self.download_dir)
         except OSError as e:
             log.warning("downloading %s failed: %s: %s", ref.id, type(e).__name__, e)
             raise AdapterUnavailable(f"adapter '{ref.name}' cannot be read right now") from None

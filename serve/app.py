@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -123,6 +124,20 @@ def _no_release(used: int) -> None:
     pass
 
 
+@dataclass
+class Call:
+    """A request past its checks and its tenant's limits, on its way to the model."""
+
+    job: Job
+    chat: bool  # /v1/chat/completions, else /v1/completions
+    request_id: str
+    served: str  # the model the response names: NAME@VERSION, or the base's id
+    headers: dict[str, str]
+    reserved: int  # prompt + max_tokens, taken from the tenant's token limit
+    release: Release  # gives the tenant back what the request did not use
+    include_usage: bool  # streams: a last chunk with the usage
+
+
 def app_name() -> str:
     try:
         return serve.get_replica_context().app_name
@@ -156,8 +171,7 @@ class MultiAdapterServer:
         else:
             self.worker = None
             self.prompts = Prompts(s)
-            self.registry = AdapterRegistry(s.registry, s.adapters, ttl_s=s.alias_ttl_s,
-                                            download_dir=s.adapter_download_dir)  # fmt: skip
+            self.registry = AdapterRegistry.from_settings(s)
         self.tenants = Tenants.from_file(s.tenants) if s.tenants else None
         self.limits: LocalLimits | SharedLimits | None = None
         if self.tenants is not None:
@@ -241,54 +255,18 @@ class MultiAdapterServer:
         admitted = True  # a stream leaves this replica's count when it ends
         try:
             tenant = self.authenticate(request)
-            body = parse_body(
-                await self.read_body(request), ChatRequest if chat else CompletionRequest
-            )
+            request_type = ChatRequest if chat else CompletionRequest
+            body = parse_body(await self.read_body(request), request_type)
             ref = await self.resolve(body.model, tenant)
-            model_label = ref.name if ref else self.settings.base_model_id
-            prompt_ids = await asyncio.to_thread(
-                self.prompts.encode_chat, [{"role": m.role, "content": m.text()} for m in body.messages]
-            ) if chat else await asyncio.to_thread(self.prompts.encode_text, body.prompt)  # fmt: skip
-            max_tokens = self.max_tokens_for(
-                len(prompt_ids), body.requested_max_tokens, "messages" if chat else "prompt"
-            )
-            reserved = len(prompt_ids) + max_tokens
-            release: Release = _no_release
-            if self.limits is not None:
-                # Before any adapter is read: a tenant over its limits costs no storage read.
-                release = await self.limits.admit(tenant, reserved)
-            job = Job(
-                GenerationRequest(prompt_ids, ref.key if ref else None, body.sampling(max_tokens)),
-                ref,
-            )
-            served = ref.id if ref else self.settings.base_model_id
-            headers = {VERSION_HEADER: ref.version if ref else "base"}
-            request_id = new_id("chatcmpl" if chat else "cmpl")
-            used = 0  # a failed request costs the tenant nothing
+            model_label = self.model_label(ref)
+            call = await self.admit(body, ref, tenant, chat)
             if body.stream:
-                try:
-                    # The adapter is read and checked before the 200: its errors are HTTP errors.
-                    pieces, headers[REPLICA_HEADER] = await self.open_stream(job)
-                except BaseException:
-                    release(used)
-                    raise
-                status, admitted = 200, False
-                stream = self.stream(pieces, job, request_id, served, chat, body.include_usage,
-                                     release, reserved)  # fmt: skip
-                return StreamingResponse(stream, media_type="text/event-stream", headers=headers)
-            try:
-                result, headers[REPLICA_HEADER] = await self.execute(job)
-                used = result.prompt_tokens + result.completion_tokens
-            finally:
-                release(used)
-            if self.settings.expose_metrics:
-                headers[BATCH_HEADER] = (
-                    f"rows={result.batch_rows}; adapters={result.batch_adapters}"
-                )
-            self.metrics.usage(model_label, result.prompt_tokens, result.completion_tokens)
-            make = chat_response if chat else completion_response
+                response = await self.stream_response(call)
+                admitted = False
+            else:
+                response = await self.json_response(call)
             status = 200
-            return JSONResponse(make(request_id, served, result), headers=headers)
+            return response
         except ApiError as e:
             status = e.status
             raise
@@ -296,6 +274,70 @@ class MultiAdapterServer:
             if admitted:
                 self.admitted -= 1
             self.metrics.request(model_label, status)
+
+    def model_label(self, ref: AdapterRef | None) -> str:
+        """The model as the metrics name it: the adapter's name (any version) or the base's id."""
+        return ref.name if ref else self.settings.base_model_id
+
+    async def encode(self, body: ChatRequest | CompletionRequest, chat: bool) -> list[int]:
+        if chat:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            return await asyncio.to_thread(self.prompts.encode_chat, messages)
+        return await asyncio.to_thread(self.prompts.encode_text, body.prompt)
+
+    async def admit(
+        self,
+        body: ChatRequest | CompletionRequest,
+        ref: AdapterRef | None,
+        tenant: Tenant | None,
+        chat: bool,
+    ) -> Call:
+        """The request tokenized, its max_tokens settled and taken from the tenant's limits."""
+        prompt_ids = await self.encode(body, chat)
+        max_tokens = self.max_tokens_for(
+            len(prompt_ids), body.requested_max_tokens, "messages" if chat else "prompt"
+        )
+        reserved = len(prompt_ids) + max_tokens
+        release: Release = _no_release
+        if self.limits is not None:
+            # Before any adapter is read: a tenant over its limits costs no storage read.
+            release = await self.limits.admit(tenant, reserved)
+        request = GenerationRequest(prompt_ids, ref.key if ref else None, body.sampling(max_tokens))
+        return Call(
+            job=Job(request, ref),
+            chat=chat,
+            request_id=new_id("chatcmpl" if chat else "cmpl"),
+            served=ref.id if ref else self.settings.base_model_id,
+            headers={VERSION_HEADER: ref.version if ref else "base"},
+            reserved=reserved,
+            release=release,
+            include_usage=body.include_usage,
+        )
+
+    async def stream_response(self, call: Call) -> StreamingResponse:
+        try:
+            # The adapter is read and checked before the 200: its errors are HTTP errors.
+            pieces, call.headers[REPLICA_HEADER] = await self.open_stream(call.job)
+        except BaseException:
+            call.release(0)  # a failed request costs the tenant nothing
+            raise
+        stream = self.stream(pieces, call)
+        return StreamingResponse(stream, media_type="text/event-stream", headers=call.headers)
+
+    async def json_response(self, call: Call) -> JSONResponse:
+        used = 0  # a failed request costs the tenant nothing
+        try:
+            result, call.headers[REPLICA_HEADER] = await self.execute(call.job)
+            used = result.prompt_tokens + result.completion_tokens
+        finally:
+            call.release(used)
+        if self.settings.expose_metrics:
+            batch = f"rows={result.batch_rows}; adapters={result.batch_adapters}"
+            call.headers[BATCH_HEADER] = batch
+        label = self.model_label(call.job.adapter)
+        self.metrics.usage(label, result.prompt_tokens, result.completion_tokens)
+        make = chat_response if call.chat else completion_response
+        return JSONResponse(make(call.request_id, call.served, result), headers=call.headers)
 
     def max_tokens_for(self, prompt_tokens: int, requested: int | None, param: str) -> int:
         window = self.prompts.context_window
@@ -359,11 +401,9 @@ class MultiAdapterServer:
             return _remote_pieces(remote), replica
         raise AssertionError("unreachable")
 
-    async def stream(
-        self, pieces: AsyncIterator, job: Job, request_id: str, model: str, chat: bool,
-        include_usage: bool, release: Release, reserved: int,
-    ) -> AsyncIterator[str]:  # fmt: skip
-        used = reserved  # a client that hangs up mid-stream gets no refund
+    async def stream(self, pieces: AsyncIterator, call: Call) -> AsyncIterator[str]:
+        request_id, model, chat = call.request_id, call.served, call.chat
+        used = call.reserved  # a client that hangs up mid-stream gets no refund
         try:
             # aclosing: a client that goes away closes `pieces`, which frees the row.
             async with contextlib.aclosing(pieces):
@@ -385,15 +425,15 @@ class MultiAdapterServer:
                     yield f"data: {json.dumps(error.body())}\n\n"
                     return
             used = result.prompt_tokens + result.completion_tokens
-            self.metrics.usage(job.adapter.name if job.adapter else self.settings.base_model_id,
-                               result.prompt_tokens, result.completion_tokens)  # fmt: skip
+            label = self.model_label(call.job.adapter)
+            self.metrics.usage(label, result.prompt_tokens, result.completion_tokens)
             yield stream_chunk(request_id, model, chat, None, result.finish_reason)
-            if include_usage:
+            if call.include_usage:
                 yield stream_chunk(request_id, model, chat, None, None, usage_of=result)
             yield "data: [DONE]\n\n"
         finally:
             self.admitted -= 1
-            release(used)
+            call.release(used)
 
 
 def build_app(args: ServeSettings) -> serve.Application:
@@ -418,7 +458,7 @@ def build_app(args: ServeSettings) -> serve.Application:
                 "memory_s": s.routing_stats_period_s + 2,
             },
             request_routing_stats_period_s=s.routing_stats_period_s,
-        ),  # fmt: skip
+        ),
         **({"num_replicas": s.model_replicas} if s.model_replicas is not None else {}),
     )
     ingress = ingress.options(

@@ -238,8 +238,13 @@ class HFEngine(Engine):
 
     # --- generation --------------------------------------------------------------------------
     def _forward(self, input_ids, attention_mask, position_ids, past):
-        return self.base(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=position_ids, past_key_values=past, use_cache=True)  # fmt: skip
+        return self.base(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past,
+            use_cache=True,
+        )
 
     @torch.inference_mode()
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:

@@ -77,8 +77,11 @@ class SharedLimits:
         try:
             ray.get(self.actor().__ray_ready__.remote(), timeout=timeout_s)
         except Exception as e:
-            log.warning("shared rate limiter %s did not start (%s); limiting per replica "
-                        "until it does", self.name, type(e).__name__)  # fmt: skip
+            log.warning(
+                "shared rate limiter %s did not start (%s); limiting per replica until it does",
+                self.name,
+                type(e).__name__,
+            )
 
     def actor(self):
         if self._actor is None:
@@ -97,8 +100,11 @@ class SharedLimits:
 
             refusal = await asyncio.wait_for(answer(), self.timeout_s)
         except Exception as e:  # the actor is gone or slow: this replica's buckets, this time
-            log.warning("shared rate limiter %s unavailable (%s); limiting per replica",
-                        self.name, type(e).__name__)  # fmt: skip
+            log.warning(
+                "shared rate limiter %s unavailable (%s); limiting per replica",
+                self.name,
+                type(e).__name__,
+            )
             self._actor = None
             self.actor()  # a new one (or the same, when it was only slow), for the next request
             return await self.local.admit(tenant, tokens)

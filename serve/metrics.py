@@ -16,27 +16,37 @@ class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "rayft_serve_requests", "Requests by model and HTTP status; model is '-' when the "
-            "request named no servable model", ["model", "status"], registry=self.registry,
-        )  # fmt: skip
-        self.tokens = Counter(
-            "rayft_serve_tokens", "Tokens processed by model", ["model", "kind"],
+            "rayft_serve_requests",
+            "Requests by model and HTTP status; model is '-' when the "
+            "request named no servable model",
+            ["model", "status"],
             registry=self.registry,
-        )  # fmt: skip
+        )
+        self.tokens = Counter(
+            "rayft_serve_tokens",
+            "Tokens processed by model",
+            ["model", "kind"],
+            registry=self.registry,
+        )
         self.cache_events = Counter(
             "rayft_serve_adapter_cache_events",
             "Adapter cache events: hit (on the model), cpu_hit (in RAM), miss, storage_read, "
             "load (onto the model), eviction (model to RAM), cpu_eviction (dropped from RAM)",
-            ["event"], registry=self.registry,
-        )  # fmt: skip
+            ["event"],
+            registry=self.registry,
+        )
         self.batch_size = Histogram(
-            "rayft_serve_batch_size", "Rows per generate call", registry=self.registry,
+            "rayft_serve_batch_size",
+            "Rows per generate call",
+            registry=self.registry,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
-        )  # fmt: skip
+        )
         self.batch_adapters = Histogram(
-            "rayft_serve_batch_adapters", "Distinct adapters per generate call",
-            registry=self.registry, buckets=(0, 1, 2, 4, 8, 16, 32),
-        )  # fmt: skip
+            "rayft_serve_batch_adapters",
+            "Distinct adapters per generate call",
+            registry=self.registry,
+            buckets=(0, 1, 2, 4, 8, 16, 32),
+        )
 
     def cache_event(self, event: str) -> None:
         self.cache_events.labels(event).inc()

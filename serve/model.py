@@ -79,8 +79,9 @@ class Prompts:
         cfg = _model_config(settings)
         self.tokenizer = load_tokenizer(cfg)
         model_config = AutoConfig.from_pretrained(resolve_model_path(cfg))
-        self.context_window = context_window_of(model_config, self.tokenizer,
-                                                settings.context_window)  # fmt: skip
+        self.context_window = context_window_of(
+            model_config, self.tokenizer, settings.context_window
+        )
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         text = self.tokenizer.apply_chat_template(
@@ -108,13 +109,14 @@ class ModelWorker:
         self.metrics = metrics
         self.replica = replica_name()
         self.engine = build_engine(s)
-        self.registry = AdapterRegistry(
-            s.registry, s.adapters, ttl_s=s.alias_ttl_s, download_dir=s.adapter_download_dir
-        )
+        self.registry = AdapterRegistry.from_settings(s)
         self.cache = AdapterCache(
-            self.engine, self.registry, max_loaded=s.max_loaded_adapters,
-            max_cpu=s.max_cpu_adapters, on_event=metrics.cache_event,
-        )  # fmt: skip
+            self.engine,
+            self.registry,
+            max_loaded=s.max_loaded_adapters,
+            max_cpu=s.max_cpu_adapters,
+            on_event=metrics.cache_event,
+        )
         # Every model operation (adapter loads, generate) runs on this one thread, in order:
         # the event loop stays free for HTTP while a batch runs.
         self.model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")

@@ -155,9 +155,15 @@ def completion_response(request_id: str, model: str, result: GenerationResult) -
 
 
 def stream_chunk(
-    request_id: str, model: str, chat: bool, text: str | None, finish_reason: str | None,
-    *, first: bool = False, usage_of: GenerationResult | None = None,
-) -> str:  # fmt: skip
+    request_id: str,
+    model: str,
+    chat: bool,
+    text: str | None,
+    finish_reason: str | None,
+    *,
+    first: bool = False,
+    usage_of: GenerationResult | None = None,
+) -> str:
     """One server-sent event in OpenAI's chunk format."""
     if chat:
         delta: dict[str, Any] = {"role": "assistant"} if first else {}

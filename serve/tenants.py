@@ -30,6 +30,7 @@ import typer
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from jobs import cli
 from serve.errors import InvalidRequest, RateLimited, Unauthorized
 
 
@@ -175,10 +176,10 @@ class Tenants:
                 tenant.tokens.give_back(reserved - used)
 
 
-cli = typer.Typer(add_completion=False, help="API keys for the serving app's tenants file.")
+app = cli.app(help="API keys for the serving app's tenants file.")
 
 
-@cli.command("hash-key")
+@app.command("hash-key")
 def hash_key_command() -> None:
     """Print the sha256 of a key read from stdin (or typed, hidden), for key_sha256."""
     key = getpass.getpass("API key: ") if sys.stdin.isatty() else sys.stdin.readline()
@@ -188,7 +189,7 @@ def hash_key_command() -> None:
     print(hash_key(key))
 
 
-@cli.command("new-key")
+@app.command("new-key")
 def new_key_command() -> None:
     """Print a new random key (give it to the tenant) and its hash (put it in the tenants file)."""
     key = "sk-" + secrets.token_urlsafe(32)
@@ -196,4 +197,4 @@ def new_key_command() -> None:
 
 
 if __name__ == "__main__":
-    cli()
+    app()

@@ -26,8 +26,9 @@ def make_random_adapter(
     """Write a peft adapter for the model at base_dir; with created_at, a registry lineage.json."""
     model = base_model or AutoModelForCausalLM.from_pretrained(base_dir)
     torch.manual_seed(seed)
-    config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(target_modules),
-                        init_lora_weights=False)  # fmt: skip
+    config = LoraConfig(
+        r=r, lora_alpha=2 * r, target_modules=list(target_modules), init_lora_weights=False
+    )
     peft_model = get_peft_model(model, config)
     peft_model.save_pretrained(out_dir)
     if base_model is not None:  # leave the caller's model as it was

@@ -60,10 +60,14 @@ def fake_cluster(tmp_path):
         "available_node_types": {
             "ray.head.default": {"resources": {"CPU": 1}, "node_config": {}, "max_workers": 0},
             # the stand-in for a GPU node: only it has a `gpu_slot`
-            "gpu_worker": {"resources": {"CPU": 1, "gpu_slot": 1}, "node_config": {},
-                           "min_workers": 0, "max_workers": 1},
+            "gpu_worker": {
+                "resources": {"CPU": 1, "gpu_slot": 1},
+                "node_config": {},
+                "min_workers": 0,
+                "max_workers": 1,
+            },
         },
-    }  # fmt: skip
+    }
     config_file = tmp_path / "fake_cluster.yaml"
     config_file.write_text(yaml.safe_dump(config))
     fake = {
@@ -94,11 +98,19 @@ def test_a_job_scales_a_worker_node_up_from_zero_and_down_when_idle(
     assert "gpu_slot" not in ray.cluster_resources()
     cfg = load_config(
         "configs/quickstart.yaml",
-        [f"model.name_or_path={tiny_model_dir}", f"checkpoint.storage_path={tmp_path}", "run.name=scaled",
-         "train.max_steps=3", "eval.every_steps=null", "eval.early_stopping_patience=null",
-         "checkpoint.every_steps=null", "eval.task_metric=none", "scaling.cpus_per_worker=1",
-         "scaling.resources_per_worker={gpu_slot: 1}"],
-    )  # fmt: skip
+        [
+            f"model.name_or_path={tiny_model_dir}",
+            f"checkpoint.storage_path={tmp_path}",
+            "run.name=scaled",
+            "train.max_steps=3",
+            "eval.every_steps=null",
+            "eval.early_stopping_patience=null",
+            "checkpoint.every_steps=null",
+            "eval.task_metric=none",
+            "scaling.cpus_per_worker=1",
+            "scaling.resources_per_worker={gpu_slot: 1}",
+        ],
+    )
     node_up_at = []
     start = time.time()
 

@@ -10,8 +10,13 @@ from tests.helpers import BIN, REPO
 
 pytestmark = pytest.mark.integration
 
-FAST = ["train.max_steps=3", "eval.every_steps=null", "eval.early_stopping_patience=null",
-        "checkpoint.every_steps=null", "eval.max_generate_samples=4"]  # fmt: skip
+FAST = [
+    "train.max_steps=3",
+    "eval.every_steps=null",
+    "eval.early_stopping_patience=null",
+    "checkpoint.every_steps=null",
+    "eval.max_generate_samples=4",
+]
 
 
 def cluster_submit(head, *args, timeout=300) -> subprocess.CompletedProcess:
@@ -23,9 +28,13 @@ def cluster_submit(head, *args, timeout=300) -> subprocess.CompletedProcess:
 
 def test_submit_follows_the_job_and_returns_its_success(head, tiny_model_dir, tmp_path):
     result = cluster_submit(
-        head, "configs/quickstart.yaml", "run.name=helper", f"model.name_or_path={tiny_model_dir}",
-        f"checkpoint.storage_path={tmp_path}", *FAST,
-    )  # fmt: skip
+        head,
+        "configs/quickstart.yaml",
+        "run.name=helper",
+        f"model.name_or_path={tiny_model_dir}",
+        f"checkpoint.storage_path={tmp_path}",
+        *FAST,
+    )
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-4000:]
     assert "step 3/3" in out  # the job's own log lines were followed
@@ -48,9 +57,14 @@ def test_a_job_that_fails_on_the_cluster_fails_the_submit(head, tmp_path):
 
 def test_no_wait_returns_the_job_id_at_once(head, tiny_model_dir, tmp_path):
     result = cluster_submit(
-        head, "configs/quickstart.yaml", "run.name=nowait", f"model.name_or_path={tiny_model_dir}",
-        f"checkpoint.storage_path={tmp_path}", "--no-wait", *FAST,
-    )  # fmt: skip
+        head,
+        "configs/quickstart.yaml",
+        "run.name=nowait",
+        f"model.name_or_path={tiny_model_dir}",
+        f"checkpoint.storage_path={tmp_path}",
+        "--no-wait",
+        *FAST,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     job_id = result.stdout.split()[1]
     assert job_id.startswith("rayft-nowait-")

@@ -18,20 +18,32 @@ import yaml
 K8S_VERSION = "1.33.0"
 KUBERAY = Path("cluster/kuberay")
 
+
+def fields(names: str) -> set[str]:
+    return set(names.split())
+
+
 # Field names of KubeRay's ray.io/v1 API (RayCluster, RayJob), KubeRay 1.1 - 1.5.
-RAY_CLUSTER_SPEC = {"headGroupSpec", "workerGroupSpecs", "rayVersion", "enableInTreeAutoscaling",
-                    "autoscalerOptions", "headServiceAnnotations", "suspend", "managedBy",
-                    "gcsFaultToleranceOptions", "upgradeStrategy", "authOptions"}  # fmt: skip
+RAY_CLUSTER_SPEC = fields(
+    """headGroupSpec workerGroupSpecs rayVersion enableInTreeAutoscaling autoscalerOptions
+    headServiceAnnotations suspend managedBy gcsFaultToleranceOptions upgradeStrategy
+    authOptions"""
+)
 HEAD_GROUP = {"serviceType", "headService", "enableIngress", "rayStartParams", "template"}
-WORKER_GROUP = {"groupName", "replicas", "minReplicas", "maxReplicas", "numOfHosts", "rayStartParams",
-                "template", "scaleStrategy", "idleTimeoutSeconds", "suspend"}  # fmt: skip
-AUTOSCALER = {"resources", "image", "imagePullPolicy", "env", "envFrom", "volumeMounts",
-              "securityContext", "idleTimeoutSeconds", "upscalingMode", "version"}  # fmt: skip
-RAY_JOB_SPEC = {"entrypoint", "runtimeEnvYAML", "clusterSelector", "rayClusterSpec", "submissionMode",
-                "submitterPodTemplate", "submitterConfig", "shutdownAfterJobFinishes",
-                "ttlSecondsAfterFinished", "activeDeadlineSeconds", "backoffLimit", "jobId", "metadata",
-                "entrypointNumCpus", "entrypointNumGpus", "entrypointResources", "suspend", "managedBy",
-                "deletionStrategy"}  # fmt: skip
+WORKER_GROUP = fields(
+    """groupName replicas minReplicas maxReplicas numOfHosts rayStartParams template
+    scaleStrategy idleTimeoutSeconds suspend"""
+)
+AUTOSCALER = fields(
+    """resources image imagePullPolicy env envFrom volumeMounts securityContext
+    idleTimeoutSeconds upscalingMode version"""
+)
+RAY_JOB_SPEC = fields(
+    """entrypoint runtimeEnvYAML clusterSelector rayClusterSpec submissionMode
+    submitterPodTemplate submitterConfig shutdownAfterJobFinishes ttlSecondsAfterFinished
+    activeDeadlineSeconds backoffLimit jobId metadata entrypointNumCpus entrypointNumGpus
+    entrypointResources suspend managedBy deletionStrategy"""
+)
 
 
 def load(name: str) -> dict:

@@ -17,19 +17,38 @@ pytestmark = pytest.mark.integration
 
 def submit(head, env, *job_args, timeout=300, runtime_env=None) -> subprocess.CompletedProcess:
     extra = ["--runtime-env-json", json.dumps(runtime_env)] if runtime_env else []
-    cmd = [str(BIN / "ray"), "job", "submit", "--address", head["address"], "--working-dir", str(REPO),
-           *extra, "--", "python", "-m", "jobs.finetune", *job_args]  # fmt: skip
+    cmd = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        head["address"],
+        "--working-dir",
+        str(REPO),
+        *extra,
+        "--",
+        "python",
+        "-m",
+        "jobs.finetune",
+        *job_args,
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def test_submitted_job_trains_and_keeps_its_results(head, tiny_model_dir, tmp_path):
     result = submit(
-        head, head["env"], "configs/quickstart.yaml", "run.name=submitted",
+        head,
+        head["env"],
+        "configs/quickstart.yaml",
+        "run.name=submitted",
         f"model.name_or_path={tiny_model_dir}",
-        "train.max_steps=4", "eval.every_steps=null", "eval.early_stopping_patience=null",
-        "checkpoint.every_steps=null", "eval.max_generate_samples=8",
+        "train.max_steps=4",
+        "eval.every_steps=null",
+        "eval.early_stopping_patience=null",
+        "checkpoint.every_steps=null",
+        "eval.max_generate_samples=8",
         runtime_env={"env_vars": {"HOME": str(tmp_path)}},
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "succeeded" in (result.stdout + result.stderr)
     # The relative storage path (runs/) is not left inside Ray's temporary copy of the repo.

@@ -36,9 +36,28 @@ def test_valid_model_names(model, name, selector):
 
 @pytest.mark.parametrize(
     "model",
-    ["", "../etc", "..", "a/b", "a\\b", "Support", "-x", "x" * 64, "a@", "a@b@c", "a@../x",
-     "a@B", "a..b", "%2e%2e", "a b", "a\x00", "é", "x@" + "a" * 65, "y" * 200],
-)  # fmt: skip
+    [
+        "",
+        "../etc",
+        "..",
+        "a/b",
+        "a\\b",
+        "Support",
+        "-x",
+        "x" * 64,
+        "a@",
+        "a@b@c",
+        "a@../x",
+        "a@B",
+        "a..b",
+        "%2e%2e",
+        "a b",
+        "a\x00",
+        "é",
+        "x@" + "a" * 65,
+        "y" * 200,
+    ],
+)
 def test_malformed_model_names_are_refused_before_any_lookup(model):
     with pytest.raises(InvalidModelName) as info:
         parse_model_name(model)

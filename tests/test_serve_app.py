@@ -41,8 +41,12 @@ def files(tiny_model_dir, tmp_path_factory):
     """A registry with versions, aliases and bad adapters, the same files on S3, a tenants file."""
     tmp = tmp_path_factory.mktemp("serve-app")
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    made = {seed: make_random_adapter(tiny_model_dir, tmp / "src" / str(seed), seed=seed,
-                                      base_model=base) for seed in range(1, 10)}  # fmt: skip
+    made = {
+        seed: make_random_adapter(
+            tiny_model_dir, tmp / "src" / str(seed), seed=seed, base_model=base
+        )
+        for seed in range(1, 10)
+    }
     root = tmp / "registry"
     publish(root, "support", V1, made[1], "2026-01-01T00:00:00Z")
     publish(root, "support", V2, made[2], "2026-02-01T00:00:00Z")
@@ -50,20 +54,34 @@ def files(tiny_model_dir, tmp_path_factory):
     publish(root, "sql", V3, made[3])
     for name, seed in zip(POOL, range(4, 10), strict=True):
         publish(root, name, V1, made[seed])
-    make_random_adapter(tiny_model_dir, root / "wide" / V1, seed=11, r=32,
-                        created_at="2026-01-01")  # above max rank  # fmt: skip
+    make_random_adapter(
+        tiny_model_dir, root / "wide" / V1, seed=11, r=32, created_at="2026-01-01"
+    )  # above max rank
     build_tiny_model(tmp / "other-base", seed=0, hidden=128, layers=2)
     make_random_adapter(tmp / "other-base", root / "foreign" / V1, seed=12, created_at="2026-01-01")
 
     tenants = tmp / "tenants.yaml"
-    tenants.write_text(yaml.safe_dump({"tenants": [
-        {"name": "acme", "key_sha256": hash_key(ACME),
-         "adapters": ["support", "sql", "wide", "foreign", "pool-*", "ghost"]},
+    tenant_list = [
+        {
+            "name": "acme",
+            "key_sha256": hash_key(ACME),
+            "adapters": ["support", "sql", "wide", "foreign", "pool-*", "ghost"],
+        },
         {"name": "beta", "key_sha256": hash_key(BETA), "adapters": ["*"]},
-        {"name": "slow", "key_sha256": hash_key(SLOW), "adapters": ["*"], "requests_per_minute": 2},
-        {"name": "frugal", "key_sha256": hash_key(FRUGAL), "adapters": ["*"],
-         "tokens_per_minute": 100},
-    ]}))  # fmt: skip
+        {
+            "name": "slow",
+            "key_sha256": hash_key(SLOW),
+            "adapters": ["*"],
+            "requests_per_minute": 2,
+        },
+        {
+            "name": "frugal",
+            "key_sha256": hash_key(FRUGAL),
+            "adapters": ["*"],
+            "tokens_per_minute": 100,
+        },
+    ]
+    tenants.write_text(yaml.safe_dump({"tenants": tenant_list}))
     return {"root": root, "tenants": tenants, "tmp": tmp}
 
 
@@ -83,25 +101,53 @@ def s3_endpoint(files, s3_server):
 def server(files, s3_endpoint, tiny_model_dir):
     """Ray (2 CPUs) and Serve on 127.0.0.1 with two apps: a local registry at / and the S3
     registry at /s3."""
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})  # fmt: skip
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
+    )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    common = {"base_model": str(tiny_model_dir), "tenants": str(files["tenants"]),
-              "max_lora_rank": 16, "context_window": 256, "max_body_bytes": 4096}  # fmt: skip
+    common = {
+        "base_model": str(tiny_model_dir),
+        "tenants": str(files["tenants"]),
+        "max_lora_rank": 16,
+        "context_window": 256,
+        "max_body_bytes": 4096,
+    }
     serve.run(
-        build_app({**common, "registry": str(files["root"]), "max_loaded_adapters": 2,
-                   "max_cpu_adapters": 2, "alias_ttl_s": 0.2, "max_batch_size": 16,
-                   "batch_wait_timeout_s": 0.05}),
-        name="local", route_prefix="/",
-    )  # fmt: skip
+        build_app(
+            {
+                **common,
+                "registry": str(files["root"]),
+                "max_loaded_adapters": 2,
+                "max_cpu_adapters": 2,
+                "alias_ttl_s": 0.2,
+                "max_batch_size": 16,
+                "batch_wait_timeout_s": 0.05,
+            }
+        ),
+        name="local",
+        route_prefix="/",
+    )
     serve.run(
         # Also the overload test's app: 2 requests running, 1 waiting, the rest refused.
-        build_app({**common, "registry": "s3://adapters/team", "max_loaded_adapters": 1,
-                   "adapter_download_dir": str(files["tmp"] / "downloads"), "max_batch_size": 2,
-                   "max_ongoing_requests": 2, "max_queued_requests": 1}),
-        name="s3", route_prefix="/s3",
-    )  # fmt: skip
+        build_app(
+            {
+                **common,
+                "registry": "s3://adapters/team",
+                "max_loaded_adapters": 1,
+                "adapter_download_dir": str(files["tmp"] / "downloads"),
+                "max_batch_size": 2,
+                "max_ongoing_requests": 2,
+                "max_queued_requests": 1,
+            }
+        ),
+        name="s3",
+        route_prefix="/s3",
+    )
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
@@ -129,8 +175,9 @@ def offline(tiny_model_dir, tokenizer, adapter_dir, max_tokens=12, messages=MESS
         else:
             ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         with torch.inference_mode():
-            out = model.eval().generate(ids, attention_mask=torch.ones_like(ids),
-                                        max_new_tokens=max_tokens, do_sample=False)  # fmt: skip
+            out = model.eval().generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens, do_sample=False
+            )
         _offline_cache[key] = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     return _offline_cache[key]
 
@@ -167,11 +214,13 @@ def test_adapters_give_their_own_offline_greedy_outputs(server, files, tiny_mode
 
 def test_completions_endpoint(server, files, tiny_model_dir, tokenizer):
     prompt = "The quick brown fox"
-    result = client(server).completions.create(model="sql", prompt=prompt, max_tokens=10,
-                                               temperature=0)  # fmt: skip
+    result = client(server).completions.create(
+        model="sql", prompt=prompt, max_tokens=10, temperature=0
+    )
     assert result.object == "text_completion"
-    assert result.choices[0].text == offline(tiny_model_dir, tokenizer, files["root"] / "sql" / V3,
-                                             max_tokens=10, prompt=prompt)  # fmt: skip
+    assert result.choices[0].text == offline(
+        tiny_model_dir, tokenizer, files["root"] / "sql" / V3, max_tokens=10, prompt=prompt
+    )
     assert result.usage.prompt_tokens == len(tokenizer(prompt)["input_ids"])
 
 
@@ -179,9 +228,13 @@ def test_streaming_matches_the_whole_answer(server):
     c = client(server)
     whole = chat(c, "sql")[0].choices[0].message.content
     with c.chat.completions.with_streaming_response.create(
-        model="sql", messages=MESSAGES, max_tokens=12, temperature=0, stream=True,
+        model="sql",
+        messages=MESSAGES,
+        max_tokens=12,
+        temperature=0,
+        stream=True,
         stream_options={"include_usage": True},
-    ) as response:  # fmt: skip
+    ) as response:
         assert response.headers["x-adapter-version"] == V3
         chunks = list(response.parse())
     content = [
@@ -192,11 +245,12 @@ def test_streaming_matches_the_whole_answer(server):
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == "length"
     assert chunks[-1].usage.completion_tokens == 12
 
-    pieces = c.completions.create(model="sql", prompt="The quick", max_tokens=8, temperature=0,
-                                  stream=True)  # fmt: skip
+    pieces = c.completions.create(
+        model="sql", prompt="The quick", max_tokens=8, temperature=0, stream=True
+    )
     streamed = "".join(p.choices[0].text for p in pieces)
-    assert streamed == c.completions.create(model="sql", prompt="The quick", max_tokens=8,
-                                            temperature=0).choices[0].text  # fmt: skip
+    at_once = c.completions.create(model="sql", prompt="The quick", max_tokens=8, temperature=0)
+    assert streamed == at_once.choices[0].text
 
 
 def test_models_lists_what_the_tenant_may_use(server):
@@ -300,28 +354,41 @@ def test_200_concurrent_requests_over_more_adapters_than_the_cache(
     prompts = [[{"role": "user", "content": t}] for t in ("How was the delivery?", "Say hi")]
     models = [*POOL, "base"]
     want = {
-        (m, i): offline(tiny_model_dir, tokenizer,
-                        None if m == "base" else files["root"] / m / V1, 6, prompts[i])
-        for m in models for i in range(2)
-    }  # fmt: skip
+        (m, i): offline(
+            tiny_model_dir,
+            tokenizer,
+            None if m == "base" else files["root"] / m / V1,
+            6,
+            prompts[i],
+        )
+        for m in models
+        for i in range(2)
+    }
     jobs = [(models[k % len(models)], k % 2) for k in range(200)]
 
     async def run_all():
         c = openai.AsyncOpenAI(base_url=f"{server}/v1", api_key=BETA, max_retries=0, timeout=300)
         async with c:
             return await asyncio.gather(
-                *(c.chat.completions.create(model=m, messages=prompts[i], max_tokens=6,
-                                            temperature=0) for m, i in jobs),
+                *(
+                    c.chat.completions.create(
+                        model=m, messages=prompts[i], max_tokens=6, temperature=0
+                    )
+                    for m, i in jobs
+                ),
                 return_exceptions=True,
-            )  # fmt: skip
+            )
 
     started = time.time()
     results = asyncio.run(run_all())
     elapsed = time.time() - started
     errors = [r for r in results if isinstance(r, Exception)]
     assert not errors, errors[:3]
-    wrong = [(j, r.choices[0].message.content) for j, r in zip(jobs, results, strict=True)
-             if r.choices[0].message.content != want[j]]  # fmt: skip
+    wrong = [
+        (j, r.choices[0].message.content)
+        for j, r in zip(jobs, results, strict=True)
+        if r.choices[0].message.content != want[j]
+    ]
     assert not wrong, wrong[:3]
 
     metrics = httpx.get(f"{server}/metrics").text
@@ -352,12 +419,16 @@ def test_s3_registry(server, files, tiny_model_dir, tokenizer):
 def test_overload_is_503_in_openai_shape_not_an_error(server):
     async def burst():
         async with httpx.AsyncClient(timeout=120) as c:
-            return await asyncio.gather(*(
-                c.post(f"{server}/s3/v1/chat/completions",
-                       headers={"Authorization": f"Bearer {BETA}"},
-                       json={"model": "support", "messages": MESSAGES, "max_tokens": 48})
-                for _ in range(12)
-            ))  # fmt: skip
+            return await asyncio.gather(
+                *(
+                    c.post(
+                        f"{server}/s3/v1/chat/completions",
+                        headers={"Authorization": f"Bearer {BETA}"},
+                        json={"model": "support", "messages": MESSAGES, "max_tokens": 48},
+                    )
+                    for _ in range(12)
+                )
+            )
 
     responses = asyncio.run(burst())
     statuses = sorted(r.status_code for r in responses)
@@ -373,5 +444,11 @@ def test_build_app_refuses_bad_settings():
     with pytest.raises(ValueError, match="tenants: give a tenants file"):
         build_app({"base_model": "x"})
     with pytest.raises(ValueError, match="max_ongoing_requests"):
-        build_app({"base_model": "x", "allow_unauthenticated": True, "max_batch_size": 32,
-                   "max_ongoing_requests": 8})  # fmt: skip
+        build_app(
+            {
+                "base_model": "x",
+                "allow_unauthenticated": True,
+                "max_batch_size": 32,
+                "max_ongoing_requests": 8,
+            }
+        )

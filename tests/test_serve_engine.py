@@ -61,8 +61,9 @@ def prompts(engine):
 
 def offline_greedy(model, prompt_ids, max_new_tokens):
     ids = torch.tensor([prompt_ids])
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                         do_sample=False)  # fmt: skip
+    out = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False
+    )
     return out[0, len(prompt_ids) :].tolist()
 
 

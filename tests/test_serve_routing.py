@@ -40,32 +40,59 @@ def routed(tiny_model_dir, tmp_path_factory):
         made = make_random_adapter(tiny_model_dir, tmp / "src" / name, seed=seed, base_model=base)
         publish(tmp / "registry", name, V1, made)
     tenants = tmp / "tenants.yaml"
-    tenants.write_text(yaml.safe_dump({"tenants": [
+    tenant_list = [
         {"name": "open", "key_sha256": hash_key(OPEN), "adapters": ["*"]},
-        {"name": "metered", "key_sha256": hash_key(METERED), "adapters": ["*"],
-         "requests_per_minute": 3},
-    ]}))  # fmt: skip
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}})  # fmt: skip
+        {
+            "name": "metered",
+            "key_sha256": hash_key(METERED),
+            "adapters": ["*"],
+            "requests_per_minute": 3,
+        },
+    ]
+    tenants.write_text(yaml.safe_dump({"tenants": tenant_list}))
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
+    )
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(
-        build_app({"base_model": str(tiny_model_dir), "registry": str(tmp / "registry"),
-                   "tenants": str(tenants), "layout": "routed", "model_replicas": 2,
-                   "ingress_replicas": 2, "ingress_cpus": 0, "context_window": 256, "max_loaded_adapters": 4,
-                   "max_batch_size": 8, "batch_wait_timeout_s": 0.05, "max_ongoing_requests": 8,
-                   "max_queued_requests": 16, "routing_stats_period_s": 0.2}),
-        name="routed", route_prefix="/",
-    )  # fmt: skip
+        build_app(
+            {
+                "base_model": str(tiny_model_dir),
+                "registry": str(tmp / "registry"),
+                "tenants": str(tenants),
+                "layout": "routed",
+                "model_replicas": 2,
+                "ingress_replicas": 2,
+                "ingress_cpus": 0,
+                "context_window": 256,
+                "max_loaded_adapters": 4,
+                "max_batch_size": 8,
+                "batch_wait_timeout_s": 0.05,
+                "max_ongoing_requests": 8,
+                "max_queued_requests": 16,
+                "routing_stats_period_s": 0.2,
+            }
+        ),
+        name="routed",
+        route_prefix="/",
+    )
     yield {"url": f"http://127.0.0.1:{port}", "registry": tmp / "registry", "tenants": tenants}
     serve.shutdown()
     ray.shutdown()
 
 
 def chat(url, model, max_tokens=8, key=OPEN, status=200):
-    r = httpx.post(f"{url}/v1/chat/completions", timeout=120, headers={"Authorization": f"Bearer {key}"},
-                   json={"model": model, "messages": MESSAGES, "max_tokens": max_tokens,
-                         "temperature": 0})  # fmt: skip
+    r = httpx.post(
+        f"{url}/v1/chat/completions",
+        timeout=120,
+        headers={"Authorization": f"Bearer {key}"},
+        json={"model": model, "messages": MESSAGES, "max_tokens": max_tokens, "temperature": 0},
+    )
     assert status is None or r.status_code == status, r.text
     return r
 
@@ -73,11 +100,20 @@ def chat(url, model, max_tokens=8, key=OPEN, status=200):
 async def chat_all(url, models, max_tokens=8):
     headers = {"Authorization": f"Bearer {OPEN}"}
     async with httpx.AsyncClient(timeout=120, headers=headers) as c:
-        return await asyncio.gather(*(
-            c.post(f"{url}/v1/chat/completions", json={"model": m, "messages": MESSAGES,
-                                                       "max_tokens": max_tokens, "temperature": 0})
-            for m in models
-        ))  # fmt: skip
+        return await asyncio.gather(
+            *(
+                c.post(
+                    f"{url}/v1/chat/completions",
+                    json={
+                        "model": m,
+                        "messages": MESSAGES,
+                        "max_tokens": max_tokens,
+                        "temperature": 0,
+                    },
+                )
+                for m in models
+            )
+        )
 
 
 def test_requests_go_to_the_replica_that_holds_their_adapter(routed):
@@ -113,10 +149,17 @@ def test_a_replica_batches_requests_for_several_adapters_together(
 def test_streaming_through_the_model_replica(routed):
     url, headers = routed["url"], {"Authorization": f"Bearer {OPEN}"}
     whole = chat(url, "blue", max_tokens=10).json()["choices"][0]["message"]["content"]
-    body = {"model": "blue", "messages": MESSAGES, "max_tokens": 10, "temperature": 0,
-            "stream": True, "stream_options": {"include_usage": True}}  # fmt: skip
-    with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, headers=headers,
-                      timeout=120) as r:  # fmt: skip
+    body = {
+        "model": "blue",
+        "messages": MESSAGES,
+        "max_tokens": 10,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with httpx.stream(
+        "POST", f"{url}/v1/chat/completions", json=body, headers=headers, timeout=120
+    ) as r:
         assert r.status_code == 200 and r.headers["x-model-replica"]
         events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
@@ -133,8 +176,11 @@ def test_a_replica_killed_under_load_costs_no_request(routed, tiny_model_dir, to
     async def kill_while_running():
         burst = asyncio.ensure_future(chat_all(url, ["gray"] * 6, max_tokens=120))
         await asyncio.sleep(0.4)  # the batch of 6 x 120 tokens takes seconds on this model
-        [name] = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                  if a["name"].endswith(holder) and "ModelServer" in a["name"]]  # fmt: skip
+        [name] = [
+            a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].endswith(holder) and "ModelServer" in a["name"]
+        ]
         ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
         return await burst
 
@@ -160,16 +206,21 @@ def test_full_model_queues_are_503_in_openai_shape(routed):
 
 def test_tenant_limits_hold_across_ingress_replicas(routed):
     # Two ingress replicas, 3 requests a minute: 3 answers in all, not 3 per replica.
-    statuses = [chat(routed["url"], "base", max_tokens=1, key=METERED, status=None).status_code
-                for _ in range(9)]  # fmt: skip
+    statuses = [
+        chat(routed["url"], "base", max_tokens=1, key=METERED, status=None).status_code
+        for _ in range(9)
+    ]
     assert sorted(statuses) == [200] * 3 + [429] * 6, statuses
 
     # The limiter actor gone: replicas limit on their own (and start a new actor) meanwhile.
     name = limiter_name("routed", routed["tenants"])
 
     def limiter():
-        [namespace] = [a["namespace"] for a in ray.util.list_named_actors(all_namespaces=True)
-                       if a["name"] == name]  # fmt: skip
+        [namespace] = [
+            a["namespace"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"] == name
+        ]
         return ray.get_actor(name, namespace=namespace)
 
     ray.kill(limiter())

@@ -7,7 +7,7 @@ import yaml
 from typer.testing import CliRunner
 
 from serve.errors import InvalidRequest, RateLimited, Unauthorized
-from serve.tenants import Tenants, TenantsFile, cli, hash_key
+from serve.tenants import Tenants, TenantsFile, app, hash_key
 
 KEY_A, KEY_B = "sk-test-acme-0123456789", "sk-test-beta-9876543210"
 
@@ -24,12 +24,16 @@ def tenants_file(**limits):
     return TenantsFile.model_validate(
         {
             "tenants": [
-                {"name": "acme", "key_sha256": hash_key(KEY_A), "adapters": ["support", "sql-*"],
-                 **limits},
+                {
+                    "name": "acme",
+                    "key_sha256": hash_key(KEY_A),
+                    "adapters": ["support", "sql-*"],
+                    **limits,
+                },
                 {"name": "beta", "key_sha256": hash_key(KEY_B), "adapters": ["*"]},
             ]
         }
-    )  # fmt: skip
+    )
 
 
 def test_keys_authenticate_their_tenant():
@@ -96,14 +100,30 @@ def test_tokens_per_minute_reserves_then_settles():
     [
         ({"tenants": [{"name": "a", "key_sha256": "abc"}]}, "key_sha256"),
         ({"tenants": [{"name": "a", "key_sha256": "0" * 64, "limit": 3}]}, "limit"),
-        ({"tenants": [{"name": "a", "key_sha256": "0" * 64}, {"name": "a", "key_sha256": "1" * 64}]},
-         "unique"),
-        ({"tenants": [{"name": "a", "key_sha256": "0" * 64}, {"name": "b", "key_sha256": "0" * 64}]},
-         "share one key"),
-        ({"tenants": [{"name": "a", "key_sha256": "0" * 64, "requests_per_minute": 0}]},
-         "requests_per_minute"),
+        (
+            {
+                "tenants": [
+                    {"name": "a", "key_sha256": "0" * 64},
+                    {"name": "a", "key_sha256": "1" * 64},
+                ]
+            },
+            "unique",
+        ),
+        (
+            {
+                "tenants": [
+                    {"name": "a", "key_sha256": "0" * 64},
+                    {"name": "b", "key_sha256": "0" * 64},
+                ]
+            },
+            "share one key",
+        ),
+        (
+            {"tenants": [{"name": "a", "key_sha256": "0" * 64, "requests_per_minute": 0}]},
+            "requests_per_minute",
+        ),
     ],
-)  # fmt: skip
+)
 def test_bad_tenants_files_name_the_problem(tmp_path, bad, message):
     path = tmp_path / "tenants.yaml"
     path.write_text(yaml.safe_dump(bad))
@@ -118,8 +138,8 @@ def test_example_tenants_file_loads():
 
 def test_cli_hashes_a_key_from_stdin_and_makes_new_keys():
     runner = CliRunner()
-    result = runner.invoke(cli, ["hash-key"], input=f"{KEY_A}\n")
+    result = runner.invoke(app, ["hash-key"], input=f"{KEY_A}\n")
     assert result.exit_code == 0 and result.stdout.strip() == hash_key(KEY_A)
-    result = runner.invoke(cli, ["new-key"])
+    result = runner.invoke(app, ["new-key"])
     key, digest = (line.split()[-1] for line in result.stdout.splitlines())
     assert key.startswith("sk-") and len(key) > 40 and digest == hash_key(key)
