@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +30,9 @@ from jobs.data.normalize import example_key, normalize_example
 from jobs.data.quality import heuristic_score
 from jobs.data.render import render
 from jobs.data.sources import RowError, SourceFile, read_rows
+
+if TYPE_CHECKING:
+    from jobs.data.prepare import PrepareConfig
 
 log = logging.getLogger("rayft.prepare")
 
@@ -163,9 +166,15 @@ def iter_chunks(files: list[SourceFile], size: int, shards: Shards) -> Iterator[
         yield chunk
 
 
-def read_chunks(cfg, files: list[SourceFile], tokenizer, work: Path, dropped: DroppedLog, progress):
-    """Stage 1 over every file (`cfg` a PrepareConfig): shards under `work`, malformed rows
-    logged to `dropped`."""
+def read_chunks(
+    cfg: PrepareConfig,
+    files: list[SourceFile],
+    tokenizer,
+    work: Path,
+    dropped: DroppedLog,
+    progress,
+):
+    """Stage 1 over every file: shards under `work`, malformed rows logged to `dropped`."""
     shards = Shards()
     task = progress.add_task("read, validate, render, sign", total=None)
 
@@ -191,7 +200,7 @@ def read_chunks(cfg, files: list[SourceFile], tokenizer, work: Path, dropped: Dr
     return shards
 
 
-def _on_ray(chunks: Iterator[Chunk], cfg, finish) -> None:
+def _on_ray(chunks: Iterator[Chunk], cfg: PrepareConfig, finish) -> None:
     """process_chunk as Ray tasks, at most 2 x workers in flight: the driver never holds the
     whole input."""
     import ray

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -23,6 +23,9 @@ from jobs.data.dedup import exact_duplicate_of, near_duplicate_of
 from jobs.data.drops import KEPT, Drop
 from jobs.data.quality import JudgeScorer
 from jobs.data.split import assign_splits
+
+if TYPE_CHECKING:
+    from jobs.data.prepare import PrepareConfig
 
 
 @dataclass
@@ -47,9 +50,9 @@ def column(shards: list[Path], name: str) -> pa.Array:
     return pa.concat_arrays(tables)
 
 
-def decide(cfg, shards: list[Path], progress) -> Decision:
-    """Stage 2 for a PrepareConfig `cfg` over the shards of stage 1."""
-    data: DataConfig = cfg.data
+def decide(cfg: PrepareConfig, shards: list[Path], progress) -> Decision:
+    """Stage 2, over the shards of stage 1."""
+    data = cfg.data
     task = progress.add_task("dedup, filter, split", total=5)
     source = column(shards, "source").to_numpy(zero_copy_only=False).astype(np.int32)
     n = len(source)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -18,6 +18,9 @@ from jobs.data.decisions import Decision
 from jobs.data.drops import DECIDED, KEPT, Drop
 from jobs.data.sources import file_sha256
 from jobs.data.split import SPLITS
+
+if TYPE_CHECKING:
+    from jobs.data.prepare import PrepareConfig
 
 
 @dataclass
@@ -35,9 +38,14 @@ class Manifest:
 
 
 def manifest_entries(
-    cfg, dataset_hash: str, counts: dict[str, Any], errors, shards: Shards, start: float
+    cfg: PrepareConfig,
+    dataset_hash: str,
+    counts: dict[str, Any],
+    errors,
+    shards: Shards,
+    start: float,
 ) -> dict[str, Any]:
-    """manifest.json's contents for a PrepareConfig `cfg` whose preparation began at `start`."""
+    """manifest.json's contents, for a preparation that began at `start`."""
     return {
         "dataset_hash": dataset_hash,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -90,7 +98,7 @@ def check_accounted(counts: dict[str, int]) -> None:
         raise RuntimeError(f"rows unaccounted for: {counts}")  # a bug, never bad input
 
 
-def _source_entries(cfg, files: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _source_entries(cfg: PrepareConfig, files: list[dict[str, Any]]) -> list[dict[str, Any]]:
     entries = []
     for i, s in enumerate(cfg.data.all_sources()):
         mine = [

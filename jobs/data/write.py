@@ -7,6 +7,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -16,6 +17,9 @@ from jobs import storage
 from jobs.data.decisions import Decision, column
 from jobs.data.drops import KEPT, Drop, DroppedLog
 from jobs.data.split import SPLITS
+
+if TYPE_CHECKING:
+    from jobs.data.prepare import PrepareConfig
 
 OUTPUT_COLUMNS = ["messages", "text", "source", "where", "num_tokens", "score"]
 
@@ -48,9 +52,11 @@ class SplitFiles:
             handle.close()
 
 
-def write_splits(cfg, shards: list[Path], decision: Decision, dropped: DroppedLog, progress):
-    """Write the kept rows per split under cfg.output (a PrepareConfig's) and log the dropped
-    ones; returns the dataset hash and the rows written per split."""
+def write_splits(
+    cfg: PrepareConfig, shards: list[Path], decision: Decision, dropped: DroppedLog, progress
+):
+    """Write the kept rows per split under cfg.output and log the dropped ones; returns the
+    dataset hash and the rows written per split."""
     task = progress.add_task("write", total=len(decision.code))
     # duplicates name the row they duplicate
     where_all = column(shards, "where") if (decision.dup_of >= 0).any() else None
@@ -77,7 +83,9 @@ def write_splits(cfg, shards: list[Path], decision: Decision, dropped: DroppedLo
     return "sha256:" + digest.hexdigest(), files.rows
 
 
-def _log_drop(cfg, decision: Decision, table: pa.Table, i: int, row: int, where_all, dropped):
+def _log_drop(
+    cfg: PrepareConfig, decision: Decision, table: pa.Table, i: int, row: int, where_all, dropped
+):
     """Row `row` of all shards (`i` of this shard's `table`) into dropped.jsonl."""
     drop = Drop(int(decision.code[row]))
     tokens, length = decision.num_tokens[row], cfg.data.length
@@ -103,7 +111,7 @@ def upload(local: Path, url: str) -> None:
         shutil.copyfileobj(src, dst)
 
 
-def _hashed_config(cfg) -> str:
+def _hashed_config(cfg: PrepareConfig) -> str:
     """What the dataset hash covers besides the rows: how they were prepared, not where from."""
     data = cfg.data.model_dump(mode="json")
     for s in data["sources"]:
