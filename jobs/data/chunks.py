@@ -173,7 +173,7 @@ def read_chunks(
     work: Path,
     dropped: DroppedLog,
     progress,
-):
+) -> Shards:
     """Stage 1 over every file: shards under `work`, malformed rows logged to `dropped`."""
     shards = Shards()
     task = progress.add_task("read, validate, render, sign", total=None)
