@@ -3,6 +3,7 @@ and near-duplicate recall/precision against known near-duplicates.
 
     python benchmarks/prepare_bench.py --rows 1000000            # the figure (minutes)
     python benchmarks/prepare_bench.py --rows 50000 --workers 2  # chunks on 2 Ray workers
+    python benchmarks/prepare_bench.py --rows 200 --dedup-docs 200 --tokenizer DIR  # seconds: a smoke run
 
 Baselines in the same run: reading + JSON-parsing the file alone (the I/O floor: pipeline rows/s
 as a ratio of it), and datasketch's MinHashLSH on the same signatures (time and memory of our
@@ -29,6 +30,16 @@ from jobs.data.prepare import PrepareConfig, prepare
 from jobs.data.sources import SourceFile, read_rows
 
 WORDS = [f"w{i}" for i in range(5000)]
+SHOWN_COUNTS = (
+    "input_rows",
+    "malformed",
+    "exact_duplicates",
+    "near_duplicates",
+    "too_short",
+    "low_quality",
+    "train",
+    "eval",
+)
 
 
 def doc(rng: random.Random, n: int) -> str:
@@ -75,7 +86,9 @@ def bench_pipeline(rows: int, workers: int, tokenizer: str) -> None:
         path = Path(tmp) / "rows.jsonl"
         t0 = time.perf_counter()
         write_dataset(path, rows)
-        print(f"generated {rows:,} rows ({path.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.0f} s")  # fmt: skip
+        print(
+            f"generated {rows:,} rows ({path.stat().st_size / 2**20:.0f} MiB) in {time.perf_counter() - t0:.0f} s"
+        )
 
         t0 = time.perf_counter()
         n = sum(1 for _ in read_rows(SourceFile(0, str(path), "jsonl")))
@@ -83,8 +96,13 @@ def bench_pipeline(rows: int, workers: int, tokenizer: str) -> None:
         rss_before = peak_rss_mb()
 
         data = DataConfig(train_files=[str(path)], length={"min_tokens": 16})
-        cfg = PrepareConfig(data=data, tokenizer=tokenizer, output=str(Path(tmp) / "out"),
-                            workers=workers, chunk_rows=5000)  # fmt: skip
+        cfg = PrepareConfig(
+            data=data,
+            tokenizer=tokenizer,
+            output=str(Path(tmp) / "out"),
+            workers=workers,
+            chunk_rows=5000,
+        )
         if workers:
             from jobs.distributed import start_local_ray
 
@@ -93,12 +111,16 @@ def bench_pipeline(rows: int, workers: int, tokenizer: str) -> None:
         manifest = prepare(cfg, show_progress=True)
         prep_s = time.perf_counter() - t0
         c = manifest.counts
-        print(f"\npipeline, {workers or 'no'} Ray workers: {n:,} rows in {prep_s:.1f} s = {n / prep_s:,.0f} rows/s")  # fmt: skip
-        print(f"read + parse only (baseline): {n / read_s:,.0f} rows/s; pipeline / baseline = {read_s / prep_s:.3f}")  # fmt: skip
+        print(
+            f"\npipeline, {workers or 'no'} Ray workers: {n:,} rows in {prep_s:.1f} s = {n / prep_s:,.0f} rows/s"
+        )
+        print(
+            f"read + parse only (baseline): {n / read_s:,.0f} rows/s; pipeline / baseline = {read_s / prep_s:.3f}"
+        )
         print(
             f"driver peak RSS {peak_rss_mb():,.0f} MiB (after reading alone: {rss_before:,.0f} MiB)"
         )
-        print("counts: " + ", ".join(f"{k} {c[k]:,}" for k in ("input_rows", "malformed", "exact_duplicates", "near_duplicates", "too_short", "low_quality", "train", "eval")))  # fmt: skip
+        print("counts: " + ", ".join(f"{k} {c[k]:,}" for k in SHOWN_COUNTS))
 
 
 def bench_near_dedup(base: int, copies: int, edits: int, threshold: float) -> None:
@@ -141,20 +163,32 @@ def bench_near_dedup(base: int, copies: int, edits: int, threshold: float) -> No
     lib_s = time.perf_counter() - t0
     lib_mem = tracemalloc.get_traced_memory()[1] / 2**20
     tracemalloc.stop()
-    print(f"\nnear dedup: {len(texts):,} docs, {copies:,} known near copies ({edits} of 80 words changed), threshold {threshold}, {b} bands x {r} rows")  # fmt: skip
+    print(
+        f"\nnear dedup: {len(texts):,} docs, {copies:,} known near copies ({edits} of 80 words changed), threshold {threshold}, {b} bands x {r} rows"
+    )
     print(f"  signatures {len(texts) / sign_s:,.0f} docs/s")
     print(f"  recall {recall:.3f}  precision {precision:.3f}  (found {len(found):,})")
-    print(f"  numpy banding {ours_s:.2f} s, {ours_mem:.0f} MiB peak  vs  datasketch MinHashLSH {lib_s:.2f} s, {lib_mem:.0f} MiB peak")  # fmt: skip
-    print(f"  ratio: time {ours_s / lib_s:.3f}, memory {ours_mem / lib_mem:.3f}; duplicates flagged: ours {len(found):,}, MinHashLSH {theirs:,}")  # fmt: skip
+    print(
+        f"  numpy banding {ours_s:.2f} s, {ours_mem:.0f} MiB peak  vs  datasketch MinHashLSH {lib_s:.2f} s, {lib_mem:.0f} MiB peak"
+    )
+    print(
+        f"  ratio: time {ours_s / lib_s:.3f}, memory {ours_mem / lib_mem:.3f}; duplicates flagged: ours {len(found):,}, MinHashLSH {theirs:,}"
+    )
 
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rows", type=int, default=1_000_000)
-    ap.add_argument("--workers", type=int, default=0)
-    ap.add_argument("--tokenizer", default=".cache/tiny-llama")
-    ap.add_argument("--dedup-docs", type=int, default=50_000)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", type=int, default=1_000_000, help="rows through the pipeline")
+    ap.add_argument("--workers", type=int, default=0, help="Ray workers (0: in this process)")
+    ap.add_argument(
+        "--tokenizer",
+        default=".cache/tiny-llama",
+        help="model directory (python -m jobs.tiny_model)",
+    )
+    ap.add_argument(
+        "--dedup-docs", type=int, default=50_000, help="documents of the near-dedup measurement"
+    )
     args = ap.parse_args()
     bench_near_dedup(args.dedup_docs, args.dedup_docs // 10, edits=2, threshold=0.7)
     bench_pipeline(args.rows, args.workers, args.tokenizer)

@@ -33,8 +33,12 @@ M = IGNORE_INDEX
 
 def lenient(**kw) -> DataConfig:
     """The job's data section with only validation on: these tests use tiny, repeated rows."""
-    return DataConfig(**kw, dedup={"exact": False, "near": False}, length={"min_tokens": 0},
-                      quality={"scorer": "none"})  # fmt: skip
+    return DataConfig(
+        **kw,
+        dedup={"exact": False, "near": False},
+        length={"min_tokens": 0},
+        quality={"scorer": "none"},
+    )
 
 
 def reasons(data) -> dict[str, int]:
@@ -70,8 +74,12 @@ def test_golden_ids_two_assistant_turns(tokenizer):
 
 
 def test_every_format_renders_to_the_same_golden_ids(tokenizer):
-    sharegpt = {"conversations": [{"from": {"user": "human", "assistant": "gpt"}[m["role"]],
-                                   "value": m["content"]} for m in MULTI]}  # fmt: skip
+    sharegpt = {
+        "conversations": [
+            {"from": {"user": "human", "assistant": "gpt"}[m["role"]], "value": m["content"]}
+            for m in MULTI
+        ]
+    }
     expected = render_and_mask(MULTI, tokenizer, 512)
     assert render_and_mask(to_messages(sharegpt), tokenizer, 512) == expected
     alpaca = {"instruction": "hello", "output": "yes"}
@@ -93,17 +101,31 @@ def test_truncation_and_no_assistant_tokens_left(tokenizer):
 @pytest.mark.parametrize(
     ("row", "expected"),
     [
-        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
-         [("user", "q"), ("assistant", "a")]),
-        ({"conversations": [{"from": "system", "value": "s"}, {"from": "human", "value": "q"},
-                            {"from": "gpt", "value": "a"}]},
-         [("system", "s"), ("user", "q"), ("assistant", "a")]),
-        ({"instruction": "Sum", "input": "1 2", "output": "3"}, [("user", "Sum\n\n1 2"), ("assistant", "3")]),
-        ({"instruction": "Hi", "input": "", "output": "Yo", "system": "S"},
-         [("system", "S"), ("user", "Hi"), ("assistant", "Yo")]),
+        (
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+            [("user", "q"), ("assistant", "a")],
+        ),
+        (
+            {
+                "conversations": [
+                    {"from": "system", "value": "s"},
+                    {"from": "human", "value": "q"},
+                    {"from": "gpt", "value": "a"},
+                ]
+            },
+            [("system", "s"), ("user", "q"), ("assistant", "a")],
+        ),
+        (
+            {"instruction": "Sum", "input": "1 2", "output": "3"},
+            [("user", "Sum\n\n1 2"), ("assistant", "3")],
+        ),
+        (
+            {"instruction": "Hi", "input": "", "output": "Yo", "system": "S"},
+            [("system", "S"), ("user", "Hi"), ("assistant", "Yo")],
+        ),
         ({"prompt": "q", "completion": "a"}, [("user", "q"), ("assistant", "a")]),
     ],
-)  # fmt: skip
+)
 def test_formats_are_detected_and_converted(row, expected):
     assert [(m["role"], m["content"]) for m in to_messages(row)] == expected
 
@@ -124,13 +146,26 @@ BAD_ROWS = [
     (json.dumps({"prompt": "q", "completion": 3}), "field 'completion' is int, not a string"),
     (json.dumps({"messages": [{"role": "robot", "content": "x"}]}), "unknown role 'robot'"),
     (json.dumps({"messages": [{"role": "user", "content": "x"}]}), "no assistant turn"),
-    (json.dumps({"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}),
-     "roles out of order"),
-    (json.dumps({"messages": [{"role": "user", "content": ["x"]}, {"role": "assistant", "content": "y"}]}),
-     "content is list, not a string"),
+    (
+        json.dumps(
+            {"messages": [{"role": "assistant", "content": "x"}, {"role": "user", "content": "y"}]}
+        ),
+        "roles out of order",
+    ),
+    (
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": ["x"]},
+                    {"role": "assistant", "content": "y"},
+                ]
+            }
+        ),
+        "content is list, not a string",
+    ),
     (json.dumps({"messages": []}), "missing or empty 'messages' list"),
     (json.dumps(["not", "an", "object"]), "row is list, not an object"),
-]  # fmt: skip
+]
 
 
 def write_rows(path, good: int, bad_lines: list[bytes]):
@@ -171,32 +206,60 @@ def msgs(*turns) -> bytes:
 
 
 ONE_BAD_ROW = [
-    (b'{"prompt": "q", "completion": "a"', "auto", "invalid JSON (Expecting ',' delimiter at column 34)"),
+    (
+        b'{"prompt": "q", "completion": "a"',
+        "auto",
+        "invalid JSON (Expecting ',' delimiter at column 34)",
+    ),
     (b'{"prompt": "caf\xe9", "completion": "x"}', "auto", "invalid UTF-8 at byte 15"),
     (json.dumps({"instruction": "x", "output": None}).encode(), "auto", "missing field 'output'"),
     (qa("q", "a"), "alpaca", "missing field 'instruction'"),
     (msgs(("user", "q"), ("assistant", "a")), "sharegpt", "missing or empty 'conversations' list"),
-    (json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant"}]}).encode(),
-     "auto", "messages[1]: content is NoneType, not a string"),
+    (
+        json.dumps(
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant"}]}
+        ).encode(),
+        "auto",
+        "messages[1]: content is NoneType, not a string",
+    ),
     (msgs(("user", " \n"), ("assistant", "a")), "auto", "messages[0]: empty content"),
     (qa("q", ""), "auto", "field 'completion' is empty"),
-    (json.dumps({"conversations": [{"from": "bot", "value": "q"}]}).encode(), "auto",
-     "conversations[0]: unknown role 'bot'"),
+    (
+        json.dumps({"conversations": [{"from": "bot", "value": "q"}]}).encode(),
+        "auto",
+        "conversations[0]: unknown role 'bot'",
+    ),
     (msgs(("system", "s")), "auto", "no assistant turn"),
-    (json.dumps({"conversations": [{"from": "human", "value": "q"}, {"from": "human", "value": "q"},
-                                   {"from": "gpt", "value": "a"}]}).encode(),
-     "auto", "conversations: turn 2 is 'user', expected 'assistant' (roles out of order)"),
-    (json.dumps({"instruction": "x", "input": 5, "output": "y"}).encode(), "auto",
-     "field 'input' is int, not a string"),
+    (
+        json.dumps(
+            {
+                "conversations": [
+                    {"from": "human", "value": "q"},
+                    {"from": "human", "value": "q"},
+                    {"from": "gpt", "value": "a"},
+                ]
+            }
+        ).encode(),
+        "auto",
+        "conversations: turn 2 is 'user', expected 'assistant' (roles out of order)",
+    ),
+    (
+        json.dumps({"instruction": "x", "input": 5, "output": "y"}).encode(),
+        "auto",
+        "field 'input' is int, not a string",
+    ),
     (json.dumps({"messages": ["hi"]}).encode(), "auto", "messages[0] is not an object"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("line", "fmt", "reason"), ONE_BAD_ROW, ids=[r for *_, r in ONE_BAD_ROW])
 @pytest.mark.parametrize("on_error", ["skip", "fail"])
 def test_each_bad_row_reason_names_file_and_line(tmp_path, tokenizer, line, fmt, reason, on_error):
-    good = {"auto": qa("q", "a"), "alpaca": b'{"instruction": "q", "output": "a"}',
-            "sharegpt": b'{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}'}[fmt]  # fmt: skip
+    good = {
+        "auto": qa("q", "a"),
+        "alpaca": b'{"instruction": "q", "output": "a"}',
+        "sharegpt": b'{"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}',
+    }[fmt]
     train, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
     train.write_bytes(b"\n".join([good, good, b"", line, good]) + b"\n")  # the bad row is line 4
     held.write_bytes(good + b"\n")

@@ -1,33 +1,60 @@
 """The data pipeline: sources -> formats -> normalize -> render -> dedup/length/quality -> split.
 
-sources.py   files (local, globs, s3://, saved datasets) and their rows with file:line
-formats.py   rows in OpenAI/ShareGPT/Alpaca/prompt-completion/text formats -> messages, validated
-normalize.py Unicode and whitespace normalization, the canonical text an example hashes as
-render.py    the chat template's render, token ids, labels masked to the answer turns
-dedup.py     exact and MinHash near-duplicate detection over numpy arrays
-quality.py   heuristic and LLM-judge quality scores
-prepare.py   the offline pipeline (`python -m jobs.prepare`): manifest, splits, dropped rows
-pairs.py     preference pairs (DPO): TRL's formats -> prompt/chosen/rejected token ids
+sources.py    files (local, globs, s3://, saved datasets) and their rows with file:line
+formats.py    rows in OpenAI/ShareGPT/Alpaca/prompt-completion/text formats -> messages, validated
+normalize.py  Unicode and whitespace normalization, the canonical text an example hashes as
+render.py     the chat template's render, token ids, labels masked to the answer turns
+dedup.py      exact and MinHash near-duplicate detection over numpy arrays
+quality.py    heuristic and LLM-judge quality scores
+split.py      the hash split and source weights
+drops.py      why a row is dropped (Drop), and dropped.jsonl
+chunks.py     stage 1: rows -> validated, rendered, signed Parquet shards (in chunks, on Ray)
+decisions.py  stage 2: dedup, length, quality and split decisions on arrays
+write.py      stage 3: train/eval/test Parquet and the dataset hash
+manifest.py   manifest.json, and reading a prepared set back
+prepare.py    the offline pipeline (`python -m jobs.prepare`) and an SFT job's data
+pairs.py      preference pairs (DPO): TRL's formats -> prompt/chosen/rejected token ids
+prepared.py   PreparedData: what a job trains on, for any objective
+
+A job's driver makes one call, load_for_job: its objective's loader reads (and, for SFT,
+prepares) the data and tokenizes it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from jobs.config import JobConfig
-from jobs.data.prepare import DROP_CODES, MALFORMED, PreparedData, prepare_data
+from jobs.data.drops import Drop
+from jobs.data.pairs import prepare_pairs
+from jobs.data.prepare import prepare_data
+from jobs.data.prepared import PreparedData
 
-DROP_COUNTS = {MALFORMED, *DROP_CODES.values()}
+DROP_COUNTS = {d.count_name for d in Drop}
+
+
+def load_sft(cfg: JobConfig, tokenizer, workdir: str | Path) -> PreparedData:
+    """Conversations or text: the prepared set (data.prepared), or the pipeline run now into
+    `workdir` (its manifest and dropped rows then stay with the run)."""
+    return prepare_data(cfg.data, tokenizer, cfg.run.seed, cfg.model.name_or_path, str(workdir))
+
+
+def load_dpo(cfg: JobConfig, tokenizer, workdir: str | Path) -> PreparedData:
+    """Preference pairs, read, validated and split now (dedup and quality filters are SFT's)."""
+    return prepare_pairs(cfg.data, tokenizer, cfg.run.seed)
+
+
+# train.method -> its loader; a new objective is one more entry
+LOADERS: dict[str, Callable[[JobConfig, object, str | Path], PreparedData]] = {
+    "sft": load_sft,
+    "dpo": load_dpo,
+}
 
 
 def load_for_job(cfg: JobConfig, tokenizer, workdir: str | Path) -> PreparedData:
-    """What the job trains and evaluates on, for its objective: the prepared set (data.prepared),
-    or one prepared now into `workdir` (its manifest and dropped rows then stay with the run)."""
-    if cfg.train.method == "dpo":
-        from jobs.data.pairs import prepare_pairs
-
-        return prepare_pairs(cfg.data, tokenizer, cfg.run.seed)
-    return prepare_data(cfg.data, tokenizer, cfg.run.seed, cfg.model.name_or_path, str(workdir))
+    """What the job trains and evaluates on, for its objective (train.method)."""
+    return LOADERS[cfg.train.method](cfg, tokenizer, workdir)
 
 
 def summary_lines(data: PreparedData) -> list[str]:

@@ -7,13 +7,19 @@ with file:line and a reason and counted; with data.on_error=fail the first one s
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from jobs.data.sources import RowError
 
 ROLES = {"system", "user", "assistant"}
-SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
-                  "assistant": "assistant"}  # fmt: skip
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+}
 
 
 # ---------------------------------------------------------------- rows -> messages
@@ -73,6 +79,18 @@ def to_example(
     return {"messages": to_messages(row, fmt, system_prompt, fields)}
 
 
+@dataclass(frozen=True)
+class TurnKeys:
+    """Where a format keeps a turn's role and content, and its role names -> ours."""
+
+    role: str = "role"
+    content: str = "content"
+    roles: dict[str, str] | None = None
+
+
+SHAREGPT_KEYS = TurnKeys("from", "value", SHAREGPT_ROLES)
+
+
 def to_messages(
     row: Any, fmt: str = "auto", system_prompt: str | None = None, fields: dict | None = None
 ) -> list[dict]:
@@ -80,58 +98,61 @@ def to_messages(
     if not isinstance(row, dict):
         raise RowError(f"row is {type(row).__name__}, not an object")
     fmt = detect_format(row) if fmt == "auto" else fmt
+    turns, keys = raw_turns(row, fmt, fields or {})
+    name = {"messages": "messages", "sharegpt": "conversations"}.get(fmt, "turns")
+    messages = checked_messages(turns, name, keys)
+    check_turn_order(messages, name)
+    if system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+def raw_turns(row: dict[str, Any], fmt: str, fields: dict[str, str]) -> tuple[Any, TurnKeys]:
+    """A chat-format row's turns as they are, and where their roles and contents are."""
     if fmt == "messages":
-        fields = fields or {}
-        turns, role_key, content_key, role_map = (
-            row.get("messages"),
-            fields.get("role", "role"),
-            fields.get("content", "content"),
-            None,
-        )
-    elif fmt == "sharegpt":
-        turns, role_key, content_key, role_map = (
-            row.get("conversations"),
-            "from",
-            "value",
-            SHAREGPT_ROLES,
-        )
-    elif fmt == "alpaca":
+        keys = TurnKeys(fields.get("role", "role"), fields.get("content", "content"))
+        return row.get("messages"), keys
+    if fmt == "sharegpt":
+        return row.get("conversations"), SHAREGPT_KEYS
+    if fmt == "alpaca":
         prompt = _text(row, "instruction")
         extra = _text(row, "input", required=False)
-        turns = [{"role": "user", "content": f"{prompt}\n\n{extra}" if extra.strip() else prompt},
-                 {"role": "assistant", "content": _text(row, "output")}]  # fmt: skip
+        turns = [
+            {"role": "user", "content": f"{prompt}\n\n{extra}" if extra.strip() else prompt},
+            {"role": "assistant", "content": _text(row, "output")},
+        ]
         if row.get("system"):
             turns.insert(0, {"role": "system", "content": _text(row, "system")})
-        role_key, content_key, role_map = "role", "content", None
-    elif fmt == "prompt_completion":
-        turns = [{"role": "user", "content": _text(row, "prompt")},
-                 {"role": "assistant", "content": _text(row, "completion")}]  # fmt: skip
-        role_key, content_key, role_map = "role", "content", None
-    elif fmt == "text":
+        return turns, TurnKeys()
+    if fmt == "prompt_completion":
+        turns = [
+            {"role": "user", "content": _text(row, "prompt")},
+            {"role": "assistant", "content": _text(row, "completion")},
+        ]
+        return turns, TurnKeys()
+    if fmt == "text":
         raise RowError("plain text row where a conversation is expected")
-    else:
-        raise RowError(f"unknown format '{fmt}'")
+    raise RowError(f"unknown format '{fmt}'")
 
-    key = {"messages": "messages", "sharegpt": "conversations"}.get(fmt, "turns")
+
+def checked_messages(turns: Any, name: str, keys: TurnKeys) -> list[dict]:
+    """The turns as {"role", "content"} messages; an error names the turn (`name`[i])."""
     if not isinstance(turns, list) or not turns:
-        raise RowError(f"missing or empty '{key}' list")
+        raise RowError(f"missing or empty '{name}' list")
     messages = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            raise RowError(f"{key}[{i}] is not an object")
-        role = turn.get(role_key)
-        role = role_map.get(role, role) if role_map else role
+            raise RowError(f"{name}[{i}] is not an object")
+        role = turn.get(keys.role)
+        role = keys.roles.get(role, role) if keys.roles else role
         if role not in ROLES:
-            raise RowError(f"{key}[{i}]: unknown role {turn.get(role_key)!r}")
-        content = turn.get(content_key)
+            raise RowError(f"{name}[{i}]: unknown role {turn.get(keys.role)!r}")
+        content = turn.get(keys.content)
         if not isinstance(content, str):
-            raise RowError(f"{key}[{i}]: content is {type(content).__name__}, not a string")
+            raise RowError(f"{name}[{i}]: content is {type(content).__name__}, not a string")
         if not content.strip():
-            raise RowError(f"{key}[{i}]: empty content")
+            raise RowError(f"{name}[{i}]: empty content")
         messages.append({"role": role, "content": content})
-    check_turn_order(messages, key)
-    if system_prompt and messages[0]["role"] != "system":
-        messages.insert(0, {"role": "system", "content": system_prompt})
     return messages
 
 

@@ -1,4 +1,4 @@
-"""Preference tuning (`train.method: dpo`): prompt/chosen/rejected pairs, their batches, the step.
+"""Preference tuning (`train.method: dpo`), the data side: prompt/chosen/rejected pairs.
 
 Rows, in TRL's preference formats (detected per row):
   {"prompt": "...", "chosen": "...", "rejected": "..."}          the prompt becomes a user turn and
@@ -7,23 +7,23 @@ Rows, in TRL's preference formats (detected per row):
   {"chosen": [messages], "rejected": [messages]}                 the shared leading turns are the prompt
 Every pair is rendered with the chat template, like SFT rows, so the adapter is served the same way.
 
-The loss is TRL's own DPO code (`DPOTrainer._compute_loss`), fed the log-probabilities computed
-here; the reference model is the base with the adapter switched off (`par.adapter_disabled()`),
-so there is no second copy of the model in memory.
+Their batches are jobs/batching.py's collate_pairs; the loss, TRL's own DPO code, is in
+jobs/preference.py.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import random
 from typing import Any
 
 from jobs.config import ConfigError, DataConfig
+from jobs.data.drops import Drop
 from jobs.data.formats import to_messages
 from jobs.data.normalize import normalize_text
-from jobs.data.prepare import PreparedData
+from jobs.data.prepared import PreparedData
 from jobs.data.sources import RowError, expand_source, read_rows
+from jobs.data.split import key_split
 
 # ---------------------------------------------------------------- rows -> pairs of conversations
 
@@ -114,42 +114,22 @@ def tokenize_pair(pair: dict[str, list[dict]], tokenizer, max_seq_len: int) -> d
     if cut >= max_seq_len:
         raise RowError(f"the prompt fills max_seq_len={max_seq_len}; no answer token is left")
     room = max_seq_len - cut
-    return {"prompt_ids": prompt[:cut], "chosen_ids": chosen[cut:][:room],
-            "rejected_ids": rejected[cut:][:room]}  # fmt: skip
+    return {
+        "prompt_ids": prompt[:cut],
+        "chosen_ids": chosen[cut:][:room],
+        "rejected_ids": rejected[cut:][:room],
+    }
 
 
 # ---------------------------------------------------------------- the job's data
 
 
-def prepare_pairs(cfg: DataConfig, tokenizer, seed: int):
+def prepare_pairs(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
     """The job's train/eval pairs from data.train_files / data.sources (a source's split, else a
     hash of the pair: the same pair always lands on the same side). A bad row is reported with
     file:line and counted, or stops the job with data.on_error=fail. Dedup and quality filters
     are SFT-only."""
-    split_pairs: dict[str, list] = {"train": [], "eval": []}
-    counts = {"input_rows": 0, "malformed": 0, "train": 0, "eval": 0}
-    errors: list[dict[str, str]] = []
-    for index, source in enumerate(cfg.all_sources()):
-        for file in expand_source(index, source):
-            for where, row in read_rows(file):
-                counts["input_rows"] += 1
-                try:
-                    if isinstance(row, RowError):
-                        raise row
-                    pair = normalize_pair(to_pair(row, cfg.system_prompt), cfg.normalize)
-                    ids = tokenize_pair(pair, tokenizer, cfg.max_seq_len)
-                except RowError as e:
-                    if cfg.on_error == "fail":
-                        raise ConfigError(f"{where}: {e} (data.on_error=fail)") from None
-                    counts["malformed"] += 1
-                    errors.append({"where": where, "reason": str(e)})
-                    continue
-                key = json.dumps(pair, sort_keys=True, ensure_ascii=False)
-                split = source.split if source.split in ("train", "eval") else _hash_split(
-                    key, seed, cfg.eval_fraction
-                )  # fmt: skip
-                if source.split != "test":
-                    split_pairs[split].append((key, ids))
+    split_pairs, counts, errors = read_pairs(cfg, tokenizer, seed)
     digest = hashlib.sha256()
     for split in ("train", "eval"):
         counts[split] = len(split_pairs[split])
@@ -174,6 +154,31 @@ def prepare_pairs(cfg: DataConfig, tokenizer, seed: int):
     )
 
 
-def _hash_split(key: str, seed: int, eval_fraction: float) -> str:
-    u = random.Random(hashlib.sha256(f"{seed}:{key}".encode()).digest()).random()
-    return "eval" if u < eval_fraction else "train"
+def read_pairs(cfg: DataConfig, tokenizer, seed: int):
+    """({split: [(the pair's canonical text, its token ids)]}, counts, errors) over every
+    source's rows; a test source's pairs are validated and left out."""
+    split_pairs: dict[str, list] = {"train": [], "eval": []}
+    malformed = Drop.MALFORMED.count_name
+    counts = {"input_rows": 0, malformed: 0, "train": 0, "eval": 0}
+    errors: list[dict[str, str]] = []
+    for index, source in enumerate(cfg.all_sources()):
+        for file in expand_source(index, source):
+            for where, row in read_rows(file):
+                counts["input_rows"] += 1
+                try:
+                    if isinstance(row, RowError):
+                        raise row
+                    pair = normalize_pair(to_pair(row, cfg.system_prompt), cfg.normalize)
+                    ids = tokenize_pair(pair, tokenizer, cfg.max_seq_len)
+                except RowError as e:
+                    if cfg.on_error == "fail":
+                        raise ConfigError(f"{where}: {e} (data.on_error=fail)") from None
+                    counts[malformed] += 1
+                    errors.append({"where": where, "reason": str(e)})
+                    continue
+                key = json.dumps(pair, sort_keys=True, ensure_ascii=False)
+                if source.split in ("train", "eval"):
+                    split_pairs[source.split].append((key, ids))
+                elif source.split != "test":
+                    split_pairs[key_split(key, seed, cfg.eval_fraction)].append((key, ids))
+    return split_pairs, counts, errors

@@ -71,8 +71,9 @@ class JudgeScorer:
         key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
         self.cfg = cfg
         # the key stays inside the client; errors below never include it
-        self.client = OpenAI(base_url=cfg.base_url, api_key=key or "none", timeout=cfg.timeout_s,
-                             max_retries=3)  # fmt: skip
+        self.client = OpenAI(
+            base_url=cfg.base_url, api_key=key or "none", timeout=cfg.timeout_s, max_retries=3
+        )
         self.rubric = cfg.rubric or DEFAULT_RUBRIC
 
     def _prompt(self, example: dict[str, Any]) -> str:
@@ -87,7 +88,7 @@ class JudgeScorer:
                 messages=[
                     {"role": "system", "content": self.rubric},
                     {"role": "user", "content": self._prompt(example)},
-                ],  # fmt: skip
+                ],
                 temperature=0,
                 max_tokens=8,
             )

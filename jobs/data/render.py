@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from jobs.config import ConfigError
+from jobs.config import ConfigError, DataConfig
 from jobs.data.sources import RowError
 
 IGNORE_INDEX = -100  # positions the loss skips (prompt tokens, padding)
@@ -73,3 +73,18 @@ def prompt_and_answer(messages: list[dict]) -> tuple[list[dict], str]:
     """Split off the last assistant turn: the prompt a model is asked and the reference answer."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     return messages[:last], messages[last]["content"]
+
+
+def tokenize_rows(rows, tokenizer, cfg: DataConfig, report: dict[str, Any]):
+    """(token ids + labels, the examples kept) for (where, example) rows; a row whose answer lies
+    past max_seq_len is dropped and listed in report["dropped_at_tokenize"]."""
+    examples, kept = [], []
+    for where, example in rows:
+        try:
+            examples.append(tokenize_example(example, tokenizer, cfg.max_seq_len))
+            kept.append(example)
+        except RowError as e:
+            if cfg.on_error == "fail":
+                raise ConfigError(f"{where}: {e} (data.on_error=fail)") from None
+            report.setdefault("dropped_at_tokenize", []).append(f"{where}: {e}")
+    return examples, kept

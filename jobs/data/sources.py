@@ -21,8 +21,13 @@ import pyarrow.parquet as pq
 from jobs.config import ConfigError, SourceConfig
 from jobs.storage import filesystem, is_remote, open_url, protocol
 
-KINDS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".parquet": "parquet",
-         ".csv": "csv"}  # fmt: skip
+KINDS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".parquet": "parquet",
+    ".csv": "csv",
+}
 COMPRESSIONS = (".gz", ".bz2", ".xz", ".zst")
 BATCH_ROWS = 4096  # rows per Arrow batch read from Parquet/CSV/datasets
 
