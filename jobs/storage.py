@@ -80,9 +80,7 @@ def read_text(url: str) -> str:
 
 
 def write_text(url: str, text: str) -> None:
-    """Writes a small file; local parent directories are made as needed."""
-    if not is_remote(url):
-        Path(url).parent.mkdir(parents=True, exist_ok=True)
+    """Writes a small file (fsspec makes missing local parent directories)."""
     with open_url(url, "w") as f:
         f.write(text)
 

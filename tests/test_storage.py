@@ -165,7 +165,7 @@ def test_cached_copy_downloads_once_and_redoes_an_interrupted_copy(s3_server, tm
     assert (again / "run.json").read_text() == "v2"
     assert (again / "adapter/adapter_config.json").is_file()
     assert (again / ".download-complete").is_file()
-    with pytest.raises(FileNotFoundError, match="no files under"):
+    with pytest.raises(storage.EmptyLocation, match="no files under"):
         storage.cached_copy(f"s3://{bucket}/models/absent", cache)
 
 
