@@ -364,6 +364,8 @@ class ProcessGroup:
         import torch.distributed as dist
 
         os.environ.update(self.env)
+        if self.backend == "nccl":
+            torch.cuda.set_device(0)  # NCCL binds the process group to the current device
         dist.init_process_group(self.backend, rank=0, world_size=1)
         return self
 
@@ -555,10 +557,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    if args.cpu_smoke:
-        torch.set_num_threads(
-            1
-        )  # several threads on a shared small machine spin against each other
+    if args.cpu_smoke:  # threads on a small shared machine spin against each other
+        torch.set_num_threads(1)
     wanted = {k for k in args.only.split(",") if k}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
