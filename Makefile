@@ -23,8 +23,8 @@ quickstart: setup
 	$(BIN)/python -m jobs.tiny_model .cache/tiny-llama
 	$(BIN)/python -m jobs.finetune configs/quickstart.yaml run.name=$(RUN_NAME)
 
-# The suite (~18 min on 2 CPUs) leaves out the long multi-process runs marked slow (~21 min more):
-# `make test-slow` runs them; CI (.ci/run) runs both.
+# The suite leaves out the long multi-process runs marked slow: `make test-slow` runs them;
+# CI (.ci/run) runs both.
 test: setup
 	$(BIN)/python -m pytest -q -m "not slow" --durations=15
 
@@ -34,6 +34,7 @@ test-slow: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not integration"
 
+# The Ray Train overhead: the real job (1 worker) against a plain PyTorch loop, its ratio printed.
 benchmark: setup
 	$(BIN)/python -m jobs.tiny_model .cache/tiny-llama
 	$(BIN)/python benchmarks/ray_overhead.py
@@ -41,5 +42,6 @@ benchmark: setup
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
 
+# What the commands write (all in .gitignore), the tiny model and the virtualenv.
 clean:
-	rm -rf $(VENV) .cache runs
+	rm -rf $(VENV) .cache runs prepared sweeps pipelines registry merged

@@ -1,0 +1,226 @@
+"""Every script in benchmarks/ runs end to end at a tiny size, so none rots when the code it
+imports moves: each runs in a subprocess, exits 0 and prints its ratio or table.
+
+The sizes are the smallest each script's --help allows; the numbers they print mean nothing here.
+Scripts that start Ray are `integration`; those that take over a minute on 2 CPUs are also `slow`.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "benchmarks"
+
+
+def run_script(script: str, *args: str, timeout: int = 300, prelude: str = "") -> str:
+    """`python benchmarks/SCRIPT ARGS` from the repository root; its output, after asserting exit 0.
+
+    PYTHONPATH is the repository: a script's own directory comes first on sys.path, so without
+    it `jobs` would be whatever copy is installed, not the code under test. `prelude` runs first
+    in the same interpreter (e.g. to make packages unimportable)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
+    path = SCRIPTS / script
+    assert path.is_file(), f"{path} is gone: update tests/test_benchmarks.py and the READMEs"
+    if prelude:
+        argv = [str(path), *args]
+        run = f"import runpy, sys\nsys.argv = {argv!r}\nrunpy.run_path({str(path)!r}, run_name='__main__')"
+        code = f"{prelude}\n{run}"
+        command = [sys.executable, "-c", code]
+    else:
+        command = [sys.executable, str(path), *args]
+    proc = subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
+    output = proc.stdout + proc.stderr
+    where = f"{script} {' '.join(args)}"
+    assert proc.returncode == 0, f"{where} exited {proc.returncode}:\n{output[-4000:]}"
+    return proc.stdout
+
+
+def test_every_benchmark_script_has_a_test():
+    tested = {
+        "gpu_check.py",
+        "prepare_bench.py",
+        "ray_overhead.py",
+        "serve_bench.py",
+        "sweep_bench.py",
+        "train_bench.py",
+    }
+    scripts = {p.name for p in SCRIPTS.glob("*.py")}
+    assert scripts == tested, f"untested: {scripts - tested}, gone: {tested - scripts}"
+
+
+# ---------------------------------------------------------------- gpu_check.py
+
+# What a lent GPU machine may lack (deepspeed needs pydantic); the script must not need any of it,
+# nor this repository's packages.
+ABSENT = ("ray", "pydantic", "deepspeed", "typer", "pytest", "jobs", "tune", "serve", "cluster")
+
+
+def test_gpu_check_cpu_smoke_runs_without_ray_pydantic_or_the_repo():
+    block = "import sys\n" + "".join(f"sys.modules[{m!r}] = None\n" for m in ABSENT)
+    out = run_script("gpu_check.py", "--cpu-smoke", prelude=block, timeout=240)
+    assert "| check" in out and "| status |" in out
+    assert "| LoRA on a bf16 base trains, reloads" in out
+    lines = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ")}
+    assert "| pass " in lines["LoRA on a bf16 base trains, reloads"]
+    for row in (
+        "LoRA step, sdpa",
+        "LoRA step, FSDP2 (world size 1)",
+        "serving: peft generate, mixed adapters",
+    ):
+        assert "| ok " in lines[row] and "tok/s" in lines[row], lines[row]
+    for gpu_only in (
+        "QLoRA trains a 4-bit base",
+        "LoRA step, flash_attention_2",
+        "LoRA step, sdpa + Liger kernels",
+    ):
+        assert "| skip " in lines[gpu_only] and "needs CUDA" in lines[gpu_only]
+    # a missing package is a skip row that names it
+    deepspeed = lines["LoRA step, DeepSpeed ZeRO-2 (world size 1)"]
+    assert "| skip " in deepspeed and "not importable" in deepspeed
+
+
+@pytest.mark.slow  # DeepSpeed builds its shared-memory op on first use (~1 min on 2 CPUs)
+def test_gpu_check_deepspeed_row_on_cpu():
+    out = run_script("gpu_check.py", "--cpu-smoke", "--only", "deepspeed", timeout=400)
+    row = next(line for line in out.splitlines() if "DeepSpeed ZeRO-2" in line)
+    assert "| ok " in row and "tok/s" in row, row
+
+
+# ---------------------------------------------------------------- the CPU benchmarks
+
+
+def test_prepare_bench_tiny(tiny_model_dir):
+    out = run_script(
+        "prepare_bench.py",
+        "--rows",
+        "300",
+        "--dedup-docs",
+        "200",
+        "--tokenizer",
+        str(tiny_model_dir),
+    )
+    assert "rows/s" in out and "pipeline / baseline" in out
+    assert "recall" in out and "ratio: time" in out
+
+
+def test_serve_bench_tiny():
+    out = run_script(
+        "serve_bench.py",
+        "--requests",
+        "4",
+        "--max-tokens",
+        "2",
+        "--batch",
+        "2",
+        "--adapters",
+        "2",
+        "--hidden",
+        "64",
+        "--layers",
+        "1",
+        "--repeats",
+        "1",
+    )
+    assert "| (b) mixed batches" in out and "(b)/(a) =" in out
+
+
+@pytest.mark.slow  # ~1 min on 2 busy CPUs
+def test_train_bench_packing_tiny():
+    out = run_script(
+        "train_bench.py", "--part", "packing", "--steps", "1", "--hidden", "64", "--layers", "1"
+    )
+    assert "packed / padded:" in out
+
+
+@pytest.mark.slow  # TRL's SFTTrainer set-up: ~1 min on 2 CPUs
+def test_train_bench_trl_tiny():
+    out = run_script(
+        "train_bench.py",
+        "--part",
+        "trl",
+        "--steps",
+        "1",
+        "--repeats",
+        "1",
+        "--hidden",
+        "64",
+        "--layers",
+        "1",
+    )
+    assert "ours / SFTTrainer:" in out
+
+
+def test_ray_overhead_plain_only(tiny_model_dir):
+    """The loop a GPU machine without Ray runs (benchmarks/README.md's GPU table)."""
+    out = run_script(
+        "ray_overhead.py",
+        "--plain-only",
+        "--steps",
+        "3",
+        "--repeats",
+        "1",
+        f"model.name_or_path={tiny_model_dir}",
+    )
+    assert "plain PyTorch loop" in out and "tokens/s" in out
+
+
+# ---------------------------------------------------------------- the benchmarks that start Ray
+
+
+@pytest.mark.integration
+def test_ray_overhead_tiny(tiny_model_dir):
+    """`make benchmark`: the Ray Train job against the plain loop, and the ratio."""
+    out = run_script(
+        "ray_overhead.py",
+        "--steps",
+        "3",
+        "--repeats",
+        "1",
+        f"model.name_or_path={tiny_model_dir}",
+        timeout=400,
+    )
+    assert "Ray Train job, 1 worker" in out and "ratio Ray / plain:" in out
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_serve_bench_layouts_tiny():
+    out = run_script(
+        "serve_bench.py",
+        "--layouts",
+        "--requests",
+        "4",
+        "--max-tokens",
+        "2",
+        "--batch",
+        "2",
+        "--hidden",
+        "64",
+        "--layers",
+        "1",
+        timeout=500,
+    )
+    assert "| single |" in out and "| routed |" in out
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_train_bench_memory():
+    out = run_script("train_bench.py", "--part", "memory", timeout=900)
+    for strategy in ("ddp", "fsdp", "zero2", "zero3"):
+        assert f"{strategy} " in out and "peak RSS per worker" in out
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_sweep_bench_tiny(tiny_model_dir):
+    out = run_script("sweep_bench.py", "--model", str(tiny_model_dir), "--lrs", "1", timeout=900)
+    assert "grid" in out and "asha" in out and "best eval loss" in out
