@@ -98,7 +98,7 @@ def read_trainer_state(directory: Path) -> TrainerState:
 # ------------------------------------------------------------------- commit markers
 
 MARKER = re.compile(r"COMMIT_rank(\d+)_of(\d+)\.json")
-CHECKPOINT_NAME = re.compile(r"checkpoint_(\d+)(_final)?")
+CHECKPOINT_NAME = re.compile(r"checkpoint_(\d+)(_final)?(_retry\d+)?")
 
 
 def write_commit_marker(directory: Path, rank: int, world: int, step: int) -> Path:
@@ -142,6 +142,19 @@ def torn_reason(fs, path: str) -> str | None:
     return None
 
 
+def checkpoint_dir_name(step: int, final: bool, torn: set[str]) -> str:
+    """checkpoint_STEP[_final]; beside a torn checkpoint of the same step (a resume past it) it
+    is checkpoint_STEP[_final]_retryN. Ray may have registered the torn one before it was torn:
+    a second checkpoint at its path would be two entries of Ray's for one directory, and keep_last
+    would delete it twice (FileNotFoundError in the Train controller)."""
+    name = f"checkpoint_{step:06d}" + ("_final" if final else "")
+    retry, base = 0, name
+    while name in torn:
+        retry += 1
+        name = f"{base}_retry{retry}"
+    return name
+
+
 def checkpoint_step(name: str) -> int | None:
     m = CHECKPOINT_NAME.fullmatch(name)
     return int(m[1]) if m else None
@@ -156,7 +169,7 @@ def newest_complete_checkpoint(fs, run_path: str) -> tuple[str | None, list[dict
     except FileNotFoundError:
         return None, []
     dirs = [
-        (checkpoint_step(e.base_name), e.base_name.endswith("_final"), e.path)
+        (checkpoint_step(e.base_name), "_final" in e.base_name, e.path)
         for e in entries
         if e.type == pyarrow.fs.FileType.Directory and checkpoint_step(e.base_name) is not None
     ]
@@ -208,6 +221,7 @@ class Checkpointer:
     def __init__(self, cfg, rt, par, tokenizer, state: TrainerState, tracker):
         self.cfg, self.rt, self.par, self.tokenizer = cfg, rt, par, tokenizer
         self.state, self.tracker = state, tracker
+        self.torn = {t["checkpoint"] for t in state.skipped_checkpoints}
         ck = cfg.checkpoint
         self.uploader = Uploader(ck.upload_retry_s, ck.max_pending_uploads, log=self._log)
         self.preemption = Preemption(ck.save_on_sigterm)
@@ -250,7 +264,7 @@ class Checkpointer:
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(str(staged)),
-            checkpoint_dir_name=f"checkpoint_{step:06d}" + ("_final" if final else ""),
+            checkpoint_dir_name=checkpoint_dir_name(step, final, self.torn),
             checkpoint_upload_mode=mode.SYNC if final or now else mode.ASYNC,
             checkpoint_upload_fn=self.uploader.upload,
             delete_local_checkpoint_after_upload=False,  # the uploader removes it, on any outcome

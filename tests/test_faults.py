@@ -24,6 +24,7 @@ from ray.util.state import list_actors
 from safetensors.torch import load_file
 
 from jobs.checkpointing import (
+    checkpoint_dir_name,
     checkpoint_step,
     newest_complete_checkpoint,
     torn_reason,
@@ -120,6 +121,25 @@ def test_commit_markers_tell_complete_from_torn(tmp_path):
     assert skipped == [
         {"checkpoint": "checkpoint_000020", "reason": "no commit marker from rank(s) [1] of 2"}
     ]
+
+
+def test_a_resume_past_a_torn_checkpoint_writes_beside_it(tmp_path):
+    """Ray may have registered a checkpoint that was torn later: writing the same step again
+    into its directory would give Ray two entries for one path (keep_last then deletes it twice
+    and the Train controller fails), so the new one goes beside it and wins when resuming."""
+    torn = {"checkpoint_000020", "checkpoint_000020_retry1", "checkpoint_000040_final"}
+    assert checkpoint_dir_name(10, False, torn) == "checkpoint_000010"
+    assert checkpoint_dir_name(20, False, torn) == "checkpoint_000020_retry2"
+    assert checkpoint_dir_name(40, True, torn) == "checkpoint_000040_final_retry1"
+    assert checkpoint_step("checkpoint_000040_final_retry1") == 40
+
+    fs = pyarrow.fs.LocalFileSystem()
+    for name in ("checkpoint_000020", "checkpoint_000020_retry1"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "trainer_state.json").write_text("{}")
+        write_commit_marker(tmp_path / name, 0, 1, 20)
+    path, skipped = newest_complete_checkpoint(fs, str(tmp_path))
+    assert path == str(tmp_path / "checkpoint_000020_retry1") and skipped == []
 
 
 @pytest.fixture
