@@ -27,17 +27,28 @@ def space(n_lr: int) -> dict:
     return {"lora.r": {"grid": [4, 16]}, "train.lr": {"grid": lrs}}
 
 
-OVERRIDES = ["scaling.cpus_per_worker=1", "train.max_steps=90", "eval.every_steps=10",
-             "checkpoint.every_steps=10", "eval.early_stopping_patience=null",
-             "eval.max_generate_samples=16"]  # fmt: skip
+OVERRIDES = [
+    "scaling.cpus_per_worker=1",
+    "train.max_steps=90",
+    "eval.every_steps=10",
+    "checkpoint.every_steps=10",
+    "eval.early_stopping_patience=null",
+    "eval.max_generate_samples=16",
+]
 
 
 def sweep(name: str, scheduler: dict, storage: str, model: str, n_lr: int) -> dict:
     cfg = SweepConfig(
-        name=name, job="configs/quickstart.yaml", overrides=[*OVERRIDES, f"model.name_or_path={model}"],
-        space=space(n_lr), search="grid", num_trials=1, max_concurrent_trials=2, scheduler=scheduler,
+        name=name,
+        job="configs/quickstart.yaml",
+        overrides=[*OVERRIDES, f"model.name_or_path={model}"],
+        space=space(n_lr),
+        search="grid",
+        num_trials=1,
+        max_concurrent_trials=2,
+        scheduler=scheduler,
         storage_path=storage,
-    )  # fmt: skip
+    )
     start = time.perf_counter()
     summary = run_sweep(cfg, resume=False)
     summary["bench_wall_s"] = time.perf_counter() - start
@@ -52,14 +63,26 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         grid = sweep("grid", {"type": "none"}, tmp, args.model, args.lrs)
-        asha = sweep("asha", {"type": "asha", "grace_period": 1, "reduction_factor": 3}, tmp, args.model, args.lrs)  # fmt: skip
+        asha = sweep(
+            "asha",
+            {"type": "asha", "grace_period": 1, "reduction_factor": 3},
+            tmp,
+            args.model,
+            args.lrs,
+        )
     print(f"\n{'':8} {'steps':>7} {'best eval loss':>15} {'wall s':>8}")
     for name, s in (("grid", grid), ("asha", asha)):
-        print(f"{name:8} {s['total_steps']:>7} {s['best']['best_eval_loss']:>15.4f} {s['bench_wall_s']:>8.0f}")  # fmt: skip
+        print(
+            f"{name:8} {s['total_steps']:>7} {s['best']['best_eval_loss']:>15.4f} {s['bench_wall_s']:>8.0f}"
+        )
     steps = asha["total_steps"] / grid["total_steps"]
     loss = asha["best"]["best_eval_loss"] / grid["best"]["best_eval_loss"]
-    print(f"ASHA / grid: steps {steps:.2f} (target <= 0.40), best eval loss {loss:.3f} (target <= 1.01)")  # fmt: skip
-    print(f"trials stopped early by ASHA: {sum(t['stopped_early'] for t in asha['trials'])}/{len(asha['trials'])}")  # fmt: skip
+    print(
+        f"ASHA / grid: steps {steps:.2f} (target <= 0.40), best eval loss {loss:.3f} (target <= 1.01)"
+    )
+    print(
+        f"trials stopped early by ASHA: {sum(t['stopped_early'] for t in asha['trials'])}/{len(asha['trials'])}"
+    )
 
 
 if __name__ == "__main__":

@@ -134,8 +134,13 @@ def test_cli_list_show_alias_rollback_delete(adapters, tmp_path):
     v1 = reg.register(adapters[1], "bot", {"base_model": "tiny"})
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "tune.registry", *args, "--registry", str(tmp_path)],
-                              cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "tune.registry", *args, "--registry", str(tmp_path)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     assert cli("alias", f"bot@{v0}", "production").returncode == 0
     assert cli("alias", f"bot@{v1}", "production").returncode == 0

@@ -46,7 +46,9 @@ class TaskConfig(Section):
     # The rows: a data section like a job's (its held-out split is the task's test set); `null`
     # with a run directory means that run's own data section and seed.
     data: DataConfig | None = None
-    metrics: list[Literal["loss", "perplexity", "exact_match", "accuracy", "f1", "contains", "regex", "judge"]] = ["loss", "exact_match"]  # fmt: skip
+    metrics: list[
+        Literal["loss", "perplexity", "exact_match", "accuracy", "f1", "contains", "regex", "judge"]
+    ] = ["loss", "exact_match"]
     labels: list[str] = []  # for accuracy/f1: the first label found in a reply is its prediction
     regex: str | None = None  # for regex: the share of replies that match
     judge: JudgeConfig | None = None  # for judge: an OpenAI-compatible endpoint grades replies
@@ -87,7 +89,9 @@ class EvalConfig(Section):
             task, _, metric = self.gate.metric.partition(".")
             names = {t.name: t for t in self.tasks}
             if task not in names or metric not in names[task].metrics:
-                raise ValueError(f"gate.metric {self.gate.metric!r} is not a task.metric measured here")  # fmt: skip
+                raise ValueError(
+                    f"gate.metric {self.gate.metric!r} is not a task.metric measured here"
+                )
         return self
 
 
@@ -99,18 +103,30 @@ def load_eval_config(path: str | Path) -> EvalConfig:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int) -> list[str]:  # fmt: skip
+def generate(
+    model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int
+) -> list[str]:
     """Greedy replies to chat prompts, batched with left padding."""
     model.eval()
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     replies = []
     try:
         for i in range(0, len(prompts), batch_size):
-            texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts[i : i + batch_size]]  # fmt: skip
+            texts = [
+                tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+                for p in prompts[i : i + batch_size]
+            ]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
-            replies += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)  # fmt: skip
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            replies += tokenizer.batch_decode(
+                out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
+            )
     finally:
         tokenizer.padding_side = side
     return [r.strip() for r in replies]
@@ -118,8 +134,12 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, b
 
 def predicted_label(reply: str, labels: list[str]) -> str | None:
     """The label named first in the reply (whole words, case-insensitive)."""
-    hits = [(m.start(), label) for label in labels
-            for m in [re.search(rf"\b{re.escape(label)}\b", reply, re.IGNORECASE)] if m]  # fmt: skip
+    hits = [
+        (m.start(), label)
+        for label in labels
+        for m in [re.search(rf"\b{re.escape(label)}\b", reply, re.IGNORECASE)]
+        if m
+    ]
     return min(hits)[1] if hits else None
 
 
@@ -133,13 +153,17 @@ def macro_f1(preds: list[str | None], refs: list[str], labels: list[str]) -> flo
     return sum(scores) / len(scores)
 
 
-def answer_metrics(task: TaskConfig, prompts, replies: list[str], refs: list[str]) -> dict[str, float]:  # fmt: skip
+def answer_metrics(
+    task: TaskConfig, prompts, replies: list[str], refs: list[str]
+) -> dict[str, float]:
     out: dict[str, float] = {}
     n = max(len(refs), 1)
     if "exact_match" in task.metrics:
         out["exact_match"] = sum(r == a.strip() for r, a in zip(replies, refs, strict=True)) / n
     if "contains" in task.metrics:
-        out["contains"] = sum(a.strip().lower() in r.lower() for r, a in zip(replies, refs, strict=True)) / n  # fmt: skip
+        out["contains"] = (
+            sum(a.strip().lower() in r.lower() for r, a in zip(replies, refs, strict=True)) / n
+        )
     if "regex" in task.metrics:
         pattern = re.compile(task.regex)
         out["regex"] = sum(bool(pattern.search(r)) for r in replies) / n
@@ -159,11 +183,21 @@ def judge_score(cfg: JudgeConfig, prompts, replies, refs) -> float:
     """Mean grade in [0, 1] from an OpenAI-compatible endpoint comparing reply and reference."""
     from jobs.data.quality import JudgeScorer
 
-    scorer = JudgeScorer(cfg.model_copy(update={"rubric": cfg.rubric or (
-        "Grade the ASSISTANT reply against the REFERENCE answer for the USER request, from 1 "
-        "(wrong) to 10 (as good as the reference). Reply with the number only.")}))  # fmt: skip
-    examples = [{"messages": [*p, {"role": "assistant", "content": f"{r}\n\nREFERENCE: {a}"}]}
-                for p, r, a in zip(prompts, replies, refs, strict=True)]  # fmt: skip
+    scorer = JudgeScorer(
+        cfg.model_copy(
+            update={
+                "rubric": cfg.rubric
+                or (
+                    "Grade the ASSISTANT reply against the REFERENCE answer for the USER request, from 1 "
+                    "(wrong) to 10 (as good as the reference). Reply with the number only."
+                )
+            }
+        )
+    )
+    examples = [
+        {"messages": [*p, {"role": "assistant", "content": f"{r}\n\nREFERENCE: {a}"}]}
+        for p, r, a in zip(prompts, replies, refs, strict=True)
+    ]
     grades = scorer.score(examples)
     return sum(s for s, _ in grades) / max(len(grades), 1)
 
@@ -196,21 +230,34 @@ def evaluate(
     cpu = torch.device("cpu")
     base = load_base_model(model_cfg, cpu)
     tuned = PeftModel.from_pretrained(base, str(adapter)) if adapter else None
-    results: dict[str, Any] = {"base_model": base_model, "adapter": str(adapter) if adapter else None,
-                               "tasks": {}}  # fmt: skip
+    results: dict[str, Any] = {
+        "base_model": base_model,
+        "adapter": str(adapter) if adapter else None,
+        "tasks": {},
+    }
 
     def loss_of(examples) -> dict[str, float]:
         if tuned is not None:
             with tuned.disable_adapter():
-                base_loss = eval_loss(tuned, examples, cfg.batch_size, tokenizer.pad_token_id, cpu, _no_autocast)  # fmt: skip
-            tuned_loss = eval_loss(tuned, examples, cfg.batch_size, tokenizer.pad_token_id, cpu, _no_autocast)  # fmt: skip
+                base_loss = eval_loss(
+                    tuned, examples, cfg.batch_size, tokenizer.pad_token_id, cpu, _no_autocast
+                )
+            tuned_loss = eval_loss(
+                tuned, examples, cfg.batch_size, tokenizer.pad_token_id, cpu, _no_autocast
+            )
             return {"base": base_loss, "adapter": tuned_loss}
-        return {"base": eval_loss(base, examples, cfg.batch_size, tokenizer.pad_token_id, cpu, _no_autocast)}  # fmt: skip
+        return {
+            "base": eval_loss(
+                base, examples, cfg.batch_size, tokenizer.pad_token_id, cpu, _no_autocast
+            )
+        }
 
     for task in cfg.tasks:
         data = task.data or run_data
         if data is None:
-            raise ConfigError(f"tasks.{task.name}.data: give a data section (or evaluate a run directory)")  # fmt: skip
+            raise ConfigError(
+                f"tasks.{task.name}.data: give a data section (or evaluate a run directory)"
+            )
         prepared = prepare_data(data, tokenizer, seed)
         convs = prepared.eval_conversations[: task.max_samples]
         prompts, refs = zip(*(prompt_and_answer(c) for c in convs), strict=True)
@@ -276,21 +323,37 @@ def gate(cfg: GateConfig, results: dict[str, Any]) -> dict[str, Any]:
     task, _, metric = cfg.metric.partition(".")
     scores = results["tasks"][task]
     lower = metric in LOWER_IS_BETTER
-    baselines = {who: s[metric] for who, s in scores.items() if who != "adapter" and isinstance(s, dict) and metric in s}  # fmt: skip
+    baselines = {
+        who: s[metric]
+        for who, s in scores.items()
+        if who != "adapter" and isinstance(s, dict) and metric in s
+    }
     best_name = (min if lower else max)(baselines, key=baselines.get)
     best, mine = baselines[best_name], scores["adapter"][metric]
     improvement = (best - mine) if lower else (mine - best)
     reasons = []
     if improvement < cfg.margin:
-        reasons.append(f"{cfg.metric}: adapter {mine:.4f} vs best baseline {best_name} {best:.4f}: improvement {improvement:+.4f} < margin {cfg.margin}")  # fmt: skip
+        reasons.append(
+            f"{cfg.metric}: adapter {mine:.4f} vs best baseline {best_name} {best:.4f}: improvement {improvement:+.4f} < margin {cfg.margin}"
+        )
     guard = results.get("guard")
     if guard:
         limit = guard["base_loss"] * (1 + cfg.guard_tolerance)
         if guard["adapter_loss"] > limit:
-            reasons.append(f"guard loss {guard['adapter_loss']:.4f} > base {guard['base_loss']:.4f} x (1 + {cfg.guard_tolerance}) (forgetting)")  # fmt: skip
-    return {"passed": not reasons, "metric": cfg.metric, "adapter": mine, "best_baseline": best_name,
-            "baseline": best, "margin": cfg.margin, "guard_tolerance": cfg.guard_tolerance,
-            "reasons": reasons, "forced": False}  # fmt: skip
+            reasons.append(
+                f"guard loss {guard['adapter_loss']:.4f} > base {guard['base_loss']:.4f} x (1 + {cfg.guard_tolerance}) (forgetting)"
+            )
+    return {
+        "passed": not reasons,
+        "metric": cfg.metric,
+        "adapter": mine,
+        "best_baseline": best_name,
+        "baseline": best,
+        "margin": cfg.margin,
+        "guard_tolerance": cfg.guard_tolerance,
+        "reasons": reasons,
+        "forced": False,
+    }
 
 
 # ---------------------------------------------------------------- CLI
@@ -298,7 +361,9 @@ def gate(cfg: GateConfig, results: dict[str, Any]) -> dict[str, Any]:
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
-def evaluate_target(target: str | Path, cfg: EvalConfig, base: str | None = None) -> tuple[dict[str, Any], str]:  # fmt: skip
+def evaluate_target(
+    target: str | Path, cfg: EvalConfig, base: str | None = None
+) -> tuple[dict[str, Any], str]:
     """A run directory (adapter/ + run.json) or an adapter directory, local or s3:// (read from a
     temporary copy) -> (results, where eval.json was written: beside them, in the same storage)."""
     target = str(target).rstrip("/")
@@ -307,9 +372,21 @@ def evaluate_target(target: str | Path, cfg: EvalConfig, base: str | None = None
         if is_run:
             run = json.loads((local / "run.json").read_text())
             data = DataConfig.model_validate(run["config"]["data"])
-            results = evaluate(cfg, local / "adapter", base or cfg.base_model or run["base_model"], data, run["seed"])  # fmt: skip
+            results = evaluate(
+                cfg,
+                local / "adapter",
+                base or cfg.base_model or run["base_model"],
+                data,
+                run["seed"],
+            )
         elif (local / "adapter_config.json").is_file():
-            base_model = base or cfg.base_model or json.loads((local / "adapter_config.json").read_text())["base_model_name_or_path"]  # fmt: skip
+            base_model = (
+                base
+                or cfg.base_model
+                or json.loads((local / "adapter_config.json").read_text())[
+                    "base_model_name_or_path"
+                ]
+            )
             results = evaluate(cfg, local, base_model)
         else:
             raise ConfigError(f"{target}: neither a run directory (run.json) nor a peft adapter")

@@ -123,39 +123,65 @@ def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -
         raise ConfigError(f"{where}: eval.gate: the pipeline needs a gate section")
     for key, value in (("workdir", cfg.workdir), ("sweep.storage_path", cfg.sweep.storage_path)):
         if "://" in value:  # stage caching and the report read local files
-            raise ConfigError(f"{where}: {key}: {value}: the pipeline keeps its stages, the sweep included, under a local workdir; for a sweep on S3 run python -m tune.sweep")  # fmt: skip
+            raise ConfigError(
+                f"{where}: {key}: {value}: the pipeline keeps its stages, the sweep included, under a local workdir; for a sweep on S3 run python -m tune.sweep"
+            )
     swept_data = [k for k in cfg.sweep.space if k.startswith("data.")]
     if swept_data:
-        raise ConfigError(f"{where}: sweep.space.{swept_data[0]}: the pipeline prepares the data once; sweep other keys")  # fmt: skip
+        raise ConfigError(
+            f"{where}: sweep.space.{swept_data[0]}: the pipeline prepares the data once; sweep other keys"
+        )
     trial_job(cfg)  # every trial's job must load
     if cfg.canary.prompts > cfg.eval.keep_samples:
-        raise ConfigError(f"{where}: canary.prompts ({cfg.canary.prompts}) is above eval.keep_samples ({cfg.eval.keep_samples}), the replies the evaluation keeps")  # fmt: skip
+        raise ConfigError(
+            f"{where}: canary.prompts ({cfg.canary.prompts}) is above eval.keep_samples ({cfg.eval.keep_samples}), the replies the evaluation keeps"
+        )
 
     serve_file = read_yaml(cfg.serve.config)
     apps = serve_file.get("applications") or []
     chosen = [a for a in apps if cfg.serve.application in (None, a.get("name"))][:1]
     if not chosen:
-        raise ConfigError(f"{cfg.serve.config}: no application {cfg.serve.application or ''} (serve.application)")  # fmt: skip
+        raise ConfigError(
+            f"{cfg.serve.config}: no application {cfg.serve.application or ''} (serve.application)"
+        )
     app = chosen[0]
-    settings = validate(ServeSettings, {**(app.get("args") or {}), **cfg.serve.args},
-                        f"{cfg.serve.config} (serve.args)")  # fmt: skip
+    settings = validate(
+        ServeSettings,
+        {**(app.get("args") or {}), **cfg.serve.args},
+        f"{cfg.serve.config} (serve.args)",
+    )
     if not settings.registry:
-        raise ConfigError(f"{cfg.serve.config}: args.registry: the pipeline promotes into the app's registry; give one")  # fmt: skip
+        raise ConfigError(
+            f"{cfg.serve.config}: args.registry: the pipeline promotes into the app's registry; give one"
+        )
     if settings.tenants and not settings.allow_unauthenticated:
         env = cfg.serve.api_key_env
         if not env:
-            raise ConfigError(f"{where}: serve.api_key_env: the app has tenants; name the variable holding the canary's API key")  # fmt: skip
+            raise ConfigError(
+                f"{where}: serve.api_key_env: the app has tenants; name the variable holding the canary's API key"
+            )
         if not os.environ.get(env):
-            raise ConfigError(f"{where}: serve.api_key_env: {env} is not set (export {env}=<a tenant's key>)")  # fmt: skip
-    return Loaded(cfg, settings, app, serve_file.get("http_options") or {}, str(path),
-                  list(overrides or []), files)  # fmt: skip
+            raise ConfigError(
+                f"{where}: serve.api_key_env: {env} is not set (export {env}=<a tenant's key>)"
+            )
+    return Loaded(
+        cfg,
+        settings,
+        app,
+        serve_file.get("http_options") or {},
+        str(path),
+        list(overrides or []),
+        files,
+    )
 
 
 def trial_job(cfg: PipelineConfig, prepared: str | None = None) -> JobConfig:
     """The job as the sweep runs it: the sweep's overrides and its space's first values applied,
     reading the prepared set when given."""
     probe = [f"{k}={next(iter(v.values()))[0]}" for k, v in cfg.sweep.space.items()]
-    raw = apply_overrides(job_mapping(cfg, prepared), parse_overrides([*cfg.sweep.overrides, *probe]))  # fmt: skip
+    raw = apply_overrides(
+        job_mapping(cfg, prepared), parse_overrides([*cfg.sweep.overrides, *probe])
+    )
     return validate_config(raw, "job (with sweep.overrides)")
 
 
@@ -192,14 +218,18 @@ class Run:
 
     def cached(self, stage: str, stage_dir: Path) -> bool:
         """Finished before (stage.json there) and not asked to run again with --from."""
-        forced = self.from_stage is not None and STAGES.index(stage) >= STAGES.index(self.from_stage)  # fmt: skip
+        forced = self.from_stage is not None and STAGES.index(stage) >= STAGES.index(
+            self.from_stage
+        )
         if forced and stage_dir.exists():
             shutil.rmtree(stage_dir)
         return not forced and (stage_dir / "stage.json").is_file()
 
     @property
     def failed(self) -> Stage | None:
-        return next((s for s in self.stages.values() if s.status in ("failed", "rolled back")), None)  # fmt: skip
+        return next(
+            (s for s in self.stages.values() if s.status in ("failed", "rolled back")), None
+        )
 
     @property
     def ok(self) -> bool:
@@ -235,11 +265,17 @@ def prepare_stage(run: Run) -> None:
     if job.data.prepared:  # the user gave a prepared set: nothing to do
         run.facts["prepared"] = job.data.prepared
         run.facts["dataset_hash"] = read_manifest(job.data.prepared)["dataset_hash"]
-        run.stages["prepare"].status, run.stages["prepare"].detail = "cached", "data.prepared given"  # fmt: skip
+        run.stages["prepare"].status, run.stages["prepare"].detail = "cached", "data.prepared given"
         return
     files = [f.url for i, s in enumerate(job.data.all_sources()) for f in expand_source(i, s)]
-    key = content_key({"data": job.data.model_dump(mode="json"), "files": {u: file_sha256(u) for u in files},
-                       "tokenizer": job.model.name_or_path, "seed": job.run.seed})  # fmt: skip
+    key = content_key(
+        {
+            "data": job.data.model_dump(mode="json"),
+            "files": {u: file_sha256(u) for u in files},
+            "tokenizer": job.model.name_or_path,
+            "seed": job.run.seed,
+        }
+    )
     out = run.root / f"prepare-{key}"
     stage = run.stages["prepare"]
     stage.dir = str(out)
@@ -247,12 +283,18 @@ def prepare_stage(run: Run) -> None:
         manifest = read_manifest(str(out))
         stage.status = "cached"
     else:
-        manifest = prepare(PrepareConfig(data=job.data, tokenizer=job.model.name_or_path,
-                                         output=str(out), seed=job.run.seed), show_progress=False).data  # fmt: skip
-        finish_stage(out, {"stage": "prepare", "key": key, "dataset_hash": manifest["dataset_hash"]})  # fmt: skip
+        manifest = prepare(
+            PrepareConfig(
+                data=job.data, tokenizer=job.model.name_or_path, output=str(out), seed=job.run.seed
+            ),
+            show_progress=False,
+        ).data
+        finish_stage(
+            out, {"stage": "prepare", "key": key, "dataset_hash": manifest["dataset_hash"]}
+        )
         stage.status = "ran"
     c = manifest["counts"]
-    stage.detail = f"{c['input_rows']} rows -> {c['train']} train / {c['eval']} eval, {manifest['dataset_hash'][:19]}"  # fmt: skip
+    stage.detail = f"{c['input_rows']} rows -> {c['train']} train / {c['eval']} eval, {manifest['dataset_hash'][:19]}"
     run.facts["prepared"], run.facts["dataset_hash"] = str(out), manifest["dataset_hash"]
 
 
@@ -275,19 +317,30 @@ def sweep_stage(run: Run) -> None:
         (out / "job.yaml").write_text(
             yaml.safe_dump(job, sort_keys=False)
         )  # what every trial loads
-        sweep_cfg = cfg.sweep.model_copy(update={"name": out.name, "storage_path": str(run.root),
-                                                 "job": str(out / "job.yaml")})  # fmt: skip
+        sweep_cfg = cfg.sweep.model_copy(
+            update={"name": out.name, "storage_path": str(run.root), "job": str(out / "job.yaml")}
+        )
         summary = run_sweep(sweep_cfg)  # resumes an interrupted sweep in this directory
         stage.status = "ran"
-    finished = [t for t in summary["trials"] if t["run_dir"] and (Path(t["run_dir"]) / "run.json").is_file()]  # fmt: skip
+    finished = [
+        t for t in summary["trials"] if t["run_dir"] and (Path(t["run_dir"]) / "run.json").is_file()
+    ]
     if not finished:
-        stage.status, stage.detail = "failed", "no trial finished (errors: " + "; ".join(str(t["error"]) for t in summary["trials"] if t["error"]) + ")"  # fmt: skip
+        stage.status, stage.detail = (
+            "failed",
+            "no trial finished (errors: "
+            + "; ".join(str(t["error"]) for t in summary["trials"] if t["error"])
+            + ")",
+        )
         return
     if stage.status == "ran":
         finish_stage(out, {"stage": "sweep", "key": key, "dataset_hash": run.facts["dataset_hash"]})
     best = finished[0]
-    params = ", ".join(f"{k}={best[k]:.3g}" if isinstance(best[k], float) else f"{k}={best[k]}" for k in cfg.sweep.space)  # fmt: skip
-    stage.detail = f"{len(summary['trials'])} trials, best {best['trial']} ({params}) eval loss {best['best_eval_loss']:.4f}"  # fmt: skip
+    params = ", ".join(
+        f"{k}={best[k]:.3g}" if isinstance(best[k], float) else f"{k}={best[k]}"
+        for k in cfg.sweep.space
+    )
+    stage.detail = f"{len(summary['trials'])} trials, best {best['trial']} ({params}) eval loss {best['best_eval_loss']:.4f}"
     run.facts["run_dir"], run.facts["sweep_plot"] = Path(best["run_dir"]), out / "eval_curves.png"
 
 
@@ -299,8 +352,13 @@ def evaluate_stage(run: Run) -> None:
     cfg = run.loaded.cfg
     run_dir = run.facts["run_dir"]
     version = adapter_version(run_dir / "adapter")
-    key = content_key({"adapter": version, "dataset_hash": run.facts["dataset_hash"],
-                       "eval": cfg.eval.model_dump(mode="json")})  # fmt: skip
+    key = content_key(
+        {
+            "adapter": version,
+            "dataset_hash": run.facts["dataset_hash"],
+            "eval": cfg.eval.model_dump(mode="json"),
+        }
+    )
     out = run.root / f"evaluate-{key}"
     stage = run.stages["evaluate"]
     stage.dir = str(out)
@@ -316,7 +374,7 @@ def evaluate_stage(run: Run) -> None:
         stage.status = "ran"
     gate = results["gate"]
     run.facts.update(evaluation=results, version=version, gate_plot=out / "gate.png")
-    stage.detail = f"{gate['metric']}: adapter {gate['adapter']:.3f} vs {gate['best_baseline']} {gate['baseline']:.3f}"  # fmt: skip
+    stage.detail = f"{gate['metric']}: adapter {gate['adapter']:.3f} vs {gate['best_baseline']} {gate['baseline']:.3f}"
     if not gate["passed"]:
         stage.status = "failed"
         stage.detail += "; GATE FAILED: " + "; ".join(gate["reasons"])
@@ -337,11 +395,21 @@ def promote_stage(run: Run) -> None:
     if before == version:
         stage.status, stage.detail = "cached", f"{name}@{alias} is already {version}"
         return
-    pipeline = {"name": cfg.name, "config": run.loaded.path, "overrides": run.loaded.overrides,
-                "stages": {s: run.stages[s].dir for s in ("prepare", "sweep", "evaluate")}}  # fmt: skip
-    promote_run(registry, run.facts["run_dir"], name, alias,
-                limits=ServingLimits(max_lora_rank=settings.max_lora_rank),
-                evaluation=run.facts["evaluation"], lineage_extra={"pipeline": pipeline})  # fmt: skip
+    pipeline = {
+        "name": cfg.name,
+        "config": run.loaded.path,
+        "overrides": run.loaded.overrides,
+        "stages": {s: run.stages[s].dir for s in ("prepare", "sweep", "evaluate")},
+    }
+    promote_run(
+        registry,
+        run.facts["run_dir"],
+        name,
+        alias,
+        limits=ServingLimits(max_lora_rank=settings.max_lora_rank),
+        evaluation=run.facts["evaluation"],
+        lineage_extra={"pipeline": pipeline},
+    )
     run.facts.update(moved=True, moved_at=time.monotonic())
     stage.status, stage.detail = "ran", f"{name}@{alias}: {before or 'none'} -> {version}"
 
@@ -357,7 +425,9 @@ def serve_stage(run: Run) -> None:
     else:
         url, started = start_app(run.loaded)
         run.facts["started_app"] = started
-        status, how = ("ran", "started here") if started else ("live", "already running on this Ray")  # fmt: skip
+        status, how = (
+            ("ran", "started here") if started else ("live", "already running on this Ray")
+        )
     deadline = time.monotonic() + cfg.serve.ready_timeout_s
     while True:  # the app answers once Serve's HTTP proxy has it
         try:
@@ -400,8 +470,12 @@ def start_app(loaded: Loaded) -> tuple[str, bool]:
         if value and "://" not in value and Path(value).expanduser().exists():
             setattr(s, key, str(Path(value).expanduser().resolve()))
     s.adapters = {n: str(Path(p).expanduser().resolve()) for n, p in s.adapters.items()}
-    app = {**loaded.app, "name": name, "route_prefix": prefix,
-           "args": s.model_dump(mode="json", exclude_defaults=True)}  # fmt: skip
+    app = {
+        **loaded.app,
+        "name": name,
+        "route_prefix": prefix,
+        "args": s.model_dump(mode="json", exclude_defaults=True),
+    }
     app["runtime_env"] = app_runtime_env(app.get("runtime_env") or {})
     http = {**loaded.http, "host": host, "port": port}
     config = ServeDeploySchema.model_validate({"http_options": http, "applications": [app]})
@@ -412,7 +486,9 @@ def start_app(loaded: Loaded) -> tuple[str, bool]:
         if status is not None and status.status == "DEPLOY_FAILED":
             raise RuntimeError(f"{loaded.cfg.serve.config}: application {name}: {status.message}")
         if time.monotonic() > deadline:
-            raise TimeoutError(f"application {name} not running after serve.ready_timeout_s ({loaded.cfg.serve.ready_timeout_s:g} s): {status and status.message}")  # fmt: skip
+            raise TimeoutError(
+                f"application {name} not running after serve.ready_timeout_s ({loaded.cfg.serve.ready_timeout_s:g} s): {status and status.message}"
+            )
         time.sleep(0.5)
     return url, True
 
@@ -455,9 +531,15 @@ def canary_stage(run: Run) -> None:
         time.sleep(max(0.0, run.facts["moved_at"] + settings.alias_ttl_s - time.monotonic()))
 
     def ask(messages) -> tuple[str, str]:
-        body = {"model": f"{name}@{alias}", "messages": messages, "temperature": 0,
-                "max_tokens": task.max_new_tokens}  # fmt: skip
-        r = httpx.post(f"{run.facts['url']}/v1/chat/completions", json=body, headers=headers, timeout=120)  # fmt: skip
+        body = {
+            "model": f"{name}@{alias}",
+            "messages": messages,
+            "temperature": 0,
+            "max_tokens": task.max_new_tokens,
+        }
+        r = httpx.post(
+            f"{run.facts['url']}/v1/chat/completions", json=body, headers=headers, timeout=120
+        )
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
         return r.headers.get(VERSION_HEADER, "?"), r.json()["choices"][0]["message"]["content"]
@@ -473,11 +555,16 @@ def canary_stage(run: Run) -> None:
             if served != version:
                 problems.append(f"prompt {i}: served by version {served}, not {version}")
             elif reply.strip() != sample["reply"]:
-                problems.append(f"prompt {i}: endpoint {reply.strip()!r} != offline {sample['reply']!r}")  # fmt: skip
+                problems.append(
+                    f"prompt {i}: endpoint {reply.strip()!r} != offline {sample['reply']!r}"
+                )
     except (httpx.HTTPError, RuntimeError) as e:
         problems.append(f"{run.facts['url']}: {type(e).__name__}: {e}")
     if not problems:
-        stage.status, stage.detail = "ran", f"{len(samples)}/{len(samples)} answers equal the offline evaluation's ({name}@{alias} = {version})"  # fmt: skip
+        stage.status, stage.detail = (
+            "ran",
+            f"{len(samples)}/{len(samples)} answers equal the offline evaluation's ({name}@{alias} = {version})",
+        )
         return
     stage.status = "failed"
     stage.detail = "; ".join(problems)
@@ -487,7 +574,7 @@ def canary_stage(run: Run) -> None:
     elif registry.aliases(name).get(alias) != version:
         stage.detail += "; the alias has moved since this run moved it: not rolled back"
     elif run.facts["previous"] is None:
-        stage.detail += f"; no earlier version of {name}@{alias} to roll back to: it stays {version}, move it by hand"  # fmt: skip
+        stage.detail += f"; no earlier version of {name}@{alias} to roll back to: it stays {version}, move it by hand"
     else:
         previous = registry.rollback(name, alias)
         time.sleep(settings.alias_ttl_s)
@@ -511,8 +598,14 @@ def run_pipeline(loaded: Loaded, from_stage: str | None = None) -> Run:
     init_ray()  # the sweep's trials and the app run on this Ray (RAY_ADDRESS, or a local one)
     run = Run(loaded, workdir(loaded.cfg), from_stage)
     run.root.mkdir(parents=True, exist_ok=True)
-    steps = {"prepare": prepare_stage, "sweep": sweep_stage, "evaluate": evaluate_stage,
-             "promote": promote_stage, "serve": serve_stage, "canary": canary_stage}  # fmt: skip
+    steps = {
+        "prepare": prepare_stage,
+        "sweep": sweep_stage,
+        "evaluate": evaluate_stage,
+        "promote": promote_stage,
+        "serve": serve_stage,
+        "canary": canary_stage,
+    }
     for name, step in steps.items():
         stage = run.stages[name]
         if run.failed:
@@ -542,11 +635,17 @@ def plot_gate(results: dict[str, Any], path: Path) -> None:
 
     gate = results["gate"]
     task, _, metric = gate["metric"].partition(".")
-    scores = {who: s[metric] for who, s in results["tasks"][task].items() if isinstance(s, dict) and metric in s}  # fmt: skip
+    scores = {
+        who: s[metric]
+        for who, s in results["tasks"][task].items()
+        if isinstance(s, dict) and metric in s
+    }
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.bar(list(scores), list(scores.values()), color=["#999"] * (len(scores) - 1) + ["#2a7"])
     ax.set_ylabel(gate["metric"])
-    ax.set_title(("gate passed" if gate["passed"] else "gate failed") + f" (margin {gate['margin']})")  # fmt: skip
+    ax.set_title(
+        ("gate passed" if gate["passed"] else "gate failed") + f" (margin {gate['margin']})"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -557,9 +656,16 @@ def write_report(run: Run) -> None:
     beyond names and paths, so no secret can reach them."""
     cfg = run.loaded.cfg
     verdict = outcome(run)
-    lines = [f"# Pipeline {cfg.name}", "", f"{verdict}", "",
-             f"config: `{run.loaded.path}` {' '.join(run.loaded.overrides)}", "",
-             "| stage | status | wall s | detail |", "|---|---|---:|---|"]  # fmt: skip
+    lines = [
+        f"# Pipeline {cfg.name}",
+        "",
+        f"{verdict}",
+        "",
+        f"config: `{run.loaded.path}` {' '.join(run.loaded.overrides)}",
+        "",
+        "| stage | status | wall s | detail |",
+        "|---|---|---:|---|",
+    ]
     for s in run.stages.values():
         lines.append(f"| {s.name} | {s.status} | {s.seconds} | {s.detail.replace('|', '/')} |")
     for title, key in (("Sweep: eval loss per trial", "sweep_plot"), ("Gate", "gate_plot")):
@@ -567,13 +673,24 @@ def write_report(run: Run) -> None:
         if plot and Path(plot).is_file():
             lines += ["", f"## {title}", "", f"![{title}]({Path(plot).relative_to(run.root)})"]
     if run.facts.get("version") and run.stages["promote"].status in ("ran", "cached"):
-        lines += ["", "## Trace an answer", "",
-                  f"The endpoint's `{VERSION_HEADER}` header names the version; its chain to the data and code:",  # fmt: skip
-                  "", f"    python -m tune.registry show {cfg.promote.name}@{run.facts['version']} --registry {run.loaded.settings.registry}"]  # fmt: skip
+        lines += [
+            "",
+            "## Trace an answer",
+            "",
+            f"The endpoint's `{VERSION_HEADER}` header names the version; its chain to the data and code:",
+            "",
+            f"    python -m tune.registry show {cfg.promote.name}@{run.facts['version']} --registry {run.loaded.settings.registry}",
+        ]
     (run.root / "report.md").write_text("\n".join(lines) + "\n")
-    record = {"name": cfg.name, "ok": run.ok, "outcome": verdict, "config": run.loaded.path,
-              "overrides": run.loaded.overrides, "version": run.facts.get("version"),
-              "stages": {s.name: vars(s) for s in run.stages.values()}}  # fmt: skip
+    record = {
+        "name": cfg.name,
+        "ok": run.ok,
+        "outcome": verdict,
+        "config": run.loaded.path,
+        "overrides": run.loaded.overrides,
+        "version": run.facts.get("version"),
+        "stages": {s.name: vars(s) for s in run.stages.values()},
+    }
     (run.root / "report.json").write_text(json.dumps(record, indent=2, default=str))
 
 
@@ -613,10 +730,10 @@ def main(
     config: Annotated[Path, typer.Argument(help="pipeline YAML")],
     overrides: Annotated[
         list[str] | None, typer.Argument(help="dotted overrides: sweep.num_trials=2")
-    ] = None,  # fmt: skip
+    ] = None,
     from_stage: Annotated[
         str | None, typer.Option("--from", help=f"run again from this stage: {', '.join(STAGES)}")
-    ] = None,  # fmt: skip
+    ] = None,
 ) -> None:
     """prepare -> sweep -> evaluate + gate -> promote -> serve -> canary; exit 1 when the gate or
     the canary failed (the endpoint then serves what it served before)."""

@@ -27,7 +27,13 @@ def base_fingerprint(base_dir: Path) -> str | None:
     return "sha256:" + h.hexdigest()
 
 
-def lineage_of(run_dir: Path, evaluation: dict[str, Any] | None, gate: dict[str, Any], base_dir: Path | None = None, uri: str | None = None) -> dict[str, Any]:  # fmt: skip
+def lineage_of(
+    run_dir: Path,
+    evaluation: dict[str, Any] | None,
+    gate: dict[str, Any],
+    base_dir: Path | None = None,
+    uri: str | None = None,
+) -> dict[str, Any]:
     """`uri` is where the run lives when `run_dir` is a temporary copy of it (s3://...)."""
     run = json.loads((run_dir / "run.json").read_text())
     data_manifest = run_dir / "data" / "manifest.json"
@@ -43,7 +49,7 @@ def lineage_of(run_dir: Path, evaluation: dict[str, Any] | None, gate: dict[str,
             "dir": uri or str(run_dir.resolve()),
             "checkpoint": run.get("checkpoint"),
             "steps": run.get("steps"),
-        },  # fmt: skip
+        },
         "sweep": run.get("sweep"),
         "config": run.get("config"),
         "metrics": run.get("metrics"),

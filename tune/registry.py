@@ -196,8 +196,12 @@ class Registry:
                 target = f"{dest}/{f.relative_to(adapter_dir).as_posix()}"
                 self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
                 self.fs.put_file(str(f), target)
-        record = {**lineage, "name": name, "version": version,
-                  "created_at": datetime.now(timezone.utc).isoformat(timespec="microseconds")}  # fmt: skip
+        record = {
+            **lineage,
+            "name": name,
+            "version": version,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
+        }
         self._write_atomic(json.dumps(record, indent=2, default=str), name, version, LINEAGE)
         return version
 
@@ -220,7 +224,9 @@ class Registry:
         events = []
         for p in sorted(self.fs.ls(folder, detail=False)):
             if ".tmp-" not in p:
-                events.append(json.loads(self._read(name, ALIASES, HISTORY, alias, p.rsplit("/", 1)[-1])))  # fmt: skip
+                events.append(
+                    json.loads(self._read(name, ALIASES, HISTORY, alias, p.rsplit("/", 1)[-1]))
+                )
         return events
 
     def rollback(self, name: str, alias: str = "production") -> str:
@@ -280,9 +286,14 @@ def list_cmd(registry: RegistryOpt = DEFAULT_ROOT) -> None:
         aliases = reg.aliases(name)
         for v in reg.versions(name):
             gate = v.get("gate") or {}
-            table.add_row(name, v["version"], ", ".join(a for a, x in aliases.items() if x == v["version"]),
-                          v["created_at"][:19], str(v.get("base_model")),
-                          "forced" if gate.get("forced") else ("passed" if gate.get("passed") else "-"))  # fmt: skip
+            table.add_row(
+                name,
+                v["version"],
+                ", ".join(a for a, x in aliases.items() if x == v["version"]),
+                v["created_at"][:19],
+                str(v.get("base_model")),
+                "forced" if gate.get("forced") else ("passed" if gate.get("passed") else "-"),
+            )
     Console().print(table)
 
 
@@ -294,7 +305,7 @@ def lineage_chain(lineage: dict[str, Any]) -> list[str]:
         f"adapter   {lineage['name']}@{lineage['version']}  (created {lineage.get('created_at', '?')[:19]})",
         f"base      {lineage.get('base_model')}",
         f"run       {run.get('name')}  {run.get('dir')}  ({run.get('steps')} steps)",
-    ]  # fmt: skip
+    ]
     if lineage.get("sweep"):
         sweep = lineage["sweep"]
         lines.append(
@@ -305,11 +316,15 @@ def lineage_chain(lineage: dict[str, Any]) -> list[str]:
         lines.append(f"pipeline  {p.get('name')}  {p.get('config')}  stages {p.get('stages')}")
     if gate:
         verdict = "forced" if gate.get("forced") else ("passed" if gate.get("passed") else "failed")
-        lines.append(f"gate      {verdict}  {gate.get('metric')}: {gate.get('adapter')} vs {gate.get('best_baseline')} {gate.get('baseline')}")  # fmt: skip
+        lines.append(
+            f"gate      {verdict}  {gate.get('metric')}: {gate.get('adapter')} vs {gate.get('best_baseline')} {gate.get('baseline')}"
+        )
     lines.append(f"dataset   {lineage.get('dataset_hash')}")
     for source in lineage.get("data_sources") or []:
         for f in source.get("files", []):
-            lines.append(f"  source  {f['url']}  {f['rows']} rows  {f['sha256']}  (split {source.get('split')})")  # fmt: skip
+            lines.append(
+                f"  source  {f['url']}  {f['rows']} rows  {f['sha256']}  (split {source.get('split')})"
+            )
     dirty = " (uncommitted changes)" if code.get("dirty") else ""
     lines.append(f"code      {code.get('sha')}{dirty}")
     return lines

@@ -79,7 +79,9 @@ class SweepConfig(Section):
     def _space_is_sane(self) -> SweepConfig:
         for key, spec in self.space.items():
             if len(spec) != 1:
-                raise ValueError(f"space.{key}: give exactly one of choice, grid, uniform, loguniform")  # fmt: skip
+                raise ValueError(
+                    f"space.{key}: give exactly one of choice, grid, uniform, loguniform"
+                )
             ((kind, values),) = spec.items()
             if kind in ("uniform", "loguniform") and (len(values) != 2 or values[0] >= values[1]):
                 raise ValueError(f"space.{key}.{kind}: expected [low, high] with low < high")
@@ -107,9 +109,17 @@ def _first(spec: dict[str, list[Any]]) -> Any:
 def search_space(cfg: SweepConfig) -> dict[str, Any]:
     from ray import tune
 
-    makers = {"choice": tune.choice, "grid": tune.grid_search,
-              "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v)}  # fmt: skip
-    return {key: makers[kind](values) for key, spec in cfg.space.items() for kind, values in spec.items()}  # fmt: skip
+    makers = {
+        "choice": tune.choice,
+        "grid": tune.grid_search,
+        "uniform": lambda v: tune.uniform(*v),
+        "loguniform": lambda v: tune.loguniform(*v),
+    }
+    return {
+        key: makers[kind](values)
+        for key, spec in cfg.space.items()
+        for kind, values in spec.items()
+    }
 
 
 # ---------------------------------------------------------------- one trial
@@ -125,11 +135,18 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     trial = tune.get_context().get_trial_id()
     if Path(sweep["cwd"]).is_dir():  # Tune runs a trial in its own directory: relative paths in
         os.chdir(sweep["cwd"])  # the job config mean the sweep's directory, as on the command line
-    overrides = [*sweep["overrides"], *(f"{k}={v}" for k, v in params.items()),
-                 f"run.name={sweep['name']}-{trial}", f"checkpoint.storage_path={sweep['runs']}"]  # fmt: skip
+    overrides = [
+        *sweep["overrides"],
+        *(f"{k}={v}" for k, v in params.items()),
+        f"run.name={sweep['name']}-{trial}",
+        f"checkpoint.storage_path={sweep['runs']}",
+    ]
     cfg = load_config(sweep["job"], overrides)
-    summary = run_job(cfg, callbacks=[TuneReportCallback()],
-                      sweep={"name": sweep["name"], "trial": trial, "params": params})  # fmt: skip
+    summary = run_job(
+        cfg,
+        callbacks=[TuneReportCallback()],
+        sweep={"name": sweep["name"], "trial": trial, "params": params},
+    )
     # the final report carries the final evaluation; Train's callback has already forwarded it
     log.info("trial %s finished: %s", trial, summary["metrics"])
 
@@ -158,11 +175,18 @@ def run_sweep(cfg: SweepConfig, resume: bool = True) -> dict[str, Any]:
     root = sweep_dir(cfg)
     if not is_remote(root):
         Path(root).mkdir(parents=True, exist_ok=True)
-    sweep = {"name": cfg.name, "job": str(Path(cfg.job).resolve()), "overrides": cfg.overrides,
-             "runs": f"{root}/runs", "cwd": os.getcwd()}  # fmt: skip
+    sweep = {
+        "name": cfg.name,
+        "job": str(Path(cfg.job).resolve()),
+        "overrides": cfg.overrides,
+        "runs": f"{root}/runs",
+        "cwd": os.getcwd(),
+    }
     every = job.eval.every_steps
     if cfg.scheduler.type == "asha" and not every:
-        raise ConfigError(f"{cfg.job}: eval.every_steps must be set for ASHA (it stops trials at evals)")  # fmt: skip
+        raise ConfigError(
+            f"{cfg.job}: eval.every_steps must be set for ASHA (it stops trials at evals)"
+        )
     # one step past the end: at max_t ASHA stops a trial, and a trial stopped at its final report
     # would never write its adapter and run.json
     max_t = plan_total_steps(job) + 1
@@ -172,7 +196,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = True) -> dict[str, Any]:
             max_t=max_t,
             grace_period=cfg.scheduler.grace_period * every,
             reduction_factor=cfg.scheduler.reduction_factor,
-        )  # fmt: skip
+        )
         if cfg.scheduler.type == "asha"
         else FIFOScheduler()
     )
@@ -185,8 +209,12 @@ def run_sweep(cfg: SweepConfig, resume: bool = True) -> dict[str, Any]:
     storage_path, storage_fs = ray_storage(root)
     if resume and tune.Tuner.can_restore(f"{storage_path}/tune", storage_fs):
         log.info("resuming the sweep from %s/tune", root)
-        tuner = tune.Tuner.restore(f"{storage_path}/tune", trainable=trainable,
-                                   resume_errored=True, storage_filesystem=storage_fs)  # fmt: skip
+        tuner = tune.Tuner.restore(
+            f"{storage_path}/tune",
+            trainable=trainable,
+            resume_errored=True,
+            storage_filesystem=storage_fs,
+        )
     else:
         tuner = tune.Tuner(
             trainable,
@@ -203,7 +231,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = True) -> dict[str, Any]:
                 search_alg=tune.search.BasicVariantGenerator(
                     random_state=cfg.seed, max_concurrent=cfg.max_concurrent_trials
                 ),
-            ),  # fmt: skip
+            ),
             run_config=tune.RunConfig(
                 name="tune",
                 storage_path=storage_path,
@@ -211,7 +239,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = True) -> dict[str, Any]:
                 stop=stopper,
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                 verbose=1,
-            ),  # fmt: skip
+            ),
         )
     start = time.time()
     results = tuner.fit()
@@ -256,24 +284,42 @@ def summarize(cfg: SweepConfig, results, root: str, wall_s: float, _resources) -
     for r in results:
         metrics = r.metrics or {}
         history = r.metrics_dataframe
-        evals = history[["step", "eval_loss"]].dropna().values.tolist() if history is not None and "eval_loss" in history else []  # fmt: skip
+        evals = (
+            history[["step", "eval_loss"]].dropna().values.tolist()
+            if history is not None and "eval_loss" in history
+            else []
+        )
         params = {k: r.config.get(k) for k in cfg.space}
         best = min((e for _, e in evals), default=math.nan)
-        rows.append({
-            "trial": metrics.get("trial_id", "?"), **params,
-            "steps": int(metrics.get("step", 0)),
-            "best_eval_loss": best,
-            "exact_match": metrics.get("exact_match"),
-            "stopped_early": bool(metrics.get("step", 0) and "exact_match" not in metrics),
-            "error": str(r.error).splitlines()[0][:200] if r.error else None,
-            "run_dir": f"{root}/runs/{cfg.name}-{r.metrics.get('trial_id', '')}" if r.metrics else None,
-            "evals": evals,
-        })  # fmt: skip
+        rows.append(
+            {
+                "trial": metrics.get("trial_id", "?"),
+                **params,
+                "steps": int(metrics.get("step", 0)),
+                "best_eval_loss": best,
+                "exact_match": metrics.get("exact_match"),
+                "stopped_early": bool(metrics.get("step", 0) and "exact_match" not in metrics),
+                "error": str(r.error).splitlines()[0][:200] if r.error else None,
+                "run_dir": f"{root}/runs/{cfg.name}-{r.metrics.get('trial_id', '')}"
+                if r.metrics
+                else None,
+                "evals": evals,
+            }
+        )
     key = "best_eval_loss"
-    rows.sort(key=lambda row: (math.isnan(row[key]), row[key] if cfg.scheduler.mode == "min" else -row[key]))  # fmt: skip
-    summary = {"name": cfg.name, "wall_s": round(wall_s, 1), "trials": rows,
-               "total_steps": sum(r["steps"] for r in rows),
-               "best": rows[0] if rows else None}  # fmt: skip
+    rows.sort(
+        key=lambda row: (
+            math.isnan(row[key]),
+            row[key] if cfg.scheduler.mode == "min" else -row[key],
+        )
+    )
+    summary = {
+        "name": cfg.name,
+        "wall_s": round(wall_s, 1),
+        "trials": rows,
+        "total_steps": sum(r["steps"] for r in rows),
+        "best": rows[0] if rows else None,
+    }
     with open_url(f"{root}/results.json", "w") as f:
         f.write(json.dumps(summary, indent=2, default=str))
     write_csv(f"{root}/results.csv", rows, list(cfg.space))
@@ -332,14 +378,20 @@ def print_table(summary: dict[str, Any], params: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"sweep {summary['name']} ({summary['wall_s']} s, {summary['total_steps']} steps)")  # fmt: skip
+    table = Table(
+        title=f"sweep {summary['name']} ({summary['wall_s']} s, {summary['total_steps']} steps)"
+    )
     for col in ("trial", *params, "steps", "best eval loss", "exact match", "stopped early?"):
         table.add_column(col)
     for r in summary["trials"]:
-        table.add_row(r["trial"], *(f"{r[p]:.3g}" if isinstance(r[p], float) else str(r[p]) for p in params),
-                      str(r["steps"]), f"{r['best_eval_loss']:.4f}",
-                      "-" if r["exact_match"] is None else f"{r['exact_match']:.1%}",
-                      "error" if r["error"] else ("yes" if r["stopped_early"] else "no"))  # fmt: skip
+        table.add_row(
+            r["trial"],
+            *(f"{r[p]:.3g}" if isinstance(r[p], float) else str(r[p]) for p in params),
+            str(r["steps"]),
+            f"{r['best_eval_loss']:.4f}",
+            "-" if r["exact_match"] is None else f"{r['exact_match']:.1%}",
+            "error" if r["error"] else ("yes" if r["stopped_early"] else "no"),
+        )
     console = Console()
     if not console.is_terminal:  # job logs: rich would wrap the table at 80 columns
         console = Console(width=160)
@@ -352,16 +404,30 @@ def promote_best(cfg: SweepConfig, summary: dict[str, Any]) -> dict[str, Any]:
     from tune.promote import promote_run
     from tune.registry import Registry
 
-    finished = [r for r in summary["trials"] if r["run_dir"] and url_exists(f"{r['run_dir']}/run.json")]  # fmt: skip
+    finished = [
+        r for r in summary["trials"] if r["run_dir"] and url_exists(f"{r['run_dir']}/run.json")
+    ]
     if not finished:
         return {"promoted": False, "reason": "no trial finished"}
     best = finished[0]
     results, _ = evaluate_target(best["run_dir"], load_eval_config(cfg.promote.eval))
     outcome = {"trial": best["trial"], "run_dir": best["run_dir"], "gate": results.get("gate")}
     if not results.get("gate", {}).get("passed"):
-        return {**outcome, "promoted": False, "reason": "; ".join(results.get("gate", {}).get("reasons", ["no gate"]))}  # fmt: skip
-    version = promote_run(Registry(cfg.promote.registry), best["run_dir"], cfg.promote.name, cfg.promote.alias)  # fmt: skip
-    return {**outcome, "promoted": True, "version": version, "name": cfg.promote.name, "alias": cfg.promote.alias}  # fmt: skip
+        return {
+            **outcome,
+            "promoted": False,
+            "reason": "; ".join(results.get("gate", {}).get("reasons", ["no gate"])),
+        }
+    version = promote_run(
+        Registry(cfg.promote.registry), best["run_dir"], cfg.promote.name, cfg.promote.alias
+    )
+    return {
+        **outcome,
+        "promoted": True,
+        "version": version,
+        "name": cfg.promote.name,
+        "alias": cfg.promote.alias,
+    }
 
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
@@ -384,7 +450,11 @@ def main(
             outcome = promote_best(cfg, summary)
             with open_url(f"{sweep_dir(cfg)}/promotion.json", "w") as f:
                 f.write(json.dumps(outcome, indent=2, default=str))
-            typer.echo(("promoted " + f"{outcome['name']}@{outcome['version']} ({outcome['alias']})") if outcome["promoted"] else f"not promoted: {outcome['reason']}")  # fmt: skip
+            typer.echo(
+                ("promoted " + f"{outcome['name']}@{outcome['version']} ({outcome['alias']})")
+                if outcome["promoted"]
+                else f"not promoted: {outcome['reason']}"
+            )
     except ConfigError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
