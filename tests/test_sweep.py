@@ -123,7 +123,7 @@ def test_sweep_on_s3_resumes_and_promotes_from_the_bucket(
     from typer.testing import CliRunner
 
     from jobs.distributed import start_local_ray
-    from tune.registry import app as registry_app
+    from tune.registry.cli import app as registry_app
 
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="rayft")
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
