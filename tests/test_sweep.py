@@ -212,3 +212,16 @@ def test_sweep_config_is_checked_before_anything_runs(tmp_path, tiny_model_dir):
         ConfigError, match="storage_path: gs://b/p: give a local directory or s3://"
     ):
         load_sweep_config(config, ["storage_path=gs://b/p"])
+    # a job value that the space sets for every trial would have no effect: an error, not silence
+    with pytest.raises(
+        ConfigError,
+        match="overrides: train.lr=1e-3 is overridden by space.train.lr; change the space",
+    ):
+        load_sweep_config(config, ["overrides=[train.lr=1e-3]"])
+    with pytest.raises(ConfigError, match="job.train.lr=0.001 is overridden by space.train.lr"):
+        load_sweep_config(config, ["job.train.lr=1e-3"])
+    with pytest.raises(ConfigError, match="add train.weight_decay=VALUE to the sweep's overrides"):
+        load_sweep_config(config, ["job.train.weight_decay=0.1"])
+    assert load_sweep_config(config, ["overrides=[train.weight_decay=0.1]"]).overrides == [
+        "train.weight_decay=0.1"
+    ]
