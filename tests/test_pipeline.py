@@ -132,7 +132,7 @@ def test_pipeline_serves_the_gated_adapter_and_traces_its_answers_to_the_data(pi
     run, registry = pipeline["first"], pipeline["registry"]
     assert run.ok, statuses(run) | {"why": run.failed and run.failed.detail}
     assert statuses(run) == dict.fromkeys(statuses(run), "ran")
-    version = run.facts["version"]
+    version = run.version
     assert registry.aliases("reviews")["production"] == version != pipeline["previous"]
 
     # started as `serve run CONFIG` starts it: the config's `deployments:` options apply
@@ -143,14 +143,14 @@ def test_pipeline_serves_the_gated_adapter_and_traces_its_answers_to_the_data(pi
     assert deployed["autoscaling_config"]["max_replicas"] == 4
     assert deployed["autoscaling_config"]["target_ongoing_requests"] == 16
 
-    sample = run.facts["evaluation"]["samples"]["sentiment"][0]
-    answer, served = chat(run.facts["url"], sample["messages"])
+    sample = run.evaluated.results["samples"]["sentiment"][0]
+    answer, served = chat(run.endpoint.url, sample["messages"])
     assert served == version and answer.strip() == sample["reply"]
 
     # header -> lineage.json -> run -> dataset hash -> source file and code
     lineage = registry.lineage(f"reviews@{served}")
     run_json = json.loads((Path(lineage["run"]["dir"]) / "run.json").read_text())
-    assert lineage["dataset_hash"] == run_json["dataset_hash"] == run.facts["dataset_hash"]
+    assert lineage["dataset_hash"] == run_json["dataset_hash"] == run.prepared.dataset_hash
     assert run_json["config"]["data"]["prepared"] == run.stages["prepare"].dir
     (source,) = [f for s in lineage["data_sources"] for f in s["files"]]
     assert source["url"] == "data/reviews.jsonl" and source["sha256"] == file_sha256(
@@ -202,7 +202,7 @@ def test_rerun_skips_finished_stages_and_from_reruns_a_stage(pipeline):
     redone = run_pipeline(loaded, from_stage="evaluate")
     assert statuses(redone)["sweep"] == "cached" and statuses(redone)["evaluate"] == "ran"
     assert eval_json.stat().st_mtime_ns != written
-    assert redone.ok and redone.facts["version"] == first.facts["version"]
+    assert redone.ok and redone.version == first.version
 
 
 @pytest.mark.integration
@@ -211,7 +211,7 @@ def test_a_failing_gate_leaves_the_endpoint_unchanged(pipeline):
     registry, previous, url = (
         pipeline["registry"],
         pipeline["previous"],
-        pipeline["first"].facts["url"],
+        pipeline["first"].endpoint.url,
     )
     registry.set_alias("reviews", "production", previous)
     # exact match cannot improve by more than 1: the gate fails on a real evaluation
@@ -260,7 +260,7 @@ def test_a_canary_mismatch_rolls_the_alias_back(pipeline):
         "rollback",
     ]
     assert f"rolled back to {previous} (endpoint serves {previous})" in run.stages["canary"].detail
-    assert chat(first.facts["url"], [{"role": "user", "content": "Review: fine."}])[1] == previous
+    assert chat(first.endpoint.url, [{"role": "user", "content": "Review: fine."}])[1] == previous
 
 
 def test_pipeline_config_is_checked_before_anything_runs(tmp_path, tiny_model_dir, monkeypatch):
@@ -273,10 +273,36 @@ def test_pipeline_config_is_checked_before_anything_runs(tmp_path, tiny_model_di
         "eval": "configs/eval_reviews.yaml",
     }
     assert shipped.cfg.job.data.train_files == ["data/reviews.jsonl"]
+    shipped_path = REPO / "configs/pipeline.yaml"
     assert (
-        load_pipeline_config(REPO / "configs/pipeline.yaml", ["job.train.lr=1e-4"]).cfg.job.train.lr
-        == 1e-4
+        load_pipeline_config(
+            shipped_path, ["job.train.weight_decay=0.01"]
+        ).cfg.job.train.weight_decay
+        == 0.01
     )
+    # a job override that every trial replaces would do nothing: an error saying where to set it
+    with pytest.raises(
+        ConfigError,
+        match="job.train.lr=0.001 is overridden by sweep.space.train.lr; change the space instead",
+    ):
+        load_pipeline_config(shipped_path, ["job.train.lr=1e-3"])
+    with pytest.raises(
+        ConfigError,
+        match=r"job.train.max_steps=5 is overridden by sweep.overrides \(train.max_steps=60\)",
+    ):
+        load_pipeline_config(shipped_path, ["job.train.max_steps=5"])
+    with pytest.raises(ConfigError, match="job.run.name=x is set by the sweep for every trial"):
+        load_pipeline_config(shipped_path, ["job.run.name=x"])
+    from typer.testing import CliRunner
+
+    from jobs import cli
+    from tune.pipeline import main
+
+    app = cli.app()
+    app.command()(cli.config_errors_exit_2(main))  # as cli.run(main) makes it
+    shadowed = CliRunner().invoke(app, [str(shipped_path), "job.train.lr=1e-3"])
+    assert shadowed.exit_code == 2
+    assert "error: " in shadowed.output and "job.train.lr=0.001 is overridden" in shadowed.output
     path, overrides = write_configs(tmp_path, tiny_model_dir)
     with pytest.raises(
         ConfigError, match="unknown key 'job.train.lrr' \\(did you mean 'job.train.lr'"

@@ -9,7 +9,7 @@ the alias move by itself -> canary: the eval set's first prompts through the end
 the offline evaluation's answers, else the alias is rolled back -> report (table, report.md).
 
 The YAML composes the existing configs: `job`, `sweep` and `eval` are file paths (or the same
-mappings inline) and `serve.config` names a Serve config file; `job.train.lr=1e-4` or
+mappings inline) and `serve.config` names a Serve config file; `job.train.weight_decay=0.01` or
 `sweep.num_trials=2` on the command line reach into them.
 
 prepare, sweep and evaluate write into WORKDIR/NAME/STAGE-KEY/, KEY a hash of what decides the
@@ -37,6 +37,7 @@ import typer
 import yaml
 from pydantic import Field
 
+from jobs import cli
 from jobs.config import (
     ConfigError,
     JobConfig,
@@ -47,6 +48,7 @@ from jobs.config import (
     validate,
     validate_config,
 )
+from jobs.storage import is_remote
 from serve.config import ServeSettings
 from tune.evaluate import EvalConfig
 from tune.sweep import SweepConfig
@@ -104,7 +106,21 @@ class Loaded:
 
 def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -> Loaded:
     """Compose the pipeline YAML with the files it names, apply dotted overrides, check it all."""
-    raw = read_yaml(path)
+    parsed = parse_overrides(overrides or [])
+    raw, files = compose(read_yaml(path), parsed)
+    where = str(path) + "".join(f", {k}: {v}" for k, v in files.items())
+    cfg = validate(PipelineConfig, raw, where)
+    check_pipeline(cfg, where)
+    check_job_overrides(cfg, where, parsed)
+    app, settings, http = serve_application(cfg, where)
+    return Loaded(cfg, settings, app, http, str(path), list(overrides or []), files)
+
+
+def compose(
+    raw: dict[str, Any], overrides: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The pipeline mapping with its sections read from the files they name, overrides applied;
+    (it, section -> the file it came from)."""
     files: dict[str, str] = {}
     # Sections given as file paths are read first, so that overrides reach into them.
     for key in ("sweep", "job", "eval"):
@@ -113,30 +129,63 @@ def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -
         if isinstance(raw.get(key), str):
             files[key] = raw[key]
             raw[key] = read_yaml(raw[key])
-    raw = apply_overrides(raw, parse_overrides(overrides or []))
+    raw = apply_overrides(raw, overrides)
     if isinstance(raw.get("sweep"), dict):
         # The pipeline evaluates, gates and promotes itself, and runs the job named above.
         raw["sweep"] = {**raw["sweep"], "job": files.get("job", "<inline>"), "promote": None}
-    where = str(path) + "".join(f", {k}: {v}" for k, v in files.items())
-    cfg = validate(PipelineConfig, raw, where)
+    return raw, files
+
+
+def check_pipeline(cfg: PipelineConfig, where: str) -> None:
+    """What the sections cannot check alone: how the pipeline uses them together."""
     if cfg.eval.gate is None:
         raise ConfigError(f"{where}: eval.gate: the pipeline needs a gate section")
     for key, value in (("workdir", cfg.workdir), ("sweep.storage_path", cfg.sweep.storage_path)):
-        if "://" in value:  # stage caching and the report read local files
+        if is_remote(value):  # stage caching and the report read local files
             raise ConfigError(
-                f"{where}: {key}: {value}: the pipeline keeps its stages, the sweep included, under a local workdir; for a sweep on S3 run python -m tune.sweep"
+                f"{where}: {key}: {value}: the pipeline keeps its stages, the sweep included, "
+                "under a local workdir; for a sweep on S3 run python -m tune.sweep"
             )
     swept_data = [k for k in cfg.sweep.space if k.startswith("data.")]
     if swept_data:
         raise ConfigError(
-            f"{where}: sweep.space.{swept_data[0]}: the pipeline prepares the data once; sweep other keys"
+            f"{where}: sweep.space.{swept_data[0]}: the pipeline prepares the data once; "
+            "sweep other keys"
         )
     trial_job(cfg)  # every trial's job must load
     if cfg.canary.prompts > cfg.eval.keep_samples:
         raise ConfigError(
-            f"{where}: canary.prompts ({cfg.canary.prompts}) is above eval.keep_samples ({cfg.eval.keep_samples}), the replies the evaluation keeps"
+            f"{where}: canary.prompts ({cfg.canary.prompts}) is above eval.keep_samples "
+            f"({cfg.eval.keep_samples}), the replies the evaluation keeps"
         )
 
+
+def check_job_overrides(cfg: PipelineConfig, where: str, overrides: dict[str, Any]) -> None:
+    """A job.KEY override that every trial replaces would do nothing: an error that says where
+    to set it instead."""
+    from tune.sweep import TRIAL_KEYS, overlapping
+
+    swept_by_override = {item.partition("=")[0]: item for item in cfg.sweep.overrides}
+    for key, value in overrides.items():
+        if not key.startswith("job."):
+            continue
+        job_key = key.removeprefix("job.")
+        if swept := overlapping(job_key, cfg.sweep.space):
+            why = f"is overridden by sweep.space.{swept}; change the space instead"
+        elif shadow := overlapping(job_key, swept_by_override):
+            why = (
+                f"is overridden by sweep.overrides ({swept_by_override[shadow]}); "
+                "change sweep.overrides instead"
+            )
+        elif trial := overlapping(job_key, TRIAL_KEYS):
+            why = f"is set by the sweep for every trial ({TRIAL_KEYS[trial]})"
+        else:
+            continue
+        raise ConfigError(f"{where}: {key}={value} {why}")
+
+
+def serve_application(cfg: PipelineConfig, where: str):
+    """The Serve config's application that serves: (its entry, its settings, http_options)."""
     serve_file = read_yaml(cfg.serve.config)
     apps = serve_file.get("applications") or []
     chosen = [a for a in apps if cfg.serve.application in (None, a.get("name"))][:1]
@@ -152,27 +201,21 @@ def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -
     )
     if not settings.registry:
         raise ConfigError(
-            f"{cfg.serve.config}: args.registry: the pipeline promotes into the app's registry; give one"
+            f"{cfg.serve.config}: args.registry: the pipeline promotes into the app's registry; "
+            "give one"
         )
     if settings.tenants and not settings.allow_unauthenticated:
         env = cfg.serve.api_key_env
         if not env:
             raise ConfigError(
-                f"{where}: serve.api_key_env: the app has tenants; name the variable holding the canary's API key"
+                f"{where}: serve.api_key_env: the app has tenants; name the variable holding the "
+                "canary's API key"
             )
         if not os.environ.get(env):
             raise ConfigError(
                 f"{where}: serve.api_key_env: {env} is not set (export {env}=<a tenant's key>)"
             )
-    return Loaded(
-        cfg,
-        settings,
-        app,
-        serve_file.get("http_options") or {},
-        str(path),
-        list(overrides or []),
-        files,
-    )
+    return app, settings, serve_file.get("http_options") or {}
 
 
 def trial_job(cfg: PipelineConfig, prepared: str | None = None) -> JobConfig:
@@ -209,12 +252,66 @@ class Stage:
 
 
 @dataclass
+class Prepared:
+    """prepare's result: the prepared set every trial reads."""
+
+    path: str
+    dataset_hash: str
+
+
+@dataclass
+class BestTrial:
+    """sweep's result: the best finished trial, which evaluate and promote take on."""
+
+    run_dir: Path
+    plot: Path  # the sweep's eval loss per trial (eval_curves.png)
+
+
+@dataclass
+class Evaluated:
+    """evaluate's result."""
+
+    results: dict[str, Any]  # eval.json: scores, the gate, the replies the canary replays
+    version: str  # the adapter's registry version (a hash of its weights)
+    plot: Path  # gate.png
+
+
+@dataclass
+class Promoted:
+    """promote's result: whether this run moved the alias, from what, and when."""
+
+    previous: str | None  # the alias's version before this run
+    moved: bool
+    at: float = 0.0  # time.monotonic() of the move
+
+
+@dataclass
+class Endpoint:
+    """serve's result."""
+
+    url: str
+    started_here: bool = False  # the pipeline started the app (and stops it, unless keep_running)
+
+
+@dataclass
 class Run:
+    """The pipeline's record: each stage's status, and what the stages passed on."""
+
     loaded: Loaded
     root: Path
     from_stage: str | None
     stages: dict[str, Stage] = field(default_factory=lambda: {s: Stage(s) for s in STAGES})
-    facts: dict[str, Any] = field(default_factory=dict)  # what later stages and the report read
+    prepared: Prepared | None = None
+    best: BestTrial | None = None
+    evaluated: Evaluated | None = None
+    promoted: Promoted | None = None
+    endpoint: Endpoint | None = None
+    rolled_back_to: str | None = None  # the canary moved the alias back to this version
+
+    @property
+    def version(self) -> str | None:
+        """The evaluated adapter's version (known once evaluate has run, gate passed or not)."""
+        return self.evaluated.version if self.evaluated else None
 
     def cached(self, stage: str, stage_dir: Path) -> bool:
         """Finished before (stage.json there) and not asked to run again with --from."""
@@ -263,8 +360,8 @@ def prepare_stage(run: Run) -> None:
     cfg = run.loaded.cfg
     job = trial_job(cfg)
     if job.data.prepared:  # the user gave a prepared set: nothing to do
-        run.facts["prepared"] = job.data.prepared
-        run.facts["dataset_hash"] = read_manifest(job.data.prepared)["dataset_hash"]
+        dataset_hash = read_manifest(job.data.prepared)["dataset_hash"]
+        run.prepared = Prepared(job.data.prepared, dataset_hash)
         run.stages["prepare"].status, run.stages["prepare"].detail = "cached", "data.prepared given"
         return
     files = [f.url for i, s in enumerate(job.data.all_sources()) for f in expand_source(i, s)]
@@ -295,7 +392,7 @@ def prepare_stage(run: Run) -> None:
         stage.status = "ran"
     c = manifest["counts"]
     stage.detail = f"{c['input_rows']} rows -> {c['train']} train / {c['eval']} eval, {manifest['dataset_hash'][:19]}"
-    run.facts["prepared"], run.facts["dataset_hash"] = str(out), manifest["dataset_hash"]
+    run.prepared = Prepared(str(out), manifest["dataset_hash"])
 
 
 def sweep_stage(run: Run) -> None:
@@ -303,9 +400,9 @@ def sweep_stage(run: Run) -> None:
     from tune.sweep import run_sweep
 
     cfg = run.loaded.cfg
-    job = job_mapping(cfg, run.facts["prepared"])
+    job = job_mapping(cfg, run.prepared.path)
     sweep = cfg.sweep.model_dump(mode="json", exclude={"name", "job", "storage_path", "promote"})
-    key = content_key({"dataset_hash": run.facts["dataset_hash"], "job": job, "sweep": sweep})
+    key = content_key({"dataset_hash": run.prepared.dataset_hash, "job": job, "sweep": sweep})
     out = run.root / f"sweep-{key}"
     stage = run.stages["sweep"]
     stage.dir = str(out)
@@ -334,14 +431,15 @@ def sweep_stage(run: Run) -> None:
         )
         return
     if stage.status == "ran":
-        finish_stage(out, {"stage": "sweep", "key": key, "dataset_hash": run.facts["dataset_hash"]})
+        record = {"stage": "sweep", "key": key, "dataset_hash": run.prepared.dataset_hash}
+        finish_stage(out, record)
     best = finished[0]
     params = ", ".join(
         f"{k}={best[k]:.3g}" if isinstance(best[k], float) else f"{k}={best[k]}"
         for k in cfg.sweep.space
     )
     stage.detail = f"{len(summary['trials'])} trials, best {best['trial']} ({params}) eval loss {best['best_eval_loss']:.4f}"
-    run.facts["run_dir"], run.facts["sweep_plot"] = Path(best["run_dir"]), out / "eval_curves.png"
+    run.best = BestTrial(Path(best["run_dir"]), out / "eval_curves.png")
 
 
 def evaluate_stage(run: Run) -> None:
@@ -350,12 +448,12 @@ def evaluate_stage(run: Run) -> None:
     from tune.registry import adapter_version
 
     cfg = run.loaded.cfg
-    run_dir = run.facts["run_dir"]
+    run_dir = run.best.run_dir
     version = adapter_version(run_dir / "adapter")
     key = content_key(
         {
             "adapter": version,
-            "dataset_hash": run.facts["dataset_hash"],
+            "dataset_hash": run.prepared.dataset_hash,
             "eval": cfg.eval.model_dump(mode="json"),
         }
     )
@@ -373,7 +471,7 @@ def evaluate_stage(run: Run) -> None:
         finish_stage(out, {"stage": "evaluate", "key": key, "adapter_version": version})
         stage.status = "ran"
     gate = results["gate"]
-    run.facts.update(evaluation=results, version=version, gate_plot=out / "gate.png")
+    run.evaluated = Evaluated(results, version, out / "gate.png")
     stage.detail = f"{gate['metric']}: adapter {gate['adapter']:.3f} vs {gate['best_baseline']} {gate['baseline']:.3f}"
     if not gate["passed"]:
         stage.status = "failed"
@@ -382,36 +480,36 @@ def evaluate_stage(run: Run) -> None:
 
 def promote_stage(run: Run) -> None:
     """tune/promote.py into the serve app's registry; the alias moves unless it is already there."""
-    from tune.promote import promote_run
+    from tune.promote import gate_and_promote
     from tune.registry import Registry
     from tune.servability import ServingLimits
 
     cfg, settings = run.loaded.cfg, run.loaded.settings
-    registry = Registry(settings.registry)
-    name, alias, version = cfg.promote.name, cfg.promote.alias, run.facts["version"]
-    before = registry.aliases(name).get(alias) if name in registry.names() else None
-    stage = run.stages["promote"]
-    run.facts.update(previous=before, moved=False)
-    if before == version:
-        stage.status, stage.detail = "cached", f"{name}@{alias} is already {version}"
-        return
+    name, alias, stage = cfg.promote.name, cfg.promote.alias, run.stages["promote"]
     pipeline = {
         "name": cfg.name,
         "config": run.loaded.path,
         "overrides": run.loaded.overrides,
         "stages": {s: run.stages[s].dir for s in ("prepare", "sweep", "evaluate")},
     }
-    promote_run(
-        registry,
-        run.facts["run_dir"],
+    promotion = gate_and_promote(
+        Registry(settings.registry),
+        run.best.run_dir,
         name,
         alias,
+        run.evaluated.results,
         limits=ServingLimits(max_lora_rank=settings.max_lora_rank),
-        evaluation=run.facts["evaluation"],
         lineage_extra={"pipeline": pipeline},
     )
-    run.facts.update(moved=True, moved_at=time.monotonic())
-    stage.status, stage.detail = "ran", f"{name}@{alias}: {before or 'none'} -> {version}"
+    if not promotion.promoted:
+        stage.status, stage.detail = "failed", promotion.reason
+        return
+    run.promoted = Promoted(promotion.previous, promotion.moved, time.monotonic())
+    if not promotion.moved:
+        stage.status, stage.detail = "cached", f"{name}@{alias} is already {promotion.version}"
+        return
+    before = promotion.previous or "none"
+    stage.status, stage.detail = "ran", f"{name}@{alias}: {before} -> {promotion.version}"
 
 
 def serve_stage(run: Run) -> None:
@@ -420,11 +518,11 @@ def serve_stage(run: Run) -> None:
 
     cfg = run.loaded.cfg
     stage = run.stages["serve"]
+    started = False
     if cfg.serve.url:
         url, status, how = cfg.serve.url.rstrip("/"), "live", "running app"
     else:
         url, started = start_app(run.loaded)
-        run.facts["started_app"] = started
         status, how = (
             ("ran", "started here") if started else ("live", "already running on this Ray")
         )
@@ -439,7 +537,7 @@ def serve_stage(run: Run) -> None:
                 return
             time.sleep(0.5)
     stage.status, stage.detail = status, f"{url} ({how})"
-    run.facts["url"] = url
+    run.endpoint = Endpoint(url, started)
 
 
 def start_app(loaded: Loaded) -> tuple[str, bool]:
@@ -467,7 +565,7 @@ def start_app(loaded: Loaded) -> tuple[str, bool]:
     s = loaded.settings.model_copy()
     for key in ("base_model", "registry", "tenants", "adapter_download_dir"):
         value = getattr(s, key)
-        if value and "://" not in value and Path(value).expanduser().exists():
+        if value and not is_remote(value) and Path(value).expanduser().exists():
             setattr(s, key, str(Path(value).expanduser().resolve()))
     s.adapters = {n: str(Path(p).expanduser().resolve()) for n, p in s.adapters.items()}
     app = {
@@ -512,40 +610,56 @@ def app_runtime_env(env: dict) -> dict:
 def canary_stage(run: Run) -> None:
     """The eval set's first k prompts through the endpoint, greedy: each answer must equal the
     offline evaluation's and come from the promoted version, else the alias moves back."""
-    import httpx
-
-    from tune.registry import Registry
-
     cfg, settings = run.loaded.cfg, run.loaded.settings
     stage = run.stages["canary"]
     task_name = cfg.eval.gate.metric.partition(".")[0]
     task = next(t for t in cfg.eval.tasks if t.name == task_name)
-    samples = run.facts["evaluation"]["samples"][task_name][: cfg.canary.prompts]
-    name, alias, version = cfg.promote.name, cfg.promote.alias, run.facts["version"]
-    key = os.environ.get(cfg.serve.api_key_env or "", "")
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    samples = run.evaluated.results["samples"][task_name][: cfg.canary.prompts]
+    name, alias, version = cfg.promote.name, cfg.promote.alias, run.version
+    ask = endpoint_client(run, f"{name}@{alias}", task.max_new_tokens)
     # The app caches alias resolution for alias_ttl_s per replica: after that every replica
     # reads the moved alias. Waiting here, then checking each answer's version header, needs no
     # restart and no cache flush.
-    if run.facts.get("moved"):
-        time.sleep(max(0.0, run.facts["moved_at"] + settings.alias_ttl_s - time.monotonic()))
+    if run.promoted.moved:
+        time.sleep(max(0.0, run.promoted.at + settings.alias_ttl_s - time.monotonic()))
+    problems = canary_problems(run, ask, samples)
+    if not problems:
+        stage.status = "ran"
+        stage.detail = (
+            f"{len(samples)}/{len(samples)} answers equal the offline evaluation's "
+            f"({name}@{alias} = {version})"
+        )
+        return
+    stage.status = "failed"
+    stage.detail = "; ".join(problems)
+    roll_back(run, ask, samples[0]["messages"])
+
+
+def endpoint_client(run: Run, model: str, max_tokens: int):
+    """ask(messages) -> (the answer's version header, its text), greedy, with the canary's key."""
+    import httpx
+
+    key = os.environ.get(run.loaded.cfg.serve.api_key_env or "", "")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    url = f"{run.endpoint.url}/v1/chat/completions"
 
     def ask(messages) -> tuple[str, str]:
-        body = {
-            "model": f"{name}@{alias}",
-            "messages": messages,
-            "temperature": 0,
-            "max_tokens": task.max_new_tokens,
-        }
-        r = httpx.post(
-            f"{run.facts['url']}/v1/chat/completions", json=body, headers=headers, timeout=120
-        )
+        body = {"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens}
+        r = httpx.post(url, json=body, headers=headers, timeout=120)
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
         return r.headers.get(VERSION_HEADER, "?"), r.json()["choices"][0]["message"]["content"]
 
-    problems = []
-    deadline = time.monotonic() + cfg.canary.timeout_s
+    return ask
+
+
+def canary_problems(run: Run, ask, samples: list[dict[str, Any]]) -> list[str]:
+    """Each sample's prompt asked until the promoted version answers (or canary.timeout_s has
+    passed): what differs from the offline evaluation."""
+    import httpx
+
+    version, problems = run.version, []
+    deadline = time.monotonic() + run.loaded.cfg.canary.timeout_s
     try:
         for i, sample in enumerate(samples):
             served, reply = ask(sample["messages"])
@@ -559,33 +673,40 @@ def canary_stage(run: Run) -> None:
                     f"prompt {i}: endpoint {reply.strip()!r} != offline {sample['reply']!r}"
                 )
     except (httpx.HTTPError, RuntimeError) as e:
-        problems.append(f"{run.facts['url']}: {type(e).__name__}: {e}")
-    if not problems:
-        stage.status, stage.detail = (
-            "ran",
-            f"{len(samples)}/{len(samples)} answers equal the offline evaluation's ({name}@{alias} = {version})",
-        )
-        return
-    stage.status = "failed"
-    stage.detail = "; ".join(problems)
+        problems.append(f"{run.endpoint.url}: {type(e).__name__}: {e}")
+    return problems
+
+
+def roll_back(run: Run, ask, messages: list[dict]) -> None:
+    """After a failed canary: the alias back where it was, if this run moved it and nothing has
+    moved it since; the stage's detail says what was done and what the endpoint serves."""
+    import httpx
+
+    from tune.registry import Registry
+
+    cfg, settings, stage = run.loaded.cfg, run.loaded.settings, run.stages["canary"]
+    name, alias, version = cfg.promote.name, cfg.promote.alias, run.version
     registry = Registry(settings.registry)
-    if not run.facts.get("moved"):
+    if not run.promoted.moved:
         stage.detail += f"; the alias was {version} before this run: not rolled back"
     elif registry.aliases(name).get(alias) != version:
         stage.detail += "; the alias has moved since this run moved it: not rolled back"
-    elif run.facts["previous"] is None:
-        stage.detail += f"; no earlier version of {name}@{alias} to roll back to: it stays {version}, move it by hand"
+    elif run.promoted.previous is None:
+        stage.detail += (
+            f"; no earlier version of {name}@{alias} to roll back to: it stays {version}, "
+            "move it by hand"
+        )
     else:
         previous = registry.rollback(name, alias)
         time.sleep(settings.alias_ttl_s)
         served = "?"
         try:
-            served, _ = ask(samples[0]["messages"])
+            served, _ = ask(messages)
         except (httpx.HTTPError, RuntimeError) as e:
             served = f"unknown ({type(e).__name__})"
         stage.status = "rolled back"
         stage.detail += f"; {name}@{alias} rolled back to {previous} (endpoint serves {served})"
-        run.facts["rolled_back_to"] = previous
+        run.rolled_back_to = previous
 
 
 # ---------------------------------------------------------------- the recipe
@@ -668,18 +789,22 @@ def write_report(run: Run) -> None:
     ]
     for s in run.stages.values():
         lines.append(f"| {s.name} | {s.status} | {s.seconds} | {s.detail.replace('|', '/')} |")
-    for title, key in (("Sweep: eval loss per trial", "sweep_plot"), ("Gate", "gate_plot")):
-        plot = run.facts.get(key)
-        if plot and Path(plot).is_file():
-            lines += ["", f"## {title}", "", f"![{title}]({Path(plot).relative_to(run.root)})"]
-    if run.facts.get("version") and run.stages["promote"].status in ("ran", "cached"):
+    plots = {
+        "Sweep: eval loss per trial": run.best and run.best.plot,
+        "Gate": run.evaluated and run.evaluated.plot,
+    }
+    for title, plot in plots.items():
+        if plot and plot.is_file():
+            lines += ["", f"## {title}", "", f"![{title}]({plot.relative_to(run.root)})"]
+    if run.version and run.stages["promote"].status in ("ran", "cached"):
         lines += [
             "",
             "## Trace an answer",
             "",
             f"The endpoint's `{VERSION_HEADER}` header names the version; its chain to the data and code:",
             "",
-            f"    python -m tune.registry show {cfg.promote.name}@{run.facts['version']} --registry {run.loaded.settings.registry}",
+            f"    python -m tune.registry show {cfg.promote.name}@{run.version} "
+            f"--registry {run.loaded.settings.registry}",
         ]
     (run.root / "report.md").write_text("\n".join(lines) + "\n")
     record = {
@@ -688,7 +813,7 @@ def write_report(run: Run) -> None:
         "outcome": verdict,
         "config": run.loaded.path,
         "overrides": run.loaded.overrides,
-        "version": run.facts.get("version"),
+        "version": run.version,
         "stages": {s.name: vars(s) for s in run.stages.values()},
     }
     (run.root / "report.json").write_text(json.dumps(record, indent=2, default=str))
@@ -698,7 +823,7 @@ def outcome(run: Run) -> str:
     cfg = run.loaded.cfg
     ref = f"{cfg.promote.name}@{cfg.promote.alias}"
     if run.ok:
-        return f"{ref} = {run.facts['version']}, live at {run.facts['url']}"
+        return f"{ref} = {run.version}, live at {run.endpoint.url}"
     failed = run.failed
     return f"{ref} not changed: {failed.name} {failed.status}: {failed.detail}"
 
@@ -722,10 +847,7 @@ def print_report(run: Run) -> None:
 
 # ---------------------------------------------------------------- CLI
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
-
-@app.command()
 def main(
     config: Annotated[Path, typer.Argument(help="pipeline YAML")],
     overrides: Annotated[
@@ -739,26 +861,13 @@ def main(
     the canary failed (the endpoint then serves what it served before)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if from_stage is not None and from_stage not in STAGES:
-        typer.echo(f"error: --from {from_stage}: one of {', '.join(STAGES)}", err=True)
-        raise typer.Exit(2)
-    try:
-        loaded = load_pipeline_config(config, overrides or [])
-    except ConfigError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        cli.fail(f"--from {from_stage}: one of {', '.join(STAGES)}")
+    loaded = load_pipeline_config(config, overrides or [])
     run = run_pipeline(loaded, from_stage)
     print_report(run)
-    if run.facts.get("started_app"):
+    if run.endpoint and run.endpoint.started_here:
         if loaded.cfg.serve.keep_running and not os.environ.get("RAY_ADDRESS"):
-            # this process owns the local Ray: the app lives as long as it does
-            print(f"serving at {run.facts['url']}/v1 - Ctrl-C stops")
-            # Tune leaves its own SIGINT handler (stop the sweep) installed after the sweep
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            try:
-                while True:
-                    time.sleep(3600)
-            except KeyboardInterrupt:
-                pass
+            serve_until_interrupted(run.endpoint.url)
         elif not loaded.cfg.serve.keep_running:
             from ray import serve
 
@@ -766,5 +875,17 @@ def main(
     raise typer.Exit(0 if run.ok else 1)
 
 
+def serve_until_interrupted(url: str) -> None:
+    """This process owns the local Ray: the app it started lives as long as it does."""
+    print(f"serving at {url}/v1 - Ctrl-C stops")
+    # Tune leaves its own SIGINT handler (stop the sweep) installed after the sweep
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+
+
 if __name__ == "__main__":
-    app()
+    cli.run(main)

@@ -40,6 +40,13 @@ from jobs.storage import is_remote, join, open_url, ray_storage
 log = logging.getLogger("rayft.sweep")
 
 
+# What run_trial sets in every trial's job, after the sweep's overrides and the trial's values.
+TRIAL_KEYS = {
+    "run.name": "each trial's run is NAME-TRIAL",
+    "checkpoint.storage_path": "each trial writes under SWEEP_DIR/runs",
+}
+
+
 class SchedulerConfig(Section):
     type: Literal["asha", "none"] = "asha"
     metric: str = "eval_loss"  # what the job reports at each eval
@@ -91,10 +98,13 @@ class SweepConfig(Section):
             if self.search == "grid" and kind != "grid":
                 raise ValueError(f"space.{key}: search: grid needs grid values for every key")
         for item in self.overrides:  # a trial's own values come after these and win
-            if swept := overlapping(item.partition("=")[0], self.space):
+            key = item.partition("=")[0]
+            if swept := overlapping(key, self.space):
                 raise ValueError(
                     f"overrides: {item} is overridden by space.{swept}; change the space instead"
                 )
+            if trial := overlapping(key, TRIAL_KEYS):
+                raise ValueError(f"overrides: {item}: set by the sweep ({TRIAL_KEYS[trial]})")
         return self
 
 
