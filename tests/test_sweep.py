@@ -225,3 +225,15 @@ def test_sweep_config_is_checked_before_anything_runs(tmp_path, tiny_model_dir):
     assert load_sweep_config(config, ["overrides=[train.weight_decay=0.1]"]).overrides == [
         "train.weight_decay=0.1"
     ]
+
+
+def test_sweep_bench_grid_takes_a_single_learning_rate():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sweep_bench", REPO / "benchmarks/sweep_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.space(1, [4]) == {"lora.r": {"grid": [4]}, "train.lr": {"grid": [1.0e-3]}}
+    assert bench.space(3, [4, 16])["train.lr"]["grid"] == [3.0e-4, 1.0e-3, 3.0e-3]
+    assert bench.space(2, [4])["train.lr"]["grid"] == [1.0e-4, 3.0e-3]
+    assert "eval.every_steps=10" in bench.overrides(90)

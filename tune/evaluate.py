@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,6 +22,7 @@ import torch
 import typer
 from pydantic import Field, model_validator
 
+from jobs import cli
 from jobs.config import (
     ConfigError,
     DataConfig,
@@ -223,82 +225,119 @@ def evaluate(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Metrics of base (zero-/few-shot) and base + adapter per task, the guard set, the gate."""
-    from peft import PeftModel
-
-    model_cfg = ModelConfig(name_or_path=base_model)
-    tokenizer = load_tokenizer(model_cfg)
-    cpu = torch.device("cpu")
-    base = load_base_model(model_cfg, cpu)
-    tuned = PeftModel.from_pretrained(base, str(adapter)) if adapter else None
+    models = Models.load(base_model, adapter, cfg.batch_size)
     results: dict[str, Any] = {
         "base_model": base_model,
         "adapter": str(adapter) if adapter else None,
         "tasks": {},
     }
-
-    def loss_of(examples) -> dict[str, float]:
-        if tuned is not None:
-            with tuned.disable_adapter():
-                base_loss = eval_loss(
-                    tuned, examples, cfg.batch_size, tokenizer.pad_token_id, cpu, _no_autocast
-                )
-            tuned_loss = eval_loss(
-                tuned, examples, cfg.batch_size, tokenizer.pad_token_id, cpu, _no_autocast
-            )
-            return {"base": base_loss, "adapter": tuned_loss}
-        return {
-            "base": eval_loss(
-                base, examples, cfg.batch_size, tokenizer.pad_token_id, cpu, _no_autocast
-            )
-        }
-
     for task in cfg.tasks:
         data = task.data or run_data
         if data is None:
             raise ConfigError(
                 f"tasks.{task.name}.data: give a data section (or evaluate a run directory)"
             )
-        prepared = prepare_data(data, tokenizer, seed)
-        convs = prepared.eval_conversations[: task.max_samples]
-        prompts, refs = zip(*(prompt_and_answer(c) for c in convs), strict=True)
-        prompts, refs = list(prompts), list(refs)
-        scores: dict[str, dict[str, float]] = {"base": {}, "adapter": {}}
-        if {"loss", "perplexity"} & set(task.metrics):
-            losses = loss_of(prepared.eval[: task.max_samples])
-            for who, loss in losses.items():
-                if "loss" in task.metrics:
-                    scores[who]["loss"] = loss
-                if "perplexity" in task.metrics:
-                    scores[who]["perplexity"] = perplexity(loss)
-        answer_kinds = set(task.metrics) - {"loss", "perplexity"}
-        if answer_kinds:
-            shots = _train_conversations(prepared, task.few_shot)
-            variants = {"base": prompts}
-            if task.few_shot:
-                variants["base_few_shot"] = [with_few_shot(p, shots) for p in prompts]
-            for who, ps in variants.items():
-                model = base if tuned is None else tuned
-                ctx = tuned.disable_adapter() if tuned is not None else _null()
-                with ctx:
-                    replies = generate(model, tokenizer, ps, task.max_new_tokens, cfg.batch_size)
-                scores.setdefault(who, {}).update(answer_metrics(task, ps, replies, refs))
-            if tuned is not None:
-                replies = generate(tuned, tokenizer, prompts, task.max_new_tokens, cfg.batch_size)
-                scores["adapter"].update(answer_metrics(task, prompts, replies, refs))
-                kept = list(zip(prompts, refs, replies, strict=True))[: cfg.keep_samples]
-                results.setdefault("samples", {})[task.name] = [
-                    {"prompt": p[-1]["content"], "reference": a, "reply": r, "messages": p}
-                    for p, a, r in kept
-                ]
-        if tuned is None:
-            scores.pop("adapter")
-        results["tasks"][task.name] = {"rows": len(convs), **scores}
+        prepared = prepare_data(data, models.tokenizer, seed)
+        results["tasks"][task.name], samples = evaluate_task(task, prepared, models, cfg)
+        if samples is not None:
+            results.setdefault("samples", {})[task.name] = samples
     if cfg.guard is not None:
-        guard = prepare_data(cfg.guard, tokenizer, seed)
-        results["guard"] = {f"{k}_loss": v for k, v in loss_of(guard.train + guard.eval).items()}
-    if cfg.gate is not None and tuned is not None:
+        guard = prepare_data(cfg.guard, models.tokenizer, seed)
+        results["guard"] = {
+            f"{k}_loss": v for k, v in models.losses(guard.train + guard.eval).items()
+        }
+    if cfg.gate is not None and models.tuned is not None:
         results["gate"] = gate(cfg.gate, results)
     return results
+
+
+@dataclass
+class Models:
+    """The base model and, with an adapter, base + adapter: one set of weights, the adapter
+    switched off for the base's numbers."""
+
+    tokenizer: Any
+    base: Any
+    tuned: Any | None  # a PeftModel around `base`
+    batch_size: int
+
+    @classmethod
+    def load(cls, base_model: str, adapter: Path | None, batch_size: int) -> Models:
+        from peft import PeftModel
+
+        model_cfg = ModelConfig(name_or_path=base_model)
+        tokenizer = load_tokenizer(model_cfg)
+        base = load_base_model(model_cfg, torch.device("cpu"))
+        tuned = PeftModel.from_pretrained(base, str(adapter)) if adapter else None
+        return cls(tokenizer, base, tuned, batch_size)
+
+    def as_base(self):
+        """A context in which `model` answers as the base does."""
+        return self.tuned.disable_adapter() if self.tuned is not None else _null()
+
+    @property
+    def model(self):
+        return self.base if self.tuned is None else self.tuned
+
+    def losses(self, examples) -> dict[str, float]:
+        """Reference-answer loss of the base and, with an adapter, of base + adapter."""
+        with self.as_base():
+            losses = {"base": self._loss(examples)}
+        if self.tuned is not None:
+            losses["adapter"] = self._loss(examples)
+        return losses
+
+    def _loss(self, examples) -> float:
+        cpu = torch.device("cpu")
+        return eval_loss(
+            self.model, examples, self.batch_size, self.tokenizer.pad_token_id, cpu, _no_autocast
+        )
+
+
+def evaluate_task(
+    task: TaskConfig, prepared, models: Models, cfg: EvalConfig
+) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+    """(a task's scores per model, the adapter's first replies kept as samples, None without
+    an adapter), on the task's held-out rows."""
+    convs = prepared.eval_conversations[: task.max_samples]
+    prompts, refs = zip(*(prompt_and_answer(c) for c in convs), strict=True)
+    prompts, refs = list(prompts), list(refs)
+    scores: dict[str, dict[str, float]] = {"base": {}, "adapter": {}}
+    if {"loss", "perplexity"} & set(task.metrics):
+        for who, loss in models.losses(prepared.eval[: task.max_samples]).items():
+            if "loss" in task.metrics:
+                scores[who]["loss"] = loss
+            if "perplexity" in task.metrics:
+                scores[who]["perplexity"] = perplexity(loss)
+    samples = None
+    if set(task.metrics) - {"loss", "perplexity"}:
+        samples = answer_scores(task, prepared, prompts, refs, models, scores)
+        samples = samples[: cfg.keep_samples] if samples is not None else None
+    if models.tuned is None:
+        scores.pop("adapter")
+    return {"rows": len(convs), **scores}, samples
+
+
+def answer_scores(task, prepared, prompts, refs, models: Models, scores) -> list[dict] | None:
+    """The answer metrics of each baseline (zero- and few-shot) and of the adapter, into
+    `scores`; the adapter's replies with their prompts (None without an adapter)."""
+    shots = _train_conversations(prepared, task.few_shot)
+    variants = {"base": prompts}
+    if task.few_shot:
+        variants["base_few_shot"] = [with_few_shot(p, shots) for p in prompts]
+    tokenizer, batch = models.tokenizer, models.batch_size
+    for who, ps in variants.items():
+        with models.as_base():
+            replies = generate(models.model, tokenizer, ps, task.max_new_tokens, batch)
+        scores.setdefault(who, {}).update(answer_metrics(task, ps, replies, refs))
+    if models.tuned is None:
+        return None
+    replies = generate(models.tuned, tokenizer, prompts, task.max_new_tokens, batch)
+    scores["adapter"].update(answer_metrics(task, prompts, replies, refs))
+    return [
+        {"prompt": p[-1]["content"], "reference": a, "reply": r, "messages": p}
+        for p, a, r in zip(prompts, refs, replies, strict=True)
+    ]
 
 
 def _train_conversations(prepared, k: int) -> list[list[dict]]:
@@ -356,9 +395,7 @@ def gate(cfg: GateConfig, results: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-# ---------------------------------------------------------------- CLI
-
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+# ---------------------------------------------------------------- a run or an adapter, and the CLI
 
 
 def evaluate_target(
@@ -397,18 +434,13 @@ def evaluate_target(
     return results, out
 
 
-@app.command()
 def main(
     target: Annotated[str, typer.Argument(help="run or adapter directory (local or s3://)")],
     config: Annotated[Path, typer.Argument(help="eval YAML")],
     base: Annotated[str | None, typer.Option(help="base model (default: the run's)")] = None,
 ) -> None:
     """Evaluate an adapter against its base (zero- and few-shot) and apply the gate."""
-    try:
-        results, out = evaluate_target(target, load_eval_config(config), base)
-    except ConfigError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    results, out = evaluate_target(target, load_eval_config(config), base)
     print_results(results)
     typer.echo(f"written: {out}")
     if results.get("gate") and not results["gate"]["passed"]:
@@ -438,4 +470,4 @@ def print_results(results: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    app()
+    cli.run(main)
