@@ -287,7 +287,7 @@ class Promoted:
 
 @dataclass
 class Endpoint:
-    """serve's result."""
+    """serve's result: where the app is (answering /health once the serve stage has passed)."""
 
     url: str
     started_here: bool = False  # the pipeline started the app (and stops it, unless keep_running)
@@ -526,6 +526,7 @@ def serve_stage(run: Run) -> None:
         status, how = (
             ("ran", "started here") if started else ("live", "already running on this Ray")
         )
+    run.endpoint = Endpoint(url, started)  # even if it never answers: started here, stopped here
     deadline = time.monotonic() + cfg.serve.ready_timeout_s
     while True:  # the app answers once Serve's HTTP proxy has it
         try:
@@ -537,7 +538,6 @@ def serve_stage(run: Run) -> None:
                 return
             time.sleep(0.5)
     stage.status, stage.detail = status, f"{url} ({how})"
-    run.endpoint = Endpoint(url, started)
 
 
 def start_app(loaded: Loaded) -> tuple[str, bool]:
