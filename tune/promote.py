@@ -116,7 +116,6 @@ def promote_run(
 
 def _promote(registry, run_dir, name, alias, force, limits, evaluation, lineage_extra) -> Promotion:
     uri = str(run_dir).rstrip("/")
-    previous = registry.aliases(name).get(alias)
     with local_copy(uri, RUN_PARTS) as local:
         adapter = local / "adapter"
         if not (local / "run.json").is_file() or not adapter.is_dir():
@@ -125,6 +124,7 @@ def _promote(registry, run_dir, name, alias, force, limits, evaluation, lineage_
         if evaluation is None and (local / "eval.json").is_file():
             evaluation = json.loads((local / "eval.json").read_text())
         gate = checked_gate(uri, (evaluation or {}).get("gate"), force)
+        previous = registry.aliases(name).get(alias)
         if adapter_version(adapter) == previous:  # promoted before: no alias move to record
             return Promotion(True, previous, previous, moved=False)
         lineage = {
