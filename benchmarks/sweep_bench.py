@@ -2,7 +2,7 @@
 
     python benchmarks/sweep_bench.py            # ~10 minutes on 2 CPUs (tiny model, 6 configs)
     python benchmarks/sweep_bench.py --lrs 6    # 12 configs, ~20 minutes
-    python benchmarks/sweep_bench.py --lrs 1 --ranks 4 --max-steps 4   # a smoke run: 1 config
+    python benchmarks/sweep_bench.py --lrs 1 --ranks 4 --max-steps 2 --rows 200   # smoke run
 
 Both sweeps run the same 6 grid points of the quickstart job (lora.r x train.lr), two trials at a
 time; the grid runs every trial to the end, ASHA stops trials at their evals. Target: ASHA uses
@@ -15,6 +15,7 @@ import argparse
 import logging
 import tempfile
 import time
+from pathlib import Path
 
 from tune.sweep import SweepConfig, run_sweep
 
@@ -45,10 +46,16 @@ def overrides(max_steps: int) -> list[str]:
 
 
 def sweep(name: str, scheduler: dict, storage: str, args: argparse.Namespace) -> dict:
+    job = [*overrides(args.max_steps), f"model.name_or_path={args.model}"]
+    if args.rows:  # the first rows of the quickstart's data only: less to prepare and evaluate
+        rows = Path(storage) / "reviews.jsonl"
+        lines = Path("data/reviews.jsonl").read_text().splitlines(keepends=True)
+        rows.write_text("".join(lines[: args.rows]))
+        job.append(f"data.train_files=[{rows}]")
     cfg = SweepConfig(
         name=name,
         job="configs/quickstart.yaml",
-        overrides=[*overrides(args.max_steps), f"model.name_or_path={args.model}"],
+        overrides=job,
         space=space(args.lrs, args.ranks),
         search="grid",
         num_trials=1,
@@ -69,6 +76,7 @@ def main() -> None:
     ap.add_argument("--lrs", type=positive, default=3, help="learning rates in the grid")
     ap.add_argument("--ranks", type=ranks, default=[4, 16], help="LoRA ranks in the grid: 4,16")
     ap.add_argument("--max-steps", type=positive, default=90, help="each trial's training steps")
+    ap.add_argument("--rows", type=positive, default=None, help="the first N rows of the data")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         grid = sweep("grid", {"type": "none"}, tmp, args)
