@@ -154,6 +154,9 @@ def test_promotion_needs_a_passed_gate_or_force(evaluated, runs, tmp_path):
     lineage = reg.lineage("reviews@production")
     assert lineage["version"] == version and lineage["gate"]["passed"]
     assert lineage["dataset_hash"].startswith("sha256:") and lineage["evaluation"]["tasks"]
+    # promoting it again changes nothing: the alias already points at it, no move is recorded
+    assert promote_run(reg, good, "reviews") == version
+    assert [e["reason"] for e in reg.alias_history("reviews", "production")] == ["promote"]
     assert lineage["base_model_fingerprint"].startswith("sha256:")
     with pytest.raises(RegistryError, match="the gate failed: sentiment.exact_match"):
         promote_run(reg, bad, "reviews")
