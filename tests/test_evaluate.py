@@ -34,8 +34,14 @@ def write_run(run_dir: Path, adapter_model, tokenizer, cfg, dataset_hash: str) -
     """A run directory as jobs.finetune leaves it: adapter/ (+ tokenizer) and run.json."""
     adapter_model.save_pretrained(run_dir / "adapter")
     tokenizer.save_pretrained(run_dir / "adapter")
-    run = {"run_name": run_dir.name, "base_model": cfg.model.name_or_path, "seed": cfg.run.seed,
-           "dataset_hash": dataset_hash, "config": cfg.model_dump(), "metrics": {}}  # fmt: skip
+    run = {
+        "run_name": run_dir.name,
+        "base_model": cfg.model.name_or_path,
+        "seed": cfg.run.seed,
+        "dataset_hash": dataset_hash,
+        "config": cfg.model_dump(),
+        "metrics": {},
+    }
     (run_dir / "run.json").write_text(json.dumps(run))
     return run_dir
 
@@ -85,7 +91,10 @@ def test_a_trained_adapter_passes_the_gate_with_all_numbers_stored(evaluated, ru
     assert set(scores) == {"rows", "base", "base_few_shot", "adapter"}
     assert scores["adapter"]["exact_match"] > 0.6 > scores["base"]["exact_match"]
     assert scores["adapter"]["loss"] < scores["base"]["loss"] / 3
-    assert 0 <= scores["adapter"]["f1"] <= 1 and scores["adapter"]["accuracy"] >= scores["adapter"]["exact_match"]  # fmt: skip
+    assert (
+        0 <= scores["adapter"]["f1"] <= 1
+        and scores["adapter"]["accuracy"] >= scores["adapter"]["exact_match"]
+    )
     assert good["gate"]["passed"], good["gate"]["reasons"]
     assert good["gate"]["best_baseline"] in ("base", "base_few_shot")
     assert json.loads((runs[0] / "eval.json").read_text())["gate"] == good["gate"]
@@ -99,22 +108,31 @@ def test_an_adapter_that_does_not_beat_the_baseline_is_rejected(evaluated):
 
 
 def test_the_guard_catches_forgetting():
-    results = {"tasks": {"t": {"base": {"exact_match": 0.1}, "adapter": {"exact_match": 0.9}}},
-               "guard": {"base_loss": 2.0, "adapter_loss": 2.5}}  # fmt: skip
+    results = {
+        "tasks": {"t": {"base": {"exact_match": 0.1}, "adapter": {"exact_match": 0.9}}},
+        "guard": {"base_loss": 2.0, "adapter_loss": 2.5},
+    }
     from tune.evaluate import GateConfig
 
     decision = gate(GateConfig(metric="t.exact_match", margin=0.1, guard_tolerance=0.1), results)
     assert not decision["passed"] and "forgetting" in decision["reasons"][0]
     ok = gate(GateConfig(metric="t.exact_match", margin=0.1, guard_tolerance=0.3), results)
     assert ok["passed"]
-    lower = {"tasks": {"t": {"base": {"loss": 2.0}, "base_few_shot": {"loss": 1.5}, "adapter": {"loss": 1.2}}}}  # fmt: skip
+    lower = {
+        "tasks": {
+            "t": {"base": {"loss": 2.0}, "base_few_shot": {"loss": 1.5}, "adapter": {"loss": 1.2}}
+        }
+    }
     d = gate(GateConfig(metric="t.loss", margin=0.2), lower)
     assert d["passed"] and d["best_baseline"] == "base_few_shot"
     assert not gate(GateConfig(metric="t.loss", margin=0.5), lower)["passed"]
 
 
 def test_metric_helpers():
-    assert predicted_label("It is Negative, maybe mixed", ["positive", "negative", "mixed"]) == "negative"  # fmt: skip
+    assert (
+        predicted_label("It is Negative, maybe mixed", ["positive", "negative", "mixed"])
+        == "negative"
+    )
     assert predicted_label("no idea", ["positive"]) is None
     assert macro_f1(["a", "a", "b"], ["a", "b", "b"], ["a", "b"]) == pytest.approx(
         (2 / 3 + 2 / 3) / 2
@@ -122,9 +140,11 @@ def test_metric_helpers():
     shots = [[{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}]]
     prompt = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}]
     assert with_few_shot(prompt, shots) == [
-        {"role": "system", "content": "s"}, {"role": "user", "content": "q1"},
-        {"role": "assistant", "content": "a1"}, {"role": "user", "content": "q"},
-    ]  # fmt: skip
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "q"},
+    ]
 
 
 def test_promotion_needs_a_passed_gate_or_force(evaluated, runs, tmp_path):
@@ -134,6 +154,9 @@ def test_promotion_needs_a_passed_gate_or_force(evaluated, runs, tmp_path):
     lineage = reg.lineage("reviews@production")
     assert lineage["version"] == version and lineage["gate"]["passed"]
     assert lineage["dataset_hash"].startswith("sha256:") and lineage["evaluation"]["tasks"]
+    # promoting it again changes nothing: the alias already points at it, no move is recorded
+    assert promote_run(reg, good, "reviews") == version
+    assert [e["reason"] for e in reg.alias_history("reviews", "production")] == ["promote"]
     assert lineage["base_model_fingerprint"].startswith("sha256:")
     with pytest.raises(RegistryError, match="the gate failed: sentiment.exact_match"):
         promote_run(reg, bad, "reviews")
@@ -208,8 +231,14 @@ def grade_by_reference(body: dict, headers: dict) -> str:
 def test_llm_judge_metric_through_a_local_endpoint(runs, eval_cfg):
     with openai_chat_stub(grade_by_reference) as url:
         judge = {"base_url": url, "model": "g", "api_key_env": None}
-        task = eval_cfg.tasks[0].model_copy(update={"metrics": ["exact_match", "judge"], "few_shot": 0,
-                                                    "judge": JudgeConfig(**judge), "max_samples": 16})  # fmt: skip
+        task = eval_cfg.tasks[0].model_copy(
+            update={
+                "metrics": ["exact_match", "judge"],
+                "few_shot": 0,
+                "judge": JudgeConfig(**judge),
+                "max_samples": 16,
+            }
+        )
         cfg = eval_cfg.model_copy(update={"tasks": [task], "gate": None, "guard": None})
         results, _ = evaluate_target(runs[0], cfg)
     scores = results["tasks"]["sentiment"]
@@ -224,5 +253,8 @@ def test_answer_metrics_contains_and_regex():
 
     task = TaskConfig(name="t", metrics=["contains", "regex", "exact_match"], regex=r"^\d+$")
     out = answer_metrics(task, [[]] * 3, ["42", "it is 7", "x"], ["42", "7", "y"])
-    assert out == {"exact_match": pytest.approx(1 / 3), "contains": pytest.approx(2 / 3),
-                   "regex": pytest.approx(1 / 3)}  # fmt: skip
+    assert out == {
+        "exact_match": pytest.approx(1 / 3),
+        "contains": pytest.approx(2 / 3),
+        "regex": pytest.approx(1 / 3),
+    }

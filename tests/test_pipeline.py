@@ -32,30 +32,46 @@ def write_configs(tmp: Path, tiny_model_dir: Path) -> tuple[Path, list[str]]:
     """A pipeline YAML naming the shipped sweep config and embedding the eval config, a Serve config on a free port,
     and the command-line overrides that make the sweep tiny (2 trials of 40 steps)."""
     tenants = tmp / "tenants.yaml"
-    tenants.write_text(yaml.safe_dump({"tenants": [{"name": "ci", "key_sha256": hash_key(KEY), "adapters": ["*"]}]}))  # fmt: skip
+    tenants.write_text(
+        yaml.safe_dump(
+            {"tenants": [{"name": "ci", "key_sha256": hash_key(KEY), "adapters": ["*"]}]}
+        )
+    )
     serve_cfg = yaml.safe_load((REPO / "configs/serve.yaml").read_text())
     serve_cfg["applications"][0]["args"].update(
-        base_model=str(tiny_model_dir), registry=str(tmp / "registry"), tenants=str(tenants),
-        alias_ttl_s=TTL, max_lora_rank=16,
-    )  # fmt: skip
+        base_model=str(tiny_model_dir),
+        registry=str(tmp / "registry"),
+        tenants=str(tenants),
+        alias_ttl_s=TTL,
+        max_lora_rank=16,
+    )
     (tmp / "serve.yaml").write_text(yaml.safe_dump(serve_cfg))
     # the shipped eval inline (a section may be a mapping instead of a path), on fewer rows
     evaluation = yaml.safe_load((REPO / "configs/eval_reviews.yaml").read_text())
     evaluation["tasks"][0]["max_samples"] = 32
     pipeline = {
-        "name": "reviews", "workdir": str(tmp / "pipelines"),
-        "sweep": str(REPO / "configs/sweep_reviews.yaml"), "eval": evaluation,
-        "serve": {"config": str(tmp / "serve.yaml"), "keep_running": True, "api_key_env": "RAYFT_API_KEY"},
-        "promote": {"name": "reviews", "alias": "production"}, "canary": {"prompts": 3},
-    }  # fmt: skip
+        "name": "reviews",
+        "workdir": str(tmp / "pipelines"),
+        "sweep": str(REPO / "configs/sweep_reviews.yaml"),
+        "eval": evaluation,
+        "serve": {
+            "config": str(tmp / "serve.yaml"),
+            "keep_running": True,
+            "api_key_env": "RAYFT_API_KEY",
+        },
+        "promote": {"name": "reviews", "alias": "production"},
+        "canary": {"prompts": 3},
+    }
     (tmp / "pipeline.yaml").write_text(yaml.safe_dump(pipeline))
     overrides = [
-        f"job.model.name_or_path={tiny_model_dir}", "sweep.num_trials=2", "sweep.max_concurrent_trials=2",
+        f"job.model.name_or_path={tiny_model_dir}",
+        "sweep.num_trials=2",
+        "sweep.max_concurrent_trials=2",
         "sweep.space={lora.r: {choice: [8]}, train.lr: {choice: [2.0e-3, 3.0e-3]}}",
         "sweep.overrides=[scaling.cpus_per_worker=1, train.max_steps=40, eval.every_steps=20, "
         "checkpoint.every_steps=20, eval.early_stopping_patience=null, eval.max_generate_samples=8]",
         f"serve.port={free_port()}",
-    ]  # fmt: skip
+    ]
     return tmp / "pipeline.yaml", overrides
 
 
@@ -78,8 +94,16 @@ def pipeline(tmp_path_factory, tiny_model_dir):
     loaded = load_pipeline_config(path, overrides)
     start = time.monotonic()
     first = run_pipeline(loaded)
-    yield {"loaded": loaded, "path": path, "overrides": overrides, "first": first, "tmp": tmp,
-           "registry": registry, "previous": previous, "first_s": time.monotonic() - start}  # fmt: skip
+    yield {
+        "loaded": loaded,
+        "path": path,
+        "overrides": overrides,
+        "first": first,
+        "tmp": tmp,
+        "registry": registry,
+        "previous": previous,
+        "first_s": time.monotonic() - start,
+    }
     serve.shutdown()
     ray.shutdown()
     os.chdir(saved_cwd)
@@ -108,7 +132,7 @@ def test_pipeline_serves_the_gated_adapter_and_traces_its_answers_to_the_data(pi
     run, registry = pipeline["first"], pipeline["registry"]
     assert run.ok, statuses(run) | {"why": run.failed and run.failed.detail}
     assert statuses(run) == dict.fromkeys(statuses(run), "ran")
-    version = run.facts["version"]
+    version = run.version
     assert registry.aliases("reviews")["production"] == version != pipeline["previous"]
 
     # started as `serve run CONFIG` starts it: the config's `deployments:` options apply
@@ -119,25 +143,37 @@ def test_pipeline_serves_the_gated_adapter_and_traces_its_answers_to_the_data(pi
     assert deployed["autoscaling_config"]["max_replicas"] == 4
     assert deployed["autoscaling_config"]["target_ongoing_requests"] == 16
 
-    sample = run.facts["evaluation"]["samples"]["sentiment"][0]
-    answer, served = chat(run.facts["url"], sample["messages"])
+    sample = run.evaluated.results["samples"]["sentiment"][0]
+    answer, served = chat(run.endpoint.url, sample["messages"])
     assert served == version and answer.strip() == sample["reply"]
 
     # header -> lineage.json -> run -> dataset hash -> source file and code
     lineage = registry.lineage(f"reviews@{served}")
     run_json = json.loads((Path(lineage["run"]["dir"]) / "run.json").read_text())
-    assert lineage["dataset_hash"] == run_json["dataset_hash"] == run.facts["dataset_hash"]
+    assert lineage["dataset_hash"] == run_json["dataset_hash"] == run.prepared.dataset_hash
     assert run_json["config"]["data"]["prepared"] == run.stages["prepare"].dir
     (source,) = [f for s in lineage["data_sources"] for f in s["files"]]
-    assert source["url"] == "data/reviews.jsonl" and source["sha256"] == file_sha256(str(REPO / "data/reviews.jsonl"))  # fmt: skip
-    assert lineage["code"]["sha"] and lineage["pipeline"]["stages"]["sweep"] == run.stages["sweep"].dir  # fmt: skip
+    assert source["url"] == "data/reviews.jsonl" and source["sha256"] == file_sha256(
+        str(REPO / "data/reviews.jsonl")
+    )
+    assert (
+        lineage["code"]["sha"] and lineage["pipeline"]["stages"]["sweep"] == run.stages["sweep"].dir
+    )
     chain = "\n".join(lineage_chain(lineage))
-    assert f"reviews@{version}" in chain and lineage["dataset_hash"] in chain and source["sha256"] in chain  # fmt: skip
+    assert (
+        f"reviews@{version}" in chain
+        and lineage["dataset_hash"] in chain
+        and source["sha256"] in chain
+    )
 
     report = (run.root / "report.md").read_text()
     for name in ("eval_curves.png", "gate.png"):
         assert name in report and next(run.root.rglob(name)).stat().st_size > 0
-    written = [run.root / "report.md", run.root / "report.json", *registry.fs.glob(f"{registry.base}/reviews/*/lineage.json")]  # fmt: skip
+    written = [
+        run.root / "report.md",
+        run.root / "report.json",
+        *registry.fs.glob(f"{registry.base}/reviews/*/lineage.json"),
+    ]
     assert not [f for f in written if KEY in Path(f).read_text()]
     print(
         f"first run {pipeline['first_s']:.0f} s:", {s.name: s.seconds for s in run.stages.values()}
@@ -150,8 +186,14 @@ def test_rerun_skips_finished_stages_and_from_reruns_a_stage(pipeline):
     loaded, first = pipeline["loaded"], pipeline["first"]
     trials = sorted(Path(first.stages["sweep"].dir, "runs").iterdir())
     again = run_pipeline(loaded)
-    assert statuses(again) == {"prepare": "cached", "sweep": "cached", "evaluate": "cached",
-                               "promote": "cached", "serve": "live", "canary": "ran"}  # fmt: skip
+    assert statuses(again) == {
+        "prepare": "cached",
+        "sweep": "cached",
+        "evaluate": "cached",
+        "promote": "cached",
+        "serve": "live",
+        "canary": "ran",
+    }
     assert sorted(Path(first.stages["sweep"].dir, "runs").iterdir()) == trials
     assert again.stages["sweep"].seconds < 5
 
@@ -160,13 +202,17 @@ def test_rerun_skips_finished_stages_and_from_reruns_a_stage(pipeline):
     redone = run_pipeline(loaded, from_stage="evaluate")
     assert statuses(redone)["sweep"] == "cached" and statuses(redone)["evaluate"] == "ran"
     assert eval_json.stat().st_mtime_ns != written
-    assert redone.ok and redone.facts["version"] == first.facts["version"]
+    assert redone.ok and redone.version == first.version
 
 
 @pytest.mark.integration
 @pytest.mark.slow
 def test_a_failing_gate_leaves_the_endpoint_unchanged(pipeline):
-    registry, previous, url = pipeline["registry"], pipeline["previous"], pipeline["first"].facts["url"]  # fmt: skip
+    registry, previous, url = (
+        pipeline["registry"],
+        pipeline["previous"],
+        pipeline["first"].endpoint.url,
+    )
     registry.set_alias("reviews", "production", previous)
     # exact match cannot improve by more than 1: the gate fails on a real evaluation
     strict = load_pipeline_config(
@@ -174,8 +220,14 @@ def test_a_failing_gate_leaves_the_endpoint_unchanged(pipeline):
     )
     run = run_pipeline(strict)
     assert not run.ok
-    assert statuses(run) == {"prepare": "cached", "sweep": "cached", "evaluate": "failed",
-                             "promote": "skipped", "serve": "skipped", "canary": "skipped"}  # fmt: skip
+    assert statuses(run) == {
+        "prepare": "cached",
+        "sweep": "cached",
+        "evaluate": "failed",
+        "promote": "skipped",
+        "serve": "skipped",
+        "canary": "skipped",
+    }
     assert registry.aliases("reviews")["production"] == previous
     time.sleep(TTL)
     assert chat(url, [{"role": "user", "content": "Review: fine."}])[1] == previous
@@ -203,23 +255,62 @@ def test_a_canary_mismatch_rolls_the_alias_back(pipeline):
     assert statuses(run)["promote"] == "ran" and statuses(run)["canary"] == "rolled back"
     assert not run.ok and "prompt 1: endpoint" in run.stages["canary"].detail
     assert registry.aliases("reviews")["production"] == previous
-    assert [e["reason"] for e in registry.alias_history("reviews", "production")][-2:] == ["promote", "rollback"]  # fmt: skip
+    assert [e["reason"] for e in registry.alias_history("reviews", "production")][-2:] == [
+        "promote",
+        "rollback",
+    ]
     assert f"rolled back to {previous} (endpoint serves {previous})" in run.stages["canary"].detail
-    assert chat(first.facts["url"], [{"role": "user", "content": "Review: fine."}])[1] == previous
+    assert chat(first.endpoint.url, [{"role": "user", "content": "Review: fine."}])[1] == previous
 
 
 def test_pipeline_config_is_checked_before_anything_runs(tmp_path, tiny_model_dir, monkeypatch):
     monkeypatch.chdir(REPO)
     monkeypatch.setenv("RAYFT_API_KEY", KEY)
     shipped = load_pipeline_config(REPO / "configs/pipeline.yaml")
-    assert shipped.files == {"sweep": "configs/sweep_reviews.yaml", "job": "configs/quickstart.yaml",
-                             "eval": "configs/eval_reviews.yaml"}  # fmt: skip
+    assert shipped.files == {
+        "sweep": "configs/sweep_reviews.yaml",
+        "job": "configs/quickstart.yaml",
+        "eval": "configs/eval_reviews.yaml",
+    }
     assert shipped.cfg.job.data.train_files == ["data/reviews.jsonl"]
-    assert load_pipeline_config(REPO / "configs/pipeline.yaml", ["job.train.lr=1e-4"]).cfg.job.train.lr == 1e-4  # fmt: skip
+    shipped_path = REPO / "configs/pipeline.yaml"
+    assert (
+        load_pipeline_config(
+            shipped_path, ["job.train.weight_decay=0.01"]
+        ).cfg.job.train.weight_decay
+        == 0.01
+    )
+    # a job override that every trial replaces would do nothing: an error saying where to set it
+    with pytest.raises(
+        ConfigError,
+        match="job.train.lr=0.001 is overridden by sweep.space.train.lr; change the space instead",
+    ):
+        load_pipeline_config(shipped_path, ["job.train.lr=1e-3"])
+    with pytest.raises(
+        ConfigError,
+        match=r"job.train.max_steps=5 is overridden by sweep.overrides \(train.max_steps=60\)",
+    ):
+        load_pipeline_config(shipped_path, ["job.train.max_steps=5"])
+    with pytest.raises(ConfigError, match="job.run.name=x is set by the sweep for every trial"):
+        load_pipeline_config(shipped_path, ["job.run.name=x"])
+    from typer.testing import CliRunner
+
+    from jobs import cli
+    from tune.pipeline import main
+
+    app = cli.app()
+    app.command()(cli.config_errors_exit_2(main))  # as cli.run(main) makes it
+    shadowed = CliRunner().invoke(app, [str(shipped_path), "job.train.lr=1e-3"])
+    assert shadowed.exit_code == 2
+    assert "error: " in shadowed.output and "job.train.lr=0.001 is overridden" in shadowed.output
     path, overrides = write_configs(tmp_path, tiny_model_dir)
-    with pytest.raises(ConfigError, match="unknown key 'job.train.lrr' \\(did you mean 'job.train.lr'"):  # fmt: skip
+    with pytest.raises(
+        ConfigError, match="unknown key 'job.train.lrr' \\(did you mean 'job.train.lr'"
+    ):
         load_pipeline_config(path, [*overrides, "job.train.lrr=1"])
-    with pytest.raises(ConfigError, match="sweep.num_trials: Input should be greater than or equal to 1"):  # fmt: skip
+    with pytest.raises(
+        ConfigError, match="sweep.num_trials: Input should be greater than or equal to 1"
+    ):
         load_pipeline_config(path, [*overrides, "sweep.num_trials=0"])
     with pytest.raises(ConfigError, match="serve.args.*max_batch_size"):
         load_pipeline_config(path, [*overrides, "serve.args.max_batch_size=0"])
@@ -227,7 +318,9 @@ def test_pipeline_config_is_checked_before_anything_runs(tmp_path, tiny_model_di
         load_pipeline_config(path, [*overrides, "canary.prompts=9"])
     with pytest.raises(ConfigError, match="sweep.space.data.max_seq_len"):
         load_pipeline_config(path, [*overrides, "sweep.space={data.max_seq_len: {choice: [64]}}"])
-    with pytest.raises(ConfigError, match="sweep.storage_path: s3://b/s: the pipeline keeps its stages"):  # fmt: skip
+    with pytest.raises(
+        ConfigError, match="sweep.storage_path: s3://b/s: the pipeline keeps its stages"
+    ):
         load_pipeline_config(path, [*overrides, "sweep.storage_path=s3://b/s"])
     monkeypatch.delenv("RAYFT_API_KEY")
     with pytest.raises(ConfigError, match="serve.api_key_env: RAYFT_API_KEY is not set") as e:

@@ -16,7 +16,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from tests.helpers import REPO
-from tune.registry import Registry, RegistryError, adapter_version, check_name
+from tune.registry import NotInRegistry, Registry, RegistryError, adapter_version, check_name
 
 
 def make_adapter(base_dir: Path, out: Path, seed: int, r: int = 4, **lora) -> Path:
@@ -134,8 +134,13 @@ def test_cli_list_show_alias_rollback_delete(adapters, tmp_path):
     v1 = reg.register(adapters[1], "bot", {"base_model": "tiny"})
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "tune.registry", *args, "--registry", str(tmp_path)],
-                              cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "tune.registry", *args, "--registry", str(tmp_path)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     assert cli("alias", f"bot@{v0}", "production").returncode == 0
     assert cli("alias", f"bot@{v1}", "production").returncode == 0
@@ -151,3 +156,28 @@ def test_cli_list_show_alias_rollback_delete(adapters, tmp_path):
     assert cli("delete", f"bot@{v1}").returncode == 0
     bad = cli("show", "../../etc")
     assert bad.returncode == 2 and "invalid name" in bad.stderr
+
+
+def test_a_missing_name_says_what_the_registry_holds_and_how_to_read_another(adapters, tmp_path):
+    from typer.testing import CliRunner
+
+    from tune.registry.cli import app
+
+    root = str(tmp_path / "registry")
+    reg = Registry(root)
+    reg.register(adapters[0], "bot", {})
+    v1 = reg.register(adapters[1], "helper", {})
+    with pytest.raises(
+        NotInRegistry, match=r"nope: not in the registry at .* \(it holds bot, helper\)"
+    ):
+        reg.lineage("nope")
+    with pytest.raises(NotInRegistry, match=r"not in the registry at .*empty \(it is empty\)"):
+        Registry(str(tmp_path / "empty")).resolve("bot")
+    with pytest.raises(
+        NotInRegistry, match=rf"helper@staging: .* \(helper has versions {v1}; aliases none\)"
+    ):
+        reg.resolve("helper@staging")
+    shown = CliRunner().invoke(app, ["show", "nope", "--registry", root])
+    assert shown.exit_code == 2
+    assert "it holds bot, helper" in shown.output
+    assert "--registry ROOT" in shown.output and "RAYFT_REGISTRY" in shown.output

@@ -38,9 +38,14 @@ def sweep_yaml(tmp_path: Path, tiny_model_dir: Path, job: list[str] = (), **fiel
 def start_sweep(config: Path, ray_tmp: str) -> subprocess.Popen:
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}  # this sweep's Ray, findable to kill it whole
     return subprocess.Popen(
-        [sys.executable, "-m", "tune.sweep", str(config)], cwd=REPO, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )  # fmt: skip
+        [sys.executable, "-m", "tune.sweep", str(config)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def kill_sweep(proc: subprocess.Popen, ray_tmp: str) -> None:
@@ -67,7 +72,9 @@ def test_asha_sweep_survives_a_killed_driver_and_promotes_its_best_trial(tmp_pat
             first_done = done[0]
             break
         time.sleep(2)
-    assert first_done is not None, proc.stdout.read()[-3000:] if proc.poll() is not None else "no trial finished in time"  # fmt: skip
+    assert first_done is not None, (
+        proc.stdout.read()[-3000:] if proc.poll() is not None else "no trial finished in time"
+    )
     before = json.loads(first_done.read_text())
     kill_sweep(proc, ray_tmp)
     assert not (root / "results.json").exists()
@@ -88,7 +95,12 @@ def test_asha_sweep_survives_a_killed_driver_and_promotes_its_best_trial(tmp_pat
     after = json.loads(first_done.read_text())
     assert after["loss_history"] == before["loss_history"]
     assert after["resumed_at_steps"] in ([], [before["steps"]])
-    for name in ("results.csv", "eval_curves.png", "eval_loss_vs_train_lr.png", "eval_loss_vs_lora_r.png"):  # fmt: skip
+    for name in (
+        "results.csv",
+        "eval_curves.png",
+        "eval_loss_vs_train_lr.png",
+        "eval_loss_vs_lora_r.png",
+    ):
         assert (root / name).stat().st_size > 0, name
     assert "best eval loss" in out and "stopped early?" in out
 
@@ -102,14 +114,16 @@ def test_asha_sweep_survives_a_killed_driver_and_promotes_its_best_trial(tmp_pat
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_sweep_on_s3_resumes_and_promotes_from_the_bucket(tmp_path, tiny_model_dir, s3_server, caplog):  # fmt: skip
+def test_sweep_on_s3_resumes_and_promotes_from_the_bucket(
+    tmp_path, tiny_model_dir, s3_server, caplog
+):
     import boto3
     import ray
     import s3fs
     from typer.testing import CliRunner
 
     from jobs.distributed import start_local_ray
-    from tune.registry import app as registry_app
+    from tune.registry.cli import app as registry_app
 
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="rayft")
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
@@ -121,12 +135,24 @@ def test_sweep_on_s3_resumes_and_promotes_from_the_bucket(tmp_path, tiny_model_d
     reviews = tmp_path / "reviews.jsonl"  # a quarter of the rows: less to prepare and evaluate
     reviews.write_text("".join((REPO / "data/reviews.jsonl").read_text().splitlines(True)[:200]))
     config = sweep_yaml(
-        tmp_path, tiny_model_dir,
-        job=[f"data.train_files=[{reviews}]", "train.max_steps=4", "eval.every_steps=2",
-             "checkpoint.every_steps=2", "eval.max_generate_samples=8"],  # fmt: skip
-        num_trials=2, scheduler={"type": "none"}, storage_path="s3://rayft/sweeps",
-        promote={"name": "reviews", "eval": str(tmp_path / "eval.yaml"), "registry": "s3://rayft/registry"},
-    )  # fmt: skip
+        tmp_path,
+        tiny_model_dir,
+        job=[
+            f"data.train_files=[{reviews}]",
+            "train.max_steps=4",
+            "eval.every_steps=2",
+            "checkpoint.every_steps=2",
+            "eval.max_generate_samples=8",
+        ],
+        num_trials=2,
+        scheduler={"type": "none"},
+        storage_path="s3://rayft/sweeps",
+        promote={
+            "name": "reviews",
+            "eval": str(tmp_path / "eval.yaml"),
+            "registry": "s3://rayft/registry",
+        },
+    )
     cfg = load_sweep_config(config)
     # 3 logical CPUs: each trial's function holds 0.01 CPU, so with 2 the second trial's worker
     # (1 CPU) would wait for the first trial to end
@@ -164,7 +190,10 @@ def test_sweep_on_s3_resumes_and_promotes_from_the_bucket(tmp_path, tiny_model_d
     assert lineage["evaluation"]["adapter"] == f"{best}/adapter"
     assert lineage["sweep"]["name"] == "reviews" and lineage["sweep"]["trial"] == trials[0]["trial"]
     # the registry CLI takes the s3:// run directory as well (its gate result is in eval.json)
-    cli = CliRunner().invoke(registry_app, ["promote", best, "--name", "reviews-cli", "--registry", "s3://rayft/registry"])  # fmt: skip
+    cli = CliRunner().invoke(
+        registry_app,
+        ["promote", best, "--name", "reviews-cli", "--registry", "s3://rayft/registry"],
+    )
     assert cli.exit_code == 0, cli.output
     assert registry.lineage("reviews-cli@production")["run"]["dir"] == best
 
@@ -183,3 +212,28 @@ def test_sweep_config_is_checked_before_anything_runs(tmp_path, tiny_model_dir):
         ConfigError, match="storage_path: gs://b/p: give a local directory or s3://"
     ):
         load_sweep_config(config, ["storage_path=gs://b/p"])
+    # a job value that the space sets for every trial would have no effect: an error, not silence
+    with pytest.raises(
+        ConfigError,
+        match="overrides: train.lr=1e-3 is overridden by space.train.lr; change the space",
+    ):
+        load_sweep_config(config, ["overrides=[train.lr=1e-3]"])
+    with pytest.raises(ConfigError, match="job.train.lr=0.001 is overridden by space.train.lr"):
+        load_sweep_config(config, ["job.train.lr=1e-3"])
+    with pytest.raises(ConfigError, match="add train.weight_decay=VALUE to the sweep's overrides"):
+        load_sweep_config(config, ["job.train.weight_decay=0.1"])
+    assert load_sweep_config(config, ["overrides=[train.weight_decay=0.1]"]).overrides == [
+        "train.weight_decay=0.1"
+    ]
+
+
+def test_sweep_bench_grid_takes_a_single_learning_rate():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("sweep_bench", REPO / "benchmarks/sweep_bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.space(1, [4]) == {"lora.r": {"grid": [4]}, "train.lr": {"grid": [1.0e-3]}}
+    assert bench.space(3, [4, 16])["train.lr"]["grid"] == [3.0e-4, 1.0e-3, 3.0e-3]
+    assert bench.space(2, [4])["train.lr"]["grid"] == [1.0e-4, 3.0e-3]
+    assert "eval.every_steps=10" in bench.overrides(90)

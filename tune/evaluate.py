@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import re
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -21,6 +23,7 @@ import torch
 import typer
 from pydantic import Field, model_validator
 
+from jobs import cli
 from jobs.config import (
     ConfigError,
     DataConfig,
@@ -47,7 +50,9 @@ class TaskConfig(Section):
     # The rows: a data section like a job's (its held-out split is the task's test set); `null`
     # with a run directory means that run's own data section and seed.
     data: DataConfig | None = None
-    metrics: list[Literal["loss", "perplexity", "exact_match", "accuracy", "f1", "contains", "regex", "judge"]] = ["loss", "exact_match"]  # fmt: skip
+    metrics: list[
+        Literal["loss", "perplexity", "exact_match", "accuracy", "f1", "contains", "regex", "judge"]
+    ] = ["loss", "exact_match"]
     labels: list[str] = []  # for accuracy/f1: the first label found in a reply is its prediction
     regex: str | None = None  # for regex: the share of replies that match
     judge: JudgeConfig | None = None  # for judge: an OpenAI-compatible endpoint grades replies
@@ -88,7 +93,9 @@ class EvalConfig(Section):
             task, _, metric = self.gate.metric.partition(".")
             names = {t.name: t for t in self.tasks}
             if task not in names or metric not in names[task].metrics:
-                raise ValueError(f"gate.metric {self.gate.metric!r} is not a task.metric measured here")  # fmt: skip
+                raise ValueError(
+                    f"gate.metric {self.gate.metric!r} is not a task.metric measured here"
+                )
         return self
 
 
@@ -100,18 +107,30 @@ def load_eval_config(path: str | Path) -> EvalConfig:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int) -> list[str]:  # fmt: skip
+def generate(
+    model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int
+) -> list[str]:
     """Greedy replies to chat prompts, batched with left padding."""
     model.eval()
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     replies = []
     try:
         for i in range(0, len(prompts), batch_size):
-            texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts[i : i + batch_size]]  # fmt: skip
+            texts = [
+                tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+                for p in prompts[i : i + batch_size]
+            ]
             enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
-            replies += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)  # fmt: skip
+            out = model.generate(
+                **enc,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            replies += tokenizer.batch_decode(
+                out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
+            )
     finally:
         tokenizer.padding_side = side
     return [r.strip() for r in replies]
@@ -119,8 +138,12 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, b
 
 def predicted_label(reply: str, labels: list[str]) -> str | None:
     """The label named first in the reply (whole words, case-insensitive)."""
-    hits = [(m.start(), label) for label in labels
-            for m in [re.search(rf"\b{re.escape(label)}\b", reply, re.IGNORECASE)] if m]  # fmt: skip
+    hits = [
+        (m.start(), label)
+        for label in labels
+        for m in [re.search(rf"\b{re.escape(label)}\b", reply, re.IGNORECASE)]
+        if m
+    ]
     return min(hits)[1] if hits else None
 
 
@@ -134,13 +157,17 @@ def macro_f1(preds: list[str | None], refs: list[str], labels: list[str]) -> flo
     return sum(scores) / len(scores)
 
 
-def answer_metrics(task: TaskConfig, prompts, replies: list[str], refs: list[str]) -> dict[str, float]:  # fmt: skip
+def answer_metrics(
+    task: TaskConfig, prompts, replies: list[str], refs: list[str]
+) -> dict[str, float]:
     out: dict[str, float] = {}
     n = max(len(refs), 1)
     if "exact_match" in task.metrics:
         out["exact_match"] = sum(r == a.strip() for r, a in zip(replies, refs, strict=True)) / n
     if "contains" in task.metrics:
-        out["contains"] = sum(a.strip().lower() in r.lower() for r, a in zip(replies, refs, strict=True)) / n  # fmt: skip
+        out["contains"] = (
+            sum(a.strip().lower() in r.lower() for r, a in zip(replies, refs, strict=True)) / n
+        )
     if "regex" in task.metrics:
         pattern = re.compile(task.regex)
         out["regex"] = sum(bool(pattern.search(r)) for r in replies) / n
@@ -160,11 +187,21 @@ def judge_score(cfg: JudgeConfig, prompts, replies, refs) -> float:
     """Mean grade in [0, 1] from an OpenAI-compatible endpoint comparing reply and reference."""
     from jobs.data.quality import JudgeScorer
 
-    scorer = JudgeScorer(cfg.model_copy(update={"rubric": cfg.rubric or (
-        "Grade the ASSISTANT reply against the REFERENCE answer for the USER request, from 1 "
-        "(wrong) to 10 (as good as the reference). Reply with the number only.")}))  # fmt: skip
-    examples = [{"messages": [*p, {"role": "assistant", "content": f"{r}\n\nREFERENCE: {a}"}]}
-                for p, r, a in zip(prompts, replies, refs, strict=True)]  # fmt: skip
+    scorer = JudgeScorer(
+        cfg.model_copy(
+            update={
+                "rubric": cfg.rubric
+                or (
+                    "Grade the ASSISTANT reply against the REFERENCE answer for the USER request, from 1 "
+                    "(wrong) to 10 (as good as the reference). Reply with the number only."
+                )
+            }
+        )
+    )
+    examples = [
+        {"messages": [*p, {"role": "assistant", "content": f"{r}\n\nREFERENCE: {a}"}]}
+        for p, r, a in zip(prompts, replies, refs, strict=True)
+    ]
     grades = scorer.score(examples)
     return sum(s for s, _ in grades) / max(len(grades), 1)
 
@@ -190,69 +227,117 @@ def evaluate(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Metrics of base (zero-/few-shot) and base + adapter per task, the guard set, the gate."""
-    from peft import PeftModel
-
-    model_cfg = ModelConfig(name_or_path=base_model)
-    tokenizer = load_tokenizer(model_cfg)
-    cpu = torch.device("cpu")
-    base = load_base_model(model_cfg, cpu)
-    tuned = PeftModel.from_pretrained(base, str(adapter)) if adapter else None
-    results: dict[str, Any] = {"base_model": base_model, "adapter": str(adapter) if adapter else None,
-                               "tasks": {}}  # fmt: skip
-
-    def loss_of(examples) -> dict[str, float]:
-        if tuned is not None:
-            with tuned.disable_adapter():
-                base_loss = eval_loss(tuned, examples, cfg.batch_size, tokenizer.pad_token_id, Runtime(cpu))  # fmt: skip
-            tuned_loss = eval_loss(tuned, examples, cfg.batch_size, tokenizer.pad_token_id, Runtime(cpu))  # fmt: skip
-            return {"base": base_loss, "adapter": tuned_loss}
-        return {"base": eval_loss(base, examples, cfg.batch_size, tokenizer.pad_token_id, Runtime(cpu))}  # fmt: skip
-
+    models = Models.load(base_model, adapter, cfg.batch_size)
+    results: dict[str, Any] = {
+        "base_model": base_model,
+        "adapter": str(adapter) if adapter else None,
+        "tasks": {},
+    }
     for task in cfg.tasks:
         data = task.data or run_data
         if data is None:
-            raise ConfigError(f"tasks.{task.name}.data: give a data section (or evaluate a run directory)")  # fmt: skip
-        prepared = prepare_data(data, tokenizer, seed)
-        convs = prepared.eval_conversations[: task.max_samples]
-        prompts, refs = zip(*(prompt_and_answer(c) for c in convs), strict=True)
-        prompts, refs = list(prompts), list(refs)
-        scores: dict[str, dict[str, float]] = {"base": {}, "adapter": {}}
-        if {"loss", "perplexity"} & set(task.metrics):
-            losses = loss_of(prepared.eval[: task.max_samples])
-            for who, loss in losses.items():
-                if "loss" in task.metrics:
-                    scores[who]["loss"] = loss
-                if "perplexity" in task.metrics:
-                    scores[who]["perplexity"] = perplexity(loss)
-        answer_kinds = set(task.metrics) - {"loss", "perplexity"}
-        if answer_kinds:
-            shots = _train_conversations(prepared, task.few_shot)
-            variants = {"base": prompts}
-            if task.few_shot:
-                variants["base_few_shot"] = [with_few_shot(p, shots) for p in prompts]
-            for who, ps in variants.items():
-                model = base if tuned is None else tuned
-                ctx = tuned.disable_adapter() if tuned is not None else _null()
-                with ctx:
-                    replies = generate(model, tokenizer, ps, task.max_new_tokens, cfg.batch_size)
-                scores.setdefault(who, {}).update(answer_metrics(task, ps, replies, refs))
-            if tuned is not None:
-                replies = generate(tuned, tokenizer, prompts, task.max_new_tokens, cfg.batch_size)
-                scores["adapter"].update(answer_metrics(task, prompts, replies, refs))
-                kept = list(zip(prompts, refs, replies, strict=True))[: cfg.keep_samples]
-                results.setdefault("samples", {})[task.name] = [
-                    {"prompt": p[-1]["content"], "reference": a, "reply": r, "messages": p}
-                    for p, a, r in kept
-                ]
-        if tuned is None:
-            scores.pop("adapter")
-        results["tasks"][task.name] = {"rows": len(convs), **scores}
+            raise ConfigError(
+                f"tasks.{task.name}.data: give a data section (or evaluate a run directory)"
+            )
+        prepared = prepare_data(data, models.tokenizer, seed)
+        results["tasks"][task.name], samples = evaluate_task(task, prepared, models, cfg)
+        if samples is not None:
+            results.setdefault("samples", {})[task.name] = samples
     if cfg.guard is not None:
-        guard = prepare_data(cfg.guard, tokenizer, seed)
-        results["guard"] = {f"{k}_loss": v for k, v in loss_of(guard.train + guard.eval).items()}
-    if cfg.gate is not None and tuned is not None:
+        guard = prepare_data(cfg.guard, models.tokenizer, seed)
+        results["guard"] = {
+            f"{k}_loss": v for k, v in models.losses(guard.train + guard.eval).items()
+        }
+    if cfg.gate is not None and models.tuned is not None:
         results["gate"] = gate(cfg.gate, results)
     return results
+
+
+@dataclass
+class Models:
+    """The base model and, with an adapter, base + adapter: one set of weights, the adapter
+    switched off for the base's numbers."""
+
+    tokenizer: Any
+    base: Any
+    tuned: Any | None  # a PeftModel around `base`
+    batch_size: int
+
+    @classmethod
+    def load(cls, base_model: str, adapter: Path | None, batch_size: int) -> Models:
+        from peft import PeftModel
+
+        model_cfg = ModelConfig(name_or_path=base_model)
+        tokenizer = load_tokenizer(model_cfg)
+        base = load_base_model(model_cfg, torch.device("cpu"))
+        tuned = PeftModel.from_pretrained(base, str(adapter)) if adapter else None
+        return cls(tokenizer, base, tuned, batch_size)
+
+    def as_base(self):
+        """A context in which `model` answers as the base does."""
+        return self.tuned.disable_adapter() if self.tuned is not None else nullcontext()
+
+    @property
+    def model(self):
+        return self.base if self.tuned is None else self.tuned
+
+    def losses(self, examples) -> dict[str, float]:
+        """Reference-answer loss of the base and, with an adapter, of base + adapter."""
+        with self.as_base():
+            losses = {"base": self._loss(examples)}
+        if self.tuned is not None:
+            losses["adapter"] = self._loss(examples)
+        return losses
+
+    def _loss(self, examples) -> float:
+        pad_id, rt = self.tokenizer.pad_token_id, Runtime(torch.device("cpu"))
+        return eval_loss(self.model, examples, self.batch_size, pad_id, rt)
+
+
+def evaluate_task(
+    task: TaskConfig, prepared, models: Models, cfg: EvalConfig
+) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+    """(a task's scores per model, the adapter's first replies kept as samples, None without
+    an adapter), on the task's held-out rows."""
+    convs = prepared.eval_conversations[: task.max_samples]
+    prompts, refs = zip(*(prompt_and_answer(c) for c in convs), strict=True)
+    prompts, refs = list(prompts), list(refs)
+    scores: dict[str, dict[str, float]] = {"base": {}, "adapter": {}}
+    if {"loss", "perplexity"} & set(task.metrics):
+        for who, loss in models.losses(prepared.eval[: task.max_samples]).items():
+            if "loss" in task.metrics:
+                scores[who]["loss"] = loss
+            if "perplexity" in task.metrics:
+                scores[who]["perplexity"] = perplexity(loss)
+    samples = None
+    if set(task.metrics) - {"loss", "perplexity"}:
+        samples = answer_scores(task, prepared, prompts, refs, models, scores)
+        samples = samples[: cfg.keep_samples] if samples is not None else None
+    if models.tuned is None:
+        scores.pop("adapter")
+    return {"rows": len(convs), **scores}, samples
+
+
+def answer_scores(task, prepared, prompts, refs, models: Models, scores) -> list[dict] | None:
+    """The answer metrics of each baseline (zero- and few-shot) and of the adapter, into
+    `scores`; the adapter's replies with their prompts (None without an adapter)."""
+    shots = _train_conversations(prepared, task.few_shot)
+    variants = {"base": prompts}
+    if task.few_shot:
+        variants["base_few_shot"] = [with_few_shot(p, shots) for p in prompts]
+    tokenizer, batch = models.tokenizer, models.batch_size
+    for who, ps in variants.items():
+        with models.as_base():
+            replies = generate(models.model, tokenizer, ps, task.max_new_tokens, batch)
+        scores.setdefault(who, {}).update(answer_metrics(task, ps, replies, refs))
+    if models.tuned is None:
+        return None
+    replies = generate(models.tuned, tokenizer, prompts, task.max_new_tokens, batch)
+    scores["adapter"].update(answer_metrics(task, prompts, replies, refs))
+    return [
+        {"prompt": p[-1]["content"], "reference": a, "reply": r, "messages": p}
+        for p, a, r in zip(prompts, refs, replies, strict=True)
+    ]
 
 
 def _train_conversations(prepared, k: int) -> list[list[dict]]:
@@ -260,46 +345,50 @@ def _train_conversations(prepared, k: int) -> list[list[dict]]:
     return prepared.train_samples[:k]
 
 
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _no_autocast():
-    return _null()
-
-
 def gate(cfg: GateConfig, results: dict[str, Any]) -> dict[str, Any]:
     """Pass when the adapter beats every baseline by the margin and the guard holds."""
     task, _, metric = cfg.metric.partition(".")
     scores = results["tasks"][task]
     lower = metric in LOWER_IS_BETTER
-    baselines = {who: s[metric] for who, s in scores.items() if who != "adapter" and isinstance(s, dict) and metric in s}  # fmt: skip
+    baselines = {
+        who: s[metric]
+        for who, s in scores.items()
+        if who != "adapter" and isinstance(s, dict) and metric in s
+    }
     best_name = (min if lower else max)(baselines, key=baselines.get)
     best, mine = baselines[best_name], scores["adapter"][metric]
     improvement = (best - mine) if lower else (mine - best)
     reasons = []
     if improvement < cfg.margin:
-        reasons.append(f"{cfg.metric}: adapter {mine:.4f} vs best baseline {best_name} {best:.4f}: improvement {improvement:+.4f} < margin {cfg.margin}")  # fmt: skip
+        reasons.append(
+            f"{cfg.metric}: adapter {mine:.4f} vs best baseline {best_name} {best:.4f}: improvement {improvement:+.4f} < margin {cfg.margin}"
+        )
     guard = results.get("guard")
     if guard:
         limit = guard["base_loss"] * (1 + cfg.guard_tolerance)
         if guard["adapter_loss"] > limit:
-            reasons.append(f"guard loss {guard['adapter_loss']:.4f} > base {guard['base_loss']:.4f} x (1 + {cfg.guard_tolerance}) (forgetting)")  # fmt: skip
-    return {"passed": not reasons, "metric": cfg.metric, "adapter": mine, "best_baseline": best_name,
-            "baseline": best, "margin": cfg.margin, "guard_tolerance": cfg.guard_tolerance,
-            "reasons": reasons, "forced": False}  # fmt: skip
+            reasons.append(
+                f"guard loss {guard['adapter_loss']:.4f} > base {guard['base_loss']:.4f} x (1 + {cfg.guard_tolerance}) (forgetting)"
+            )
+    return {
+        "passed": not reasons,
+        "metric": cfg.metric,
+        "adapter": mine,
+        "best_baseline": best_name,
+        "baseline": best,
+        "margin": cfg.margin,
+        "guard_tolerance": cfg.guard_tolerance,
+        "reasons": reasons,
+        "forced": False,
+    }
 
 
-# ---------------------------------------------------------------- CLI
-
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+# ---------------------------------------------------------------- a run or an adapter, and the CLI
 
 
-def evaluate_target(target: str | Path, cfg: EvalConfig, base: str | None = None) -> tuple[dict[str, Any], str]:  # fmt: skip
+def evaluate_target(
+    target: str | Path, cfg: EvalConfig, base: str | None = None
+) -> tuple[dict[str, Any], str]:
     """A run directory (adapter/ + run.json) or an adapter directory, local or s3:// (read from a
     temporary copy) -> (results, where eval.json was written: beside them, in the same storage)."""
     target = str(target).rstrip("/")
@@ -308,9 +397,21 @@ def evaluate_target(target: str | Path, cfg: EvalConfig, base: str | None = None
         if is_run:
             run = json.loads((local / "run.json").read_text())
             data = DataConfig.model_validate(run["config"]["data"])
-            results = evaluate(cfg, local / "adapter", base or cfg.base_model or run["base_model"], data, run["seed"])  # fmt: skip
+            results = evaluate(
+                cfg,
+                local / "adapter",
+                base or cfg.base_model or run["base_model"],
+                data,
+                run["seed"],
+            )
         elif (local / "adapter_config.json").is_file():
-            base_model = base or cfg.base_model or json.loads((local / "adapter_config.json").read_text())["base_model_name_or_path"]  # fmt: skip
+            base_model = (
+                base
+                or cfg.base_model
+                or json.loads((local / "adapter_config.json").read_text())[
+                    "base_model_name_or_path"
+                ]
+            )
             results = evaluate(cfg, local, base_model)
         else:
             raise ConfigError(f"{target}: neither a run directory (run.json) nor a peft adapter")
@@ -321,18 +422,13 @@ def evaluate_target(target: str | Path, cfg: EvalConfig, base: str | None = None
     return results, out
 
 
-@app.command()
 def main(
     target: Annotated[str, typer.Argument(help="run or adapter directory (local or s3://)")],
     config: Annotated[Path, typer.Argument(help="eval YAML")],
     base: Annotated[str | None, typer.Option(help="base model (default: the run's)")] = None,
 ) -> None:
     """Evaluate an adapter against its base (zero- and few-shot) and apply the gate."""
-    try:
-        results, out = evaluate_target(target, load_eval_config(config), base)
-    except ConfigError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    results, out = evaluate_target(target, load_eval_config(config), base)
     print_results(results)
     typer.echo(f"written: {out}")
     if results.get("gate") and not results["gate"]["passed"]:
@@ -362,4 +458,4 @@ def print_results(results: dict[str, Any]) -> None:
 
 
 if __name__ == "__main__":
-    app()
+    cli.run(main)

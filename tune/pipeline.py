@@ -9,7 +9,7 @@ the alias move by itself -> canary: the eval set's first prompts through the end
 the offline evaluation's answers, else the alias is rolled back -> report (table, report.md).
 
 The YAML composes the existing configs: `job`, `sweep` and `eval` are file paths (or the same
-mappings inline) and `serve.config` names a Serve config file; `job.train.lr=1e-4` or
+mappings inline) and `serve.config` names a Serve config file; `job.train.weight_decay=0.01` or
 `sweep.num_trials=2` on the command line reach into them.
 
 prepare, sweep and evaluate write into WORKDIR/NAME/STAGE-KEY/, KEY a hash of what decides the
@@ -37,6 +37,7 @@ import typer
 import yaml
 from pydantic import Field
 
+from jobs import cli
 from jobs.config import (
     ConfigError,
     JobConfig,
@@ -47,6 +48,7 @@ from jobs.config import (
     validate,
     validate_config,
 )
+from jobs.storage import is_remote
 from serve.config import ServeSettings
 from tune.evaluate import EvalConfig
 from tune.sweep import SweepConfig
@@ -104,7 +106,21 @@ class Loaded:
 
 def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -> Loaded:
     """Compose the pipeline YAML with the files it names, apply dotted overrides, check it all."""
-    raw = read_yaml(path)
+    parsed = parse_overrides(overrides or [])
+    raw, files = compose(read_yaml(path), parsed)
+    where = str(path) + "".join(f", {k}: {v}" for k, v in files.items())
+    cfg = validate(PipelineConfig, raw, where)
+    check_pipeline(cfg, where)
+    check_job_overrides(cfg, where, parsed)
+    app, settings, http = serve_application(cfg, where)
+    return Loaded(cfg, settings, app, http, str(path), list(overrides or []), files)
+
+
+def compose(
+    raw: dict[str, Any], overrides: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The pipeline mapping with its sections read from the files they name, overrides applied;
+    (it, section -> the file it came from)."""
     files: dict[str, str] = {}
     # Sections given as file paths are read first, so that overrides reach into them.
     for key in ("sweep", "job", "eval"):
@@ -113,49 +129,102 @@ def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -
         if isinstance(raw.get(key), str):
             files[key] = raw[key]
             raw[key] = read_yaml(raw[key])
-    raw = apply_overrides(raw, parse_overrides(overrides or []))
+    raw = apply_overrides(raw, overrides)
     if isinstance(raw.get("sweep"), dict):
         # The pipeline evaluates, gates and promotes itself, and runs the job named above.
         raw["sweep"] = {**raw["sweep"], "job": files.get("job", "<inline>"), "promote": None}
-    where = str(path) + "".join(f", {k}: {v}" for k, v in files.items())
-    cfg = validate(PipelineConfig, raw, where)
+    return raw, files
+
+
+def check_pipeline(cfg: PipelineConfig, where: str) -> None:
+    """What the sections cannot check alone: how the pipeline uses them together."""
     if cfg.eval.gate is None:
         raise ConfigError(f"{where}: eval.gate: the pipeline needs a gate section")
     for key, value in (("workdir", cfg.workdir), ("sweep.storage_path", cfg.sweep.storage_path)):
-        if "://" in value:  # stage caching and the report read local files
-            raise ConfigError(f"{where}: {key}: {value}: the pipeline keeps its stages, the sweep included, under a local workdir; for a sweep on S3 run python -m tune.sweep")  # fmt: skip
+        if is_remote(value):  # stage caching and the report read local files
+            raise ConfigError(
+                f"{where}: {key}: {value}: the pipeline keeps its stages, the sweep included, "
+                "under a local workdir; for a sweep on S3 run python -m tune.sweep"
+            )
     swept_data = [k for k in cfg.sweep.space if k.startswith("data.")]
     if swept_data:
-        raise ConfigError(f"{where}: sweep.space.{swept_data[0]}: the pipeline prepares the data once; sweep other keys")  # fmt: skip
+        raise ConfigError(
+            f"{where}: sweep.space.{swept_data[0]}: the pipeline prepares the data once; "
+            "sweep other keys"
+        )
     trial_job(cfg)  # every trial's job must load
     if cfg.canary.prompts > cfg.eval.keep_samples:
-        raise ConfigError(f"{where}: canary.prompts ({cfg.canary.prompts}) is above eval.keep_samples ({cfg.eval.keep_samples}), the replies the evaluation keeps")  # fmt: skip
+        raise ConfigError(
+            f"{where}: canary.prompts ({cfg.canary.prompts}) is above eval.keep_samples "
+            f"({cfg.eval.keep_samples}), the replies the evaluation keeps"
+        )
 
+
+def check_job_overrides(cfg: PipelineConfig, where: str, overrides: dict[str, Any]) -> None:
+    """A job.KEY override that every trial replaces would do nothing: an error that says where
+    to set it instead."""
+    from tune.sweep import TRIAL_KEYS, overlapping
+
+    swept_by_override = {item.partition("=")[0]: item for item in cfg.sweep.overrides}
+    for key, value in overrides.items():
+        if not key.startswith("job."):
+            continue
+        job_key = key.removeprefix("job.")
+        if swept := overlapping(job_key, cfg.sweep.space):
+            why = f"is overridden by sweep.space.{swept}; change the space instead"
+        elif shadow := overlapping(job_key, swept_by_override):
+            why = (
+                f"is overridden by sweep.overrides ({swept_by_override[shadow]}); "
+                "change sweep.overrides instead"
+            )
+        elif trial := overlapping(job_key, TRIAL_KEYS):
+            why = f"is set by the sweep for every trial ({TRIAL_KEYS[trial]})"
+        else:
+            continue
+        raise ConfigError(f"{where}: {key}={value} {why}")
+
+
+def serve_application(cfg: PipelineConfig, where: str):
+    """The Serve config's application that serves: (its entry, its settings, http_options)."""
     serve_file = read_yaml(cfg.serve.config)
     apps = serve_file.get("applications") or []
     chosen = [a for a in apps if cfg.serve.application in (None, a.get("name"))][:1]
     if not chosen:
-        raise ConfigError(f"{cfg.serve.config}: no application {cfg.serve.application or ''} (serve.application)")  # fmt: skip
+        raise ConfigError(
+            f"{cfg.serve.config}: no application {cfg.serve.application or ''} (serve.application)"
+        )
     app = chosen[0]
-    settings = validate(ServeSettings, {**(app.get("args") or {}), **cfg.serve.args},
-                        f"{cfg.serve.config} (serve.args)")  # fmt: skip
+    settings = validate(
+        ServeSettings,
+        {**(app.get("args") or {}), **cfg.serve.args},
+        f"{cfg.serve.config} (serve.args)",
+    )
     if not settings.registry:
-        raise ConfigError(f"{cfg.serve.config}: args.registry: the pipeline promotes into the app's registry; give one")  # fmt: skip
+        raise ConfigError(
+            f"{cfg.serve.config}: args.registry: the pipeline promotes into the app's registry; "
+            "give one"
+        )
     if settings.tenants and not settings.allow_unauthenticated:
         env = cfg.serve.api_key_env
         if not env:
-            raise ConfigError(f"{where}: serve.api_key_env: the app has tenants; name the variable holding the canary's API key")  # fmt: skip
+            raise ConfigError(
+                f"{where}: serve.api_key_env: the app has tenants; name the variable holding the "
+                "canary's API key"
+            )
         if not os.environ.get(env):
-            raise ConfigError(f"{where}: serve.api_key_env: {env} is not set (export {env}=<a tenant's key>)")  # fmt: skip
-    return Loaded(cfg, settings, app, serve_file.get("http_options") or {}, str(path),
-                  list(overrides or []), files)  # fmt: skip
+            raise ConfigError(
+                f"{where}: serve.api_key_env: {env} is not set (export {env}=<a tenant's key>)"
+            )
+    return app, settings, serve_file.get("http_options") or {}
 
 
 def trial_job(cfg: PipelineConfig, prepared: str | None = None) -> JobConfig:
     """The job as the sweep runs it: the sweep's overrides and its space's first values applied,
     reading the prepared set when given."""
     probe = [f"{k}={next(iter(v.values()))[0]}" for k, v in cfg.sweep.space.items()]
-    raw = apply_overrides(job_mapping(cfg, prepared), parse_overrides([*cfg.sweep.overrides, *probe]))  # fmt: skip
+    raw = apply_overrides(
+        job_mapping(cfg, prepared), parse_overrides([*cfg.sweep.overrides, *probe])
+    )
     return validate_config(raw, "job (with sweep.overrides)")
 
 
@@ -183,23 +252,81 @@ class Stage:
 
 
 @dataclass
+class Prepared:
+    """prepare's result: the prepared set every trial reads."""
+
+    path: str
+    dataset_hash: str
+
+
+@dataclass
+class BestTrial:
+    """sweep's result: the best finished trial, which evaluate and promote take on."""
+
+    run_dir: Path
+    plot: Path  # the sweep's eval loss per trial (eval_curves.png)
+
+
+@dataclass
+class Evaluated:
+    """evaluate's result."""
+
+    results: dict[str, Any]  # eval.json: scores, the gate, the replies the canary replays
+    version: str  # the adapter's registry version (a hash of its weights)
+    plot: Path  # gate.png
+
+
+@dataclass
+class Promoted:
+    """promote's result: whether this run moved the alias, from what, and when."""
+
+    previous: str | None  # the alias's version before this run
+    moved: bool
+    at: float = 0.0  # time.monotonic() of the move
+
+
+@dataclass
+class Endpoint:
+    """serve's result: where the app is (answering /health once the serve stage has passed)."""
+
+    url: str
+    started_here: bool = False  # the pipeline started the app (and stops it, unless keep_running)
+
+
+@dataclass
 class Run:
+    """The pipeline's record: each stage's status, and what the stages passed on."""
+
     loaded: Loaded
     root: Path
     from_stage: str | None
     stages: dict[str, Stage] = field(default_factory=lambda: {s: Stage(s) for s in STAGES})
-    facts: dict[str, Any] = field(default_factory=dict)  # what later stages and the report read
+    prepared: Prepared | None = None
+    best: BestTrial | None = None
+    evaluated: Evaluated | None = None
+    promoted: Promoted | None = None
+    endpoint: Endpoint | None = None
+    rolled_back_to: str | None = None  # the canary moved the alias back to this version
+
+    @property
+    def version(self) -> str | None:
+        """The evaluated adapter's version (known once evaluate has run, gate passed or not)."""
+        return self.evaluated.version if self.evaluated else None
 
     def cached(self, stage: str, stage_dir: Path) -> bool:
         """Finished before (stage.json there) and not asked to run again with --from."""
-        forced = self.from_stage is not None and STAGES.index(stage) >= STAGES.index(self.from_stage)  # fmt: skip
+        forced = self.from_stage is not None and STAGES.index(stage) >= STAGES.index(
+            self.from_stage
+        )
         if forced and stage_dir.exists():
             shutil.rmtree(stage_dir)
         return not forced and (stage_dir / "stage.json").is_file()
 
     @property
     def failed(self) -> Stage | None:
-        return next((s for s in self.stages.values() if s.status in ("failed", "rolled back")), None)  # fmt: skip
+        return next(
+            (s for s in self.stages.values() if s.status in ("failed", "rolled back")), None
+        )
 
     @property
     def ok(self) -> bool:
@@ -233,13 +360,19 @@ def prepare_stage(run: Run) -> None:
     cfg = run.loaded.cfg
     job = trial_job(cfg)
     if job.data.prepared:  # the user gave a prepared set: nothing to do
-        run.facts["prepared"] = job.data.prepared
-        run.facts["dataset_hash"] = read_manifest(job.data.prepared)["dataset_hash"]
-        run.stages["prepare"].status, run.stages["prepare"].detail = "cached", "data.prepared given"  # fmt: skip
+        dataset_hash = read_manifest(job.data.prepared)["dataset_hash"]
+        run.prepared = Prepared(job.data.prepared, dataset_hash)
+        run.stages["prepare"].status, run.stages["prepare"].detail = "cached", "data.prepared given"
         return
     files = [f.url for i, s in enumerate(job.data.all_sources()) for f in expand_source(i, s)]
-    key = content_key({"data": job.data.model_dump(mode="json"), "files": {u: file_sha256(u) for u in files},
-                       "tokenizer": job.model.name_or_path, "seed": job.run.seed})  # fmt: skip
+    key = content_key(
+        {
+            "data": job.data.model_dump(mode="json"),
+            "files": {u: file_sha256(u) for u in files},
+            "tokenizer": job.model.name_or_path,
+            "seed": job.run.seed,
+        }
+    )
     out = run.root / f"prepare-{key}"
     stage = run.stages["prepare"]
     stage.dir = str(out)
@@ -247,13 +380,19 @@ def prepare_stage(run: Run) -> None:
         manifest = read_manifest(str(out))
         stage.status = "cached"
     else:
-        manifest = prepare(PrepareConfig(data=job.data, tokenizer=job.model.name_or_path,
-                                         output=str(out), seed=job.run.seed), show_progress=False).data  # fmt: skip
-        finish_stage(out, {"stage": "prepare", "key": key, "dataset_hash": manifest["dataset_hash"]})  # fmt: skip
+        manifest = prepare(
+            PrepareConfig(
+                data=job.data, tokenizer=job.model.name_or_path, output=str(out), seed=job.run.seed
+            ),
+            show_progress=False,
+        ).data
+        finish_stage(
+            out, {"stage": "prepare", "key": key, "dataset_hash": manifest["dataset_hash"]}
+        )
         stage.status = "ran"
     c = manifest["counts"]
-    stage.detail = f"{c['input_rows']} rows -> {c['train']} train / {c['eval']} eval, {manifest['dataset_hash'][:19]}"  # fmt: skip
-    run.facts["prepared"], run.facts["dataset_hash"] = str(out), manifest["dataset_hash"]
+    stage.detail = f"{c['input_rows']} rows -> {c['train']} train / {c['eval']} eval, {manifest['dataset_hash'][:19]}"
+    run.prepared = Prepared(str(out), manifest["dataset_hash"])
 
 
 def sweep_stage(run: Run) -> None:
@@ -261,9 +400,9 @@ def sweep_stage(run: Run) -> None:
     from tune.sweep import run_sweep
 
     cfg = run.loaded.cfg
-    job = job_mapping(cfg, run.facts["prepared"])
+    job = job_mapping(cfg, run.prepared.path)
     sweep = cfg.sweep.model_dump(mode="json", exclude={"name", "job", "storage_path", "promote"})
-    key = content_key({"dataset_hash": run.facts["dataset_hash"], "job": job, "sweep": sweep})
+    key = content_key({"dataset_hash": run.prepared.dataset_hash, "job": job, "sweep": sweep})
     out = run.root / f"sweep-{key}"
     stage = run.stages["sweep"]
     stage.dir = str(out)
@@ -275,20 +414,32 @@ def sweep_stage(run: Run) -> None:
         (out / "job.yaml").write_text(
             yaml.safe_dump(job, sort_keys=False)
         )  # what every trial loads
-        sweep_cfg = cfg.sweep.model_copy(update={"name": out.name, "storage_path": str(run.root),
-                                                 "job": str(out / "job.yaml")})  # fmt: skip
+        sweep_cfg = cfg.sweep.model_copy(
+            update={"name": out.name, "storage_path": str(run.root), "job": str(out / "job.yaml")}
+        )
         summary = run_sweep(sweep_cfg)  # resumes an interrupted sweep in this directory
         stage.status = "ran"
-    finished = [t for t in summary["trials"] if t["run_dir"] and (Path(t["run_dir"]) / "run.json").is_file()]  # fmt: skip
+    finished = [
+        t for t in summary["trials"] if t["run_dir"] and (Path(t["run_dir"]) / "run.json").is_file()
+    ]
     if not finished:
-        stage.status, stage.detail = "failed", "no trial finished (errors: " + "; ".join(str(t["error"]) for t in summary["trials"] if t["error"]) + ")"  # fmt: skip
+        stage.status, stage.detail = (
+            "failed",
+            "no trial finished (errors: "
+            + "; ".join(str(t["error"]) for t in summary["trials"] if t["error"])
+            + ")",
+        )
         return
     if stage.status == "ran":
-        finish_stage(out, {"stage": "sweep", "key": key, "dataset_hash": run.facts["dataset_hash"]})
+        record = {"stage": "sweep", "key": key, "dataset_hash": run.prepared.dataset_hash}
+        finish_stage(out, record)
     best = finished[0]
-    params = ", ".join(f"{k}={best[k]:.3g}" if isinstance(best[k], float) else f"{k}={best[k]}" for k in cfg.sweep.space)  # fmt: skip
-    stage.detail = f"{len(summary['trials'])} trials, best {best['trial']} ({params}) eval loss {best['best_eval_loss']:.4f}"  # fmt: skip
-    run.facts["run_dir"], run.facts["sweep_plot"] = Path(best["run_dir"]), out / "eval_curves.png"
+    params = ", ".join(
+        f"{k}={best[k]:.3g}" if isinstance(best[k], float) else f"{k}={best[k]}"
+        for k in cfg.sweep.space
+    )
+    stage.detail = f"{len(summary['trials'])} trials, best {best['trial']} ({params}) eval loss {best['best_eval_loss']:.4f}"
+    run.best = BestTrial(Path(best["run_dir"]), out / "eval_curves.png")
 
 
 def evaluate_stage(run: Run) -> None:
@@ -297,10 +448,15 @@ def evaluate_stage(run: Run) -> None:
     from tune.registry import adapter_version
 
     cfg = run.loaded.cfg
-    run_dir = run.facts["run_dir"]
+    run_dir = run.best.run_dir
     version = adapter_version(run_dir / "adapter")
-    key = content_key({"adapter": version, "dataset_hash": run.facts["dataset_hash"],
-                       "eval": cfg.eval.model_dump(mode="json")})  # fmt: skip
+    key = content_key(
+        {
+            "adapter": version,
+            "dataset_hash": run.prepared.dataset_hash,
+            "eval": cfg.eval.model_dump(mode="json"),
+        }
+    )
     out = run.root / f"evaluate-{key}"
     stage = run.stages["evaluate"]
     stage.dir = str(out)
@@ -315,8 +471,8 @@ def evaluate_stage(run: Run) -> None:
         finish_stage(out, {"stage": "evaluate", "key": key, "adapter_version": version})
         stage.status = "ran"
     gate = results["gate"]
-    run.facts.update(evaluation=results, version=version, gate_plot=out / "gate.png")
-    stage.detail = f"{gate['metric']}: adapter {gate['adapter']:.3f} vs {gate['best_baseline']} {gate['baseline']:.3f}"  # fmt: skip
+    run.evaluated = Evaluated(results, version, out / "gate.png")
+    stage.detail = f"{gate['metric']}: adapter {gate['adapter']:.3f} vs {gate['best_baseline']} {gate['baseline']:.3f}"
     if not gate["passed"]:
         stage.status = "failed"
         stage.detail += "; GATE FAILED: " + "; ".join(gate["reasons"])
@@ -324,26 +480,36 @@ def evaluate_stage(run: Run) -> None:
 
 def promote_stage(run: Run) -> None:
     """tune/promote.py into the serve app's registry; the alias moves unless it is already there."""
-    from tune.promote import promote_run
+    from tune.promote import gate_and_promote
     from tune.registry import Registry
     from tune.servability import ServingLimits
 
     cfg, settings = run.loaded.cfg, run.loaded.settings
-    registry = Registry(settings.registry)
-    name, alias, version = cfg.promote.name, cfg.promote.alias, run.facts["version"]
-    before = registry.aliases(name).get(alias) if name in registry.names() else None
-    stage = run.stages["promote"]
-    run.facts.update(previous=before, moved=False)
-    if before == version:
-        stage.status, stage.detail = "cached", f"{name}@{alias} is already {version}"
+    name, alias, stage = cfg.promote.name, cfg.promote.alias, run.stages["promote"]
+    pipeline = {
+        "name": cfg.name,
+        "config": run.loaded.path,
+        "overrides": run.loaded.overrides,
+        "stages": {s: run.stages[s].dir for s in ("prepare", "sweep", "evaluate")},
+    }
+    promotion = gate_and_promote(
+        Registry(settings.registry),
+        run.best.run_dir,
+        name,
+        alias,
+        run.evaluated.results,
+        limits=ServingLimits(max_lora_rank=settings.max_lora_rank),
+        lineage_extra={"pipeline": pipeline},
+    )
+    if not promotion.promoted:
+        stage.status, stage.detail = "failed", promotion.reason
         return
-    pipeline = {"name": cfg.name, "config": run.loaded.path, "overrides": run.loaded.overrides,
-                "stages": {s: run.stages[s].dir for s in ("prepare", "sweep", "evaluate")}}  # fmt: skip
-    promote_run(registry, run.facts["run_dir"], name, alias,
-                limits=ServingLimits(max_lora_rank=settings.max_lora_rank),
-                evaluation=run.facts["evaluation"], lineage_extra={"pipeline": pipeline})  # fmt: skip
-    run.facts.update(moved=True, moved_at=time.monotonic())
-    stage.status, stage.detail = "ran", f"{name}@{alias}: {before or 'none'} -> {version}"
+    run.promoted = Promoted(promotion.previous, promotion.moved, time.monotonic())
+    if not promotion.moved:
+        stage.status, stage.detail = "cached", f"{name}@{alias} is already {promotion.version}"
+        return
+    before = promotion.previous or "none"
+    stage.status, stage.detail = "ran", f"{name}@{alias}: {before} -> {promotion.version}"
 
 
 def serve_stage(run: Run) -> None:
@@ -352,12 +518,15 @@ def serve_stage(run: Run) -> None:
 
     cfg = run.loaded.cfg
     stage = run.stages["serve"]
+    started = False
     if cfg.serve.url:
         url, status, how = cfg.serve.url.rstrip("/"), "live", "running app"
     else:
         url, started = start_app(run.loaded)
-        run.facts["started_app"] = started
-        status, how = ("ran", "started here") if started else ("live", "already running on this Ray")  # fmt: skip
+        status, how = (
+            ("ran", "started here") if started else ("live", "already running on this Ray")
+        )
+    run.endpoint = Endpoint(url, started)  # even if it never answers: started here, stopped here
     deadline = time.monotonic() + cfg.serve.ready_timeout_s
     while True:  # the app answers once Serve's HTTP proxy has it
         try:
@@ -369,7 +538,6 @@ def serve_stage(run: Run) -> None:
                 return
             time.sleep(0.5)
     stage.status, stage.detail = status, f"{url} ({how})"
-    run.facts["url"] = url
 
 
 def start_app(loaded: Loaded) -> tuple[str, bool]:
@@ -397,11 +565,15 @@ def start_app(loaded: Loaded) -> tuple[str, bool]:
     s = loaded.settings.model_copy()
     for key in ("base_model", "registry", "tenants", "adapter_download_dir"):
         value = getattr(s, key)
-        if value and "://" not in value and Path(value).expanduser().exists():
+        if value and not is_remote(value) and Path(value).expanduser().exists():
             setattr(s, key, str(Path(value).expanduser().resolve()))
     s.adapters = {n: str(Path(p).expanduser().resolve()) for n, p in s.adapters.items()}
-    app = {**loaded.app, "name": name, "route_prefix": prefix,
-           "args": s.model_dump(mode="json", exclude_defaults=True)}  # fmt: skip
+    app = {
+        **loaded.app,
+        "name": name,
+        "route_prefix": prefix,
+        "args": s.model_dump(mode="json", exclude_defaults=True),
+    }
     app["runtime_env"] = app_runtime_env(app.get("runtime_env") or {})
     http = {**loaded.http, "host": host, "port": port}
     config = ServeDeploySchema.model_validate({"http_options": http, "applications": [app]})
@@ -412,7 +584,9 @@ def start_app(loaded: Loaded) -> tuple[str, bool]:
         if status is not None and status.status == "DEPLOY_FAILED":
             raise RuntimeError(f"{loaded.cfg.serve.config}: application {name}: {status.message}")
         if time.monotonic() > deadline:
-            raise TimeoutError(f"application {name} not running after serve.ready_timeout_s ({loaded.cfg.serve.ready_timeout_s:g} s): {status and status.message}")  # fmt: skip
+            raise TimeoutError(
+                f"application {name} not running after serve.ready_timeout_s ({loaded.cfg.serve.ready_timeout_s:g} s): {status and status.message}"
+            )
         time.sleep(0.5)
     return url, True
 
@@ -436,34 +610,56 @@ def app_runtime_env(env: dict) -> dict:
 def canary_stage(run: Run) -> None:
     """The eval set's first k prompts through the endpoint, greedy: each answer must equal the
     offline evaluation's and come from the promoted version, else the alias moves back."""
-    import httpx
-
-    from tune.registry import Registry
-
     cfg, settings = run.loaded.cfg, run.loaded.settings
     stage = run.stages["canary"]
     task_name = cfg.eval.gate.metric.partition(".")[0]
     task = next(t for t in cfg.eval.tasks if t.name == task_name)
-    samples = run.facts["evaluation"]["samples"][task_name][: cfg.canary.prompts]
-    name, alias, version = cfg.promote.name, cfg.promote.alias, run.facts["version"]
-    key = os.environ.get(cfg.serve.api_key_env or "", "")
-    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    samples = run.evaluated.results["samples"][task_name][: cfg.canary.prompts]
+    name, alias, version = cfg.promote.name, cfg.promote.alias, run.version
+    ask = endpoint_client(run, f"{name}@{alias}", task.max_new_tokens)
     # The app caches alias resolution for alias_ttl_s per replica: after that every replica
     # reads the moved alias. Waiting here, then checking each answer's version header, needs no
     # restart and no cache flush.
-    if run.facts.get("moved"):
-        time.sleep(max(0.0, run.facts["moved_at"] + settings.alias_ttl_s - time.monotonic()))
+    if run.promoted.moved:
+        time.sleep(max(0.0, run.promoted.at + settings.alias_ttl_s - time.monotonic()))
+    problems = canary_problems(run, ask, samples)
+    if not problems:
+        stage.status = "ran"
+        stage.detail = (
+            f"{len(samples)}/{len(samples)} answers equal the offline evaluation's "
+            f"({name}@{alias} = {version})"
+        )
+        return
+    stage.status = "failed"
+    stage.detail = "; ".join(problems)
+    roll_back(run, ask, samples[0]["messages"])
+
+
+def endpoint_client(run: Run, model: str, max_tokens: int):
+    """ask(messages) -> (the answer's version header, its text), greedy, with the canary's key."""
+    import httpx
+
+    key = os.environ.get(run.loaded.cfg.serve.api_key_env or "", "")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    url = f"{run.endpoint.url}/v1/chat/completions"
 
     def ask(messages) -> tuple[str, str]:
-        body = {"model": f"{name}@{alias}", "messages": messages, "temperature": 0,
-                "max_tokens": task.max_new_tokens}  # fmt: skip
-        r = httpx.post(f"{run.facts['url']}/v1/chat/completions", json=body, headers=headers, timeout=120)  # fmt: skip
+        body = {"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens}
+        r = httpx.post(url, json=body, headers=headers, timeout=120)
         if r.status_code != 200:
             raise RuntimeError(f"HTTP {r.status_code}: {r.text[:200]}")
         return r.headers.get(VERSION_HEADER, "?"), r.json()["choices"][0]["message"]["content"]
 
-    problems = []
-    deadline = time.monotonic() + cfg.canary.timeout_s
+    return ask
+
+
+def canary_problems(run: Run, ask, samples: list[dict[str, Any]]) -> list[str]:
+    """Each sample's prompt asked until the promoted version answers (or canary.timeout_s has
+    passed): what differs from the offline evaluation."""
+    import httpx
+
+    version, problems = run.version, []
+    deadline = time.monotonic() + run.loaded.cfg.canary.timeout_s
     try:
         for i, sample in enumerate(samples):
             served, reply = ask(sample["messages"])
@@ -473,32 +669,44 @@ def canary_stage(run: Run) -> None:
             if served != version:
                 problems.append(f"prompt {i}: served by version {served}, not {version}")
             elif reply.strip() != sample["reply"]:
-                problems.append(f"prompt {i}: endpoint {reply.strip()!r} != offline {sample['reply']!r}")  # fmt: skip
+                problems.append(
+                    f"prompt {i}: endpoint {reply.strip()!r} != offline {sample['reply']!r}"
+                )
     except (httpx.HTTPError, RuntimeError) as e:
-        problems.append(f"{run.facts['url']}: {type(e).__name__}: {e}")
-    if not problems:
-        stage.status, stage.detail = "ran", f"{len(samples)}/{len(samples)} answers equal the offline evaluation's ({name}@{alias} = {version})"  # fmt: skip
-        return
-    stage.status = "failed"
-    stage.detail = "; ".join(problems)
+        problems.append(f"{run.endpoint.url}: {type(e).__name__}: {e}")
+    return problems
+
+
+def roll_back(run: Run, ask, messages: list[dict]) -> None:
+    """After a failed canary: the alias back where it was, if this run moved it and nothing has
+    moved it since; the stage's detail says what was done and what the endpoint serves."""
+    import httpx
+
+    from tune.registry import Registry
+
+    cfg, settings, stage = run.loaded.cfg, run.loaded.settings, run.stages["canary"]
+    name, alias, version = cfg.promote.name, cfg.promote.alias, run.version
     registry = Registry(settings.registry)
-    if not run.facts.get("moved"):
+    if not run.promoted.moved:
         stage.detail += f"; the alias was {version} before this run: not rolled back"
     elif registry.aliases(name).get(alias) != version:
         stage.detail += "; the alias has moved since this run moved it: not rolled back"
-    elif run.facts["previous"] is None:
-        stage.detail += f"; no earlier version of {name}@{alias} to roll back to: it stays {version}, move it by hand"  # fmt: skip
+    elif run.promoted.previous is None:
+        stage.detail += (
+            f"; no earlier version of {name}@{alias} to roll back to: it stays {version}, "
+            "move it by hand"
+        )
     else:
         previous = registry.rollback(name, alias)
         time.sleep(settings.alias_ttl_s)
         served = "?"
         try:
-            served, _ = ask(samples[0]["messages"])
+            served, _ = ask(messages)
         except (httpx.HTTPError, RuntimeError) as e:
             served = f"unknown ({type(e).__name__})"
         stage.status = "rolled back"
         stage.detail += f"; {name}@{alias} rolled back to {previous} (endpoint serves {served})"
-        run.facts["rolled_back_to"] = previous
+        run.rolled_back_to = previous
 
 
 # ---------------------------------------------------------------- the recipe
@@ -511,8 +719,14 @@ def run_pipeline(loaded: Loaded, from_stage: str | None = None) -> Run:
     init_ray()  # the sweep's trials and the app run on this Ray (RAY_ADDRESS, or a local one)
     run = Run(loaded, workdir(loaded.cfg), from_stage)
     run.root.mkdir(parents=True, exist_ok=True)
-    steps = {"prepare": prepare_stage, "sweep": sweep_stage, "evaluate": evaluate_stage,
-             "promote": promote_stage, "serve": serve_stage, "canary": canary_stage}  # fmt: skip
+    steps = {
+        "prepare": prepare_stage,
+        "sweep": sweep_stage,
+        "evaluate": evaluate_stage,
+        "promote": promote_stage,
+        "serve": serve_stage,
+        "canary": canary_stage,
+    }
     for name, step in steps.items():
         stage = run.stages[name]
         if run.failed:
@@ -542,11 +756,17 @@ def plot_gate(results: dict[str, Any], path: Path) -> None:
 
     gate = results["gate"]
     task, _, metric = gate["metric"].partition(".")
-    scores = {who: s[metric] for who, s in results["tasks"][task].items() if isinstance(s, dict) and metric in s}  # fmt: skip
+    scores = {
+        who: s[metric]
+        for who, s in results["tasks"][task].items()
+        if isinstance(s, dict) and metric in s
+    }
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.bar(list(scores), list(scores.values()), color=["#999"] * (len(scores) - 1) + ["#2a7"])
     ax.set_ylabel(gate["metric"])
-    ax.set_title(("gate passed" if gate["passed"] else "gate failed") + f" (margin {gate['margin']})")  # fmt: skip
+    ax.set_title(
+        ("gate passed" if gate["passed"] else "gate failed") + f" (margin {gate['margin']})"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -557,23 +777,45 @@ def write_report(run: Run) -> None:
     beyond names and paths, so no secret can reach them."""
     cfg = run.loaded.cfg
     verdict = outcome(run)
-    lines = [f"# Pipeline {cfg.name}", "", f"{verdict}", "",
-             f"config: `{run.loaded.path}` {' '.join(run.loaded.overrides)}", "",
-             "| stage | status | wall s | detail |", "|---|---|---:|---|"]  # fmt: skip
+    lines = [
+        f"# Pipeline {cfg.name}",
+        "",
+        f"{verdict}",
+        "",
+        f"config: `{run.loaded.path}` {' '.join(run.loaded.overrides)}",
+        "",
+        "| stage | status | wall s | detail |",
+        "|---|---|---:|---|",
+    ]
     for s in run.stages.values():
         lines.append(f"| {s.name} | {s.status} | {s.seconds} | {s.detail.replace('|', '/')} |")
-    for title, key in (("Sweep: eval loss per trial", "sweep_plot"), ("Gate", "gate_plot")):
-        plot = run.facts.get(key)
-        if plot and Path(plot).is_file():
-            lines += ["", f"## {title}", "", f"![{title}]({Path(plot).relative_to(run.root)})"]
-    if run.facts.get("version") and run.stages["promote"].status in ("ran", "cached"):
-        lines += ["", "## Trace an answer", "",
-                  f"The endpoint's `{VERSION_HEADER}` header names the version; its chain to the data and code:",  # fmt: skip
-                  "", f"    python -m tune.registry show {cfg.promote.name}@{run.facts['version']} --registry {run.loaded.settings.registry}"]  # fmt: skip
+    plots = {
+        "Sweep: eval loss per trial": run.best and run.best.plot,
+        "Gate": run.evaluated and run.evaluated.plot,
+    }
+    for title, plot in plots.items():
+        if plot and plot.is_file():
+            lines += ["", f"## {title}", "", f"![{title}]({plot.relative_to(run.root)})"]
+    if run.version and run.stages["promote"].status in ("ran", "cached"):
+        lines += [
+            "",
+            "## Trace an answer",
+            "",
+            f"The endpoint's `{VERSION_HEADER}` header names the version; its chain to the data and code:",
+            "",
+            f"    python -m tune.registry show {cfg.promote.name}@{run.version} "
+            f"--registry {run.loaded.settings.registry}",
+        ]
     (run.root / "report.md").write_text("\n".join(lines) + "\n")
-    record = {"name": cfg.name, "ok": run.ok, "outcome": verdict, "config": run.loaded.path,
-              "overrides": run.loaded.overrides, "version": run.facts.get("version"),
-              "stages": {s.name: vars(s) for s in run.stages.values()}}  # fmt: skip
+    record = {
+        "name": cfg.name,
+        "ok": run.ok,
+        "outcome": verdict,
+        "config": run.loaded.path,
+        "overrides": run.loaded.overrides,
+        "version": run.version,
+        "stages": {s.name: vars(s) for s in run.stages.values()},
+    }
     (run.root / "report.json").write_text(json.dumps(record, indent=2, default=str))
 
 
@@ -581,7 +823,7 @@ def outcome(run: Run) -> str:
     cfg = run.loaded.cfg
     ref = f"{cfg.promote.name}@{cfg.promote.alias}"
     if run.ok:
-        return f"{ref} = {run.facts['version']}, live at {run.facts['url']}"
+        return f"{ref} = {run.version}, live at {run.endpoint.url}"
     failed = run.failed
     return f"{ref} not changed: {failed.name} {failed.status}: {failed.detail}"
 
@@ -605,43 +847,27 @@ def print_report(run: Run) -> None:
 
 # ---------------------------------------------------------------- CLI
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
-
-@app.command()
 def main(
     config: Annotated[Path, typer.Argument(help="pipeline YAML")],
     overrides: Annotated[
         list[str] | None, typer.Argument(help="dotted overrides: sweep.num_trials=2")
-    ] = None,  # fmt: skip
+    ] = None,
     from_stage: Annotated[
         str | None, typer.Option("--from", help=f"run again from this stage: {', '.join(STAGES)}")
-    ] = None,  # fmt: skip
+    ] = None,
 ) -> None:
     """prepare -> sweep -> evaluate + gate -> promote -> serve -> canary; exit 1 when the gate or
     the canary failed (the endpoint then serves what it served before)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if from_stage is not None and from_stage not in STAGES:
-        typer.echo(f"error: --from {from_stage}: one of {', '.join(STAGES)}", err=True)
-        raise typer.Exit(2)
-    try:
-        loaded = load_pipeline_config(config, overrides or [])
-    except ConfigError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+        cli.fail(f"--from {from_stage}: one of {', '.join(STAGES)}")
+    loaded = load_pipeline_config(config, overrides or [])
     run = run_pipeline(loaded, from_stage)
     print_report(run)
-    if run.facts.get("started_app"):
+    if run.endpoint and run.endpoint.started_here:
         if loaded.cfg.serve.keep_running and not os.environ.get("RAY_ADDRESS"):
-            # this process owns the local Ray: the app lives as long as it does
-            print(f"serving at {run.facts['url']}/v1 - Ctrl-C stops")
-            # Tune leaves its own SIGINT handler (stop the sweep) installed after the sweep
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            try:
-                while True:
-                    time.sleep(3600)
-            except KeyboardInterrupt:
-                pass
+            serve_until_interrupted(run.endpoint.url)
         elif not loaded.cfg.serve.keep_running:
             from ray import serve
 
@@ -649,5 +875,17 @@ def main(
     raise typer.Exit(0 if run.ok else 1)
 
 
+def serve_until_interrupted(url: str) -> None:
+    """This process owns the local Ray: the app it started lives as long as it does."""
+    print(f"serving at {url}/v1 - Ctrl-C stops")
+    # Tune leaves its own SIGINT handler (stop the sweep) installed after the sweep
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+
+
 if __name__ == "__main__":
-    app()
+    cli.run(main)

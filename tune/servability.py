@@ -18,6 +18,7 @@ from jobs.config import Section
 # Linear layers of the usual decoder blocks (Llama, Mistral, Qwen, Gemma, Phi-3 style names).
 SUPPORTED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                      "qkv_proj", "gate_up_proj", "dense", "fc1", "fc2")  # fmt: skip
+EMBEDDING_WEIGHTS = ("embed_tokens.weight", "lm_head.weight", "wte.weight")
 
 
 class ServingLimits(Section):
@@ -31,7 +32,11 @@ def _tokenizer_fingerprint(folder: Path) -> dict[str, str | None]:
     tok = folder / "tokenizer.json"
     if tok.is_file():
         # padding/truncation are call-time settings that saving a used tokenizer records
-        spec = {k: v for k, v in json.loads(tok.read_text()).items() if k not in ("padding", "truncation")}  # fmt: skip
+        spec = {
+            k: v
+            for k, v in json.loads(tok.read_text()).items()
+            if k not in ("padding", "truncation")
+        }
         out["tokenizer.json"] = hashlib.sha256(
             json.dumps(spec, sort_keys=True).encode()
         ).hexdigest()
@@ -53,6 +58,16 @@ def servability_problems(adapter_dir: Path, base_dir: Path, limits: ServingLimit
     if not config_path.is_file():
         return [f"{adapter_dir}: no adapter_config.json (not a peft adapter)"]
     cfg = json.loads(config_path.read_text())
+    return [
+        *_adapter_config_problems(cfg, limits),
+        *_embedding_weight_problems(adapter_dir / "adapter_model.safetensors"),
+        *_tokenizer_problems(adapter_dir, base_dir),
+        *_architecture_problems(cfg.get("base_model_name_or_path"), base_dir),
+    ]
+
+
+def _adapter_config_problems(cfg: dict, limits: ServingLimits) -> list[str]:
+    """What adapter_config.json says that the server cannot do: its type, rank and modules."""
     problems = []
     if cfg.get("peft_type", "LORA") != "LORA":
         problems.append(
@@ -79,26 +94,46 @@ def servability_problems(adapter_dir: Path, base_dir: Path, limits: ServingLimit
             f"modules_to_save {cfg['modules_to_save']}: full copies of base modules cannot be "
             "swapped per request on a shared base"
         )
-    weights = adapter_dir / "adapter_model.safetensors"
-    if weights.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(weights), framework="pt") as f:
-            resized = [k for k in f.keys() if any(m in k for m in ("embed_tokens.weight", "lm_head.weight", "wte.weight"))]  # noqa: SIM118  # fmt: skip
-        if resized:
-            problems.append(f"the adapter carries embedding/output weights ({resized[0]}, ...): resized or retrained embeddings")  # fmt: skip
-    ours, theirs = _tokenizer_fingerprint(adapter_dir), _tokenizer_fingerprint(base_dir)
-    for part in ("tokenizer.json", "chat_template"):
-        if ours[part] and theirs[part] and ours[part] != theirs[part]:
-            problems.append(f"the adapter's {part} differs from the base model's (prompts would be rendered or tokenized differently)")  # fmt: skip
-    base_name = cfg.get("base_model_name_or_path")
-    base_cfg = base_dir / "config.json"
-    if base_cfg.is_file() and base_name and Path(base_name).is_dir():
-        want = json.loads(base_cfg.read_text())
-        got_path = Path(base_name) / "config.json"
-        if got_path.is_file():
-            got = json.loads(got_path.read_text())
-            keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
-            if any(got.get(k) != want.get(k) for k in keys):
-                problems.append(f"the adapter was trained on {base_name}, whose architecture differs from {base_dir}")  # fmt: skip
     return problems
+
+
+def _embedding_weight_problems(weights: Path) -> list[str]:
+    if not weights.is_file():
+        return []
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        names = list(f.keys())  # noqa: SIM118 - a safetensors file is not a dict
+    resized = [k for k in names if any(m in k for m in EMBEDDING_WEIGHTS)]
+    if not resized:
+        return []
+    return [
+        f"the adapter carries embedding/output weights ({resized[0]}, ...): "
+        "resized or retrained embeddings"
+    ]
+
+
+def _tokenizer_problems(adapter_dir: Path, base_dir: Path) -> list[str]:
+    ours, theirs = _tokenizer_fingerprint(adapter_dir), _tokenizer_fingerprint(base_dir)
+    return [
+        f"the adapter's {part} differs from the base model's "
+        "(prompts would be rendered or tokenized differently)"
+        for part in ("tokenizer.json", "chat_template")
+        if ours[part] and theirs[part] and ours[part] != theirs[part]
+    ]
+
+
+def _architecture_problems(base_name: str | None, base_dir: Path) -> list[str]:
+    """The base the adapter was trained on, when it is a local directory, must have the same
+    architecture as the base it is served on."""
+    base_cfg = base_dir / "config.json"
+    if not (base_cfg.is_file() and base_name and Path(base_name).is_dir()):
+        return []
+    got_path = Path(base_name) / "config.json"
+    if not got_path.is_file():
+        return []
+    want, got = json.loads(base_cfg.read_text()), json.loads(got_path.read_text())
+    keys = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+    if all(got.get(k) == want.get(k) for k in keys):
+        return []
+    return [f"the adapter was trained on {base_name}, whose architecture differs from {base_dir}"]

@@ -23,6 +23,7 @@ from typing import Annotated, Any, Literal
 import typer
 from pydantic import Field, model_validator
 
+from jobs import cli
 from jobs.config import (
     ConfigError,
     Section,
@@ -34,9 +35,16 @@ from jobs.config import (
     validate,
 )
 from jobs.storage import exists as url_exists
-from jobs.storage import open_url
+from jobs.storage import is_remote, join, open_url, ray_storage
 
 log = logging.getLogger("rayft.sweep")
+
+
+# What run_trial sets in every trial's job, after the sweep's overrides and the trial's values.
+TRIAL_KEYS = {
+    "run.name": "each trial's run is NAME-TRIAL",
+    "checkpoint.storage_path": "each trial writes under SWEEP_DIR/runs",
+}
 
 
 class SchedulerConfig(Section):
@@ -79,7 +87,9 @@ class SweepConfig(Section):
     def _space_is_sane(self) -> SweepConfig:
         for key, spec in self.space.items():
             if len(spec) != 1:
-                raise ValueError(f"space.{key}: give exactly one of choice, grid, uniform, loguniform")  # fmt: skip
+                raise ValueError(
+                    f"space.{key}: give exactly one of choice, grid, uniform, loguniform"
+                )
             ((kind, values),) = spec.items()
             if kind in ("uniform", "loguniform") and (len(values) != 2 or values[0] >= values[1]):
                 raise ValueError(f"space.{key}.{kind}: expected [low, high] with low < high")
@@ -87,16 +97,45 @@ class SweepConfig(Section):
                 raise ValueError(f"space.{key}.{kind}: empty")
             if self.search == "grid" and kind != "grid":
                 raise ValueError(f"space.{key}: search: grid needs grid values for every key")
+        for item in self.overrides:  # a trial's own values come after these and win
+            key = item.partition("=")[0]
+            if swept := overlapping(key, self.space):
+                raise ValueError(
+                    f"overrides: {item} is overridden by space.{swept}; change the space instead"
+                )
+            if trial := overlapping(key, TRIAL_KEYS):
+                raise ValueError(f"overrides: {item}: set by the sweep ({TRIAL_KEYS[trial]})")
         return self
 
 
+def overlapping(key: str, keys) -> str | None:
+    """The first of `keys` that sets `key`, a key inside it or a section holding it."""
+    return next(
+        (k for k in keys if k == key or k.startswith(f"{key}.") or key.startswith(f"{k}.")), None
+    )
+
+
 def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
-    raw = apply_overrides(read_yaml(path), parse_overrides(overrides or []))
+    raw, parsed = read_yaml(path), parse_overrides(overrides or [])
+    for key, value in parsed.items():
+        if key.startswith("job."):  # the job is a file here: its keys go in `overrides`
+            raise ConfigError(job_override_error(path, key, value, raw))
+    raw = apply_overrides(raw, parsed)
     cfg = validate(SweepConfig, raw, str(path))
     # every trial's job config must load: check one with the first value of each key now
     probe = [f"{k}={_first(v)}" for k, v in cfg.space.items()]
     load_config(cfg.job, [*cfg.overrides, *probe])
     return cfg
+
+
+def job_override_error(path, key: str, value: Any, raw: dict[str, Any]) -> str:
+    job_key = key.removeprefix("job.")
+    if swept := overlapping(job_key, raw.get("space") or {}):
+        return f"{path}: {key}={value} is overridden by space.{swept}; change the space instead"
+    return (
+        f"{path}: {key}: the sweep's job is the file {raw.get('job')}; add {job_key}=VALUE to "
+        "the sweep's overrides (what every trial's job gets)"
+    )
 
 
 def _first(spec: dict[str, list[Any]]) -> Any:
@@ -107,9 +146,17 @@ def _first(spec: dict[str, list[Any]]) -> Any:
 def search_space(cfg: SweepConfig) -> dict[str, Any]:
     from ray import tune
 
-    makers = {"choice": tune.choice, "grid": tune.grid_search,
-              "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v)}  # fmt: skip
-    return {key: makers[kind](values) for key, spec in cfg.space.items() for kind, values in spec.items()}  # fmt: skip
+    makers = {
+        "choice": tune.choice,
+        "grid": tune.grid_search,
+        "uniform": lambda v: tune.uniform(*v),
+        "loguniform": lambda v: tune.loguniform(*v),
+    }
+    return {
+        key: makers[kind](values)
+        for key, spec in cfg.space.items()
+        for kind, values in spec.items()
+    }
 
 
 # ---------------------------------------------------------------- one trial
@@ -125,11 +172,18 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     trial = tune.get_context().get_trial_id()
     if Path(sweep["cwd"]).is_dir():  # Tune runs a trial in its own directory: relative paths in
         os.chdir(sweep["cwd"])  # the job config mean the sweep's directory, as on the command line
-    overrides = [*sweep["overrides"], *(f"{k}={v}" for k, v in params.items()),
-                 f"run.name={sweep['name']}-{trial}", f"checkpoint.storage_path={sweep['runs']}"]  # fmt: skip
+    overrides = [
+        *sweep["overrides"],
+        *(f"{k}={v}" for k, v in params.items()),
+        f"run.name={sweep['name']}-{trial}",
+        f"checkpoint.storage_path={sweep['runs']}",
+    ]
     cfg = load_config(sweep["job"], overrides)
-    summary = run_job(cfg, callbacks=[TuneReportCallback()],
-                      sweep={"name": sweep["name"], "trial": trial, "params": params})  # fmt: skip
+    summary = run_job(
+        cfg,
+        callbacks=[TuneReportCallback()],
+        sweep={"name": sweep["name"], "trial": trial, "params": params},
+    )
     # the final report carries the final evaluation; Train's callback has already forwarded it
     log.info("trial %s finished: %s", trial, summary["metrics"])
 
@@ -139,8 +193,8 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
 
 def sweep_dir(cfg: SweepConfig) -> str:
     """storage_path/name: an absolute local directory or s3://bucket/prefix/name."""
-    if "://" in cfg.storage_path:
-        return f"{cfg.storage_path.rstrip('/')}/{cfg.name}"
+    if is_remote(cfg.storage_path):
+        return join(cfg.storage_path, cfg.name)
     return str((Path(cfg.storage_path) / cfg.name).resolve())
 
 
@@ -148,75 +202,100 @@ def run_sweep(cfg: SweepConfig, resume: bool = True) -> dict[str, Any]:
     """Run (or resume) the sweep; returns the summary written to results.json."""
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from jobs.distributed import init_ray
-    from jobs.storage import is_remote, ray_storage
 
     init_ray()
     job = load_config(cfg.job, cfg.overrides)
     root = sweep_dir(cfg)
     if not is_remote(root):
         Path(root).mkdir(parents=True, exist_ok=True)
-    sweep = {"name": cfg.name, "job": str(Path(cfg.job).resolve()), "overrides": cfg.overrides,
-             "runs": f"{root}/runs", "cwd": os.getcwd()}  # fmt: skip
-    every = job.eval.every_steps
-    if cfg.scheduler.type == "asha" and not every:
-        raise ConfigError(f"{cfg.job}: eval.every_steps must be set for ASHA (it stops trials at evals)")  # fmt: skip
-    # one step past the end: at max_t ASHA stops a trial, and a trial stopped at its final report
-    # would never write its adapter and run.json
-    max_t = plan_total_steps(job) + 1
-    scheduler = (
-        ASHAScheduler(
-            time_attr="step",
-            max_t=max_t,
-            grace_period=cfg.scheduler.grace_period * every,
-            reduction_factor=cfg.scheduler.reduction_factor,
-        )  # fmt: skip
-        if cfg.scheduler.type == "asha"
-        else FIFOScheduler()
-    )
+    sweep = {
+        "name": cfg.name,
+        "job": str(Path(cfg.job).resolve()),
+        "overrides": cfg.overrides,
+        "runs": f"{root}/runs",
+        "cwd": os.getcwd(),
+    }
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, sweep=sweep),
         {"cpu": 0.01},  # the trial's workers hold the CPUs
     )
-    stopper = BudgetStopper(cfg.budget, job.scaling.num_workers)
-    # on S3 Tune gets a path inside the bucket and a filesystem with the endpoint, as Train does
-    storage_path, storage_fs = ray_storage(root)
-    if resume and tune.Tuner.can_restore(f"{storage_path}/tune", storage_fs):
-        log.info("resuming the sweep from %s/tune", root)
-        tuner = tune.Tuner.restore(f"{storage_path}/tune", trainable=trainable,
-                                   resume_errored=True, storage_filesystem=storage_fs)  # fmt: skip
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=search_space(cfg),
-            tune_config=tune.TuneConfig(
-                metric=cfg.scheduler.metric,
-                mode=cfg.scheduler.mode,
-                scheduler=scheduler,
-                num_samples=cfg.num_trials,
-                max_concurrent_trials=cfg.max_concurrent_trials,
-                time_budget_s=cfg.budget.time_s,
-                # passed explicitly, the generator must carry the limit: Tune ignores
-                # max_concurrent_trials for it
-                search_alg=tune.search.BasicVariantGenerator(
-                    random_state=cfg.seed, max_concurrent=cfg.max_concurrent_trials
-                ),
-            ),  # fmt: skip
-            run_config=tune.RunConfig(
-                name="tune",
-                storage_path=storage_path,
-                storage_filesystem=storage_fs,
-                stop=stopper,
-                failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-                verbose=1,
-            ),  # fmt: skip
-        )
+    tuner = restored_tuner(root, trainable) if resume else None
+    tuner = tuner or new_tuner(cfg, job, root, trainable)
     start = time.time()
     results = tuner.fit()
     summary = summarize(cfg, results, root, time.time() - start, ray.available_resources())
     return summary
+
+
+def restored_tuner(root: str, trainable):
+    """The Tuner of an interrupted (or finished) sweep in root, None when there is none."""
+    from ray import tune
+
+    # on S3 Tune gets a path inside the bucket and a filesystem with the endpoint, as Train does
+    storage_path, storage_fs = ray_storage(root)
+    if not tune.Tuner.can_restore(f"{storage_path}/tune", storage_fs):
+        return None
+    log.info("resuming the sweep from %s/tune", root)
+    return tune.Tuner.restore(
+        f"{storage_path}/tune",
+        trainable=trainable,
+        resume_errored=True,
+        storage_filesystem=storage_fs,
+    )
+
+
+def new_tuner(cfg: SweepConfig, job, root: str, trainable):
+    from ray import tune
+
+    storage_path, storage_fs = ray_storage(root)
+    return tune.Tuner(
+        trainable,
+        param_space=search_space(cfg),
+        tune_config=tune.TuneConfig(
+            metric=cfg.scheduler.metric,
+            mode=cfg.scheduler.mode,
+            scheduler=trial_scheduler(cfg, job),
+            num_samples=cfg.num_trials,
+            max_concurrent_trials=cfg.max_concurrent_trials,
+            time_budget_s=cfg.budget.time_s,
+            # passed explicitly, the generator must carry the limit: Tune ignores
+            # max_concurrent_trials for it
+            search_alg=tune.search.BasicVariantGenerator(
+                random_state=cfg.seed, max_concurrent=cfg.max_concurrent_trials
+            ),
+        ),
+        run_config=tune.RunConfig(
+            name="tune",
+            storage_path=storage_path,
+            storage_filesystem=storage_fs,
+            stop=BudgetStopper(cfg.budget, job.scaling.num_workers),
+            failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
+            verbose=1,
+        ),
+    )
+
+
+def trial_scheduler(cfg: SweepConfig, job):
+    """ASHA stopping trials at their evals (in steps), or FIFO: every trial runs to its end."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    if cfg.scheduler.type != "asha":
+        return FIFOScheduler()
+    every = job.eval.every_steps
+    if not every:
+        raise ConfigError(
+            f"{cfg.job}: eval.every_steps must be set for ASHA (it stops trials at evals)"
+        )
+    # one step past the end: at max_t ASHA stops a trial, and a trial stopped at its final report
+    # would never write its adapter and run.json
+    return ASHAScheduler(
+        time_attr="step",
+        max_t=plan_total_steps(job) + 1,
+        grace_period=cfg.scheduler.grace_period * every,
+        reduction_factor=cfg.scheduler.reduction_factor,
+    )
 
 
 def plan_total_steps(job) -> int:
@@ -256,24 +335,42 @@ def summarize(cfg: SweepConfig, results, root: str, wall_s: float, _resources) -
     for r in results:
         metrics = r.metrics or {}
         history = r.metrics_dataframe
-        evals = history[["step", "eval_loss"]].dropna().values.tolist() if history is not None and "eval_loss" in history else []  # fmt: skip
+        evals = (
+            history[["step", "eval_loss"]].dropna().values.tolist()
+            if history is not None and "eval_loss" in history
+            else []
+        )
         params = {k: r.config.get(k) for k in cfg.space}
         best = min((e for _, e in evals), default=math.nan)
-        rows.append({
-            "trial": metrics.get("trial_id", "?"), **params,
-            "steps": int(metrics.get("step", 0)),
-            "best_eval_loss": best,
-            "exact_match": metrics.get("exact_match"),
-            "stopped_early": bool(metrics.get("step", 0) and "exact_match" not in metrics),
-            "error": str(r.error).splitlines()[0][:200] if r.error else None,
-            "run_dir": f"{root}/runs/{cfg.name}-{r.metrics.get('trial_id', '')}" if r.metrics else None,
-            "evals": evals,
-        })  # fmt: skip
+        rows.append(
+            {
+                "trial": metrics.get("trial_id", "?"),
+                **params,
+                "steps": int(metrics.get("step", 0)),
+                "best_eval_loss": best,
+                "exact_match": metrics.get("exact_match"),
+                "stopped_early": bool(metrics.get("step", 0) and "exact_match" not in metrics),
+                "error": str(r.error).splitlines()[0][:200] if r.error else None,
+                "run_dir": f"{root}/runs/{cfg.name}-{r.metrics.get('trial_id', '')}"
+                if r.metrics
+                else None,
+                "evals": evals,
+            }
+        )
     key = "best_eval_loss"
-    rows.sort(key=lambda row: (math.isnan(row[key]), row[key] if cfg.scheduler.mode == "min" else -row[key]))  # fmt: skip
-    summary = {"name": cfg.name, "wall_s": round(wall_s, 1), "trials": rows,
-               "total_steps": sum(r["steps"] for r in rows),
-               "best": rows[0] if rows else None}  # fmt: skip
+    rows.sort(
+        key=lambda row: (
+            math.isnan(row[key]),
+            row[key] if cfg.scheduler.mode == "min" else -row[key],
+        )
+    )
+    summary = {
+        "name": cfg.name,
+        "wall_s": round(wall_s, 1),
+        "trials": rows,
+        "total_steps": sum(r["steps"] for r in rows),
+        "best": rows[0] if rows else None,
+    }
     with open_url(f"{root}/results.json", "w") as f:
         f.write(json.dumps(summary, indent=2, default=str))
     write_csv(f"{root}/results.csv", rows, list(cfg.space))
@@ -332,14 +429,20 @@ def print_table(summary: dict[str, Any], params: list[str]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"sweep {summary['name']} ({summary['wall_s']} s, {summary['total_steps']} steps)")  # fmt: skip
+    table = Table(
+        title=f"sweep {summary['name']} ({summary['wall_s']} s, {summary['total_steps']} steps)"
+    )
     for col in ("trial", *params, "steps", "best eval loss", "exact match", "stopped early?"):
         table.add_column(col)
     for r in summary["trials"]:
-        table.add_row(r["trial"], *(f"{r[p]:.3g}" if isinstance(r[p], float) else str(r[p]) for p in params),
-                      str(r["steps"]), f"{r['best_eval_loss']:.4f}",
-                      "-" if r["exact_match"] is None else f"{r['exact_match']:.1%}",
-                      "error" if r["error"] else ("yes" if r["stopped_early"] else "no"))  # fmt: skip
+        table.add_row(
+            r["trial"],
+            *(f"{r[p]:.3g}" if isinstance(r[p], float) else str(r[p]) for p in params),
+            str(r["steps"]),
+            f"{r['best_eval_loss']:.4f}",
+            "-" if r["exact_match"] is None else f"{r['exact_match']:.1%}",
+            "error" if r["error"] else ("yes" if r["stopped_early"] else "no"),
+        )
     console = Console()
     if not console.is_terminal:  # job logs: rich would wrap the table at 80 columns
         console = Console(width=160)
@@ -349,25 +452,24 @@ def print_table(summary: dict[str, Any], params: list[str]) -> None:
 def promote_best(cfg: SweepConfig, summary: dict[str, Any]) -> dict[str, Any]:
     """Evaluate the best finished trial, gate it, and promote it if it passes."""
     from tune.evaluate import evaluate_target, load_eval_config
-    from tune.promote import promote_run
+    from tune.promote import gate_and_promote
     from tune.registry import Registry
 
-    finished = [r for r in summary["trials"] if r["run_dir"] and url_exists(f"{r['run_dir']}/run.json")]  # fmt: skip
+    finished = [
+        r for r in summary["trials"] if r["run_dir"] and url_exists(f"{r['run_dir']}/run.json")
+    ]
     if not finished:
         return {"promoted": False, "reason": "no trial finished"}
     best = finished[0]
     results, _ = evaluate_target(best["run_dir"], load_eval_config(cfg.promote.eval))
     outcome = {"trial": best["trial"], "run_dir": best["run_dir"], "gate": results.get("gate")}
-    if not results.get("gate", {}).get("passed"):
-        return {**outcome, "promoted": False, "reason": "; ".join(results.get("gate", {}).get("reasons", ["no gate"]))}  # fmt: skip
-    version = promote_run(Registry(cfg.promote.registry), best["run_dir"], cfg.promote.name, cfg.promote.alias)  # fmt: skip
-    return {**outcome, "promoted": True, "version": version, "name": cfg.promote.name, "alias": cfg.promote.alias}  # fmt: skip
+    registry, name, alias = Registry(cfg.promote.registry), cfg.promote.name, cfg.promote.alias
+    promotion = gate_and_promote(registry, best["run_dir"], name, alias, results)
+    if not promotion.promoted:
+        return {**outcome, "promoted": False, "reason": promotion.reason}
+    return {**outcome, "promoted": True, "version": promotion.version, "name": name, "alias": alias}
 
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
-
-
-@app.command()
 def main(
     config: Annotated[Path, typer.Argument(help="sweep YAML")],
     overrides: Annotated[list[str] | None, typer.Argument(help="dotted overrides")] = None,
@@ -375,20 +477,20 @@ def main(
 ) -> None:
     """Sweep, then (with a promote section) evaluate, gate and promote the best trial."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        cfg = load_sweep_config(config, overrides or [])
-        summary = run_sweep(cfg, resume=not fresh)
-        print_table(summary, list(cfg.space))
-        typer.echo(f"results: {sweep_dir(cfg)}/results.csv, plots: {sweep_dir(cfg)}/*.png")
-        if cfg.promote:
-            outcome = promote_best(cfg, summary)
-            with open_url(f"{sweep_dir(cfg)}/promotion.json", "w") as f:
-                f.write(json.dumps(outcome, indent=2, default=str))
-            typer.echo(("promoted " + f"{outcome['name']}@{outcome['version']} ({outcome['alias']})") if outcome["promoted"] else f"not promoted: {outcome['reason']}")  # fmt: skip
-    except ConfigError as e:
-        typer.echo(f"error: {e}", err=True)
-        raise typer.Exit(2) from None
+    cfg = load_sweep_config(config, overrides or [])
+    summary = run_sweep(cfg, resume=not fresh)
+    print_table(summary, list(cfg.space))
+    typer.echo(f"results: {sweep_dir(cfg)}/results.csv, plots: {sweep_dir(cfg)}/*.png")
+    if cfg.promote:
+        outcome = promote_best(cfg, summary)
+        with open_url(f"{sweep_dir(cfg)}/promotion.json", "w") as f:
+            f.write(json.dumps(outcome, indent=2, default=str))
+        typer.echo(
+            ("promoted " + f"{outcome['name']}@{outcome['version']} ({outcome['alias']})")
+            if outcome["promoted"]
+            else f"not promoted: {outcome['reason']}"
+        )
 
 
 if __name__ == "__main__":
-    app()
+    cli.run(main)
