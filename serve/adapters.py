@@ -1,6 +1,6 @@
 """Adapter lookup (registry or plain directories) and the two-tier adapter cache.
 
-Registry layout (written by tune/registry.py; only read here):
+Registry layout (written by tune/registry/store.py; only read here):
     ROOT/NAME/VERSION/         peft adapter files + lineage.json
     ROOT/NAME/aliases/ALIAS    text file holding a VERSION
 The writer puts lineage.json last: a version directory without it is a copy in progress (or an

@@ -4,7 +4,7 @@ A tenants file:
     tenants:
       - name: acme
         key_sha256: 9f86d081884c7d65...      # python -m serve.tenants hash-key < keyfile
-        adapters: ["support-bot", "sql-*"]   # names or fnmatch patterns; "*" is every model
+        adapters: ["support-bot", "reviews-*"]   # names or fnmatch patterns; "*" is every model
         requests_per_minute: 60
         tokens_per_minute: 20000             # prompt + completion tokens
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tune.registry import Registry, RegistryError
 
 from jobs.batching import collate
 from jobs.config import JudgeConfig, load_config
@@ -26,7 +27,6 @@ from tune.evaluate import (
     with_few_shot,
 )
 from tune.promote import promote_run
-from tune.registry import Registry, RegistryError
 from tune.servability import ServingLimits, servability_problems
 
 

@@ -75,7 +75,7 @@ def adapter_files(tiny_model_dir, tmp_path_factory):
 
 
 def publish(root, name, version, source, created_at="2026-01-01T00:00:00+00:00"):
-    """Write a version the way tune/registry.py does: the files, then lineage.json (the commit)."""
+    """Write a version the way tune/registry/store.py does: the files, then lineage.json (the commit)."""
     dest = root / name / version
     shutil.copytree(source, dest)
     (dest / "lineage.json").write_text(json.dumps({"created_at": created_at}))
@@ -138,7 +138,7 @@ def test_a_version_without_lineage_is_an_unfinished_copy_and_not_served(tmp_path
 
 
 def test_reads_what_the_registry_writer_writes(tmp_path, adapter_files):
-    """The contract with tune/registry.py: versions, aliases and alias moves it writes."""
+    """The contract with tune/registry/store.py: versions, aliases and alias moves it writes."""
     from tune.registry import Registry
 
     writer = Registry(str(tmp_path / "reg"))

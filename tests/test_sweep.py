@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tune.registry import Registry
 
 from jobs.config import ConfigError
 from tests.helpers import REPO
-from tune.registry import Registry
 from tune.sweep import load_sweep_config, promote_best, run_sweep
 
 
@@ -120,10 +120,10 @@ def test_sweep_on_s3_resumes_and_promotes_from_the_bucket(
     import boto3
     import ray
     import s3fs
+    from tune.registry.cli import app as registry_app
     from typer.testing import CliRunner
 
     from jobs.distributed import start_local_ray
-    from tune.registry.cli import app as registry_app
 
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="rayft")
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})

@@ -1,6 +1,6 @@
 """Evaluate an adapter (or the base) on task evals, against baselines, and gate it.
 
-    python -m tune.evaluate runs/quickstart configs/eval_reviews.yaml     # a run directory
+    python -m tune.evaluate runs/quickstart-TIMESTAMP configs/eval_reviews.yaml   # a run directory
     python -m tune.evaluate path/to/adapter configs/eval_reviews.yaml --base .cache/tiny-llama
 
 For each task: the base model zero-shot, the base model few-shot (k training examples as earlier

@@ -64,7 +64,7 @@ class PromoteConfig(Section):
     name: str
     alias: str = "production"
     eval: str  # an eval YAML with a gate section (tune.evaluate)
-    registry: str = "registry"
+    registry: str = "runs/registry"  # tune.registry's default, which serving reads
 
 
 class SweepConfig(Section):

@@ -1,0 +1,3 @@
+from tune.registry.cli import app
+
+app()
