@@ -295,13 +295,21 @@ def bench_trl(args, tmp: Path) -> None:
     )
 
 
+MEMORY_STRATEGIES = {
+    "ddp": ["train.strategy=ddp"],
+    "fsdp": ["train.strategy=fsdp"],
+    "zero2": ["train.strategy=deepspeed", "train.deepspeed.stage=2"],
+    "zero3": ["train.strategy=deepspeed", "train.deepspeed.stage=3"],
+}
+
+
 def bench_memory(args, tmp: Path) -> None:
     import ray
 
     from jobs.distributed import start_local_ray
     from jobs.finetune import run_job
 
-    tokenizer, model = setup(512, 8, tmp)
+    tokenizer, model = setup(args.memory_hidden, args.memory_layers, tmp)
     n_params = sum(p.numel() for p in model.parameters())
     data = tmp / "data.jsonl"
     data.write_text("".join(json.dumps(c) + "\n" for c in skewed_conversations(160, seed=2)))
@@ -309,12 +317,8 @@ def bench_memory(args, tmp: Path) -> None:
     print(f"memory: full fine-tune of {n_params / 1e6:.0f}M params, 2 workers, peak RSS per worker")
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     try:
-        for name, overrides in (
-            ("ddp", ["train.strategy=ddp"]),
-            ("fsdp", ["train.strategy=fsdp"]),
-            ("zero2", ["train.strategy=deepspeed", "train.deepspeed.stage=2"]),
-            ("zero3", ["train.strategy=deepspeed", "train.deepspeed.stage=3"]),
-        ):
+        for name in args.strategies.split(","):
+            overrides = MEMORY_STRATEGIES[name]
             cfg = job_config(
                 tmp / "model",
                 tmp / "runs",
@@ -353,6 +357,9 @@ def main() -> None:
         "--trl-bf16", action="store_true", help="trl: SFTConfig's own default (bf16 on CPU)"
     )
     parser.add_argument("--repeats", type=int, default=3, help="trl: interleaved rounds, best kept")
+    parser.add_argument("--strategies", default=",".join(MEMORY_STRATEGIES), help="memory: which")
+    parser.add_argument("--memory-hidden", type=int, default=512, help="memory: the model's width")
+    parser.add_argument("--memory-layers", type=int, default=8, help="memory: its depth")
     args = parser.parse_args()
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as d:
