@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -273,6 +274,18 @@ def test_each_bad_row_reason_names_file_and_line(tmp_path, tokenizer, line, fmt,
     assert data.report["counts"]["malformed"] == 1
     assert errors(data) == [f"{train}:4: {reason}"]
     assert (data.report["counts"]["input_rows"], len(data.train), len(data.eval)) == (5, 3, 1)
+
+
+def test_a_failed_inline_prepare_leaves_no_temporary_directory(tmp_path, tokenizer, monkeypatch):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    train = tmp_path / "train.jsonl"
+    train.write_bytes(qa("q", "a") + b"\n{not json\n")
+    cfg = lenient(train_files=[str(train)], eval_files=[str(train)], on_error="fail")
+    with pytest.raises(ConfigError, match="train.jsonl:2"):
+        prepare_data(cfg, tokenizer, seed=0)
+    assert list(scratch.iterdir()) == []
 
 
 def test_a_byte_order_mark_does_not_cost_the_first_row(tmp_path, tokenizer):

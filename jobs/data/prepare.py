@@ -126,9 +126,12 @@ def prepare_data(
     path, tmp = cfg.prepared, None
     if path is None:
         path = inline_output or (tmp := tempfile.mkdtemp(prefix="rayft-data-"))
-        pcfg = PrepareConfig(data=cfg, tokenizer=tokenizer_name or "inline", output=path, seed=seed)
-        prepare(pcfg, tokenizer=tokenizer, show_progress=False)
     try:
+        if cfg.prepared is None:  # a bad file fails in here: the temporary directory goes too
+            pcfg = PrepareConfig(
+                data=cfg, tokenizer=tokenizer_name or "inline", output=path, seed=seed
+            )
+            prepare(pcfg, tokenizer=tokenizer, show_progress=False)
         manifest = read_manifest(path)
         if cfg.prepared and tokenizer_name and manifest["tokenizer"] != tokenizer_name:
             log.warning(
