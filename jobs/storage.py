@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+import pyarrow.fs
 
 SUPPORTED = ("s3://",)
 
@@ -157,10 +158,84 @@ def ray_storage(url: str):
     """Ray Train's (storage_path, storage_filesystem) for a local directory or s3://bucket/prefix."""
     if not str(url).startswith("s3://"):
         return str(url), None
-    import pyarrow.fs
+    return url.removeprefix("s3://"), pyarrow.fs.PyFileSystem(PatientS3(s3_endpoint()))
 
-    endpoint = s3_endpoint()
-    kwargs = {}
-    if endpoint:
-        kwargs = {"endpoint_override": endpoint, "scheme": endpoint.split("://")[0]}
-    return url.removeprefix("s3://"), pyarrow.fs.S3FileSystem(**kwargs)
+
+class PatientS3(pyarrow.fs.FileSystemHandler):
+    """pyarrow's S3 filesystem with retries that ride out a storage blip of ~25 s (measured:
+    10 SDK attempts), made again in every process that unpickles it. Ray Train sends its storage
+    filesystem to its controller, which writes the run snapshot with a single call; a plain
+    S3FileSystem loses its retry strategy when pickled (3 quick attempts there), so an outage at
+    that moment failed the run. Checkpoint uploads have their own, longer retries on top."""
+
+    ATTEMPTS = 10
+
+    def __init__(self, endpoint: str | None):
+        self.endpoint, self._fs = endpoint, None
+
+    def __getstate__(self):
+        return {"endpoint": self.endpoint}
+
+    def __setstate__(self, state):
+        self.endpoint, self._fs = state["endpoint"], None
+
+    @property
+    def fs(self):
+        if self._fs is None:
+            pafs = pyarrow.fs
+            kwargs = {"retry_strategy": pafs.AwsDefaultS3RetryStrategy(max_attempts=self.ATTEMPTS)}
+            if self.endpoint:
+                kwargs |= {
+                    "endpoint_override": self.endpoint,
+                    "scheme": self.endpoint.split("://")[0],
+                }
+            self._fs = pafs.S3FileSystem(**kwargs)
+        return self._fs
+
+    def __eq__(self, other):
+        return isinstance(other, PatientS3) and other.endpoint == self.endpoint
+
+    def get_type_name(self):
+        return "s3"
+
+    def normalize_path(self, path):
+        return self.fs.normalize_path(path)
+
+    def get_file_info(self, paths):
+        return self.fs.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self.fs.get_file_info(selector)
+
+    def create_dir(self, path, recursive):
+        self.fs.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path):
+        self.fs.delete_dir(path)
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self):
+        self.fs.delete_dir_contents("/", accept_root_dir=True)
+
+    def delete_file(self, path):
+        self.fs.delete_file(path)
+
+    def move(self, src, dest):
+        self.fs.move(src, dest)
+
+    def copy_file(self, src, dest):
+        self.fs.copy_file(src, dest)
+
+    def open_input_stream(self, path):
+        return self.fs.open_input_stream(path)
+
+    def open_input_file(self, path):
+        return self.fs.open_input_file(path)
+
+    def open_output_stream(self, path, metadata):
+        return self.fs.open_output_stream(path, metadata=metadata)
+
+    def open_append_stream(self, path, metadata):
+        return self.fs.open_append_stream(path, metadata=metadata)

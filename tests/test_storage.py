@@ -7,6 +7,7 @@ run name resumes from the bucket.
 from __future__ import annotations
 
 import json
+import pickle
 import uuid
 from pathlib import Path
 
@@ -96,7 +97,11 @@ def test_ray_storage_is_a_path_and_the_filesystem_ray_train_needs(monkeypatch):
     assert storage.ray_storage("runs") == ("runs", None)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
     path, fs = storage.ray_storage("s3://bucket/runs")
-    assert path == "bucket/runs" and isinstance(fs, pyarrow.fs.S3FileSystem)
+    assert path == "bucket/runs" and isinstance(fs, pyarrow.fs.PyFileSystem)
+    # Ray pickles it to its controller: the copy is the patient S3 filesystem again
+    copy = pickle.loads(pickle.dumps(fs))
+    assert copy.handler == fs.handler and copy.handler.endpoint == "http://127.0.0.1:9000"
+    assert isinstance(copy.handler.fs, pyarrow.fs.S3FileSystem)
 
 
 # ---------------------------------------------------------------- files, locally and on s3://
