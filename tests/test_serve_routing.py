@@ -168,21 +168,40 @@ def test_streaming_through_the_model_replica(routed):
     assert text == whole and chunks[-1]["usage"]["completion_tokens"] == 10
 
 
+def first_token(sse_line: str) -> bool:
+    """A streamed chunk that carries generated text (the first chunk only names the role)."""
+    if not sse_line.startswith("data: {"):
+        return False
+    choices = json.loads(sse_line[len("data: ") :]).get("choices") or [{}]
+    return bool(choices[0].get("delta", {}).get("content"))
+
+
 def test_a_replica_killed_under_load_costs_no_request(routed, tiny_model_dir, tokenizer):
     url = routed["url"]
     holder = chat(url, "gray").headers["x-model-replica"]
     want = offline(tiny_model_dir, tokenizer, routed["registry"] / "gray" / V1, max_tokens=120)
 
+    [replica] = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].endswith(holder) and "ModelServer" in a["name"]
+    ]
+    holder_actor = ray.get_actor(replica, namespace="serve")
+    body = {"model": "gray", "messages": MESSAGES, "max_tokens": 120, "temperature": 0}
+
     async def kill_while_running():
-        burst = asyncio.ensure_future(chat_all(url, ["gray"] * 6, max_tokens=120))
-        await asyncio.sleep(0.4)  # the batch of 6 x 120 tokens takes seconds on this model
-        [name] = [
-            a["name"]
-            for a in ray.util.list_named_actors(all_namespaces=True)
-            if a["name"].endswith(holder) and "ModelServer" in a["name"]
-        ]
-        ray.kill(ray.get_actor(name, namespace="serve"), no_restart=True)
-        return await burst
+        # Killed on an event, not a timer: a streamed request goes first, the six after it; its
+        # first generated token means the holder's first batch runs, so none of the six has been
+        # answered yet: each is in that batch or queued behind it on the holder (or elsewhere).
+        async with httpx.AsyncClient(timeout=120, headers={"Authorization": f"Bearer {OPEN}"}) as c:
+            post = f"{url}/v1/chat/completions"
+            async with c.stream("POST", post, json={**body, "stream": True}) as sentinel:
+                burst = [asyncio.ensure_future(c.post(post, json=body)) for _ in range(6)]
+                async for line in sentinel.aiter_lines():
+                    if first_token(line):
+                        ray.kill(holder_actor, no_restart=True)
+                        break
+            return await asyncio.gather(*burst)
 
     responses = asyncio.run(kill_while_running())
     assert [r.status_code for r in responses] == [200] * 6, [r.text for r in responses]
