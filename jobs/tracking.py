@@ -143,6 +143,25 @@ class WandbTracker(_GuardedTracker):
 
     def _finish(self, failed):
         self.run.finish(exit_code=1 if failed else 0)
+        wait_for_wandb_file(self.run.settings.sync_file)
+
+
+def wait_for_wandb_file(path: str | Path, timeout_s: float = 60.0) -> None:
+    """Wait until the run's .wandb file holds its exit record. `run.finish()` can return before
+    wandb's service has written the file's last block (seen under load: the file ended inside the
+    run record, so a reader right after finish saw no run); `wandb sync` or a reader then gets a
+    partial run."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if read_wandb_run(path)["exit_code"] is not None:
+                return
+        except (OSError, ValueError):  # not there yet, or its tail is mid-write
+            pass
+        if time.monotonic() > deadline:
+            logger.warning("%s: wandb has not written the run's exit record after %.0f s", path, timeout_s)
+            return
+        time.sleep(0.05)
 
 
 def wandb_run_id(run_key: str, run_name: str) -> str:
@@ -409,7 +428,7 @@ def _wandb_log_records(blob: bytes, path: Path):
     block, header = 32768, 7
     if blob[:4] != b":W&B":
         raise ValueError(f"{path}: not a wandb run file (header {blob[:7]!r})")
-    pos, parts = header, b""
+    pos, parts = header, None
     while pos + header <= len(blob):
         if block - pos % block < header:  # a block's tail too short for a record header: padding
             pos += block - pos % block
@@ -430,3 +449,6 @@ def _wandb_log_records(blob: bytes, path: Path):
             parts += data
         elif kind == 4:  # LAST
             yield parts + data
+            parts = None
+    if parts is not None:
+        raise ValueError(f"{path}: ends inside a record at byte {len(blob)} (still being written?)")

@@ -107,6 +107,13 @@ def test_wandb_offline_run_is_read_back_and_a_rerun_continues_it(tmp_path):
     ]
     assert rerun["summary"]["final/eval_loss"] == 0.3
     assert rerun["summary"]["final/base_eval_loss"] == 9.1
+    # a file cut at a block boundary inside the 40 KB run record (as wandb can leave it for a moment
+    # after finish): the reader says so instead of returning a run with no id
+    (whole,) = first.glob("*.wandb")
+    torn = tmp_path / "torn.wandb"
+    torn.write_bytes(whole.read_bytes()[:32768])
+    with pytest.raises(ValueError, match="ends inside a record"):
+        read_wandb_run(torn)
 
 
 def history(client, run_id: str, key: str) -> list:
