@@ -76,6 +76,8 @@ class SweepConfig(Section):
     search: Literal["random", "grid"] = "random"
     num_trials: int = Field(4, ge=1)  # random: samples; grid: repeats of the whole grid
     max_concurrent_trials: int = Field(2, ge=1)
+    # >1: trials train N at a time in one process on one copy of the base model (tune.packed)
+    pack_trials: int = Field(1, ge=1)
     scheduler: SchedulerConfig = SchedulerConfig()
     budget: BudgetConfig = BudgetConfig()
     max_failures: int = Field(1, ge=0)  # an errored trial is retried this many times
@@ -217,10 +219,15 @@ def run_sweep(cfg: SweepConfig, resume: bool = True) -> dict[str, Any]:
         "runs": f"{root}/runs",
         "cwd": os.getcwd(),
     }
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, sweep=sweep),
-        {"cpu": 0.01},  # the trial's workers hold the CPUs
-    )
+    if cfg.pack_trials > 1:
+        from tune.packed import packed_trainable
+
+        trainable = packed_trainable(cfg, job, sweep)
+    else:
+        trainable = tune.with_resources(
+            tune.with_parameters(run_trial, sweep=sweep),
+            {"cpu": 0.01},  # the trial's workers hold the CPUs
+        )
     tuner = restored_tuner(root, trainable) if resume else None
     tuner = tuner or new_tuner(cfg, job, root, trainable)
     start = time.time()
