@@ -237,3 +237,125 @@ def test_sweep_bench_grid_takes_a_single_learning_rate():
     assert bench.space(3, [4, 16])["train.lr"]["grid"] == [3.0e-4, 1.0e-3, 3.0e-3]
     assert bench.space(2, [4])["train.lr"]["grid"] == [1.0e-4, 3.0e-3]
     assert "eval.every_steps=10" in bench.overrides(90)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("search", ["optuna", "bohb"])
+def test_model_based_sweep_survives_a_killed_driver(tmp_path, tiny_model_dir, search):
+    reviews = tmp_path / "reviews.jsonl"  # a quarter of the rows: less to prepare and evaluate
+    reviews.write_text("".join((REPO / "data/reviews.jsonl").read_text().splitlines(True)[:200]))
+    config = sweep_yaml(
+        tmp_path,
+        tiny_model_dir,
+        job=[
+            f"data.train_files=[{reviews}]",
+            "train.max_steps=6",
+            "eval.every_steps=2",
+            "checkpoint.every_steps=2",
+            "eval.max_generate_samples=4",
+        ],
+        search=search,
+        num_trials=3,
+        max_concurrent_trials=1,  # the kill comes between trials: the searcher must remember
+        scheduler={"type": "hyperband" if search == "bohb" else "asha", "reduction_factor": 3},
+        promote=None,
+    )
+    root = tmp_path / "sweeps" / "reviews"
+    ray_tmp = tempfile.mkdtemp(prefix="rsw", dir="/tmp")
+    proc = start_sweep(config, ray_tmp)
+    deadline, done = time.time() + 400, []
+    while time.time() < deadline and proc.poll() is None and not done:
+        done = sorted((root / "runs").glob("*/run.json"))
+        time.sleep(1)
+    assert done, proc.stdout.read()[-3000:] if proc.poll() is not None else "no trial finished"
+    before = json.loads(done[0].read_text())
+    kill_sweep(proc, ray_tmp)
+
+    resumed = start_sweep(config, ray_tmp)
+    out, _ = resumed.communicate(timeout=600)
+    subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False)
+    assert resumed.returncode == 0, out[-4000:]
+    assert "resuming the sweep" in out
+    trials = json.loads((root / "results.json").read_text())["trials"]
+    # the restored searcher knows the trials before the kill: it suggests only the rest
+    assert len(trials) == 3 and not any(t["error"] for t in trials), trials
+    assert len({(t["lora.r"], t["lora.alpha"], t["train.lr"]) for t in trials}) == 3
+    assert json.loads(done[0].read_text())["loss_history"] == before["loss_history"]
+
+
+def test_model_based_searchers_and_their_schedulers(tmp_path, tiny_model_dir):
+    from ray.tune.schedulers import ASHAScheduler, HyperBandForBOHB
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.bohb import TuneBOHB
+    from ray.tune.search.optuna import OptunaSearch
+
+    from tune.search import search_algorithm, trial_scheduler
+
+    config = sweep_yaml(tmp_path, tiny_model_dir)
+    optuna = load_sweep_config(config, ["search=optuna"])
+    searcher = search_algorithm(optuna)
+    assert isinstance(searcher, ConcurrencyLimiter) and isinstance(searcher.searcher, OptunaSearch)
+    assert searcher.max_concurrent == optuna.max_concurrent_trials
+    assert isinstance(trial_scheduler(optuna, 15, 60), ASHAScheduler)
+    bohb = load_sweep_config(config, ["search=bohb", "scheduler.type=hyperband"])
+    assert isinstance(search_algorithm(bohb).searcher, TuneBOHB)
+    assert isinstance(trial_scheduler(bohb, 15, 60), HyperBandForBOHB)
+    with pytest.raises(ConfigError, match="search: bohb and scheduler.type: hyperband go together"):
+        load_sweep_config(config, ["search=bohb"])
+    with pytest.raises(ConfigError, match="search: optuna samples; use choice, not grid"):
+        load_sweep_config(config, ["search=optuna", "space={lora.r: {grid: [4, 8]}}"])
+
+
+def test_a_grid_under_asha_runs_every_point_once_in_a_seeded_shuffled_order(
+    tmp_path, tiny_model_dir
+):
+    from tune.search import grid_points, num_samples, search_space
+
+    grid = "space={lora.r: {grid: [4, 8]}, train.lr: {grid: [0.0001, 0.001, 0.01]}}"
+    config = sweep_yaml(tmp_path, tiny_model_dir)
+    cfg = load_sweep_config(config, ["search=grid", grid, "num_trials=1"])
+    points = grid_points(cfg)
+    assert len(points) == num_samples(cfg) == 6
+    assert {(p["lora.r"], p["train.lr"]) for p in points} == {
+        (r, lr) for r in (4, 8) for lr in (0.0001, 0.001, 0.01)
+    }
+    assert (
+        points
+        == grid_points(cfg)
+        != grid_points(load_sweep_config(config, ["search=grid", grid, "seed=1"]))
+    )
+    assert points != sorted(points, key=lambda p: (p["lora.r"], p["train.lr"]))
+    # without ASHA the order does not matter: Tune's own grid, num_trials repeats of it
+    fifo = load_sweep_config(config, ["search=grid", grid, "scheduler.type=none"])
+    assert num_samples(fifo) == fifo.num_trials and "grid_search" in search_space(fifo)["lora.r"]
+
+
+def test_asha_replay_follows_rays_bracket():
+    from tune.search import asha_rungs, replay_asha
+
+    assert asha_rungs(10, 3, 91) == [10, 30, 90]
+    assert asha_rungs(20, 2, 61) == [20, 40]
+    good = [(10, 1.0), (20, 0.8), (30, 0.5), (40, 0.4)]
+    bad = [(10, 2.0), (20, 1.9), (30, 1.8), (40, 1.7)]
+    # one at a time, the good trial first: the bad one is stopped at the first rung
+    assert replay_asha([good, bad], 10, 2, 1, 41) == (40 + 10, 0.4)
+    # the bad one first passes unopposed; the good one, better at every rung, goes on too
+    assert replay_asha([bad, good], 10, 2, 1, 41) == (40 + 40, 0.4)
+
+
+def test_explain_prints_the_plan_and_runs_nothing(tmp_path, tiny_model_dir):
+    config = sweep_yaml(tmp_path, tiny_model_dir)
+    out = subprocess.run(
+        [sys.executable, "-m", "tune.sweep", str(config), "--explain"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "sweep reviews: 4 trials of configs/quickstart.yaml, 2 at a time" in out.stdout
+    assert "train.lr: loguniform [0.0001, 0.003]" in out.stdout
+    assert "rungs at steps 15, 30, 60" in out.stdout
+    assert "60 steps a trial, 240 if every trial ran to its end" in out.stdout
+    assert not (tmp_path / "sweeps").exists()

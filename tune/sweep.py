@@ -36,6 +36,16 @@ from jobs.config import (
 )
 from jobs.storage import exists as url_exists
 from jobs.storage import is_remote, join, open_url, ray_storage
+from tune.search import (
+    MODEL_BASED,
+    asha_rungs,
+    num_samples,
+    search_algorithm,
+    search_space,
+    shuffled_grid,
+    trial_count,
+    trial_scheduler,
+)
 
 log = logging.getLogger("rayft.sweep")
 
@@ -48,11 +58,14 @@ TRIAL_KEYS = {
 
 
 class SchedulerConfig(Section):
-    type: Literal["asha", "none"] = "asha"
+    # asha: stop trials at their evals; hyperband: BOHB's HyperBand (search: bohb); none: FIFO
+    type: Literal["asha", "hyperband", "none"] = "asha"
     metric: str = "eval_loss"  # what the job reports at each eval
     mode: Literal["min", "max"] = "min"
     grace_period: int = Field(1, ge=1)  # in evals: a trial always gets this many
     reduction_factor: float = Field(2, gt=1)
+    shuffle_grid: bool = True  # a grid under ASHA runs in a seeded shuffled order
+    startup_trials: int = Field(4, ge=1)  # optuna: random trials before TPE models the results
 
 
 class BudgetConfig(Section):
@@ -73,8 +86,8 @@ class SweepConfig(Section):
     overrides: list[str] = []  # applied to the job for every trial (before the swept keys)
     # dotted job key -> {choice: [...]} | {grid: [...]} | {uniform: [lo, hi]} | {loguniform: [lo, hi]}
     space: dict[str, dict[Literal["choice", "grid", "uniform", "loguniform"], list[Any]]]
-    search: Literal["random", "grid"] = "random"
-    num_trials: int = Field(4, ge=1)  # random: samples; grid: repeats of the whole grid
+    search: Literal["random", "grid", "optuna", "bohb"] = "random"
+    num_trials: int = Field(4, ge=1)  # random/optuna/bohb: samples; grid: repeats of the grid
     max_concurrent_trials: int = Field(2, ge=1)
     # >1: trials train N at a time in one process on one copy of the base model (tune.packed)
     pack_trials: int = Field(1, ge=1)
@@ -99,6 +112,15 @@ class SweepConfig(Section):
                 raise ValueError(f"space.{key}.{kind}: empty")
             if self.search == "grid" and kind != "grid":
                 raise ValueError(f"space.{key}: search: grid needs grid values for every key")
+            if self.search in MODEL_BASED and kind == "grid":
+                raise ValueError(
+                    f"space.{key}: search: {self.search} samples; use choice, not grid"
+                )
+        if (self.search == "bohb") != (self.scheduler.type == "hyperband"):
+            raise ValueError(
+                "search: bohb and scheduler.type: hyperband go together (BOHB's model is fit to "
+                "HyperBand's brackets, and HyperBand without BOHB is ASHA's job here)"
+            )
         for item in self.overrides:  # a trial's own values come after these and win
             key = item.partition("=")[0]
             if swept := overlapping(key, self.space):
@@ -143,22 +165,6 @@ def job_override_error(path, key: str, value: Any, raw: dict[str, Any]) -> str:
 def _first(spec: dict[str, list[Any]]) -> Any:
     ((kind, values),) = spec.items()
     return values[0]
-
-
-def search_space(cfg: SweepConfig) -> dict[str, Any]:
-    from ray import tune
-
-    makers = {
-        "choice": tune.choice,
-        "grid": tune.grid_search,
-        "uniform": lambda v: tune.uniform(*v),
-        "loguniform": lambda v: tune.loguniform(*v),
-    }
-    return {
-        key: makers[kind](values)
-        for key, spec in cfg.space.items()
-        for kind, values in spec.items()
-    }
 
 
 # ---------------------------------------------------------------- one trial
@@ -263,15 +269,11 @@ def new_tuner(cfg: SweepConfig, job, root: str, trainable):
         tune_config=tune.TuneConfig(
             metric=cfg.scheduler.metric,
             mode=cfg.scheduler.mode,
-            scheduler=trial_scheduler(cfg, job),
-            num_samples=cfg.num_trials,
+            scheduler=trial_scheduler(cfg, job.eval.every_steps, plan_total_steps(job)),
+            num_samples=num_samples(cfg),
             max_concurrent_trials=cfg.max_concurrent_trials,
             time_budget_s=cfg.budget.time_s,
-            # passed explicitly, the generator must carry the limit: Tune ignores
-            # max_concurrent_trials for it
-            search_alg=tune.search.BasicVariantGenerator(
-                random_state=cfg.seed, max_concurrent=cfg.max_concurrent_trials
-            ),
+            search_alg=search_algorithm(cfg),
         ),
         run_config=tune.RunConfig(
             name="tune",
@@ -281,27 +283,6 @@ def new_tuner(cfg: SweepConfig, job, root: str, trainable):
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
             verbose=1,
         ),
-    )
-
-
-def trial_scheduler(cfg: SweepConfig, job):
-    """ASHA stopping trials at their evals (in steps), or FIFO: every trial runs to its end."""
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    if cfg.scheduler.type != "asha":
-        return FIFOScheduler()
-    every = job.eval.every_steps
-    if not every:
-        raise ConfigError(
-            f"{cfg.job}: eval.every_steps must be set for ASHA (it stops trials at evals)"
-        )
-    # one step past the end: at max_t ASHA stops a trial, and a trial stopped at its final report
-    # would never write its adapter and run.json
-    return ASHAScheduler(
-        time_attr="step",
-        max_t=plan_total_steps(job) + 1,
-        grace_period=cfg.scheduler.grace_period * every,
-        reduction_factor=cfg.scheduler.reduction_factor,
     )
 
 
@@ -456,6 +437,48 @@ def print_table(summary: dict[str, Any], params: list[str]) -> None:
     console.print(table)
 
 
+def explain(cfg: SweepConfig) -> list[str]:
+    """The sweep's plan, before anything runs: the space, the searcher, the scheduler's rungs and
+    the budget in steps, time and worker-hours."""
+    job = load_config(cfg.job, cfg.overrides)
+    steps, every = plan_total_steps(job), job.eval.every_steps
+    trials = trial_count(cfg)
+    lines = [
+        f"sweep {cfg.name}: {trials} trials of {cfg.job}, {cfg.max_concurrent_trials} at a time"
+    ]
+    order = " (shuffled)" if shuffled_grid(cfg) else ""
+    lines.append(f"search: {cfg.search}{order}, seed {cfg.seed}")
+    lines += [
+        f"  {key}: {kind} {values}"
+        for key, spec in cfg.space.items()
+        for kind, values in spec.items()
+    ]
+    lines.append(scheduler_line(cfg, every, steps))
+    workers = job.scaling.num_workers
+    lines.append(
+        f"budget: {steps} steps a trial, {steps * trials} if every trial ran to its end; "
+        f"time {cfg.budget.time_s or 'unlimited'} s; worker-hours {cfg.budget.worker_hours or 'unlimited'}; "
+        f"a trial takes {workers} worker(s) x {job.scaling.cpus_per_worker} CPU"
+    )
+    if cfg.pack_trials > 1:
+        lines.append(f"packed: {cfg.pack_trials} trials share one copy of {job.model.name_or_path}")
+    return lines
+
+
+def scheduler_line(cfg: SweepConfig, every: int | None, steps: int) -> str:
+    sched = cfg.scheduler
+    if sched.type == "none":
+        return "scheduler: none (every trial runs to its end)"
+    rf = sched.reduction_factor
+    if sched.type == "hyperband":
+        return f"scheduler: HyperBand for BOHB on {sched.metric} ({sched.mode}), reduction factor {rf:g}, max {steps} steps"
+    rungs = asha_rungs(sched.grace_period * every, rf, steps + 1) if every else []
+    return (
+        f"scheduler: ASHA on {sched.metric} ({sched.mode}), evals every {every} steps; rungs at steps "
+        f"{', '.join(f'{r:g}' for r in rungs)}: past a rung only the best 1/{rf:g} so far go on"
+    )
+
+
 def promote_best(cfg: SweepConfig, summary: dict[str, Any]) -> dict[str, Any]:
     """Evaluate the best finished trial, gate it, and promote it if it passes."""
     from tune.evaluate import evaluate_target, load_eval_config
@@ -481,10 +504,16 @@ def main(
     config: Annotated[Path, typer.Argument(help="sweep YAML")],
     overrides: Annotated[list[str] | None, typer.Argument(help="dotted overrides")] = None,
     fresh: Annotated[bool, typer.Option(help="start over instead of resuming")] = False,
+    explain_only: Annotated[
+        bool, typer.Option("--explain", help="print the space and the budget, run nothing")
+    ] = False,
 ) -> None:
     """Sweep, then (with a promote section) evaluate, gate and promote the best trial."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = load_sweep_config(config, overrides or [])
+    if explain_only:
+        typer.echo("\n".join(explain(cfg)))
+        return
     summary = run_sweep(cfg, resume=not fresh)
     print_table(summary, list(cfg.space))
     typer.echo(f"results: {sweep_dir(cfg)}/results.csv, plots: {sweep_dir(cfg)}/*.png")
