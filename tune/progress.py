@@ -120,15 +120,13 @@ def header(progress: SweepProgress, elapsed_s: float) -> str:
     )
 
 
-def render(
-    trials: list[TrialRow], params: list[str], *, title: str | None = None, errors: bool = True
-) -> Table:
+def render(trials: list[TrialRow], params: list[str], *, title: str | None = None) -> Table:
     """One row per trial, in the order given: swept values, status, step, latest and best loss."""
     table = Table(title=title, title_justify="left")
     for col in ("trial", *params, "status", "step", "eval loss", "best"):
         table.add_column(col, justify="right" if col in ("step", "eval loss", "best") else "left")
     for r in trials:
-        status = f"{r.status}: {r.error}" if errors and r.error else r.status
+        status = f"{r.status}: {r.error}" if r.error else r.status
         table.add_row(
             r.trial_id,
             *(_value(r.params.get(p)) for p in params),
