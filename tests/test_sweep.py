@@ -257,19 +257,20 @@ def test_model_based_sweep_survives_a_killed_driver(tmp_path, tiny_model_dir, se
         ],
         search=search,
         num_trials=3,
-        max_concurrent_trials=1,  # the kill comes between trials: the searcher must remember
+        max_concurrent_trials=1,  # the searcher must remember its trials across the kill
         scheduler={"type": "hyperband" if search == "bohb" else "asha", "reduction_factor": 3},
         promote=None,
     )
     root = tmp_path / "sweeps" / "reviews"
     ray_tmp = tempfile.mkdtemp(prefix="rsw", dir="/tmp")
     proc = start_sweep(config, ray_tmp)
-    deadline, done = time.time() + 400, []
-    while time.time() < deadline and proc.poll() is None and not done:
-        done = sorted((root / "runs").glob("*/run.json"))
-        time.sleep(1)
-    assert done, proc.stdout.read()[-3000:] if proc.poll() is not None else "no trial finished"
-    before = json.loads(done[0].read_text())
+    # kill once the searcher has suggested a second trial (its run directory appears); BOHB's
+    # HyperBand pauses the first at a rung to start it, TPE starts it when the first has ended
+    deadline, started = time.time() + 400, []
+    while time.time() < deadline and proc.poll() is None and len(started) < 2:
+        started = list((root / "runs").glob("reviews-*"))
+        time.sleep(0.5)
+    assert len(started) >= 2, proc.stdout.read()[-3000:] if proc.poll() is not None else started
     kill_sweep(proc, ray_tmp)
 
     resumed = start_sweep(config, ray_tmp)
@@ -281,7 +282,7 @@ def test_model_based_sweep_survives_a_killed_driver(tmp_path, tiny_model_dir, se
     # the restored searcher knows the trials before the kill: it suggests only the rest
     assert len(trials) == 3 and not any(t["error"] for t in trials), trials
     assert len({(t["lora.r"], t["lora.alpha"], t["train.lr"]) for t in trials}) == 3
-    assert json.loads(done[0].read_text())["loss_history"] == before["loss_history"]
+    assert {p.name for p in started} <= {f"reviews-{t['trial']}" for t in trials}
 
 
 def test_model_based_searchers_and_their_schedulers(tmp_path, tiny_model_dir):
@@ -339,9 +340,11 @@ def test_asha_replay_follows_rays_bracket():
     good = [(10, 1.0), (20, 0.8), (30, 0.5), (40, 0.4)]
     bad = [(10, 2.0), (20, 1.9), (30, 1.8), (40, 1.7)]
     # one at a time, the good trial first: the bad one is stopped at the first rung
-    assert replay_asha([good, bad], 10, 2, 1, 41) == (40 + 10, 0.4)
+    assert replay_asha([good, bad], 10, 2, 1, 41) == [40, 10]
     # the bad one first passes unopposed; the good one, better at every rung, goes on too
-    assert replay_asha([bad, good], 10, 2, 1, 41) == (40 + 40, 0.4)
+    assert replay_asha([bad, good], 10, 2, 1, 41) == [40, 40]
+    # two at a time: the third starts when the second stops, and is compared with both
+    assert replay_asha([good, bad, bad], 10, 2, 2, 41) == [40, 10, 10]
 
 
 def test_explain_prints_the_plan_and_runs_nothing(tmp_path, tiny_model_dir):

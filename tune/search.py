@@ -133,30 +133,26 @@ def replay_asha(
     reduction_factor: float,
     concurrent: int,
     max_t: int,
-) -> tuple[int, float]:
-    """Ray's ASHA bracket replayed on measured eval curves [(step, loss), ...] (one per trial, in
-    start order), `concurrent` trials at a time, a step costing one unit of time: the steps it
-    would train and the best eval loss it would see. For choosing the scheduler's settings from a
+) -> list[int]:
+    """Ray's ASHA bracket replayed on measured eval curves [(step, metric), ...] (one per trial,
+    in start order), `concurrent` trials at a time, a step costing one unit of time: the steps
+    each trial would train before ASHA stopped it. For choosing the scheduler's settings from a
     full grid's curves without running a sweep per setting."""
     from ray.tune.schedulers import TrialScheduler
     from ray.tune.schedulers.async_hyperband import _Bracket
 
     bracket = _Bracket(grace_steps, max_t, reduction_factor, s=0)
-    queue, running, steps, best = list(enumerate(curves)), [], 0, math.inf
-    clock = 0
+    queue, running, trained, clock = list(enumerate(curves)), [], [0] * len(curves), 0
     while queue or running:
         while queue and len(running) < concurrent:
             index, curve = queue.pop(0)
-            running.append([clock, index, list(curve), 0])  # [start, id, evals left, steps]
+            running.append((clock, index, list(curve)))
         # the next event: the running trial whose next eval comes first
         event = min(running, key=lambda r: r[0] + r[2][0][0])
-        start, index, evals, _ = event
-        step, loss = evals.pop(0)
-        clock = start + step
-        best = min(best, loss)
-        trial = type("T", (), {"trial_id": str(index)})
-        action = bracket.on_result(trial, step, -loss)
+        start, index, evals = event
+        step, value = evals.pop(0)
+        clock, trained[index] = start + step, step
+        action = bracket.on_result(type("T", (), {"trial_id": str(index)}), step, -value)
         if action == TrialScheduler.STOP or not evals:
             running.remove(event)
-            steps += step
-    return steps, best
+    return trained

@@ -36,6 +36,7 @@ from jobs.config import (
 )
 from jobs.storage import exists as url_exists
 from jobs.storage import is_remote, join, open_url, ray_storage
+from tune.progress import progress_callback
 from tune.search import (
     MODEL_BASED,
     asha_rungs,
@@ -281,7 +282,9 @@ def new_tuner(cfg: SweepConfig, job, root: str, trainable):
             storage_filesystem=storage_fs,
             stop=BudgetStopper(cfg.budget, job.scaling.num_workers),
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
-            verbose=1,
+            # the live table (plain lines when stdout is not a terminal) instead of Tune's own
+            callbacks=[progress_callback(list(cfg.space), None)],
+            verbose=0,
         ),
     )
 
