@@ -16,10 +16,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tune.registry import Registry
 
 from jobs.config import ConfigError
 from tests.helpers import REPO
+from tune.registry import Registry
 from tune.sweep import load_sweep_config, promote_best, run_sweep
 
 
@@ -120,10 +120,10 @@ def test_sweep_on_s3_resumes_and_promotes_from_the_bucket(
     import boto3
     import ray
     import s3fs
-    from tune.registry.cli import app as registry_app
     from typer.testing import CliRunner
 
     from jobs.distributed import start_local_ray
+    from tune.registry.cli import app as registry_app
 
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="rayft")
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
@@ -360,5 +360,18 @@ def test_explain_prints_the_plan_and_runs_nothing(tmp_path, tiny_model_dir):
     assert "sweep reviews: 4 trials of configs/quickstart.yaml, 2 at a time" in out.stdout
     assert "train.lr: loguniform [0.0001, 0.003]" in out.stdout
     assert "rungs at steps 15, 30, 60" in out.stdout
-    assert "60 steps a trial, 240 if every trial ran to its end" in out.stdout
+    assert "60 steps a trial, 240 if every trial ran to its end; stops at 1800 s" in out.stdout
+    assert "each trial: 1 worker(s) x 1 CPU" in out.stdout
     assert not (tmp_path / "sweeps").exists()
+
+
+def test_budget_stopper_stops_the_sweep_at_its_steps_or_worker_hours():
+    from tune.sweep import BudgetConfig, BudgetStopper
+
+    steps = BudgetStopper(BudgetConfig(steps=50), workers_per_trial=1)
+    assert not steps("a", {"step": 20, "time_total_s": 5}) and not steps("b", {"step": 20})
+    assert not steps("a", {"step": 29})  # a trial's latest step, not a sum of its reports
+    assert steps("b", {"step": 21}) and steps.stop_all()
+    hours = BudgetStopper(BudgetConfig(worker_hours=1.0), workers_per_trial=2)
+    assert not hours("a", {"time_total_s": 1700, "step": 10**6})
+    assert hours("b", {"time_total_s": 100})

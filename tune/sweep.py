@@ -72,6 +72,7 @@ class SchedulerConfig(Section):
 class BudgetConfig(Section):
     time_s: float | None = Field(None, gt=0)  # wall time of the whole sweep
     worker_hours: float | None = Field(None, gt=0)  # trials' workers x their wall time, summed
+    steps: int | None = Field(None, ge=1)  # training steps of all trials, summed
 
 
 class PromoteConfig(Section):
@@ -305,49 +306,55 @@ def _stopper_base():
 
 
 class BudgetStopper(_stopper_base()):
-    """Stops every trial once the sweep has used its worker-hours (time is Tune's own budget)."""
+    """Stops every trial once the sweep has used its worker-hours or its training steps (time is
+    Tune's own budget)."""
 
     def __init__(self, budget: BudgetConfig, workers_per_trial: int):
         self.limit_s = budget.worker_hours * 3600 if budget.worker_hours else None
+        self.limit_steps = budget.steps
         self.workers = workers_per_trial
-        self.seen: dict[str, float] = {}
+        self.seconds: dict[str, float] = {}
+        self.steps: dict[str, int] = {}
 
     def __call__(self, trial_id: str, result: dict) -> bool:
-        self.seen[trial_id] = result.get("time_total_s", 0.0) * self.workers
+        self.seconds[trial_id] = result.get("time_total_s", 0.0) * self.workers
+        self.steps[trial_id] = result.get("step", 0)
         return self.stop_all()
 
     def stop_all(self) -> bool:
-        return self.limit_s is not None and sum(self.seen.values()) >= self.limit_s
+        over_time = self.limit_s is not None and sum(self.seconds.values()) >= self.limit_s
+        over_steps = self.limit_steps is not None and sum(self.steps.values()) >= self.limit_steps
+        return over_time or over_steps
+
+
+def trial_row(cfg: SweepConfig, r, root: str) -> dict[str, Any]:
+    """One trial's line in results.json. A trial stopped early is one without its run.json: the
+    job writes it at its end, whatever its objective or task metric."""
+    metrics = r.metrics or {}
+    history = r.metrics_dataframe
+    evals = (
+        history[["step", "eval_loss"]].dropna().values.tolist()
+        if history is not None and "eval_loss" in history
+        else []
+    )
+    run_dir = f"{root}/runs/{cfg.name}-{metrics['trial_id']}" if metrics else None
+    finished = bool(run_dir) and url_exists(f"{run_dir}/run.json")
+    return {
+        "trial": metrics.get("trial_id", "?"),
+        **{k: r.config.get(k) for k in cfg.space},
+        "steps": int(metrics.get("step", 0)),
+        "best_eval_loss": min((e for _, e in evals), default=math.nan),
+        "exact_match": metrics.get("exact_match"),
+        "stopped_early": bool(metrics.get("step", 0) and not finished and not r.error),
+        "error": str(r.error).splitlines()[0][:200] if r.error else None,
+        "run_dir": run_dir,
+        "evals": evals,
+    }
 
 
 def summarize(cfg: SweepConfig, results, root: str, wall_s: float, _resources) -> dict[str, Any]:
     """results.csv / results.json / plots into root (local or s3://), sorted best first."""
-    rows = []
-    for r in results:
-        metrics = r.metrics or {}
-        history = r.metrics_dataframe
-        evals = (
-            history[["step", "eval_loss"]].dropna().values.tolist()
-            if history is not None and "eval_loss" in history
-            else []
-        )
-        params = {k: r.config.get(k) for k in cfg.space}
-        best = min((e for _, e in evals), default=math.nan)
-        rows.append(
-            {
-                "trial": metrics.get("trial_id", "?"),
-                **params,
-                "steps": int(metrics.get("step", 0)),
-                "best_eval_loss": best,
-                "exact_match": metrics.get("exact_match"),
-                "stopped_early": bool(metrics.get("step", 0) and "exact_match" not in metrics),
-                "error": str(r.error).splitlines()[0][:200] if r.error else None,
-                "run_dir": f"{root}/runs/{cfg.name}-{r.metrics.get('trial_id', '')}"
-                if r.metrics
-                else None,
-                "evals": evals,
-            }
-        )
+    rows = [trial_row(cfg, r, root) for r in results]
     key = "best_eval_loss"
     rows.sort(
         key=lambda row: (
@@ -457,12 +464,17 @@ def explain(cfg: SweepConfig) -> list[str]:
         for kind, values in spec.items()
     ]
     lines.append(scheduler_line(cfg, every, steps))
-    workers = job.scaling.num_workers
+    budget, workers = cfg.budget, job.scaling.num_workers
+    limits = [
+        f"{budget.steps} steps in all" if budget.steps else None,
+        f"{budget.time_s:g} s" if budget.time_s else None,
+        f"{budget.worker_hours:g} worker-hours" if budget.worker_hours else None,
+    ]
     lines.append(
         f"budget: {steps} steps a trial, {steps * trials} if every trial ran to its end; "
-        f"time {cfg.budget.time_s or 'unlimited'} s; worker-hours {cfg.budget.worker_hours or 'unlimited'}; "
-        f"a trial takes {workers} worker(s) x {job.scaling.cpus_per_worker} CPU"
+        f"stops at {', '.join(x for x in limits if x) or 'no limit'}"
     )
+    lines.append(f"each trial: {workers} worker(s) x {job.scaling.cpus_per_worker:g} CPU")
     if cfg.pack_trials > 1:
         lines.append(f"packed: {cfg.pack_trials} trials share one copy of {job.model.name_or_path}")
     return lines
