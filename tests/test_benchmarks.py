@@ -8,6 +8,7 @@ Scripts that start Ray are `integration`; those that take over a minute on 2 CPU
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -225,6 +226,10 @@ def test_train_bench_memory():
 @pytest.mark.integration
 @pytest.mark.slow
 def test_sweep_bench_tiny(tiny_model_dir):
-    args = ["--lrs", "1", "--ranks", "4", "--max-steps", "2", "--rows", "200"]
-    out = run_script("sweep_bench.py", "--model", str(tiny_model_dir), *args, timeout=900)
-    assert "grid" in out and "asha" in out and "best eval loss" in out
+    args = ["--ranks", "4", "--alphas", "8", "--lrs", "1e-3", "--max-steps", "2", "--rows", "200"]
+    out = run_script(
+        "sweep_bench.py", "--model", str(tiny_model_dir), *args, "--trials", "2", timeout=900
+    )
+    assert "ASHA replayed on the grid's eval curves" in out and "ASHA / grid: steps" in out
+    assert "random vs TPE, both with ASHA, at a budget of" in out
+    assert re.search(r"^optuna\s+\d+\s+\d+\s+\d+\.\d+", out, re.MULTILINE), out[-3000:]

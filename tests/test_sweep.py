@@ -227,16 +227,20 @@ def test_sweep_config_is_checked_before_anything_runs(tmp_path, tiny_model_dir):
     ]
 
 
-def test_sweep_bench_grid_takes_a_single_learning_rate():
+def test_sweep_bench_spaces():
+    import argparse
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("sweep_bench", REPO / "benchmarks/sweep_bench.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert bench.space(1, [4]) == {"lora.r": {"grid": [4]}, "train.lr": {"grid": [1.0e-3]}}
-    assert bench.space(3, [4, 16])["train.lr"]["grid"] == [3.0e-4, 1.0e-3, 3.0e-3]
-    assert bench.space(2, [4])["train.lr"]["grid"] == [1.0e-4, 3.0e-3]
+    args = argparse.Namespace(ranks=[8, 32], alphas=[16, 32], lrs=[2e-4, 1e-3, 5e-3])
+    assert bench.grid_space(args)["train.lr"] == {"grid": [2e-4, 1e-3, 5e-3]}
+    assert bench.sampled_space(args)["train.lr"] == {"loguniform": [2e-4, 5e-3]}
+    one = argparse.Namespace(ranks=[4], alphas=[8], lrs=[1e-3])
+    assert bench.sampled_space(one)["train.lr"] == {"choice": [1e-3]}
     assert "eval.every_steps=10" in bench.overrides(90)
+    assert bench.numbers(float)("2e-4,1e-3") == [2e-4, 1e-3]
 
 
 @pytest.mark.integration
