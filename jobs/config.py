@@ -186,6 +186,9 @@ class DataConfig(Section):
 
 
 class LoraConfig(Section):
+    # Defaults from published findings: every linear layer adapted (QLoRA, Dettmers et al. 2023:
+    # needed to match full fine-tuning; then the rank matters little), alpha = 2r (Biderman et al.
+    # 2024, "LoRA Learns Less and Forgets Less").
     r: int = Field(16, ge=1)
     alpha: float = Field(32, gt=0)
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
@@ -250,6 +253,9 @@ class TrainConfig(Section):
     gradient_checkpointing: bool = True
     # Several examples per sequence of data.max_seq_len tokens, attention kept inside each one.
     packing: bool = False
+    # LoRA's best learning rate is ~10x full fine-tuning's and nearly rank-independent, and LoRA
+    # tolerates large batches less well ("LoRA Without Regret", Schulman et al. 2025): 2e-4 and a
+    # modest effective batch of 16
     lr: float = Field(2e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     warmup_ratio: float = Field(0.03, ge=0, lt=1)
