@@ -259,8 +259,18 @@ def release_stranded_placement_groups() -> int:
     from ray.util.placement_group import PlacementGroup, remove_placement_group
     from ray.util.state import list_placement_groups
 
-    job = ray.get_runtime_context().get_job_id()
-    groups = list_placement_groups(filters=[("creator_job_id", "=", job)], limit=10_000)
+    context = ray.get_runtime_context()
+    # the embedded Ray's dashboard (jobs.distributed): the state API client would otherwise look
+    # for "the" local Ray and fail whenever another one runs on the machine
+    env = (context.runtime_env or {}).get("env_vars") or {}
+    address = env.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_API_SERVER_ADDRESS")
+    try:
+        groups = list_placement_groups(
+            address=address, filters=[("creator_job_id", "=", context.get_job_id())], limit=10_000
+        )
+    except Exception as e:  # the sweep's results matter more than this clean-up
+        log.warning("could not list placement groups to release stranded ones: %s", e)
+        return 0
     stranded = [g for g in groups if g.state in ("CREATED", "PENDING", "RESCHEDULING")]
     for group in stranded:
         pg_id = ray.PlacementGroupID(bytes.fromhex(group.placement_group_id))
