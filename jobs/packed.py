@@ -58,6 +58,8 @@ PACKABLE_KEYS = {
     "train.epochs",
     "run.seed",
 }
+# Where a trial's outputs go: each trial has its own (tune.sweep sets them); not training.
+OUTPUT_KEYS = {"run.name", "checkpoint.storage_path"}
 BASE_ROWS = "__base__"  # peft's adapter name for "no adapter on this row"
 
 
@@ -120,7 +122,7 @@ class PackedTrainer:
         """A new slot training `cfg` (the job plus this trial's values) from step 0."""
         if name in self.slots:
             raise ValueError(f"slot {name!r} is already training")
-        diff = changed_keys(self.job, cfg)
+        diff = [k for k in changed_keys(self.job, cfg) if k not in OUTPUT_KEYS]
         check_packable(self.job, diff, where=f"trial {name}")
         # the same draws as the job's seed_everything(seed) then add_lora, whatever ran before
         cuda = [self.rt.device] if self.rt.device.type == "cuda" else []
@@ -161,6 +163,10 @@ class PackedTrainer:
         self._refresh_trainable()
 
     def _refresh_trainable(self) -> None:
+        # peft's forward reads its active adapter's config: it must be a live one (deleting the
+        # last adapter leaves none active, and add_adapter activates none)
+        if self.slots and self.model.active_adapter not in self.slots:
+            self.model.set_adapter(next(iter(self.slots)))
         # peft trains only its active adapter: adding or deleting one freezes the others
         for slot in self.slots.values():
             for p in slot.params:
@@ -194,13 +200,19 @@ class PackedTrainer:
         """One optimizer step of each named slot, all slots' rows in each forward pass."""
         slots = [self.slots[n] for n in names]
         per_slot = [s.batches.micro_batches(s.state.step) for s in slots]
-        tokens = [sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in mb) for mb in per_slot]
+        tokens = [
+            sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in mb) for mb in per_slot
+        ]
         loss_sums = torch.zeros(len(slots))
         for micro in zip(*per_slot, strict=True):
             batch = concat_rows(list(micro), self.obj.pad_id)
-            rows = [s.name for s, b in zip(slots, micro, strict=True) for _ in range(len(b["labels"]))]
+            rows = [
+                s.name for s, b in zip(slots, micro, strict=True) for _ in range(len(b["labels"]))
+            ]
             with self.row_adapters(rows), self.rt.autocast():
-                sums = block_loss_sums(self.model, self.rt.to_device(batch), [len(b["labels"]) for b in micro])
+                sums = block_loss_sums(
+                    self.model, self.rt.to_device(batch), [len(b["labels"]) for b in micro]
+                )
             # each slot's own token mean: its gradient is the one it gets alone
             (sums / torch.tensor(tokens, device=sums.device)).sum().backward()
             loss_sums += sums.detach().cpu()
@@ -215,7 +227,11 @@ class PackedTrainer:
             inputs = sum(int(b["attention_mask"].sum()) for b in per_slot[i])
             results[slot.name] = StepResult(float(loss_sums[i]) / tokens[i], inputs)
             slot.state.history.append(
-                {"step": slot.state.step, "loss": results[slot.name].loss, "lr": slot.scheduler.get_last_lr()[0]}
+                {
+                    "step": slot.state.step,
+                    "loss": results[slot.name].loss,
+                    "lr": slot.scheduler.get_last_lr()[0],
+                }
             )
         return results
 
@@ -231,7 +247,9 @@ class PackedTrainer:
             batch = concat_rows([one] * len(names), self.obj.pad_id)
             rows = [n for n in names for _ in chunk]
             with self.row_adapters(rows), self.rt.autocast():
-                sums = block_loss_sums(self.model, self.rt.to_device(batch), [len(chunk)] * len(names))
+                sums = block_loss_sums(
+                    self.model, self.rt.to_device(batch), [len(chunk)] * len(names)
+                )
             totals += sums.cpu()
             count += int((one["labels"][:, 1:] != IGNORE_INDEX).sum())
         self.model.train()
@@ -308,7 +326,9 @@ def concat_rows(batches: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str
     return out
 
 
-def block_loss_sums(model, batch: dict[str, torch.Tensor], rows_per_block: list[int]) -> torch.Tensor:
+def block_loss_sums(
+    model, batch: dict[str, torch.Tensor], rows_per_block: list[int]
+) -> torch.Tensor:
     """Summed next-token cross-entropy over the label positions of each block of rows
     (jobs.evaluation.token_loss_sum, split by the slot that owns the rows)."""
     if "position_ids" in batch:  # as token_loss_sum: the resets, not the mask, separate examples

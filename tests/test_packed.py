@@ -144,6 +144,11 @@ def test_a_freed_slot_is_taken_by_a_new_config_that_trains_like_it_would_alone(
     torch.testing.assert_close(
         out["second"]["losses"], alone(second, prepared)["losses"][1:], rtol=1e-4, atol=0
     )
+    # every slot freed (the host idle between trials), then a new one: it trains
+    trainer.remove("second")
+    trainer.remove("late")
+    trainer.add("again", late)
+    assert trainer.train_step(["again"])["again"].loss == pytest.approx(out["late"]["losses"][0])
 
 
 def test_final_metrics_and_saved_adapter_match_the_normal_job(tiny_model_dir, prepared, tmp_path):
@@ -156,7 +161,9 @@ def test_final_metrics_and_saved_adapter_match_the_normal_job(tiny_model_dir, pr
     final = trainer.final_metrics("only")
     assert {"eval_loss", "eval_ppl", "base_eval_loss", "step"} <= final.keys()
     trainer.save_adapter("only", tmp_path / "adapter")
-    reloaded = PeftModel.from_pretrained(load_base_model(cfg.model, CPU.device), tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(
+        load_base_model(cfg.model, CPU.device), tmp_path / "adapter"
+    )
     saved = get_peft_model_state_dict(reloaded)
     for key, weight in get_peft_model_state_dict(trainer.model, adapter_name="only").items():
         torch.testing.assert_close(saved[key], weight)
@@ -173,3 +180,59 @@ def test_unpackable_sweeps_are_refused_with_the_key_named(tiny_model_dir):
     with pytest.raises(ConfigError, match=r"scaling\.num_workers"):
         check_packable(job_config(tiny_model_dir, "scaling.num_workers=2"), [])
     check_packable(cfg, ["lora.r", "lora.alpha", "train.lr"])
+
+
+# ---------------------------------------------------------------- a packed sweep through Tune
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_packed_asha_sweep_shares_one_host_and_leaves_a_promotable_run(tmp_path, tiny_model_dir):
+    import ray
+
+    from jobs.distributed import start_local_ray
+    from tests.test_sweep import sweep_yaml
+    from tune.sweep import load_sweep_config, promote_best, run_sweep
+
+    rows = tmp_path / "reviews.jsonl"
+    rows.write_text("".join((REPO / "data/reviews.jsonl").read_text().splitlines(True)[:240]))
+    job = [
+        f"data.train_files=[{rows}]",
+        "lora.dropout=0",
+        "train.max_steps=12",
+        "eval.every_steps=3",
+        "eval.max_generate_samples=8",
+    ]
+    config = sweep_yaml(tmp_path, tiny_model_dir, job, pack_trials=2, max_concurrent_trials=2)
+    cfg = load_sweep_config(config)
+    start_local_ray(num_cpus=2)
+    try:
+        summary = run_sweep(cfg, resume=False)
+        outcome = promote_best(cfg, summary)
+    finally:
+        ray.shutdown()
+
+    trials = summary["trials"]
+    assert len(trials) == 4 and not any(t["error"] for t in trials), trials
+    assert sum(t["stopped_early"] for t in trials) >= 1  # ASHA stopped one at an eval
+    finished = [t for t in trials if t["exact_match"] is not None]
+    assert finished and all(t["steps"] == 12 for t in finished)
+    runs = [json.loads((Path(t["run_dir"]) / "run.json").read_text()) for t in finished]
+    assert len({r["packed"]["host"] for r in runs}) == 1  # one host, one base model
+    assert max(r["packed"]["peak_slots_used"] for r in runs) == 2  # two trained at once
+    assert all(len(r["loss_history"]) == 12 and r["status"] == "completed" for r in runs)
+    # promotion evaluated the best finished trial's run directory (gate passed or not)
+    assert outcome["trial"] == finished[0]["trial"] and "gate" in outcome, outcome
+    assert (Path(finished[0]["run_dir"]) / "eval.json").is_file()
+
+
+def test_a_packed_sweep_of_an_unpackable_key_fails_before_any_trial(tmp_path, tiny_model_dir):
+    from tests.test_sweep import sweep_yaml
+    from tune.packed import packed_trainable
+    from tune.sweep import load_sweep_config
+
+    config = sweep_yaml(tmp_path, tiny_model_dir, ["lora.dropout=0"], pack_trials=2)
+    cfg = load_sweep_config(config)
+    cfg.space["train.micro_batch_size"] = {"choice": [2, 4]}
+    with pytest.raises(ConfigError, match=r"space\.train\.micro_batch_size"):
+        packed_trainable(cfg, load_config(cfg.job, cfg.overrides), {})
