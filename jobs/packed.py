@@ -43,8 +43,9 @@ from jobs.model import peft_lora_config
 from jobs.objectives import Objective, StepResult, make_objective
 from jobs.runtime import Runtime
 
-# What a packed trial may set differently from the others: its adapter, optimizer, schedule and
-# seed (LoRA init and data order). Anything else changes the shared base, data or batch shape.
+# What a packed trial may set differently from the others: its adapter, optimizer and schedule.
+# Anything else changes the shared base, data or batch shape; run.seed too: it seeds the
+# train/eval split of the data preparation, not only the LoRA init and the example order.
 PACKABLE_KEYS = {
     "lora.r",
     "lora.alpha",
@@ -56,7 +57,6 @@ PACKABLE_KEYS = {
     "train.max_grad_norm",
     "train.max_steps",
     "train.epochs",
-    "run.seed",
 }
 # Where a trial's outputs go: each trial has its own (tune.sweep sets them); not training.
 OUTPUT_KEYS = {"run.name", "checkpoint.storage_path"}

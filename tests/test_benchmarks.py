@@ -46,6 +46,7 @@ def run_script(script: str, *args: str, timeout: int = 300, prelude: str = "") -
 def test_every_benchmark_script_has_a_test():
     tested = {
         "gpu_check.py",
+        "packed_bench.py",
         "prepare_bench.py",
         "ray_overhead.py",
         "serve_bench.py",
@@ -228,3 +229,16 @@ def test_sweep_bench_tiny(tiny_model_dir):
     args = ["--lrs", "1", "--ranks", "4", "--max-steps", "2", "--rows", "200"]
     out = run_script("sweep_bench.py", "--model", str(tiny_model_dir), *args, timeout=900)
     assert "grid" in out and "asha" in out and "best eval loss" in out
+
+
+# ---------------------------------------------------------------- packed_bench.py
+
+
+def test_packed_bench_tiny():
+    """4 packed trials vs 4 separate ones (6 processes, no Ray): the table and the ratios."""
+    out = run_script(
+        "packed_bench.py", "--max-steps", "2", "--rows", "120", "--hidden", "64", "--layers", "1"
+    )
+    assert "| 4 packed |" in out and "packed / separate wall time:" in out
+    assert "packed peak RSS / one separate trial's:" in out
+    assert "max relative difference" in out

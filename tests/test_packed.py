@@ -24,15 +24,14 @@ from tests.helpers import REPO
 
 CPU = Runtime(torch.device("cpu"))
 STEPS, EVERY = 4, 2
-# r, alpha, lr, seed, rslora, target modules: three slots unlike in every packable way
+# r, alpha, lr, weight decay, rslora, target modules, clipping: three slots unlike in packable ways
 CONFIGS = [
-    ["lora.r=4", "lora.alpha=16", "train.lr=3e-3", "run.seed=1"],
-    ["lora.r=8", "lora.alpha=8", "train.lr=1e-3", "run.seed=2", "train.weight_decay=0.1"],
+    ["lora.r=4", "lora.alpha=16", "train.lr=3e-3"],
+    ["lora.r=8", "lora.alpha=8", "train.lr=1e-3", "train.weight_decay=0.1"],
     [
         "lora.r=2",
         "lora.alpha=32",
         "train.lr=2e-3",
-        "run.seed=3",
         "lora.use_rslora=true",
         "lora.target_modules=[q_proj,v_proj]",
         "train.max_grad_norm=0.01",  # clips every step: per-slot clipping matters
@@ -173,6 +172,8 @@ def test_unpackable_sweeps_are_refused_with_the_key_named(tiny_model_dir):
     cfg = job_config(tiny_model_dir)
     with pytest.raises(ConfigError, match=r"space\.train\.micro_batch_size"):
         check_packable(cfg, ["train.lr", "train.micro_batch_size"])
+    with pytest.raises(ConfigError, match=r"space\.run\.seed"):  # it seeds the data's split
+        check_packable(cfg, ["run.seed"])
     with pytest.raises(ConfigError, match=r"space\.model\.name_or_path"):
         check_packable(cfg, ["model.name_or_path"])
     with pytest.raises(ConfigError, match=r"lora\.dropout"):
