@@ -1,6 +1,7 @@
 """4 LoRA trials packed on one base model (jobs/packed.py) vs the same 4 trials run separately.
 
-    python benchmarks/packed_bench.py                                  # ~10 minutes on 2 CPUs
+    python benchmarks/packed_bench.py                                  # ~5 minutes on 2 CPUs
+    python benchmarks/packed_bench.py --sweeps     # and the same as 2 Ray Tune sweeps, ~+5 min
     python benchmarks/packed_bench.py --max-steps 2 --rows 120 --hidden 64 --layers 1   # smoke
 
 Both sides train the same 4 configs (lora.r, lora.alpha, train.lr differ) for the same
@@ -18,7 +19,8 @@ Wall time is each process's whole life as seen from here (start-up, data, model,
 loop time is training and evals only. Targets: packed wall <= 0.6x the separate trials' total,
 packed peak RSS about one separate trial's (one base model, not four). The packed losses are
 checked against the separate ones (rel 1e-4). Ray's own cost (a sweep's trial actors, Ray
-Train's workers) is left out on both sides: benchmarks/ray_overhead.py measures it.
+Train's workers) is left out on both sides; `--sweeps` adds it: the same trials as a normal
+sweep (one Ray Train job per trial) and as a packed one (tune.packed), end to end.
 """
 
 from __future__ import annotations
@@ -182,6 +184,61 @@ def report(separate: list[dict], packed: dict) -> None:
     )
 
 
+def sweeps(args: argparse.Namespace, tmp: str) -> None:
+    """4 trials (lora.r 4, 8, 16, 32) as Ray Tune sweeps, FIFO (every trial runs every step):
+    one Ray Train job per trial, 2 at a time on 1 CPU each (configs/sweep_reviews.yaml's
+    layout), vs pack_trials 4 on one 2-CPU host. Peak RSS: each trial's run.json
+    (worker_peak_rss_mb: its Train worker, or the pack host that trained it)."""
+    import ray
+
+    from jobs.distributed import start_local_ray
+    from tune.sweep import SweepConfig, run_sweep
+
+    job = [
+        f"model.name_or_path={args.model}",
+        f"data.train_files=[{args.data}]",
+        "lora.dropout=0",
+        f"train.max_steps={args.max_steps}",
+        f"eval.every_steps={args.eval_every}",
+        "eval.early_stopping_patience=null",
+        "eval.max_generate_samples=16",
+    ]
+    layouts = {
+        "separate": ({"max_concurrent_trials": 2}, ["scaling.cpus_per_worker=1"]),
+        "packed": ({"max_concurrent_trials": 4, "pack_trials": 4}, ["scaling.cpus_per_worker=2"]),
+    }
+    start_local_ray(num_cpus=2)
+    rows = {}
+    for name, (fields, extra) in layouts.items():
+        cfg = SweepConfig(
+            name=name,
+            job=str(ROOT / "configs/quickstart.yaml"),
+            overrides=[*job, *extra],
+            space={"lora.r": {"grid": [4, 8, 16, 32]}},
+            search="grid",
+            num_trials=1,
+            scheduler={"type": "none"},
+            storage_path=str(Path(tmp) / "sweeps"),
+            **fields,
+        )
+        start = time.perf_counter()
+        summary = run_sweep(cfg, resume=False)
+        wall = time.perf_counter() - start
+        runs = [
+            json.loads((Path(t["run_dir"]) / "run.json").read_text()) for t in summary["trials"]
+        ]
+        rss = [r["worker_peak_rss_mb"][0] for r in runs]
+        rows[name] = (wall, max(rss), sum(rss) if name == "separate" else max(rss))
+    ray.shutdown()
+    print("| sweep (Ray Tune, 4 trials) | wall s | peak RSS MB: one trial's | all trials' |")
+    print("|---|---|---|---|")
+    for name, (wall, one, total) in rows.items():
+        print(f"| {name} | {wall:.1f} | {one:.0f} | {total:.0f} |")
+    sep, pk = rows["separate"], rows["packed"]
+    print(f"packed / separate sweep wall time: {pk[0] / sep[0]:.2f}x (target <= 0.6x)")
+    print(f"packed host RSS / separate trials' RSS summed: {pk[2] / sep[2]:.2f}x")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -191,6 +248,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=0, help="first ROWS of the quickstart data (0: all)")
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--sweeps", action="store_true", help="also the same trials as 2 Ray sweeps")
     p.add_argument("--worker", choices=["separate", "packed"], help=argparse.SUPPRESS)
     p.add_argument("--trial", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -213,6 +271,8 @@ def main() -> None:
         separate = [run_worker(args, "separate", i) for i in range(len(CONFIGS))]
         packed = run_worker(args, "packed")
         report(separate, packed)
+        if args.sweeps:
+            sweeps(args, tmp)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from jobs.config import JobConfig, load_config
 from jobs.packed import PackedTrainer, check_packable
 
 log = logging.getLogger("rayft.packed")
+TRIAL_CPUS = 0.01  # a trial only waits on the host (Tune rejects 0)
 
 
 def packed_trainable(cfg, job: JobConfig, sweep: dict[str, Any]):
@@ -53,14 +54,16 @@ def packed_trainable(cfg, job: JobConfig, sweep: dict[str, Any]):
             else "some slots stay empty",
         )
     scaling = job.scaling
+    # the trials' CPUs come out of the host's share: a packed sweep fits where one job does
+    host_cpus = max(scaling.cpus_per_worker - TRIAL_CPUS * cfg.pack_trials, TRIAL_CPUS)
     host = PackHost.options(
-        num_cpus=scaling.cpus_per_worker,
+        num_cpus=host_cpus,
         num_gpus=1 if scaling.use_gpu else 0,
         resources=scaling.resources_per_worker,
     ).remote(sweep, cfg.pack_trials)
     return tune.with_resources(
         tune.with_parameters(packed_trial, host=host, sweep=sweep),
-        {"cpu": 0.01},  # the host holds the CPUs
+        {"cpu": TRIAL_CPUS},  # the host holds the CPUs
     )
 
 
