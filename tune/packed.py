@@ -178,9 +178,10 @@ class PackHost:
     async def _train(self) -> None:
         """Joint steps of every slot whose trial waits for a report, until none waits."""
         while self.waiting:
-            trials = list(self.waiting)
+            # a snapshot: a trial leaving during the step must not change what the step reads
+            members = {t: self.members[t] for t in self.waiting if t in self.members}
             try:
-                reports = await self._torch(self._step, trials)
+                reports = await self._torch(self._step, members)
             except Exception as e:  # every waiting trial fails with the cause, not a hang
                 for request in self.waiting.values():
                     if not request.done():
@@ -196,19 +197,17 @@ class PackHost:
                 if report[1]:  # finished: its outputs are written, the slot is free now
                     await self.leave(trial)
 
-    def _step(self, trials: list[str]) -> dict[str, tuple[dict, bool] | None]:
+    def _step(self, members: dict[str, dict]) -> dict[str, tuple[dict, bool] | None]:
         """One joint step; the reports it makes due (on the torch thread)."""
         trainer = self.trainer
-        trials = [t for t in trials if t in trainer.slots]  # one may have left meanwhile
+        trials = [t for t in members if t in trainer.slots]  # one may have left meanwhile
         start = time.perf_counter()
         results = trainer.train_step(trials)
         seconds = time.perf_counter() - start
         every = trainer.job.eval.every_steps
         reports: dict[str, tuple[dict, bool] | None] = dict.fromkeys(trials)
         for trial, result in results.items():
-            self.members[trial]["meter"].add(
-                trainer.slots[trial].state.step, result.tokens, seconds
-            )
+            members[trial]["meter"].add(trainer.slots[trial].state.step, result.tokens, seconds)
         due = [t for t in trials if every and trainer.slots[t].state.step % every == 0]
         for trial, loss in (trainer.eval_losses(due) if due else {}).items():
             step = trainer.slots[trial].state.step
@@ -216,13 +215,13 @@ class PackHost:
             print(f"pack host: trial {trial} step {step}: eval loss {loss:.4f}")
             reports[trial] = ({"step": step, "eval_loss": loss}, False)
         for trial in (t for t in trials if trainer.done(t)):
-            final = trainer.final_metrics(trial, self.members[trial]["meter"].rate())
-            self._write_run(trial)
+            final = trainer.final_metrics(trial, members[trial]["meter"].rate())
+            self._write_run(trial, members[trial])
             reports[trial] = (final, True)
         return reports
 
-    def _write_run(self, trial: str) -> None:
-        member = {**self.members[trial], "slots": self.capacity}
+    def _write_run(self, trial: str, member: dict) -> None:
+        member = {**member, "slots": self.capacity}
         write_run(self.trainer, trial, member, self.data, self.scratch, self.sweep)
 
 
