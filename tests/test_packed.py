@@ -1,7 +1,12 @@
 """Packed trials (jobs/packed.py, tune/packed.py): several LoRA configurations trained in one
 process on one base model equal each configuration trained alone by the normal recipe (its
 setup, StepBatches and SFT train_step on a peft model); a freed slot's successor trains like
-it would alone; a packed ASHA sweep runs end to end and leaves a promotable run directory."""
+it would alone; a packed ASHA sweep runs end to end and leaves a promotable run directory.
+
+Each was seen to fail with the code it covers broken: one joint token mean instead of each
+slot's own (adapter weights differ), one learning rate for all slots, clipping over all slots'
+gradients at once, slots not seeded as the job seeds add_lora, slots left frozen after peft
+adds another adapter, and the run.seed split (found by benchmarks/packed_bench.py)."""
 
 from __future__ import annotations
 
