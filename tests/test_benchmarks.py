@@ -237,7 +237,17 @@ def test_sweep_bench_tiny(tiny_model_dir):
 def test_packed_bench_tiny():
     """4 packed trials vs 4 separate ones (6 processes, no Ray): the table and the ratios."""
     out = run_script(
-        "packed_bench.py", "--max-steps", "2", "--rows", "120", "--hidden", "64", "--layers", "1"
+        "packed_bench.py",
+        "--max-steps",
+        "2",
+        "--rows",
+        "120",
+        "--hidden",
+        "64",
+        "--layers",
+        "1",
+        "--repeats",
+        "1",
     )
     assert "| 4 packed |" in out and "packed / separate wall time:" in out
     assert "packed peak RSS / one separate trial's:" in out
