@@ -100,8 +100,8 @@ def load_base_model(cfg: ModelConfig, device: torch.device):
     return model.to(device)
 
 
-def add_lora(model, cfg: LoraConfig):
-    peft_config = PeftLoraConfig(
+def peft_lora_config(cfg: LoraConfig) -> PeftLoraConfig:
+    return PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
         lora_dropout=cfg.dropout,
@@ -110,7 +110,10 @@ def add_lora(model, cfg: LoraConfig):
         use_dora=cfg.use_dora,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, peft_config)
+
+
+def add_lora(model, cfg: LoraConfig):
+    return get_peft_model(model, peft_lora_config(cfg))
 
 
 def enable_gradient_checkpointing(model) -> None:

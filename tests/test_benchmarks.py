@@ -47,6 +47,7 @@ def run_script(script: str, *args: str, timeout: int = 300, prelude: str = "") -
 def test_every_benchmark_script_has_a_test():
     tested = {
         "gpu_check.py",
+        "packed_bench.py",
         "prepare_bench.py",
         "ray_overhead.py",
         "serve_bench.py",
@@ -233,3 +234,26 @@ def test_sweep_bench_tiny(tiny_model_dir):
     assert "ASHA replayed on the grid's eval curves" in out and "ASHA / grid: steps" in out
     assert "random vs TPE, both with ASHA, at a budget of" in out
     assert re.search(r"^optuna\s+\d+\s+\d+\s+\d+\.\d+", out, re.MULTILINE), out[-3000:]
+
+
+# ---------------------------------------------------------------- packed_bench.py
+
+
+def test_packed_bench_tiny():
+    """4 packed trials vs 4 separate ones (6 processes, no Ray): the table and the ratios."""
+    out = run_script(
+        "packed_bench.py",
+        "--max-steps",
+        "2",
+        "--rows",
+        "120",
+        "--hidden",
+        "64",
+        "--layers",
+        "1",
+        "--repeats",
+        "1",
+    )
+    assert "| 4 packed |" in out and "packed / separate wall time:" in out
+    assert "packed peak RSS / one separate trial's:" in out
+    assert "max relative difference" in out
