@@ -397,3 +397,21 @@ def test_placement_groups_left_by_stopped_trials_are_released(ray_local):
         time.sleep(0.1)
     assert ray.available_resources().get("CPU", 0) >= cpus + 1
     assert release_stranded_placement_groups() == 0
+
+
+def test_a_packed_sweep_runs_as_many_trials_as_it_packs_and_is_checked_at_load(
+    tmp_path, tiny_model_dir
+):
+    config = sweep_yaml(tmp_path, tiny_model_dir, job=["lora.dropout=0"])
+    raw = yaml.safe_load(config.read_text())
+    del raw["max_concurrent_trials"]
+    unset = tmp_path / "unset.yaml"
+    unset.write_text(yaml.safe_dump(raw))
+    assert load_sweep_config(unset, ["pack_trials=3"]).max_concurrent_trials == 3
+    assert load_sweep_config(config, ["pack_trials=2"]).max_concurrent_trials == 2
+    with pytest.raises(ConfigError, match="max_concurrent_trials: 2 with pack_trials: 3"):
+        load_sweep_config(config, ["pack_trials=3", "max_concurrent_trials=2"])
+    with pytest.raises(ConfigError, match="space.data.max_seq_len cannot vary between packed"):
+        load_sweep_config(config, ["pack_trials=2", "space={data.max_seq_len: {choice: [64]}}"])
+    with pytest.raises(ConfigError, match="lora.dropout"):  # packed rows share one RNG
+        load_sweep_config(sweep_yaml(tmp_path, tiny_model_dir), ["pack_trials=2"])

@@ -43,16 +43,6 @@ def packed_trainable(cfg, job: JobConfig, sweep: dict[str, Any]):
     from ray import tune
 
     check_packable(job, cfg.space, where=f"{cfg.job} (sweep {cfg.name})")
-    if cfg.max_concurrent_trials != cfg.pack_trials:
-        log.warning(
-            "sweep %s: max_concurrent_trials %d != pack_trials %d: %s",
-            cfg.name,
-            cfg.max_concurrent_trials,
-            cfg.pack_trials,
-            "trials beyond the host's slots wait for one"
-            if cfg.max_concurrent_trials > cfg.pack_trials
-            else "some slots stay empty",
-        )
     scaling = job.scaling
     # the trials' CPUs come out of the host's share: a packed sweep fits where one job does
     host_cpus = max(scaling.cpus_per_worker - TRIAL_CPUS * cfg.pack_trials, TRIAL_CPUS)

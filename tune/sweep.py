@@ -118,6 +118,15 @@ class SweepConfig(Section):
                 raise ValueError(
                     f"space.{key}: search: {self.search} samples; use choice, not grid"
                 )
+        if self.pack_trials > 1:  # the pack host's slots are the trials that can run at once
+            if "max_concurrent_trials" not in self.model_fields_set:
+                self.max_concurrent_trials = self.pack_trials
+            elif self.max_concurrent_trials != self.pack_trials:
+                raise ValueError(
+                    f"max_concurrent_trials: {self.max_concurrent_trials} with pack_trials: "
+                    f"{self.pack_trials}; a packed sweep runs as many trials as it packs (leave "
+                    "max_concurrent_trials out)"
+                )
         if (self.search == "bohb") != (self.scheduler.type == "hyperband"):
             raise ValueError(
                 "search: bohb and scheduler.type: hyperband go together (BOHB's model is fit to "
@@ -150,7 +159,11 @@ def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> S
     cfg = validate(SweepConfig, raw, str(path))
     # every trial's job config must load: check one with the first value of each key now
     probe = [f"{k}={_first(v)}" for k, v in cfg.space.items()]
-    load_config(cfg.job, [*cfg.overrides, *probe])
+    job = load_config(cfg.job, [*cfg.overrides, *probe])
+    if cfg.pack_trials > 1:  # what packed trials cannot vary or use fails here, not on Ray
+        from jobs.packed import check_packable
+
+        check_packable(job, cfg.space, where=f"{path}: {cfg.job} (pack_trials)")
     return cfg
 
 
