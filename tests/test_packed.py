@@ -209,7 +209,19 @@ def test_packed_asha_sweep_shares_one_host_and_leaves_a_promotable_run(tmp_path,
         "eval.every_steps=3",
         "eval.max_generate_samples=8",
     ]
-    config = sweep_yaml(tmp_path, tiny_model_dir, job, pack_trials=2, max_concurrent_trials=2)
+    # in this order: the first two pass the first rung (the first unopposed), the last two,
+    # barely learning, are below the cutoff the first two leave there: ASHA stops them
+    config = sweep_yaml(
+        tmp_path,
+        tiny_model_dir,
+        job,
+        pack_trials=2,
+        max_concurrent_trials=2,
+        search="grid",
+        num_trials=1,
+        space={"train.lr": {"grid": [3e-3, 1e-5, 2e-5, 5e-6]}},
+        scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 4, "shuffle_grid": False},
+    )
     cfg = load_sweep_config(config)
     start_local_ray(num_cpus=2)
     try:
