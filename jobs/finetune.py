@@ -373,6 +373,13 @@ def write_outputs(cfg: JobConfig, data, result, scratch: str, extra: dict) -> di
             shutil.copytree(Path(ckpt_dir) / kind, local_dir / kind)
     summary = run_summary(cfg, data, state, result, f"{run_dir}/{kind}", extra)
     keep_data_report(cfg.data.prepared or scratch, local_dir / "data")
+    publish_run(local_dir, run_dir, summary)
+    return summary
+
+
+def publish_run(local_dir: Path, run_dir: str, summary: dict) -> None:
+    """The run directory's files, then run.json last: its presence means the run is complete
+    (for s3://, everything is uploaded from the local copy first)."""
     if storage.is_remote(run_dir):
         storage.put_dir(local_dir, run_dir)
         with tempfile.TemporaryDirectory() as tmp:
@@ -380,7 +387,6 @@ def write_outputs(cfg: JobConfig, data, result, scratch: str, extra: dict) -> di
             storage.put_dir(tmp, run_dir)
     else:
         write_run_manifest(local_dir / "run.json", **summary)
-    return summary
 
 
 def run_summary(cfg: JobConfig, data, state: TrainerState, result, out: str, extra: dict) -> dict:

@@ -243,8 +243,7 @@ def write_run(trainer: PackedTrainer, trial: str, member: dict, data, scratch: s
     """The finished trial's run directory as the normal job writes it: adapter/, data/, then
     run.json last (for s3:// everything is uploaded from a local copy, run.json last)."""
     from jobs import storage
-    from jobs.finetune import keep_data_report, run_summary
-    from jobs.manifest import write_run_manifest
+    from jobs.finetune import keep_data_report, publish_run, run_summary
 
     cfg, state = member["cfg"], trainer.slots[trial].state
     state.worker_nodes = [ray.get_runtime_context().get_node_id()]
@@ -262,10 +261,4 @@ def write_run(trainer: PackedTrainer, trial: str, member: dict, data, scratch: s
             "slots": member["slots"],
             "peak_slots_used": member["peak_slots"],  # trials training at once beside this one
         }
-        if storage.is_remote(run_dir):
-            storage.put_dir(local, run_dir)
-            with tempfile.TemporaryDirectory() as manifest_dir:
-                write_run_manifest(Path(manifest_dir) / "run.json", **summary)
-                storage.put_dir(manifest_dir, run_dir)
-        else:
-            write_run_manifest(local / "run.json", **summary)
+        publish_run(Path(local), run_dir, summary)
