@@ -197,11 +197,10 @@ def test_packed_asha_sweep_shares_one_host_and_leaves_a_promotable_run(tmp_path,
     import ray
 
     from jobs.distributed import start_local_ray
-    from tests.test_sweep import sweep_yaml
+    from tests.test_sweep import first_reviews, sweep_yaml
     from tune.sweep import load_sweep_config, promote_best, run_sweep
 
-    rows = tmp_path / "reviews.jsonl"
-    rows.write_text("".join((REPO / "data/reviews.jsonl").read_text().splitlines(True)[:240]))
+    rows = first_reviews(tmp_path, 240)
     job = [
         f"data.train_files=[{rows}]",
         "lora.dropout=0",

@@ -35,6 +35,13 @@ def sweep_yaml(tmp_path: Path, tiny_model_dir: Path, job: list[str] = (), **fiel
     return path
 
 
+def first_reviews(tmp_path: Path, rows: int) -> Path:
+    """The first `rows` rows of the quickstart's data, as a file in tmp_path."""
+    path = tmp_path / "reviews.jsonl"
+    path.write_text("".join((REPO / "data/reviews.jsonl").read_text().splitlines(True)[:rows]))
+    return path
+
+
 def start_sweep(config: Path, ray_tmp: str) -> subprocess.Popen:
     env = {**os.environ, "RAY_TMPDIR": ray_tmp}  # this sweep's Ray, findable to kill it whole
     return subprocess.Popen(
@@ -132,8 +139,7 @@ def test_sweep_on_s3_resumes_and_promotes_from_the_bucket(
     eval_raw["tasks"][0].update(max_samples=16, few_shot=1)
     eval_raw["gate"]["margin"] = -1.0
     (tmp_path / "eval.yaml").write_text(yaml.safe_dump(eval_raw))
-    reviews = tmp_path / "reviews.jsonl"  # a quarter of the rows: less to prepare and evaluate
-    reviews.write_text("".join((REPO / "data/reviews.jsonl").read_text().splitlines(True)[:200]))
+    reviews = first_reviews(tmp_path, 200)  # a quarter: less to prepare and evaluate
     config = sweep_yaml(
         tmp_path,
         tiny_model_dir,
@@ -247,8 +253,7 @@ def test_sweep_bench_spaces():
 @pytest.mark.slow
 @pytest.mark.parametrize("search", ["optuna", "bohb"])
 def test_model_based_sweep_survives_a_killed_driver(tmp_path, tiny_model_dir, search):
-    reviews = tmp_path / "reviews.jsonl"  # a quarter of the rows: less to prepare and evaluate
-    reviews.write_text("".join((REPO / "data/reviews.jsonl").read_text().splitlines(True)[:200]))
+    reviews = first_reviews(tmp_path, 200)  # a quarter: less to prepare and evaluate
     config = sweep_yaml(
         tmp_path,
         tiny_model_dir,
