@@ -210,6 +210,14 @@ class AdapterRegistry:
         digest = hashlib.sha256(config + f"{stat.st_size}:{stat.st_mtime_ns}".encode())
         return AdapterRef(name, digest.hexdigest()[:12], str(path))
 
+    def version_ref(self, name: str, version: str | None) -> AdapterRef:
+        """The files of a version resolve() returned before (e.g. in another process)."""
+        if name in self.plain:
+            return AdapterRef(name, version or "", self.plain[name])
+        if self.files is None or version is None or not VERSION_RE.fullmatch(version):
+            raise ModelNotFound(f"{name}@{version}")
+        return AdapterRef(name, version, self.files.uri(name, version))
+
     def names(self) -> list[str]:
         """Every adapter name that can be served (plain ones and the registry's)."""
         found = set(self.plain)

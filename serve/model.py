@@ -83,9 +83,9 @@ class Prompts:
             model_config, self.tokenizer, settings.context_window
         )
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
         text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
+            messages, tools=tools, tokenize=False, add_generation_prompt=True
         )
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 

@@ -28,7 +28,7 @@ def test_serve_yaml_is_a_valid_serve_config_that_builds_the_app(config):
     assert app.import_path == "serve.app:build_app"
     settings = ServeSettings.model_validate(app.args)
     deployment = app.deployments[0]
-    model_holder = MultiAdapterServer if settings.layout == "single" else ModelServer
+    model_holder = MultiAdapterServer if settings.resolved_layout == "single" else ModelServer
     assert deployment.name == model_holder.name
     autoscaling = deployment.autoscaling_config
     assert 1 <= autoscaling["min_replicas"] <= autoscaling["max_replicas"]

@@ -1,0 +1,159 @@
+"""engine: vllm. The model deployment is Ray Serve LLM's `LLMServer` on vLLM; our ingress
+(serve/app.py) stays in front of it and calls it through a handle (serve/vllm_gateway.py).
+
+What is ours here, and why:
+- `RegistryLoraLoader`: Ray Serve LLM loads adapters only from `dynamic_lora_loading_path`, which
+  must be s3://, gs:// or azure:// (a laptop's registry on local disk is refused). Ours reads the
+  registry through serve/adapters.py, local or s3, and hands vLLM a local directory. The model id
+  is the adapter's immutable `NAME@VERSION`: a promotion or rollback is a new id, so a new vLLM
+  LoRA id, and no replica serves a stale adapter.
+- Resources: on CPU the replica actor takes no CPU of its own and the engine's bundle takes
+  `vllm.replica_cpus` (Ray Serve LLM's CPU accelerator config waited forever for resources here).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+from typing import Any
+
+from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
+from ray.llm._internal.serve.core.server.llm_server import LLMServer
+from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
+from ray.serve.llm import LLMConfig, build_llm_deployment
+
+from serve.adapters import AdapterRegistry
+from serve.config import ServeSettings
+from serve.errors import AdapterIncompatible
+from serve.names import parse_model_name
+
+DEPLOYMENT = "VllmServer"  # the name `deployments:` in a Serve config overrides options of
+LORA_FIX_ENV = "RAYFT_VLLM_LORA_FIX"  # read by serve/vllm_plugin.py in every vLLM process
+
+
+def local_model_path(name_or_path: str) -> str:
+    """Replicas may start in another directory than `serve run`: local paths are made absolute."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    from jobs.config import ModelConfig
+    from jobs.model import resolve_model_path
+
+    return resolve_model_path(ModelConfig(name_or_path=name_or_path))
+
+
+def engine_kwargs(s: ServeSettings) -> dict[str, Any]:
+    on_cpu = s.vllm.replica_gpus == 0
+    kwargs: dict[str, Any] = {
+        "enable_lora": True,
+        "max_loras": s.max_loaded_adapters,
+        "max_cpu_loras": max(s.max_cpu_adapters, s.max_loaded_adapters),
+        "max_lora_rank": s.max_lora_rank,
+        "max_num_seqs": s.max_batch_size,
+        "dtype": s.dtype,
+        # CUDA graphs do not exist on CPU; compiling for them there costs start-up only.
+        "enforce_eager": on_cpu,
+    }
+    if s.context_window is not None:
+        kwargs["max_model_len"] = s.context_window
+    if s.vllm.compact_json:
+        kwargs["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
+    if s.vllm.tool_call_parser:
+        kwargs |= {"enable_auto_tool_choice": True, "tool_call_parser": s.vllm.tool_call_parser}
+    return kwargs | s.vllm.engine_kwargs
+
+
+def llm_config(s: ServeSettings) -> LLMConfig:
+    on_cpu = s.vllm.replica_gpus == 0
+    env = {LORA_FIX_ENV: "1" if s.vllm.fix_cpu_lora_base_rows else "0"}
+    if on_cpu:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(s.vllm.cpu_kv_cache_gib)
+    bundle = {"CPU": s.vllm.replica_cpus} if on_cpu else {"GPU": s.vllm.replica_gpus}
+    return LLMConfig(
+        model_loading_config={
+            "model_id": s.base_model_id,
+            "model_source": local_model_path(s.base_model),
+        },
+        engine_kwargs=engine_kwargs(s),
+        # No dynamic_lora_loading_path: RegistryLoraLoader finds the adapters.
+        lora_config={"max_num_adapters_per_replica": max(s.max_cpu_adapters, 1)},
+        placement_group_config={"bundles": [bundle]},
+        runtime_env={"env_vars": env},
+        deployment_config={"ray_actor_options": {"num_cpus": 0}},
+    )
+
+
+def check_base(config: dict, base_names: set[str], adapter: str) -> None:
+    """The base the adapter was trained on, as serve/engine.py checks it for the hf engine; vLLM
+    checks the shapes and the rank itself when it loads the adapter."""
+    from serve.engine import base_name
+
+    trained_on = config.get("base_model_name_or_path")
+    if base_names and trained_on and base_name(trained_on) not in base_names:
+        raise AdapterIncompatible(
+            f"adapter '{adapter}' was trained on {base_name(trained_on)!r}, but this server "
+            f"serves {sorted(base_names)[0]!r}"
+        )
+    if config.get("peft_type") != "LORA":
+        raise AdapterIncompatible(f"adapter '{adapter}' is not a LoRA adapter")
+
+
+class RegistryLoraLoader(LoraModelLoader):
+    """Serve's multiplexed model id `NAME@VERSION` → a local directory of that version."""
+
+    def __init__(self, registry: AdapterRegistry, base_names: set[str], **kwargs):
+        super().__init__(**kwargs)
+        self.registry = registry
+        self.base_names = base_names
+
+    async def load_model_from_config(self, lora_model_id: str, llm_config) -> DiskMultiplexConfig:
+        return await self.load_model(lora_model_id, lora_model_id)
+
+    def _load_model_sync(self, lora_model_id: str) -> DiskMultiplexConfig:
+        from ray.llm._internal.common.models import global_id_manager
+
+        name = parse_model_name(lora_model_id)
+        ref = self.registry.version_ref(name.name, name.selector)
+        path = self.registry.local_path(ref)
+        check_base(json.loads((path / "adapter_config.json").read_text()), self.base_names, ref.id)
+        return DiskMultiplexConfig(
+            model_id=lora_model_id,
+            max_total_tokens=None,
+            local_path=str(path),
+            lora_assigned_int_id=global_id_manager.next(),
+        )
+
+
+class VllmServer(LLMServer):
+    """LLMServer with adapters read from our registry."""
+
+    async def __init__(self, llm_config: LLMConfig, settings: dict):
+        from serve.engine import base_name
+
+        s = ServeSettings.model_validate(settings)
+        names = [s.base_model, *s.base_model_aliases] if s.check_base_name else []
+        loader = functools.partial(
+            RegistryLoraLoader,
+            AdapterRegistry.from_settings(s),
+            {base_name(n) for n in names if n},
+        )
+        await super().__init__(llm_config, model_downloader=loader)
+
+
+def vllm_deployment(s: ServeSettings):
+    """The bound VllmServer deployment; Serve options (replicas, autoscaling) from the settings
+    here, or from `deployments: - name: VllmServer` in a Serve config."""
+    options: dict[str, Any] = {
+        "name": DEPLOYMENT,
+        "max_ongoing_requests": s.max_ongoing_requests,
+        "max_queued_requests": s.max_queued_requests,
+    }
+    if s.model_replicas is not None:
+        options["num_replicas"] = s.model_replicas
+    return build_llm_deployment(
+        llm_config(s),
+        deployment_cls=VllmServer,
+        bind_kwargs={"settings": s.model_dump()},
+        override_serve_options=options,
+    )
