@@ -32,7 +32,11 @@ def main(
         "configs/serve.yaml"
     ),
     check_files: Annotated[
-        bool, typer.Option(help="check the tenants file, registry, adapters and base model here")
+        bool,
+        typer.Option(
+            help="check here that the tenants file, registry, adapters and base model exist "
+            "(off: paths that only the cluster's nodes have)"
+        ),
     ] = True,
 ) -> None:
     if not config.is_file():
