@@ -151,3 +151,9 @@ def test_every_problem_is_reported_at_once_and_files_can_be_left_unchecked(tmp_p
     bad = serve_yaml_with(tmp_path, "bad.yaml", max_batch_size=100)
     with pytest.raises(ConfigError, match=r"args: max_ongoing_requests \(64\) must be at least"):
         check_serve_config(bad, check_files=False)
+
+
+@pytest.mark.parametrize("config", ["configs/serve.yaml", "configs/serve-routed.yaml"])
+def test_shipped_serve_configs_pass_the_settings_checks(config):
+    (settings,) = check_serve_config(REPO / config, check_files=False)
+    assert settings.tenants == "configs/serve-tenants.example.yaml"
