@@ -189,18 +189,32 @@ def test_a_replica_killed_under_load_costs_no_request(routed, tiny_model_dir, to
     holder_actor = ray.get_actor(replica, namespace="serve")
     body = {"model": "gray", "messages": MESSAGES, "max_tokens": 120, "temperature": 0}
 
+    async def holder_busy_with(requests: int, burst: list[asyncio.Future]) -> None:
+        """Until the holder holds `requests` unanswered requests (Serve counts them on a thread of
+        its own, which generation does not block); generous: a busy machine is slow to route."""
+        deadline = time.monotonic() + 60
+        while True:
+            held = await holder_actor.get_num_ongoing_requests.remote()
+            assert not any(f.done() for f in burst), "a request was answered before the kill"
+            if held >= requests:
+                return
+            assert time.monotonic() < deadline, f"the adapter's holder held {held} requests"
+            await asyncio.sleep(0.01)
+
     async def kill_while_running():
-        # Killed on an event, not a timer: a streamed request goes first, the six after it; its
-        # first generated token means the holder's first batch runs, so none of the six has been
-        # answered yet: each is in that batch or queued behind it on the holder (or elsewhere).
+        # Killed on events, not a timer: a streamed request goes first and the six after it. Its
+        # first generated token means the holder generates; then the holder is seen holding six
+        # unanswered requests (the six, or five of them and the stream), and none is answered.
         async with httpx.AsyncClient(timeout=120, headers={"Authorization": f"Bearer {OPEN}"}) as c:
             post = f"{url}/v1/chat/completions"
             async with c.stream("POST", post, json={**body, "stream": True}) as sentinel:
+                assert sentinel.headers["x-model-replica"] == holder
                 burst = [asyncio.ensure_future(c.post(post, json=body)) for _ in range(6)]
                 async for line in sentinel.aiter_lines():
                     if first_token(line):
-                        ray.kill(holder_actor, no_restart=True)
                         break
+                await holder_busy_with(6, burst)
+                ray.kill(holder_actor, no_restart=True)
             return await asyncio.gather(*burst)
 
     responses = asyncio.run(kill_while_running())
@@ -243,7 +257,7 @@ def test_tenant_limits_hold_across_ingress_replicas(routed):
         return ray.get_actor(name, namespace=namespace)
 
     ray.kill(limiter())
-    deadline = time.time() + 20
+    deadline = time.time() + 120  # generous: on a busy machine an actor takes seconds to start
     while True:
         chat(routed["url"], "base", max_tokens=1)  # admitted all the same
         try:  # a replica that found the actor gone has started a new one
