@@ -297,6 +297,7 @@ def deploy_layout(args, work: Path, layout: str) -> None:
         "base_model": str(work / "tiny"),
         "registry": str(work / "registry"),
         "allow_unauthenticated": True,
+        "engine": "hf",  # the layouts are the hf engine's (benchmarks/engines_bench.py: vllm vs hf)
         "layout": layout,
         "model_replicas": 1,
         "ingress_cpus": 0,

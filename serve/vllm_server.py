@@ -58,7 +58,10 @@ def engine_kwargs(s: ServeSettings) -> dict[str, Any]:
     if s.context_window is not None:
         kwargs["max_model_len"] = s.context_window
     if s.vllm.compact_json:
-        kwargs["structured_outputs_config"] = {"backend": "xgrammar", "disable_any_whitespace": True}
+        kwargs["structured_outputs_config"] = {
+            "backend": "xgrammar",
+            "disable_any_whitespace": True,
+        }
     if s.vllm.tool_call_parser:
         kwargs |= {"enable_auto_tool_choice": True, "tool_call_parser": s.vllm.tool_call_parser}
     return kwargs | s.vllm.engine_kwargs

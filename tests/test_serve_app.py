@@ -111,6 +111,7 @@ def server(files, s3_endpoint, tiny_model_dir):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     common = {
+        "engine": "hf",  # tests/test_serve_vllm.py: the same gateway on vLLM
         "base_model": str(tiny_model_dir),
         "tenants": str(files["tenants"]),
         "max_lora_rank": 16,
@@ -301,6 +302,35 @@ def test_client_errors_in_openai_shape(server):
     assert status == 422 and body["param"] == "temperature"
     status, body, _ = error_of(lambda: chat(c, "support", messages=[]))
     assert status == 422 and body["param"] == "messages"
+
+
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize(
+    "param, value",
+    [
+        ("tools", [TOOL]),
+        ("tool_choice", "required"),
+        ("parallel_tool_calls", False),
+        ("response_format", {"type": "json_object"}),
+        ("logprobs", True),
+        ("top_logprobs", 2),
+        ("n", 2),
+        ("presence_penalty", 0.5),
+        ("frequency_penalty", 0.5),
+        ("logit_bias", {"10": 5}),
+    ],
+)
+def test_the_hf_engine_refuses_what_only_vllm_serves_naming_it(server, param, value):
+    status, body, _ = error_of(lambda: chat(client(server), "support", **{param: value}))
+    assert (status, body["param"], body["code"]) == (400, param, "unsupported_parameter")
+    assert "(hf)" in body["message"] and "engine: vllm" in body["message"]
+
+
+def test_the_hf_engine_takes_the_defaults_of_what_it_does_not_serve(server):
+    defaults = {"n": 1, "logprobs": False, "tool_choice": "none", "presence_penalty": 0}
+    assert chat(client(server), "support", **defaults)[0].choices[0].message.content
 
 
 def test_raw_http_errors(server):

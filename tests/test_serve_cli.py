@@ -115,7 +115,7 @@ def test_configs_serve_yaml_passes_with_a_registry_and_base_model_that_exist(
     registry.mkdir()
     config = serve_yaml_with(tmp_path, registry=str(registry), base_model=str(tiny_model_dir))
     (settings,) = check_serve_config(config)
-    assert settings.registry == str(registry) and settings.layout == "single"
+    assert settings.registry == str(registry) and settings.resolved_engine == "vllm"
 
 
 @pytest.mark.parametrize(

@@ -16,20 +16,25 @@ from serve.config import ServeSettings
 from serve.engine import GenerationRequest
 from serve.model import ModelServer
 from serve.scheduler import group_by_adapter_limit
+from serve.vllm_server import DEPLOYMENT
 
 CONFIG = Path("configs/serve.yaml")
 
 
 @pytest.mark.parametrize("config", [CONFIG, Path("configs/serve-routed.yaml")])
-def test_serve_yaml_is_a_valid_serve_config_that_builds_the_app(config):
+def test_serve_yaml_is_a_valid_serve_config_that_builds_the_app(config, tiny_model_dir):
     raw = yaml.safe_load(config.read_text())
+    raw["applications"][0]["args"]["base_model"] = str(tiny_model_dir)  # a fresh clone has none
     schema = ServeDeploySchema.model_validate(raw)
     app = schema.applications[0]
     assert app.import_path == "serve.app:build_app"
     settings = ServeSettings.model_validate(app.args)
     deployment = app.deployments[0]
-    model_holder = MultiAdapterServer if settings.resolved_layout == "single" else ModelServer
-    assert deployment.name == model_holder.name
+    if settings.resolved_engine == "vllm":
+        assert deployment.name == DEPLOYMENT
+    else:
+        holder = MultiAdapterServer if settings.resolved_layout == "single" else ModelServer
+        assert deployment.name == holder.name
     autoscaling = deployment.autoscaling_config
     assert 1 <= autoscaling["min_replicas"] <= autoscaling["max_replicas"]
     # Serve's own queue limits in `deployments:` would override the app's and answer overload

@@ -65,6 +65,7 @@ def routed(tiny_model_dir, tmp_path_factory):
                 "base_model": str(tiny_model_dir),
                 "registry": str(tmp / "registry"),
                 "tenants": str(tenants),
+                "engine": "hf",
                 "layout": "routed",
                 "model_replicas": 2,
                 "ingress_replicas": 2,
