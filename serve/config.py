@@ -85,6 +85,10 @@ class ServeSettings(BaseModel):
     # sends each request to a replica holding its adapter); layout is the hf engine's.
     layout: Literal["single", "routed"] | None = None  # hf default: single
     model_replicas: int | None = Field(None, ge=1)  # routed/vllm: model replicas (or autoscaling)
+    # vllm: Serve's autoscaling_config of the VllmServer deployment (min_replicas,
+    # max_replicas, target_ongoing_requests, ...); in a Serve config file, `deployments:` does
+    # the same.
+    model_autoscaling: dict[str, Any] | None = None
     ingress_cpus: float = Field(0.5, ge=0)  # routed: CPUs of an ingress replica (tokenizing)
     ingress_replicas: int = Field(1, ge=1)  # routed: HTTP ingress replicas
     ingress_max_ongoing_requests: int = Field(2048, ge=1)  # routed: then 503 from the ingress

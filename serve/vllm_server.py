@@ -154,6 +154,8 @@ def vllm_deployment(s: ServeSettings):
     }
     if s.model_replicas is not None:
         options["num_replicas"] = s.model_replicas
+    elif s.model_autoscaling is not None:
+        options["autoscaling_config"] = s.model_autoscaling
     return build_llm_deployment(
         llm_config(s),
         deployment_cls=VllmServer,
