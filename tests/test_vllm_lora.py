@@ -15,9 +15,10 @@ declares it is put on sys.path, which the engine core inherits.
 
 from __future__ import annotations
 
-import os
+import contextlib
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 import pytest
 import torch
@@ -55,13 +56,13 @@ def _declared_entry_point() -> str:
     return pyproject["project"]["entry-points"][PLUGIN_GROUP][PLUGIN_NAME]
 
 
-@pytest.fixture(scope="module")
-def plugin_entry_point(tmp_path_factory):
-    """Makes the entry point discoverable by vLLM's plugin loader in this and child processes."""
+@contextlib.contextmanager
+def plugin_entry_point_on_path(site: Path):
+    """vLLM's plugin loader finds the project's entry point, in this process and in the ones
+    it starts: where the project is not installed, through a dist-info in `site` on sys.path."""
     if any(ep.name == PLUGIN_NAME for ep in entry_points(group=PLUGIN_GROUP)):
         yield
         return
-    site = tmp_path_factory.mktemp("entry-point")
     dist_info = site / "rayft_lora_fix_test-0.dist-info"
     dist_info.mkdir()
     (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: rayft-lora-fix-test\n")
@@ -69,8 +70,16 @@ def plugin_entry_point(tmp_path_factory):
         f"[{PLUGIN_GROUP}]\n{PLUGIN_NAME} = {_declared_entry_point()}\n"
     )
     sys.path.insert(0, str(site))
-    yield
-    sys.path.remove(str(site))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(site))
+
+
+@pytest.fixture(scope="module")
+def plugin_entry_point(tmp_path_factory):
+    with plugin_entry_point_on_path(tmp_path_factory.mktemp("entry-point")):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -84,25 +93,21 @@ def adapters(tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llm(tiny_model_dir, plugin_entry_point):
-    saved = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"  # GiB; the default takes too much memory here
-    engine = vllm.LLM(
-        model=str(tiny_model_dir),
-        enable_lora=True,
-        max_loras=2,  # both slots filled, so index -1 picks a real adapter
-        max_lora_rank=RANK,
-        dtype="float32",
-        max_model_len=256,
-        enforce_eager=True,
-        seed=0,
-    )
-    yield engine
-    # Stops the engine core process now, not at exit after pytest has closed its streams.
-    engine.llm_engine.engine_core.shutdown()
-    if saved is None:
-        os.environ.pop("VLLM_CPU_KVCACHE_SPACE")
-    else:
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = saved
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default takes too much here
+        engine = vllm.LLM(
+            model=str(tiny_model_dir),
+            enable_lora=True,
+            max_loras=2,  # both slots filled, so index -1 picks a real adapter
+            max_lora_rank=RANK,
+            dtype="float32",
+            max_model_len=256,
+            enforce_eager=True,
+            seed=0,
+        )
+        yield engine
+        # Stops the engine core process now, not at exit after pytest has closed its streams.
+        engine.llm_engine.engine_core.shutdown()
 
 
 def _greedy_ids(model, prompt_ids: list[int]) -> list[int]:
