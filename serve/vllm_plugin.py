@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import logging
 
-logger = logging.getLogger(__name__)
+# Under vLLM's logger, so the line shows with its handler and level in every vLLM process.
+logger = logging.getLogger("vllm.rayft_lora_fix")
 
 # Marks our wrapper, so that a second register() in the same process does nothing.
 _MARK = "_rayft_base_rows_zeroed"
