@@ -132,7 +132,7 @@ def _reference_models(tiny_model_dir, adapters):
     return {key: model.eval() for key, model in models.items()}
 
 
-def test_register_is_idempotent_and_leaves_base_rows_at_zero(monkeypatch):
+def test_register_is_idempotent_leaves_base_rows_at_zero_and_skips_a_fixed_vllm(monkeypatch):
     from vllm.lora.ops import torch_ops
     from vllm.lora.ops.torch_ops import lora_ops
     from vllm.lora.punica_wrapper import punica_cpu
@@ -145,6 +145,14 @@ def test_register_is_idempotent_and_leaves_base_rows_at_zero(monkeypatch):
     register()
     assert all(module.bgmv_shrink is patched for module in bindings)
     assert not _picks_last_slot_for_base_rows(patched)
+
+    def fixed_upstream(*args):  # right already, and not our wrapper: left alone
+        patched(*args)
+
+    for module in bindings:
+        monkeypatch.setattr(module, "bgmv_shrink", fixed_upstream)
+    register()
+    assert all(module.bgmv_shrink is fixed_upstream for module in bindings)
 
 
 @pytest.mark.integration
