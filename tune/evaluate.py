@@ -8,10 +8,15 @@ turns of the conversation), and base + adapter, on the same held-out rows. A gua
 general prompts measures forgetting (reference-answer loss, base vs adapter). The gate passes
 when the adapter beats the best baseline by `gate.margin` on `gate.metric` and the guard loss
 rises by no more than `gate.guard_tolerance`. Everything is written to RUN/eval.json.
+
+Replies (answer metrics, judge inputs, kept samples) come from transformers' `generate` unless
+the config sets `engine: vllm` (vLLM's offline engine, the adapter as a LoRARequest); losses
+always come from transformers.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 from contextlib import nullcontext
@@ -21,7 +26,7 @@ from typing import Annotated, Any, Literal
 
 import torch
 import typer
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from jobs import cli
 from jobs.config import (
@@ -36,7 +41,7 @@ from jobs.config import (
 from jobs.data.prepare import prepare_data
 from jobs.data.render import prompt_and_answer
 from jobs.evaluation import eval_loss, perplexity
-from jobs.model import load_base_model, load_tokenizer
+from jobs.model import load_base_model, load_tokenizer, resolve_model_path
 from jobs.runtime import Runtime
 from jobs.storage import exists as url_exists
 from jobs.storage import local_copy, open_url
@@ -86,6 +91,29 @@ class EvalConfig(Section):
     # The adapter's replies to a task's first rows kept in eval.json, with their prompts: what a
     # reader checks by eye, and what the pipeline's canary replays against the live endpoint.
     keep_samples: int = Field(5, ge=0)
+    # Who writes the replies: transformers' generate (the default: no extra install, the model
+    # that computes the losses, and the engine serve/ answers with, whose replies the pipeline's
+    # canary must match) or vLLM's offline engine (faster on a GPU, and the engine where the
+    # adapter is served on vLLM). `engine_args` go to vllm.LLM as they are, e.g.
+    # {max_model_len: 4096, gpu_memory_utilization: 0.5, enforce_eager: true}.
+    engine: Literal["transformers", "vllm"] = "transformers"
+    engine_args: dict[str, Any] = {}
+
+    @field_validator("engine")
+    @classmethod
+    def _engine_installed(cls, engine: str) -> str:
+        if engine == "vllm" and not vllm_installed():
+            raise ValueError(
+                "vllm is not importable here: install it (pip install vllm) or set "
+                "engine: transformers"
+            )
+        return engine
+
+    @model_validator(mode="after")
+    def _engine_args_need_vllm(self) -> EvalConfig:
+        if self.engine_args and self.engine != "vllm":
+            raise ValueError("engine_args are vllm.LLM arguments: set engine: vllm, or drop them")
+        return self
 
     @model_validator(mode="after")
     def _gate_metric_exists(self) -> EvalConfig:
@@ -103,6 +131,10 @@ def load_eval_config(path: str | Path) -> EvalConfig:
     return validate(EvalConfig, read_yaml(path), str(path))
 
 
+def vllm_installed() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
 # ---------------------------------------------------------------- generation and metrics
 
 
@@ -110,7 +142,7 @@ def load_eval_config(path: str | Path) -> EvalConfig:
 def generate(
     model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int
 ) -> list[str]:
-    """Greedy replies to chat prompts, batched with left padding."""
+    """Greedy replies to chat prompts, batched with left padding, ending at the tokenizer's EOS."""
     model.eval()
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
     replies = []
@@ -227,51 +259,79 @@ def evaluate(
     seed: int = 0,
 ) -> dict[str, Any]:
     """Metrics of base (zero-/few-shot) and base + adapter per task, the guard set, the gate."""
-    models = Models.load(base_model, adapter, cfg.batch_size)
-    results: dict[str, Any] = {
-        "base_model": base_model,
-        "adapter": str(adapter) if adapter else None,
-        "tasks": {},
-    }
-    for task in cfg.tasks:
-        data = task.data or run_data
-        if data is None:
-            raise ConfigError(
-                f"tasks.{task.name}.data: give a data section (or evaluate a run directory)"
-            )
-        prepared = prepare_data(data, models.tokenizer, seed)
-        results["tasks"][task.name], samples = evaluate_task(task, prepared, models, cfg)
-        if samples is not None:
-            results.setdefault("samples", {})[task.name] = samples
-    if cfg.guard is not None:
-        guard = prepare_data(cfg.guard, models.tokenizer, seed)
-        results["guard"] = {
-            f"{k}_loss": v for k, v in models.losses(guard.train + guard.eval).items()
+    models = Models.load(base_model, adapter, cfg.batch_size, cfg.engine, cfg.engine_args)
+    try:
+        results: dict[str, Any] = {
+            "base_model": base_model,
+            "adapter": str(adapter) if adapter else None,
+            "tasks": {},
         }
-    if cfg.gate is not None and models.tuned is not None:
-        results["gate"] = gate(cfg.gate, results)
+        for task in cfg.tasks:
+            data = task.data or run_data
+            if data is None:
+                raise ConfigError(
+                    f"tasks.{task.name}.data: give a data section (or evaluate a run directory)"
+                )
+            prepared = prepare_data(data, models.tokenizer, seed)
+            results["tasks"][task.name], samples = evaluate_task(task, prepared, models, cfg)
+            if samples is not None:
+                results.setdefault("samples", {})[task.name] = samples
+        if cfg.guard is not None:
+            guard = prepare_data(cfg.guard, models.tokenizer, seed)
+            results["guard"] = {
+                f"{k}_loss": v for k, v in models.losses(guard.train + guard.eval).items()
+            }
+        if cfg.gate is not None and models.tuned is not None:
+            results["gate"] = gate(cfg.gate, results)
+    finally:
+        models.close()
     return results
 
 
 @dataclass
 class Models:
     """The base model and, with an adapter, base + adapter: one set of weights, the adapter
-    switched off for the base's numbers."""
+    switched off for the base's numbers; with engine vllm, a vLLM engine writes the replies."""
 
     tokenizer: Any
     base: Any
     tuned: Any | None  # a PeftModel around `base`
     batch_size: int
+    vllm: VLLMGenerator | None = None
 
     @classmethod
-    def load(cls, base_model: str, adapter: Path | None, batch_size: int) -> Models:
+    def load(
+        cls,
+        base_model: str,
+        adapter: Path | None,
+        batch_size: int,
+        engine: str = "transformers",
+        engine_args: dict[str, Any] | None = None,
+    ) -> Models:
         from peft import PeftModel
 
         model_cfg = ModelConfig(name_or_path=base_model)
         tokenizer = load_tokenizer(model_cfg)
         base = load_base_model(model_cfg, torch.device("cpu"))
         tuned = PeftModel.from_pretrained(base, str(adapter)) if adapter else None
-        return cls(tokenizer, base, tuned, batch_size)
+        vllm = None
+        if engine == "vllm":
+            path = resolve_model_path(model_cfg)
+            vllm = VLLMGenerator.start(path, adapter, tokenizer, base.dtype, engine_args or {})
+        return cls(tokenizer, base, tuned, batch_size, vllm)
+
+    def close(self) -> None:
+        """Stops the vLLM engine's processes (the transformers models need nothing)."""
+        if self.vllm is not None:
+            self.vllm.llm.llm_engine.engine_core.shutdown()
+
+    def replies(self, prompts: list[list[dict]], max_new_tokens: int, adapter: bool) -> list[str]:
+        """Greedy replies of base + adapter (adapter=True) or of the base."""
+        if self.vllm is not None:
+            return self.vllm.replies(prompts, max_new_tokens, adapter)
+        with nullcontext() if adapter else self.as_base():
+            model = self.tuned if adapter else self.model
+            return generate(model, self.tokenizer, prompts, max_new_tokens, self.batch_size)
 
     def as_base(self):
         """A context in which `model` answers as the base does."""
@@ -292,6 +352,75 @@ class Models:
     def _loss(self, examples) -> float:
         pad_id, rt = self.tokenizer.pad_token_id, Runtime(torch.device("cpu"))
         return eval_loss(self.model, examples, self.batch_size, pad_id, rt)
+
+
+# vLLM's accepted max_lora_rank values (vllm.config.lora.MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass
+class VLLMGenerator:
+    """Greedy replies from vLLM's offline engine with what `generate` uses: the same chat
+    template token ids, the same stop token (the tokenizer's EOS), the same decoding."""
+
+    llm: Any
+    tokenizer: Any
+    lora: Any | None  # the adapter's LoRARequest
+
+    @classmethod
+    def start(
+        cls, model_path: str, adapter: Path | None, tokenizer, dtype, engine_args: dict[str, Any]
+    ) -> VLLMGenerator:
+        from vllm import LLM
+        from vllm.lora.request import LoRARequest
+
+        args: dict[str, Any] = {"dtype": str(dtype).removeprefix("torch."), "seed": 0}
+        lora = None
+        if adapter:
+            rank = json.loads((Path(adapter) / "adapter_config.json").read_text())["r"]
+            if rank > VLLM_LORA_RANKS[-1]:
+                raise ConfigError(
+                    f"{adapter}: LoRA rank {rank} is above vLLM's {VLLM_LORA_RANKS[-1]}; "
+                    "evaluate it with engine: transformers"
+                )
+            max_rank = min(r for r in VLLM_LORA_RANKS if r >= rank)
+            args.update(enable_lora=True, max_loras=1, max_lora_rank=max_rank)
+            lora = LoRARequest("adapter", 1, str(adapter))
+        llm = LLM(model=model_path, **{**args, **engine_args})
+        return cls(llm, tokenizer, lora)
+
+    def replies(self, prompts: list[list[dict]], max_new_tokens: int, adapter: bool) -> list[str]:
+        """One call holds base rows or adapter rows, never both: a batch without LoRA rows
+        skips vLLM's LoRA ops, so the CPU bug serve/vllm_plugin.py fixes (base rows batched
+        with LoRA rows) cannot reach these replies."""
+        from vllm import SamplingParams
+
+        tok = self.tokenizer
+        ids = [
+            tok(
+                tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
+                add_special_tokens=False,
+            )["input_ids"]
+            for p in prompts
+        ]
+        # ignore_eos drops the generation config's extra EOS ids, as `generate` does when
+        # given eos_token_id; the tokenizer's EOS is the one stop token.
+        params = SamplingParams(
+            temperature=0,
+            max_tokens=max_new_tokens,
+            ignore_eos=True,
+            stop_token_ids=[tok.eos_token_id],
+        )
+        outputs = self.llm.generate(
+            [{"prompt_token_ids": i} for i in ids],
+            params,
+            lora_request=self.lora if adapter else None,
+            use_tqdm=False,
+        )
+        return [
+            tok.decode(out.outputs[0].token_ids, skip_special_tokens=True).strip()
+            for out in outputs
+        ]
 
 
 def evaluate_task(
@@ -325,14 +454,12 @@ def answer_scores(task, prepared, prompts, refs, models: Models, scores) -> list
     variants = {"base": prompts}
     if task.few_shot:
         variants["base_few_shot"] = [with_few_shot(p, shots) for p in prompts]
-    tokenizer, batch = models.tokenizer, models.batch_size
     for who, ps in variants.items():
-        with models.as_base():
-            replies = generate(models.model, tokenizer, ps, task.max_new_tokens, batch)
+        replies = models.replies(ps, task.max_new_tokens, adapter=False)
         scores.setdefault(who, {}).update(answer_metrics(task, ps, replies, refs))
     if models.tuned is None:
         return None
-    replies = generate(models.tuned, tokenizer, prompts, task.max_new_tokens, batch)
+    replies = models.replies(prompts, task.max_new_tokens, adapter=True)
     scores["adapter"].update(answer_metrics(task, prompts, replies, refs))
     return [
         {"prompt": p[-1]["content"], "reference": a, "reply": r, "messages": p}
