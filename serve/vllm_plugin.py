@@ -7,6 +7,7 @@ through the `vllm.general_plugins` entry point `rayft_lora_fix` in pyproject.tom
 from __future__ import annotations
 
 import logging
+import os
 
 # Under vLLM's logger, so the line shows with its handler and level in every vLLM process.
 logger = logging.getLogger("vllm.rayft_lora_fix")
@@ -25,6 +26,11 @@ def register() -> None:
     open). A zero shrink output makes the following expand add nothing to those rows.
     Idempotent; a no-op with a log line where the function is missing or already correct.
     """
+    if (
+        os.environ.get("RAYFT_VLLM_LORA_FIX", "1") == "0"
+    ):  # serve setting vllm.fix_cpu_lora_base_rows
+        logger.info("rayft_lora_fix: off (RAYFT_VLLM_LORA_FIX=0); nothing patched")
+        return
     try:
         from vllm.lora.ops import torch_ops
         from vllm.lora.ops.torch_ops import lora_ops

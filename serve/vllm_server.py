@@ -7,17 +7,21 @@ What is ours here, and why:
   registry through serve/adapters.py, local or s3, and hands vLLM a local directory. The model id
   is the adapter's immutable `NAME@VERSION`: a promotion or rollback is a new id, so a new vLLM
   LoRA id, and no replica serves a stale adapter.
+- Concurrency: the first requests for a new adapter take turns loading it (VllmServer).
 - Resources: on CPU the replica actor takes no CPU of its own and the engine's bundle takes
   `vllm.replica_cpus` (Ray Serve LLM's CPU accelerator config waited forever for resources here).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from ray import serve
 from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
 from ray.llm._internal.serve.core.server.llm_server import LLMServer
 from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
@@ -134,6 +138,10 @@ class VllmServer(LLMServer):
     async def __init__(self, llm_config: LLMConfig, settings: dict):
         from serve.engine import base_name
 
+        # Ray Serve LLM's VLLMEngine.resolve_lora checks "already loaded?" and then loads: two
+        # first requests for one adapter at once both load it, and vLLM refuses the second
+        # ("has already been loaded"). One lock per adapter id makes them take turns.
+        self._lora_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         s = ServeSettings.model_validate(settings)
         names = [s.base_model, *s.base_model_aliases] if s.check_base_name else []
         loader = functools.partial(
@@ -142,6 +150,10 @@ class VllmServer(LLMServer):
             {base_name(n) for n in names if n},
         )
         await super().__init__(llm_config, model_downloader=loader)
+
+    async def _maybe_resolve_lora_from_multiplex(self) -> None:
+        async with self._lora_locks[serve.get_multiplexed_model_id()]:
+            await super()._maybe_resolve_lora_from_multiplex()
 
 
 def vllm_deployment(s: ServeSettings):

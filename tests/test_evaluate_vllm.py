@@ -38,6 +38,7 @@ def vllm_ready():
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # a vLLM engine start; the fast suite has the config checks
 def test_vllm_and_transformers_give_the_same_replies(vllm_ready, tiny_model_dir, tmp_path):
     """Two tasks, so the base answers again after the adapter has taken its vLLM slot (passes
     with VLLM_PLUGINS= too: evaluate never batches base rows with adapter rows)."""

@@ -9,17 +9,12 @@ gave "12/18 rows match": all 6 base rows wrong, the 12 LoRA rows right; with the
 The plugin reaches the engine the way it does in production: through the
 `vllm.general_plugins` entry point, which vLLM loads in each process it starts (here the
 engine core and the worker that runs the model, VLLM_ENABLE_V1_MULTIPROCESSING left at its
-default: a register() in the test process alone would not reach them). Where the
-project's entry point is not installed, a dist-info holding the entry point as pyproject.toml
-declares it is put on sys.path, which the engine core inherits.
+default: a register() in the test process alone would not reach them).
 """
 
 from __future__ import annotations
 
-import contextlib
-import sys
 from importlib.metadata import entry_points
-from pathlib import Path
 
 import pytest
 import torch
@@ -28,12 +23,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serve.testing import make_random_adapter
 from serve.vllm_plugin import _picks_last_slot_for_base_rows, register
-from tests.helpers import REPO
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    tomllib = pytest.importorskip("tomli")
 
 vllm = pytest.importorskip("vllm")
 from vllm.lora.request import LoRARequest  # noqa: E402
@@ -52,35 +41,11 @@ PROMPTS = [
 ]
 
 
-def _declared_entry_point() -> str:
-    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
-    return pyproject["project"]["entry-points"][PLUGIN_GROUP][PLUGIN_NAME]
-
-
-@contextlib.contextmanager
-def plugin_entry_point_on_path(site: Path):
-    """vLLM's plugin loader finds the project's entry point, in this process and in the ones
-    it starts: where the project is not installed, through a dist-info in `site` on sys.path."""
-    if any(ep.name == PLUGIN_NAME for ep in entry_points(group=PLUGIN_GROUP)):
-        yield
-        return
-    dist_info = site / "rayft_lora_fix_test-0.dist-info"
-    dist_info.mkdir()
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: rayft-lora-fix-test\n")
-    (dist_info / "entry_points.txt").write_text(
-        f"[{PLUGIN_GROUP}]\n{PLUGIN_NAME} = {_declared_entry_point()}\n"
-    )
-    sys.path.insert(0, str(site))
-    try:
-        yield
-    finally:
-        sys.path.remove(str(site))
-
-
-@pytest.fixture(scope="module")
-def plugin_entry_point(tmp_path_factory):
-    with plugin_entry_point_on_path(tmp_path_factory.mktemp("entry-point")):
-        yield
+def test_the_fix_is_an_installed_vllm_plugin():
+    """vLLM loads it in every process it starts (engine core, workers, Ray Serve replicas)
+    only through the entry point that `pip install -e .` (make setup) registers."""
+    [plugin] = [ep for ep in entry_points(group=PLUGIN_GROUP) if ep.name == PLUGIN_NAME]
+    assert plugin.value == "serve.vllm_plugin:register"
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +58,7 @@ def adapters(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_model_dir, plugin_entry_point):
+def llm(tiny_model_dir):
     with pytest.MonkeyPatch.context() as env:
         env.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default takes too much here
         engine = vllm.LLM(
@@ -157,6 +122,7 @@ def test_register_is_idempotent_leaves_base_rows_at_zero_and_skips_a_fixed_vllm(
 
 
 @pytest.mark.integration
+@pytest.mark.slow  # the fast suite sees the fix through the endpoint (test_serve_vllm)
 def test_mixed_base_and_lora_batch_matches_peft(llm, tiny_model_dir, adapters):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     # Interleaved, so every batch step holds base rows next to rows of both adapters.
