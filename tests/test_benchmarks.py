@@ -46,6 +46,7 @@ def run_script(script: str, *args: str, timeout: int = 300, prelude: str = "") -
 
 def test_every_benchmark_script_has_a_test():
     tested = {
+        "engines_bench.py",
         "gpu_check.py",
         "packed_bench.py",
         "prepare_bench.py",
@@ -257,3 +258,17 @@ def test_packed_bench_tiny():
     assert "| 4 packed |" in out and "packed / separate wall time:" in out
     assert "packed peak RSS / one separate trial's:" in out
     assert "max relative difference" in out
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_engines_bench_tiny():
+    pytest.importorskip("vllm")
+    out = run_script(
+        "engines_bench.py",
+        *("--requests", "4", "--rate", "4", "--rounds", "1"),
+        *("--max-tokens", "8", "--burst-tokens", "4"),
+        timeout=900,
+    )
+    assert "| poisson | vllm |" in out and "| poisson | hf |" in out
+    assert re.search(r"vllm / hf = \d+\.\d+", out)
