@@ -33,13 +33,14 @@ def check_serve_config(path: Path, check_files: bool = True) -> list[ServeSettin
     listing every problem found (settings first: files are checked only for valid settings)."""
     problems = []
     found = []
-    for where, args in build_app_args(path):
+    for where, args, deployments in build_app_args(path):
         try:
             settings = ServeSettings.model_validate(args)
         except ValidationError as e:
             problems += [f"{where}.args{field}: {message}" for field, message in field_errors(e)]
             continue
         found.append(settings)
+        problems += [f"{where}.{problem}" for problem in deployment_problems(settings, deployments)]
         if check_files:
             problems += [f"{where}.args.{problem}" for problem in file_problems(settings)]
     if problems:
@@ -47,8 +48,9 @@ def check_serve_config(path: Path, check_files: bool = True) -> list[ServeSettin
     return found
 
 
-def build_app_args(path: Path) -> list[tuple[str, dict]]:
-    """(`applications[i] (name)`, args) for each application that runs serve.app:build_app."""
+def build_app_args(path: Path) -> list[tuple[str, dict, list]]:
+    """(`applications[i] (name)`, args, deployments) for each application that runs
+    serve.app:build_app."""
     config = load_yaml(path)
     apps = config.get("applications")
     if not isinstance(apps, list) or not apps:
@@ -63,8 +65,27 @@ def build_app_args(path: Path) -> list[tuple[str, dict]]:
         args = app.get("args") or {}
         if not isinstance(args, dict):
             raise ConfigError(f"{path}: {where}.args: not a mapping of ServeSettings fields")
-        found.append((where, args))
+        found.append((where, args, app.get("deployments") or []))
     return found
+
+
+def deployment_problems(s: ServeSettings, deployments: list) -> list[str]:
+    """`deployments:` entries naming a deployment this engine and layout do not have (Serve
+    would fail the deploy, after the replicas it could start)."""
+    names = {"MultiAdapterServer"}
+    if s.resolved_engine == "vllm":
+        names.add("VllmServer")
+    elif s.resolved_layout == "routed":
+        names.add("ModelServer")
+    problems = []
+    for i, d in enumerate(deployments):
+        name = d.get("name") if isinstance(d, dict) else None
+        if name not in names:
+            problems.append(
+                f"deployments[{i}].name: {name!r} is not a deployment of engine "
+                f"{s.resolved_engine} (layout {s.resolved_layout}): one of {sorted(names)}"
+            )
+    return problems
 
 
 def load_yaml(path: Path) -> dict:

@@ -157,3 +157,14 @@ def test_every_problem_is_reported_at_once_and_files_can_be_left_unchecked(tmp_p
 def test_shipped_serve_configs_pass_the_settings_checks(config):
     (settings,) = check_serve_config(REPO / config, check_files=False)
     assert settings.tenants == "configs/serve-tenants.example.yaml"
+
+
+def test_a_deployment_the_engine_does_not_have_is_named(tmp_path):
+    raw = yaml.safe_load(SERVE_YAML.read_text())
+    raw["applications"][0]["args"]["engine"] = "hf"  # configs/serve.yaml names VllmServer
+    bad = tmp_path / "serve.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(
+        ConfigError, match=r"deployments\[0\]\.name: 'VllmServer' is not a deployment of engine hf"
+    ):
+        check_serve_config(bad, check_files=False)
