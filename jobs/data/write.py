@@ -21,7 +21,7 @@ from jobs.data.split import SPLITS
 if TYPE_CHECKING:
     from jobs.data.prepare import PrepareConfig
 
-OUTPUT_COLUMNS = ["messages", "text", "source", "where", "num_tokens", "score"]
+OUTPUT_COLUMNS = ["messages", "text", "tools", "source", "where", "num_tokens", "score"]
 
 
 class SplitFiles:
