@@ -37,7 +37,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rayft.prepare")
 
-# A turn's tool calls are stored as their JSON text; both tool fields are null without tools.
+PLAIN_MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+# A turn's tool calls are stored as their JSON text; both tool fields are null without tools
+# (and a prepared set without tools is written with PLAIN_MESSAGES_TYPE, as before tools).
 MESSAGES_TYPE = pa.list_(
     pa.struct(
         [
