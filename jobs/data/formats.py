@@ -317,7 +317,9 @@ def checked_call(call: Any, where: str, tools: dict[str, dict]) -> dict:
             f"{where}.function.arguments are not a JSON object "
             f"(a {type(arguments).__name__}: {raw[:40]})"
         )
-    missing = [k for k in tools[name].get("parameters", {}).get("required", []) if k not in arguments]
+    missing = [
+        k for k in tools[name].get("parameters", {}).get("required", []) if k not in arguments
+    ]
     if missing:
         raise RowError(f"{where}.function.arguments lack required {missing} of tool {name!r}")
     canonical = json.dumps(arguments, ensure_ascii=False)
@@ -362,5 +364,8 @@ def check_tool_turn_order(messages: list[dict]) -> None:
 def turn_text(message: dict) -> str:
     """A turn's text for dedup and quality scores: its content, then its tool calls as
     name(arguments). A turn without tool calls: its content, as before tools existed."""
-    calls = [f"{c['function']['name']}({c['function']['arguments']})" for c in message.get("tool_calls") or ()]
+    calls = [
+        f"{c['function']['name']}({c['function']['arguments']})"
+        for c in message.get("tool_calls") or ()
+    ]
     return "\n".join(([message["content"]] if message["content"] else []) + calls)
