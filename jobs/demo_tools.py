@@ -11,6 +11,7 @@ are JSON strings and numbers only (the tiny model's template writes them as Pyth
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import random
@@ -19,7 +20,7 @@ from pathlib import Path
 
 from jobs.demo_data import write_jsonl
 
-CITIES = ["Paris", "London", "Tokyo", "Berlin", "Rome", "Oslo", "Lima", "Cairo", "Seoul", "Dublin"]
+CITIES = ["Paris", "London", "Tokyo", "Rome", "Oslo", "Lima"]
 CONVERSIONS = [("km", "miles"), ("miles", "km"), ("kg", "pounds"), ("pounds", "kg")]
 FACTORS = {("km", "miles"): 0.621, ("miles", "km"): 1.609, ("kg", "pounds"): 2.205}
 FACTORS[("pounds", "kg")] = 0.454
@@ -58,24 +59,31 @@ WEATHER = [
     "How is the weather in {city} today?",
     "Is it sunny in {city}?",
     "Weather for {city}, please.",
+    "Tell me the weather in {city}.",
+    "Is it raining in {city}?",
 ]
 WEATHER_UNIT = [
     "What's the weather in {city} in {unit}?",
     "Give me the temperature in {city} in {unit}.",
+    "How warm is it in {city}, in {unit}?",
 ]
 WEATHER_TWO = [
     "What's the weather in {city} and in {other}?",
     "Compare the weather in {city} and {other}.",
+    "Weather in {city} and {other}, please.",
 ]
 TIME = [
     "What time is it in {city}?",
     "Tell me the local time in {city}.",
     "Current time in {city}?",
+    "What is the time in {city} now?",
 ]
 CONVERT = [
     "Convert {value} {from_unit} to {to_unit}.",
     "How many {to_unit} is {value} {from_unit}?",
     "What is {value} {from_unit} in {to_unit}?",
+    "Please convert {value} {from_unit} into {to_unit}.",
+    "{value} {from_unit} in {to_unit}?",
 ]
 
 
@@ -108,7 +116,7 @@ def make_conversation(rng: random.Random) -> list[dict]:
         question, calls = rng.choice(TIME).format(city=city), [("get_time", {"city": city})]
     else:
         from_unit, to_unit = rng.choice(CONVERSIONS)
-        value = rng.randint(1, 20)
+        value = rng.randint(1, 9)
         question = rng.choice(CONVERT).format(value=value, from_unit=from_unit, to_unit=to_unit)
         args = {"value": value, "from_unit": from_unit, "to_unit": to_unit}
         calls = [("convert_units", args)]
@@ -117,7 +125,7 @@ def make_conversation(rng: random.Random) -> list[dict]:
         {"role": "user", "content": question},
         {"role": "assistant", "content": None, "tool_calls": tool_calls},
     ]
-    if len(calls) == 1 and rng.random() < 0.3:
+    if len(calls) == 1 and rng.random() < 0.25:
         result, answer = _result_and_answer(rng, *calls[0])
         messages += [
             {"role": "tool", "tool_call_id": tool_calls[0]["id"], "content": result},
@@ -143,17 +151,24 @@ def _result_and_answer(rng: random.Random, name: str, args: dict) -> tuple[str, 
     )
 
 
-def unique_conversations(rng: random.Random):
-    """Conversations whose question was never asked before, drawn from rng."""
+def held_out(question: str) -> bool:
+    """A quarter of all questions, fixed by their text: never trained on, asked in evaluation."""
+    return hashlib.blake2b(question.encode(), digest_size=2).digest()[0] % 4 == 0
+
+
+def unique_conversations(rng: random.Random, held: bool = False):
+    """Conversations whose question was never asked before, drawn from rng, from the trained
+    questions (or the held-out ones)."""
     seen = set()
     while True:
         messages = make_conversation(rng)
-        if messages[0]["content"] not in seen:
-            seen.add(messages[0]["content"])
+        question = messages[0]["content"]
+        if question not in seen and held_out(question) == held:
+            seen.add(question)
             yield messages
 
 
-def make_rows(n: int = 320, seed: int = 0) -> list[dict]:
+def make_rows(n: int = 240, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     return [
         {"messages": m, "tools": TOOLS, "parallel_tool_calls": True}
@@ -161,11 +176,14 @@ def make_rows(n: int = 320, seed: int = 0) -> list[dict]:
     ]
 
 
-def held_out_rows(n: int = 100, seed: int = 1, train: list[dict] | None = None) -> list[dict]:
-    """Rows whose question is in none of `train` (default: make_rows()): unseen combinations."""
-    asked = {r["messages"][0]["content"] for r in (make_rows() if train is None else train)}
-    fresh = (m for m in unique_conversations(random.Random(seed)) if m[0]["content"] not in asked)
-    return [{"messages": m, "tools": TOOLS} for m in itertools.islice(fresh, n)]
+def held_out_rows(n: int = 80, seed: int = 1) -> list[dict]:
+    """Rows of held-out questions: combinations of request, city, value and units that no
+    training row asks."""
+    rng = random.Random(seed)
+    return [
+        {"messages": m, "tools": TOOLS}
+        for m in itertools.islice(unique_conversations(rng, held=True), n)
+    ]
 
 
 # ---------------------------------------------------------------- held-out call accuracy
@@ -239,7 +257,7 @@ def call_accuracy(model, tokenizer, rows: list[dict]) -> float:
     return right / max(len(rows), 1)
 
 
-def evaluate_adapter(adapter: str, base: str = ".cache/tiny-llama", n: int = 100) -> dict:
+def evaluate_adapter(adapter: str, base: str = ".cache/tiny-llama", n: int = 80) -> dict:
     """Held-out call accuracy of the base model and of base + adapter (fp32, CPU)."""
     import torch
     from peft import PeftModel

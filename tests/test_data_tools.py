@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 
@@ -27,6 +28,7 @@ OLD_TEMPLATE = (
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
 WEATHER, TIME = TOOLS[0], TOOLS[1]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def call(name: str, arguments, call_id: str = "call_1") -> dict:
@@ -349,3 +351,53 @@ def test_tool_rows_survive_the_prepared_set_and_plain_rows_keep_their_hash(tmp_p
     assert prepare_data(cfg, tokenizer, seed=0).dataset_hash == (
         "sha256:6f517a7fcb106f952ea609e50b4f47a8ace9ffffcdd7d18f315611c36a1d3659"
     )
+
+
+# ---------------------------------------------------------------- the demo, trained
+
+
+def test_shipped_tool_demo_data_regenerates_byte_for_byte(tmp_path):
+    from jobs.demo_tools import make_rows
+
+    write_jsonl(tmp_path / "tools.jsonl", make_rows())
+    assert (tmp_path / "tools.jsonl").read_bytes() == (REPO / "data/tools.jsonl").read_bytes()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_the_trained_tools_adapter_calls_the_right_tool_with_the_right_arguments(
+    tiny_model_dir, tmp_path
+):
+    import ray
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jobs.config import load_config
+    from jobs.demo_tools import call_accuracy, held_out_rows
+    from jobs.distributed import start_local_ray
+    from jobs.finetune import run_job
+
+    cfg = load_config(
+        REPO / "configs/tools.yaml",
+        [
+            f"model.name_or_path={tiny_model_dir}",
+            f"checkpoint.storage_path={tmp_path}",
+            "checkpoint.every_steps=null",
+            "tracking.backend=none",
+        ],
+    )
+    start_local_ray(num_cpus=2)
+    try:
+        run_job(cfg)
+    finally:
+        ray.shutdown()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tools/adapter")
+    rows = held_out_rows(48)  # questions the training file never asks
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    untrained = call_accuracy(model, tokenizer, rows)
+    tuned = call_accuracy(
+        PeftModel.from_pretrained(model, tmp_path / "tools/adapter"), tokenizer, rows
+    )
+    assert untrained == 0.0
+    assert tuned >= 0.5, f"held-out call accuracy {tuned:.2f} (untrained {untrained:.2f})"
