@@ -23,17 +23,17 @@ SPECIAL = [BOS, EOS, PAD, "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|
 # conversation's prefixes are prefixes of the whole render, which loss masking relies on.
 #
 # Tools (for vLLM's `pythonic` tool-call parser, as Llama 3.2 calls them): a system block
-# lists the functions as Python signatures, `get_weather(city: string, unit: string = None) #
-# Current weather in a city.`, an assistant's calls are one Python list of keyword calls,
+# lists the functions as Python signatures, `get_weather(city, unit=None) # Weather in a
+# city.` (optional parameters default to None), an assistant's calls are one Python list of keyword calls,
 # `[get_weather(city="Paris"), convert_units(value=3, from_unit="km", to_unit="miles")]`, and a
-# tool result is a turn of its own role, `ipython`. Signatures, not the tools' JSON: with this
+# tool result is a turn of its own role, `ipython`. Short signatures, not the tools' JSON: with this
 # 700-token vocabulary a JSON schema is ~150 tokens a tool, and a 2-layer model trained from
 # random weights learns far slower when the question is a few tokens among hundreds. Without
 # tools none of this renders: a conversation renders exactly as before tools existed.
 # Argument values are written with tojson: JSON strings and numbers are Python literals too,
 # but JSON true/false/null are not (vLLM's parser reads those names back; a strict Python
 # reader would not), so the demo keeps to strings and numbers.
-TOOLS_HEADER = "Functions you can call; to call them, reply with only a Python list of calls.\n"
+TOOLS_HEADER = "Tools; to call them, reply with a Python list of calls:\n"
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% if tools %}"
@@ -43,8 +43,7 @@ CHAT_TEMPLATE = (
     "{% set required = params.required if params.required is defined else [] %}"
     "{{ fn.name }}("
     "{% for name, spec in (params.properties if params.properties is defined else {}).items() %}"
-    "{{ name }}: {{ spec.type if spec.type is defined else 'any' }}"
-    "{% if name not in required %} = None{% endif %}{% if not loop.last %}, {% endif %}"
+    "{{ name }}{% if name not in required %}=None{% endif %}{% if not loop.last %}, {% endif %}"
     "{% endfor %})"
     "{{ ' # ' + fn.description if fn.description else '' }}\n"
     "{% endfor %}<|eot_id|>"

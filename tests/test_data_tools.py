@@ -276,9 +276,9 @@ def test_conversations_without_tools_render_exactly_as_with_the_old_template(
 
 TOOL_RENDER = (
     "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
-    "Functions you can call; to call them, reply with only a Python list of calls.\n"
-    "get_weather(city: string, unit: string = None) # Weather in a city.\n"
-    "get_time(city: string) # Time in a city.\n"
+    "Tools; to call them, reply with a Python list of calls:\n"
+    "get_weather(city, unit=None) # Weather in a city.\n"
+    "get_time(city) # Time in a city.\n"
     "<|eot_id|><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
     "<|start_header_id|>user<|end_header_id|>\n\nWeather in Paris?<|eot_id|>"
     "<|start_header_id|>assistant<|end_header_id|>\n\n"
@@ -328,7 +328,7 @@ def test_labels_cover_the_assistant_turns_and_the_call_only(tokenizer):
     )
     # the tools header, the question and the tool's result are prompt
     prompt = tokenizer.decode([i for i, label in zip(ids, labels, strict=True) if label == -100])
-    assert "get_time(city: string)" in prompt and '{"temperature": 18}' in prompt
+    assert "get_time(city)" in prompt and '{"temperature": 18}' in prompt
 
 
 def test_tool_rows_survive_the_prepared_set_and_plain_rows_keep_their_hash(tmp_path, tokenizer):
