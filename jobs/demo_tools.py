@@ -22,8 +22,12 @@ from jobs.demo_data import write_jsonl
 
 CITIES = ["Paris", "London", "Tokyo", "Rome", "Oslo", "Lima"]
 CONVERSIONS = [("km", "miles"), ("miles", "km"), ("kg", "pounds"), ("pounds", "kg")]
-FACTORS = {("km", "miles"): 0.621, ("miles", "km"): 1.609, ("kg", "pounds"): 2.205}
-FACTORS[("pounds", "kg")] = 0.454
+FACTORS = {
+    ("km", "miles"): 0.621,
+    ("miles", "km"): 1.609,
+    ("kg", "pounds"): 2.205,
+    ("pounds", "kg"): 0.454,
+}
 SKIES = ["sunny", "cloudy", "rainy", "windy", "foggy"]
 
 
