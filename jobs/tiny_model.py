@@ -21,11 +21,55 @@ SPECIAL = [BOS, EOS, PAD, "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|
 
 # Llama-3 style: each turn is a header plus content closed by <|eot_id|>. Renders of a
 # conversation's prefixes are prefixes of the whole render, which loss masking relies on.
+#
+# Tools (for vLLM's `pythonic` tool-call parser, as Llama 3.2 calls them): a system block
+# lists the functions as Python signatures, `get_weather(city, unit=None) # Weather in a
+# city.` (optional parameters default to None), an assistant's calls are one Python list of keyword calls,
+# `[get_weather(city="Paris"), convert_units(value=3, from_unit="km", to_unit="miles")]`, and a
+# tool result is a turn of its own role, `ipython`. Short signatures, not the tools' JSON: with this
+# 700-token vocabulary a JSON schema is ~150 tokens a tool, and a 2-layer model trained from
+# random weights learns far slower when the question is a few tokens among hundreds. Without
+# tools none of this renders: a conversation renders exactly as before tools existed.
+# Argument values are written with tojson: JSON strings and numbers are Python literals too,
+# but JSON true/false/null are not (vLLM's parser reads those names back; a strict Python
+# reader would not), so the demo keeps to strings and numbers.
+TOOLS_HEADER = "Tools; to call them, reply with a Python list of calls:\n"
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}"
+    "<|start_header_id|>system<|end_header_id|>\n\n" + TOOLS_HEADER + "{% for tool in tools %}"
+    "{% set fn = tool.function if tool.function is defined else tool %}"
+    "{% set params = fn.parameters if fn.parameters is defined else {} %}"
+    "{% set required = params.required if params.required is defined else [] %}"
+    "{{ fn.name }}("
+    "{% for name, spec in (params.properties if params.properties is defined else {}).items() %}"
+    "{{ name }}{% if name not in required %}=None{% endif %}{% if not loop.last %}, {% endif %}"
+    "{% endfor %})"
+    "{{ ' # ' + fn.description if fn.description else '' }}\n"
+    "{% endfor %}<|eot_id|>"
+    "{% endif %}"
     "{% for message in messages %}"
-    "<|start_header_id|>{{ message['role'] }}<|end_header_id|>\n\n"
+    "{% if message['role'] == 'assistant' and message.tool_calls %}"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    "{% if message['content'] %}{{ message['content'] | trim }}\n\n{% endif %}"
+    "["
+    "{% for call in message.tool_calls %}"
+    "{% set fn = call.function if call.function is defined else call %}"
+    "{% if fn.arguments is string %}"
+    "{{ raise_exception('tool call arguments must be a dict, not JSON text') }}"
+    "{% endif %}"
+    "{{ fn.name }}("
+    "{% for name, value in fn.arguments.items() %}"
+    "{{ name }}={{ value | tojson }}{% if not loop.last %}, {% endif %}"
+    "{% endfor %}"
+    "){% if not loop.last %}, {% endif %}"
+    "{% endfor %}"
+    "]<|eot_id|>"
+    "{% else %}"
+    "<|start_header_id|>{{ 'ipython' if message['role'] == 'tool' else message['role'] }}"
+    "<|end_header_id|>\n\n"
     "{{ message['content'] | trim }}<|eot_id|>"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
 )
@@ -79,7 +123,8 @@ def main(
     layers: int = typer.Option(2),
 ) -> None:
     """Build the tiny model and tokenizer into OUT_DIR (skipped when already built the same way)."""
-    recipe = {"seed": seed, "hidden": hidden, "layers": layers, "version": 2}
+    # version 3: the chat template renders tools (same vocabulary and weights as version 2)
+    recipe = {"seed": seed, "hidden": hidden, "layers": layers, "version": 3}
     marker = out_dir / "tiny_model.json"
     if marker.is_file() and json.loads(marker.read_text()) == recipe:
         print(f"tiny model already at {out_dir}")

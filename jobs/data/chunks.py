@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import logging
 from collections import Counter
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ import pyarrow.parquet as pq
 from jobs.config import ConfigError, DataConfig
 from jobs.data.dedup import signatures
 from jobs.data.drops import Drop, DroppedLog, malformed_kind
-from jobs.data.formats import to_example
+from jobs.data.formats import to_example, turn_text
 from jobs.data.normalize import example_key, normalize_example
 from jobs.data.quality import heuristic_score
 from jobs.data.render import render
@@ -36,7 +37,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("rayft.prepare")
 
-MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+PLAIN_MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+# A turn's tool calls are stored as their JSON text; both tool fields are null without tools
+# (and a prepared set without tools is written with PLAIN_MESSAGES_TYPE, as before tools).
+MESSAGES_TYPE = pa.list_(
+    pa.struct(
+        [
+            ("role", pa.string()),
+            ("content", pa.string()),
+            ("tool_calls", pa.string()),
+            ("tool_call_id", pa.string()),
+        ]
+    )
+)
 Chunk = list[tuple[str, int, Any]]  # (where, source index, raw row)
 
 
@@ -73,7 +86,49 @@ def dedup_text(example: dict[str, Any]) -> str:
     shares and which would make every short row look like every other."""
     if "text" in example:
         return example["text"]
-    return "\n".join(m["content"] for m in example["messages"] if m["role"] != "system")
+    return "\n".join(turn_text(m) for m in example["messages"] if m["role"] != "system")
+
+
+def stored_messages(example: dict[str, Any]) -> list[dict] | None:
+    """An example's messages as the Parquet column holds them (MESSAGES_TYPE)."""
+    if "messages" not in example:
+        return None
+    return [
+        {**m, "tool_calls": json.dumps(m["tool_calls"], ensure_ascii=False)}
+        if "tool_calls" in m
+        else m
+        for m in example["messages"]
+    ]
+
+
+def stored_tools(example: dict[str, Any]) -> str | None:
+    return json.dumps(example["tools"], ensure_ascii=False) if "tools" in example else None
+
+
+def example_from_columns(messages: list[dict] | None, text: str | None, tools: str | None):
+    """The example a stored row was made from (stored_messages, stored_tools read back)."""
+    if messages is None:
+        return {"text": text}
+    turns = []
+    for m in messages:
+        turn = {"role": m["role"], "content": m["content"]}
+        if m.get("tool_calls") is not None:
+            turn["tool_calls"] = json.loads(m["tool_calls"])
+        if m.get("tool_call_id") is not None:
+            turn["tool_call_id"] = m["tool_call_id"]
+        turns.append(turn)
+    if tools is None:
+        return {"messages": turns}
+    return {"messages": turns, "tools": json.loads(tools)}
+
+
+def read_examples(table: pa.Table) -> list[dict[str, Any]]:
+    """The examples of a table of stored rows (a shard, or a split of a prepared set; one
+    written before tools existed has no tools column)."""
+    messages, texts = table.column("messages").to_pylist(), table.column("text").to_pylist()
+    names = table.column_names
+    tools = table.column("tools").to_pylist() if "tools" in names else [None] * len(texts)
+    return [example_from_columns(*row) for row in zip(messages, texts, tools, strict=True)]
 
 
 def process_chunk(
@@ -132,8 +187,9 @@ def chunk_table(kept: Kept, cfg: DataConfig, tokenizer) -> pa.Table:
         {
             "where": pa.array(kept.where, pa.string()),
             "source": pa.array(kept.source, pa.int32()),
-            "messages": pa.array([e.get("messages") for e in kept.examples], MESSAGES_TYPE),
+            "messages": pa.array([stored_messages(e) for e in kept.examples], MESSAGES_TYPE),
             "text": pa.array([e.get("text") for e in kept.examples], pa.string()),
+            "tools": pa.array([stored_tools(e) for e in kept.examples], pa.string()),
             "num_tokens": pa.array(num_tokens, pa.int32()),
             "score": pa.array([s for s, _ in scores], pa.float32()),
             "score_reason": pa.array([r for _, r in scores], pa.string()),

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs.config import DataConfig, LengthConfig, QualityConfig
+from jobs.data.chunks import read_examples
 from jobs.data.dedup import exact_duplicate_of, near_duplicate_of
 from jobs.data.drops import KEPT, Drop
 from jobs.data.quality import JudgeScorer
@@ -131,10 +132,6 @@ def _mark_quality(code, score, rank, shards, quality: QualityConfig) -> dict[int
 
 def _examples(shards: list[Path], indices: np.ndarray) -> list[dict[str, Any]]:
     """The rows at `indices`, as examples (for the judge)."""
-    table = pa.concat_tables(pq.read_table(p, columns=["messages", "text"]) for p in shards)
-    table = table.take(pa.array(indices))
-    messages, texts = table.column("messages").to_pylist(), table.column("text").to_pylist()
-    return [
-        {"messages": m} if m is not None else {"text": t}
-        for m, t in zip(messages, texts, strict=True)
-    ]
+    columns = ["messages", "text", "tools"]
+    table = pa.concat_tables(pq.read_table(p, columns=columns) for p in shards)
+    return read_examples(table.take(pa.array(indices)))

@@ -43,6 +43,14 @@ COUNT_NAMES = {
 DECIDED = (Drop.EXACT, Drop.NEAR, Drop.SHORT, Drop.LONG, Drop.LOW)
 # The count key of a malformed row: the first of these its reason contains.
 MALFORMED_KINDS = (
+    # rows with tools (formats.to_tool_example); before the generic kinds their reasons contain
+    "malformed tool",
+    "unknown tool",
+    "arguments are not valid JSON",
+    "arguments are not a JSON object",
+    "arguments lack required",
+    "matches no earlier call",
+    "parallel_tool_calls: false",
     "invalid JSON",
     "invalid UTF-8",
     "unknown role",

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 
 from jobs import storage
 from jobs.config import ConfigError
-from jobs.data.chunks import Shards
+from jobs.data.chunks import Shards, read_examples
 from jobs.data.decisions import Decision
 from jobs.data.drops import DECIDED, KEPT, Drop
 from jobs.data.sources import file_sha256
@@ -137,9 +137,5 @@ def read_split(path: str, name: str) -> list[tuple[str, dict[str, Any]]]:
     if name not in manifest["files"]:
         return []
     with storage.open_url(storage.join(path, manifest["files"][name])) as f:
-        table = pq.read_table(f, columns=["where", "messages", "text"])
-    columns = (table.column(c).to_pylist() for c in ("where", "messages", "text"))
-    return [
-        (w, {"messages": m} if m is not None else {"text": t})
-        for w, m, t in zip(*columns, strict=True)
-    ]
+        table = pq.read_table(f)
+    return list(zip(table.column("where").to_pylist(), read_examples(table), strict=True))

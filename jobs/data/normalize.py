@@ -36,10 +36,15 @@ def normalize_example(example: dict[str, Any], cfg: NormalizeConfig) -> dict[str
         return {"text": text}
     messages = []
     for i, m in enumerate(example["messages"]):
+        if m["content"] is None:  # a turn of tool calls only
+            messages.append(m)
+            continue
         content = normalize_text(m["content"], cfg)
-        if not content:
+        if not content and not m.get("tool_calls"):
             raise RowError(f"messages[{i}]: empty content after normalization")
-        messages.append({"role": m["role"], "content": content})
+        messages.append({**m, "content": content or None})
+    if "tools" in example:
+        return {"messages": messages, "tools": example["tools"]}
     return {"messages": messages}
 
 

@@ -152,8 +152,10 @@ def prepare_data(
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     _check_usable(train, eval_, manifest)
-    convs = [e["messages"] for e in eval_examples if "messages" in e]
-    samples = [e["messages"] for e in train_examples[:64] if "messages" in e]
+    # Generated-answer metrics and few-shot samples are plain chats: a conversation with tools
+    # needs its tools header in the prompt (jobs.demo_tools measures tool calls).
+    convs = [e["messages"] for e in eval_examples if "messages" in e and "tools" not in e]
+    samples = [e["messages"] for e in train_examples[:64] if "messages" in e and "tools" not in e]
     return PreparedData(train, eval_, convs, manifest["dataset_hash"], report, samples)
 
 

@@ -8,6 +8,7 @@ rubric; it runs only on the rows that survive the other filters, since every cal
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import unicodedata
@@ -15,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from jobs.config import ConfigError, JudgeConfig
+from jobs.data.formats import turn_text
 
 DEFAULT_RUBRIC = (
     "You grade training examples for fine-tuning a chat assistant. Rate the assistant's answers "
@@ -28,7 +30,7 @@ SCORE = re.compile(r"\b(10|[1-9])(?:\.\d+)?\b")
 def answer_text(example: dict[str, Any]) -> str:
     if "text" in example:
         return example["text"]
-    return "\n".join(m["content"] for m in example["messages"] if m["role"] == "assistant")
+    return "\n".join(turn_text(m) for m in example["messages"] if m["role"] == "assistant")
 
 
 def repetition(text: str, n: int = 3) -> float:
@@ -79,7 +81,10 @@ class JudgeScorer:
     def _prompt(self, example: dict[str, Any]) -> str:
         if "text" in example:
             return f"Text:\n{example['text']}"
-        return "\n\n".join(f"{m['role'].upper()}:\n{m['content']}" for m in example["messages"])
+        turns = [f"{m['role'].upper()}:\n{turn_text(m)}" for m in example["messages"]]
+        if example.get("tools"):
+            turns.insert(0, f"TOOLS:\n{json.dumps(example['tools'], ensure_ascii=False)}")
+        return "\n\n".join(turns)
 
     def score_one(self, example: dict[str, Any]) -> tuple[float, str]:
         try:

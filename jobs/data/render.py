@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from jobs.config import ConfigError, DataConfig
@@ -14,7 +15,29 @@ def render(example: dict[str, Any], tokenizer) -> str:
     """The text a model is trained on: the chat template's render, or the plain text."""
     if "text" in example:
         return example["text"]
-    return tokenizer.apply_chat_template(example["messages"], tokenize=False)
+    return tokenizer.apply_chat_template(
+        template_messages(example["messages"]), tokenize=False, **tools_kwargs(example.get("tools"))
+    )
+
+
+def tools_kwargs(tools: list[dict] | None) -> dict[str, Any]:
+    """apply_chat_template's keyword for a conversation's tools; none without tools, so those
+    render exactly as they always have."""
+    return {"tools": tools} if tools else {}
+
+
+def template_messages(messages: list[dict]) -> list[dict]:
+    """Messages as chat templates take them: a tool call's arguments as a dict, not the JSON
+    text of OpenAI's format (jinja cannot parse JSON)."""
+    return [
+        {**m, "tool_calls": [parsed_call(c) for c in m["tool_calls"]]} if m.get("tool_calls") else m
+        for m in messages
+    ]
+
+
+def parsed_call(call: dict) -> dict:
+    fn = call["function"]
+    return {**call, "function": {**fn, "arguments": json.loads(fn["arguments"])}}
 
 
 # ---------------------------------------------------------------- messages -> token ids
@@ -32,25 +55,30 @@ def tokenize_text(text: str, tokenizer, max_seq_len: int) -> dict[str, list[int]
 def tokenize_example(example: dict[str, Any], tokenizer, max_seq_len: int):
     if "text" in example:
         return tokenize_text(example["text"], tokenizer, max_seq_len)
-    return render_and_mask(example["messages"], tokenizer, max_seq_len)
+    return render_and_mask(example["messages"], tokenizer, max_seq_len, example.get("tools"))
 
 
-def render_and_mask(messages: list[dict], tokenizer, max_seq_len: int) -> dict[str, list[int]]:
+def render_and_mask(
+    messages: list[dict], tokenizer, max_seq_len: int, tools: list[dict] | None = None
+) -> dict[str, list[int]]:
     """Render with the chat template; labels are the token ids of assistant turns, else -100.
 
     An assistant turn's text is what its render adds after the prompt for it (the generation
-    prompt), so its closing end-of-turn token is learned too. Tokens are matched to turns by their
-    character offsets in the full render, so the ids are exactly those of the whole text.
+    prompt), so its closing end-of-turn token is learned too; a turn of tool calls is learned
+    like any answer, while the tools header and the tool results are prompt. Tokens are matched
+    to turns by their character offsets in the full render, so the ids are exactly those of the
+    whole text.
     """
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    messages, kw = template_messages(messages), tools_kwargs(tools)
+    full = tokenizer.apply_chat_template(messages, tokenize=False, **kw)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         before = tokenizer.apply_chat_template(
-            messages[:i], tokenize=False, add_generation_prompt=True
+            messages[:i], tokenize=False, add_generation_prompt=True, **kw
         )
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False, **kw)
         if not (full.startswith(before) and full.startswith(upto)):
             raise ConfigError(
                 "the tokenizer's chat template does not render conversations prefix by prefix; "

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from jobs import storage
+from jobs.data.chunks import PLAIN_MESSAGES_TYPE
 from jobs.data.decisions import Decision, column
 from jobs.data.drops import KEPT, Drop, DroppedLog
 from jobs.data.split import SPLITS
@@ -22,21 +23,27 @@ if TYPE_CHECKING:
     from jobs.data.prepare import PrepareConfig
 
 OUTPUT_COLUMNS = ["messages", "text", "source", "where", "num_tokens", "score"]
+TOOL_COLUMNS = [*OUTPUT_COLUMNS, "tools"]  # a set with tool-calling rows
 
 
 class SplitFiles:
     """OUTPUT/{train,eval,test}.parquet, each opened at its first row, and the content hashes
     of the rows each received, in order (what the dataset hash covers)."""
 
-    def __init__(self, output: str):
+    def __init__(self, output: str, with_tools: bool):
         self.output = output
+        self.with_tools = with_tools
         self.writers: dict[str, pq.ParquetWriter] = {}
         self.handles = []
         self.hashes: dict[str, list[bytes]] = {s: [] for s in SPLITS}
         self.rows = dict.fromkeys(SPLITS, 0)
 
     def write(self, name: str, table: pa.Table, hashes: np.ndarray) -> None:
-        table = table.select(OUTPUT_COLUMNS)
+        if self.with_tools:
+            table = table.select(TOOL_COLUMNS)
+        else:  # the same files as before tools existed
+            table = table.select(OUTPUT_COLUMNS)
+            table = table.set_column(0, "messages", table["messages"].cast(PLAIN_MESSAGES_TYPE))
         if name not in self.writers:
             url = storage.join(self.output, f"{name}.parquet")
             self.handles.append(storage.open_url(url, "wb").open())
@@ -60,7 +67,7 @@ def write_splits(
     task = progress.add_task("write", total=len(decision.code))
     # duplicates name the row they duplicate
     where_all = column(shards, "where") if (decision.dup_of >= 0).any() else None
-    files = SplitFiles(cfg.output)
+    files = SplitFiles(cfg.output, with_tools=any(_has_tools(path) for path in shards))
     offset = 0
     for path in shards:
         table = pq.read_table(path)
@@ -81,6 +88,11 @@ def write_splits(
         for chunk in files.hashes[name]:
             digest.update(chunk)
     return "sha256:" + digest.hexdigest(), files.rows
+
+
+def _has_tools(shard: Path) -> bool:
+    tools = pq.read_table(shard, columns=["tools"]).column("tools")
+    return tools.null_count < len(tools)
 
 
 def _log_drop(
