@@ -30,6 +30,35 @@ def tokenizer(tiny_model_dir):
 
 
 @pytest.fixture(scope="session")
+def tools_adapter(tiny_model_dir, tmp_path_factory) -> Path:
+    """configs/tools.yaml trained once for the session (~4 min on 2 CPUs): the tool-calling
+    adapter that tests/test_data_tools.py scores offline and tests/test_serve_vllm_tools.py
+    serves. Only tests marked slow ask for it."""
+    import ray
+
+    from jobs.config import load_config
+    from jobs.distributed import start_local_ray
+    from jobs.finetune import run_job
+
+    out = tmp_path_factory.mktemp("tools-run")
+    cfg = load_config(
+        Path(__file__).resolve().parents[1] / "configs/tools.yaml",
+        [
+            f"model.name_or_path={tiny_model_dir}",
+            f"checkpoint.storage_path={out}",
+            "checkpoint.every_steps=null",
+            "tracking.backend=none",
+        ],
+    )
+    start_local_ray(num_cpus=2)
+    try:
+        run_job(cfg)
+    finally:
+        ray.shutdown()
+    return out / "tools/adapter"
+
+
+@pytest.fixture(scope="session")
 def head():
     """A real `ray start --head` with token auth, its token passed as RAY_AUTH_TOKEN so that no
     test reads or writes ~/.ray. Stopped through its own process group: `ray stop` would stop

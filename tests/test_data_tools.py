@@ -366,38 +366,18 @@ def test_shipped_tool_demo_data_regenerates_byte_for_byte(tmp_path):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_the_trained_tools_adapter_calls_the_right_tool_with_the_right_arguments(
-    tiny_model_dir, tmp_path
+    tiny_model_dir, tools_adapter
 ):
-    import ray
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from jobs.config import load_config
     from jobs.demo_tools import call_accuracy, held_out_rows
-    from jobs.distributed import start_local_ray
-    from jobs.finetune import run_job
 
-    cfg = load_config(
-        REPO / "configs/tools.yaml",
-        [
-            f"model.name_or_path={tiny_model_dir}",
-            f"checkpoint.storage_path={tmp_path}",
-            "checkpoint.every_steps=null",
-            "tracking.backend=none",
-        ],
-    )
-    start_local_ray(num_cpus=2)
-    try:
-        run_job(cfg)
-    finally:
-        ray.shutdown()
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "tools/adapter")
+    tokenizer = AutoTokenizer.from_pretrained(tools_adapter)
     rows = held_out_rows(48)  # questions the training file never asks
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     untrained = call_accuracy(model, tokenizer, rows)
-    tuned = call_accuracy(
-        PeftModel.from_pretrained(model, tmp_path / "tools/adapter"), tokenizer, rows
-    )
+    tuned = call_accuracy(PeftModel.from_pretrained(model, tools_adapter), tokenizer, rows)
     assert untrained == 0.0
     assert tuned >= 0.2, f"held-out call accuracy {tuned:.2f} (untrained {untrained:.2f})"
