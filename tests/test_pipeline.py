@@ -139,7 +139,7 @@ def test_pipeline_serves_the_gated_adapter_and_traces_its_answers_to_the_data(pi
     from ray.serve.context import _get_global_client
 
     app = _get_global_client().get_serve_details()["applications"]["rayft"]
-    deployed = app["deployments"]["MultiAdapterServer"]["deployment_config"]
+    deployed = app["deployments"]["VllmServer"]["deployment_config"]  # configs/serve.yaml: vllm
     assert deployed["autoscaling_config"]["max_replicas"] == 4
     assert deployed["autoscaling_config"]["target_ongoing_requests"] == 16
 
