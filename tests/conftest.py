@@ -31,7 +31,7 @@ def tokenizer(tiny_model_dir):
 
 @pytest.fixture(scope="session")
 def tools_adapter(tiny_model_dir, tmp_path_factory) -> Path:
-    """configs/tools.yaml trained once for the session (~4 min on 2 CPUs): the tool-calling
+    """configs/tools.yaml trained once for the session, at half its steps (~2 min on 2 CPUs): the tool-calling
     adapter that tests/test_data_tools.py scores offline and tests/test_serve_vllm_tools.py
     serves. Only tests marked slow ask for it."""
     import ray
@@ -48,6 +48,9 @@ def tools_adapter(tiny_model_dir, tmp_path_factory) -> Path:
             f"checkpoint.storage_path={out}",
             "checkpoint.every_steps=null",
             "tracking.backend=none",
+            # Half the shipped config's steps (about 800): the calls' format and tools are
+            # learned, the arguments partly (0.19 held out, vs 0.38 at the full 1,600).
+            "train.epochs=16",
         ],
     )
     start_local_ray(num_cpus=2)
