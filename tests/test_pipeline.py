@@ -15,7 +15,6 @@ from pathlib import Path
 import openai
 import pytest
 import yaml
-from tune.registry import Registry, lineage_chain
 
 from jobs.config import ConfigError
 from jobs.data.sources import file_sha256
@@ -23,6 +22,7 @@ from serve.tenants import hash_key
 from serve.testing import make_random_adapter
 from tests.helpers import REPO, free_port
 from tune.pipeline import load_pipeline_config, run_pipeline
+from tune.registry import Registry, lineage_chain
 
 KEY = "sk-test-pipeline-canary-0001"  # must never reach the report, logs or lineage
 TTL = 0.2  # the app's alias_ttl_s
