@@ -159,7 +159,9 @@ def wait_for_wandb_file(path: str | Path, timeout_s: float = 60.0) -> None:
         except (OSError, ValueError):  # not there yet, or its tail is mid-write
             pass
         if time.monotonic() > deadline:
-            logger.warning("%s: wandb has not written the run's exit record after %.0f s", path, timeout_s)
+            logger.warning(
+                "%s: wandb has not written the run's exit record after %.0f s", path, timeout_s
+            )
             return
         time.sleep(0.05)
 
