@@ -27,13 +27,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
-from ray.exceptions import RayActorError
 from ray.serve.config import RequestRouterConfig
-from ray.serve.exceptions import (
-    BackPressureError,
-    DeploymentUnavailableError,
-    ReplicaUnavailableError,
-)
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -46,7 +40,6 @@ from serve.errors import (
     ContextTooLong,
     InvalidRequest,
     ModelNotFound,
-    Overloaded,
 )
 from serve.limits import LocalLimits, Release, SharedLimits, limiter_name
 from serve.metrics import Metrics
@@ -62,6 +55,7 @@ from serve.protocol import (
     parse_body,
     stream_chunk,
 )
+from serve.replicas import REPLICA_GONE, overloaded, with_replica_retries
 from serve.routing import AdapterAffinityRouter
 from serve.tenants import Tenant, Tenants
 from serve.vllm_gateway import Usage, VllmUpstream, engine_request, sse_events
@@ -73,18 +67,6 @@ REPLICA_HEADER = "x-model-replica"  # the replica that generated: routing is vis
 # Rows and distinct adapters of the batch a request ran in; sent with expose_metrics (like
 # /metrics, it tells a client something about the load from others).
 BATCH_HEADER = "x-batch"
-# A model replica that dies under a request: the request is sent again (to another replica) this
-# many times. Generation has no side effects, so running it twice is safe.
-REPLICA_RETRIES = 2
-REPLICA_GONE = (RayActorError, ReplicaUnavailableError)
-RETRY_AFTER_S = 1
-
-
-def overloaded(why: str) -> Overloaded:
-    return Overloaded(
-        f"The server is overloaded ({why}); retry after {RETRY_AFTER_S} s.",
-        headers={"Retry-After": str(RETRY_AFTER_S)},
-    )
 
 
 api = FastAPI(title="rayft serve", docs_url=None, redoc_url=None)
@@ -419,22 +401,10 @@ class MultiAdapterServer:
         """The job's result and the replica that generated it."""
         if self.worker is not None:
             return await self.worker.generate(job), self.worker.replica
-        for attempt in range(REPLICA_RETRIES + 1):
-            try:
-                served = await self.model.generate.remote(job)
-            except BackPressureError:
-                raise overloaded("the model replicas' queues are full") from None
-            except DeploymentUnavailableError:
-                raise overloaded("the model deployment failed to start") from None
-            except REPLICA_GONE:
-                if attempt == REPLICA_RETRIES:
-                    raise overloaded("model replicas failed under this request") from None
-                log.warning("a model replica died under a request; sending it again")
-                continue
-            if served.error is not None:
-                raise served.error
-            return served.result, served.replica
-        raise AssertionError("unreachable")
+        served = await with_replica_retries(lambda: self.model.generate.remote(job))
+        if served.error is not None:
+            raise served.error
+        return served.result, served.replica
 
     async def open_stream(self, job: Job) -> tuple[AsyncIterator, str]:
         """Pieces of text, then the GenerationResult, from a started generation (its adapter
@@ -443,25 +413,19 @@ class MultiAdapterServer:
             pieces = self.worker.pieces(job)
             await anext(pieces)
             return pieces, self.worker.replica
-        for attempt in range(REPLICA_RETRIES + 1):
+
+        async def attempt():
             remote = self.model.options(stream=True).generate_stream.remote(job)
             try:
-                replica = await anext(remote)
-                ready = await anext(remote)
-            except BackPressureError:
-                raise overloaded("the model replicas' queues are full") from None
-            except DeploymentUnavailableError:
-                raise overloaded("the model deployment failed to start") from None
+                return remote, await anext(remote), await anext(remote)
             except REPLICA_GONE:
                 remote.cancel()
-                if attempt == REPLICA_RETRIES:
-                    raise overloaded("model replicas failed under this request") from None
-                log.warning("a model replica died under a request; sending it again")
-                continue
-            if isinstance(ready, ApiError):
-                raise ready
-            return _remote_pieces(remote), replica
-        raise AssertionError("unreachable")
+                raise
+
+        remote, replica, ready = await with_replica_retries(attempt)
+        if isinstance(ready, ApiError):
+            raise ready
+        return _remote_pieces(remote), replica
 
     async def stream(self, pieces: AsyncIterator, call: Call) -> AsyncIterator[str]:
         request_id, model, chat = call.request_id, call.served, call.chat

@@ -14,26 +14,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from ray.exceptions import RayActorError, RayTaskError
-from ray.serve.exceptions import (
-    BackPressureError,
-    DeploymentUnavailableError,
-    ReplicaUnavailableError,
-)
+from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 
-from serve.errors import AdapterIncompatible, ApiError, InvalidRequest, Overloaded
+from serve.errors import AdapterIncompatible, ApiError, InvalidRequest
+from serve.replicas import REPLICA_GONE, with_replica_retries
 
 log = logging.getLogger("ray.serve")
-
-REPLICA_GONE = (RayActorError, ReplicaUnavailableError)
-RETRIES = 2  # a replica that dies before the first answer: the request goes to another
-
-
-def overloaded(why: str) -> Overloaded:
-    return Overloaded(
-        f"The server is overloaded ({why}); retry after 1 s.", headers={"Retry-After": "1"}
-    )
 
 
 @dataclass
@@ -108,28 +95,22 @@ class VllmUpstream:
         """The first item of the replica's answer stream and the stream itself."""
         handle = self.handle.options(stream=True, multiplexed_model_id=model_id or "")
         method = handle.chat if chat else handle.completions
-        for attempt in range(RETRIES + 1):
+
+        async def attempt():
             stream = method.remote(request)
             try:
-                first = await anext(stream)
-            except BackPressureError:
-                raise overloaded("the model replicas' queues are full") from None
-            except DeploymentUnavailableError:
-                raise overloaded("the model deployment failed to start") from None
+                return await anext(stream), stream
             except REPLICA_GONE:
                 stream.cancel()
-                if attempt == RETRIES:
-                    raise overloaded("model replicas failed under this request") from None
-                log.warning("a model replica died under a request; sending it again")
-                continue
+                raise
             except RayTaskError as e:
                 raise remote_error(e, model_id or "base") from None
-            if isinstance(first, list):  # streamed events come in batches
-                return first, stream
-            if type(first).__name__ == "ErrorResponse":
-                raise engine_error(first)
-            return first, stream
-        raise AssertionError("unreachable")
+
+        first, stream = await with_replica_retries(attempt)
+        # Streamed events come in batches (lists); a whole answer or an error is one item.
+        if not isinstance(first, list) and type(first).__name__ == "ErrorResponse":
+            raise engine_error(first)
+        return first, stream
 
     async def answer(self, request, *, chat: bool, model_id: str | None, served: str):
         """A whole (non-streamed) answer as a JSON body and its usage."""
