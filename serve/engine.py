@@ -133,6 +133,17 @@ def base_name(name_or_path: str) -> str:
     return name_or_path.rstrip("/").rsplit("/", 1)[-1].lower()
 
 
+def check_trained_on(config: dict, base_names: set[str], name: str) -> None:
+    """AdapterIncompatible when adapter_config.json names a base other than those served (no
+    check when base_names is empty or the adapter names none)."""
+    trained_on = config.get("base_model_name_or_path")
+    if base_names and trained_on and base_name(trained_on) not in base_names:
+        raise AdapterIncompatible(
+            f"adapter {name!r} was trained on base model {base_name(trained_on)!r}; this "
+            f"server serves {sorted(base_names)[0]!r}"
+        )
+
+
 def context_window_of(model_config, tokenizer, override: int | None = None) -> int:
     """The longest prompt + completion: the smallest of the model's positions, the tokenizer's
     limit and the server's setting."""
@@ -192,12 +203,7 @@ class HFEngine(Engine):
 
     def _checked_weights(self, adapter: AdapterWeights) -> dict[str, tuple]:
         name = Path(adapter.path).name
-        trained_on = adapter.config.get("base_model_name_or_path")
-        if self.base_names and trained_on and base_name(trained_on) not in self.base_names:
-            raise AdapterIncompatible(
-                f"adapter {name!r} was trained on base model {base_name(trained_on)!r}; this "
-                f"server serves {sorted(self.base_names)[0]!r}"
-            )
+        check_trained_on(adapter.config, self.base_names, name)
         if adapter.rank > self.max_lora_rank:
             raise AdapterIncompatible(
                 f"adapter {name!r} has LoRA rank {adapter.rank}, above this server's "

@@ -92,16 +92,11 @@ def llm_config(s: ServeSettings) -> LLMConfig:
 
 
 def check_base(config: dict, base_names: set[str], adapter: str) -> None:
-    """The base the adapter was trained on, as serve/engine.py checks it for the hf engine; vLLM
-    checks the shapes and the rank itself when it loads the adapter."""
-    from serve.engine import base_name
+    """The base the adapter was trained on, checked as the hf engine checks it; vLLM checks the
+    shapes and the rank itself when it loads the adapter."""
+    from serve.engine import check_trained_on
 
-    trained_on = config.get("base_model_name_or_path")
-    if base_names and trained_on and base_name(trained_on) not in base_names:
-        raise AdapterIncompatible(
-            f"adapter '{adapter}' was trained on {base_name(trained_on)!r}, but this server "
-            f"serves {sorted(base_names)[0]!r}"
-        )
+    check_trained_on(config, base_names, adapter)
     if config.get("peft_type") != "LORA":
         raise AdapterIncompatible(f"adapter '{adapter}' is not a LoRA adapter")
 
