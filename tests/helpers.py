@@ -27,6 +27,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_local_serve(num_cpus: int = 2) -> int:
+    """A Ray of the test's own (this repository on its workers' PYTHONPATH) and Serve's HTTP
+    proxy on 127.0.0.1; the proxy's port. The caller ends both: serve.shutdown(), ray.shutdown()."""
+    import ray
+    from ray import serve
+
+    ray.init(
+        address="local",
+        num_cpus=num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
+    )
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
+
+
 def wait_for_port(port: int, timeout: float = 30) -> None:
     deadline = time.time() + timeout
     while True:

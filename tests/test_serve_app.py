@@ -23,7 +23,7 @@ from jobs.tiny_model import main as build_tiny_model
 from serve.app import build_app
 from serve.tenants import hash_key
 from serve.testing import make_random_adapter
-from tests.helpers import REPO, free_port
+from tests.helpers import start_local_serve
 from tests.test_serve_adapters import publish, set_alias
 from tests.test_serve_engine import one_torch_thread  # noqa: F401 (autouse)
 
@@ -101,15 +101,7 @@ def s3_endpoint(files, s3_server):
 def server(files, s3_endpoint, tiny_model_dir):
     """Ray (2 CPUs) and Serve on 127.0.0.1 with two apps: a local registry at / and the S3
     registry at /s3."""
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
-    )
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = start_local_serve()
     common = {
         "engine": "hf",  # tests/test_serve_vllm.py: the same gateway on vLLM
         "base_model": str(tiny_model_dir),

@@ -19,7 +19,7 @@ from serve.app import build_app
 from serve.limits import limiter_name
 from serve.tenants import hash_key
 from serve.testing import make_random_adapter
-from tests.helpers import REPO, free_port
+from tests.helpers import start_local_serve
 from tests.test_serve_adapters import publish
 from tests.test_serve_app import offline
 from tests.test_serve_engine import one_torch_thread  # noqa: F401 (autouse)
@@ -50,15 +50,7 @@ def routed(tiny_model_dir, tmp_path_factory):
         },
     ]
     tenants.write_text(yaml.safe_dump({"tenants": tenant_list}))
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
-    )
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = start_local_serve()
     serve.run(
         build_app(
             {

@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 from serve.app import build_app
 from serve.tenants import hash_key
 from serve.testing import make_random_adapter
-from tests.helpers import REPO, free_port
+from tests.helpers import start_local_serve
 from tests.test_serve_adapters import publish, set_alias
 from tests.test_serve_app import offline
 
@@ -76,15 +76,7 @@ def tenants_file(tmp):
 def app(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve-vllm")
     root = registry(tmp, tiny_model_dir)
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
-    )
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = start_local_serve()
     settings = {
         "engine": "vllm",
         "base_model": str(tiny_model_dir),

@@ -16,7 +16,7 @@ from ray import serve
 
 from serve.app import build_app
 from serve.vllm_server import DEPLOYMENT
-from tests.helpers import REPO, free_port
+from tests.helpers import start_local_serve
 
 pytest.importorskip("vllm")
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -27,15 +27,7 @@ APP = "vllm-faults"
 
 @pytest.fixture(scope="module")
 def app(tiny_model_dir):
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
-    )
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = start_local_serve()
     settings = {
         "engine": "vllm",
         "base_model": str(tiny_model_dir),

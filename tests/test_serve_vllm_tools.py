@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from jobs.demo_tools import TOOLS, expected_calls, generate_replies, held_out_rows, parsed_calls
 from serve.app import build_app
-from tests.helpers import REPO, free_port
+from tests.helpers import start_local_serve
 
 pytest.importorskip("vllm")
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -28,15 +28,7 @@ MAX_TOKENS = 48
 
 @pytest.fixture(scope="module")
 def client(tiny_model_dir, tools_adapter):
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
-    )
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    port = start_local_serve()
     settings = {
         "engine": "vllm",
         "base_model": str(tiny_model_dir),
