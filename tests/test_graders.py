@@ -97,7 +97,7 @@ def similarity(metric: str, **extra) -> dict:
 
 
 PARTIAL = (
-    "the quick brown fox jumps over the lazy dog today",
+    "a lazy cat watched the quick brown fox jumps over the dog",  # reordered: every metric differs
     "the quick brown fox jumps over a lazy cat",
 )
 METRICS = ["fuzzy_match", "bleu", "rouge_1", "rouge_2", "rouge_3", "rouge_4", "rouge_5", "rouge_l"]
@@ -281,10 +281,8 @@ class Judge(BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        if (
-            self.path != "/v1/chat/completions"
-            or self.headers.get("Authorization") != f"Bearer {KEY}"
-        ):
+        keyless = self.path == "/open/v1/chat/completions"  # a local server that takes no key
+        if not keyless and self.headers.get("Authorization") != f"Bearer {KEY}":
             # Echoes the credentials it got, as a careless server might.
             return self.reply(
                 401, {"error": {"message": f"bad key {self.headers.get('Authorization')}"}}
@@ -415,6 +413,12 @@ def test_score_model_key_never_leaks(judge_url, monkeypatch):
         str(pickle.dumps(grader)),
     ):
         assert KEY not in text and wrong not in text
+
+
+def test_score_model_without_a_key(judge_url, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    cfg = load(score_model(judge_url.replace("/v1", "/open/v1"), api_key_env=None))
+    assert [g.score for g in make_grader(cfg).grade([sample("fine", question="q")])] == [0.5]
 
 
 def test_score_model_missing_template_field_is_an_error(judge_url, monkeypatch):

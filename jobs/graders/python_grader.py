@@ -42,9 +42,10 @@ def _search_path() -> list[str]:
 
 def _stop(proc: subprocess.Popen, workdir: str) -> None:
     """Kill the child's whole session (grade() may have started processes of its own)."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+    # Also when the child itself has exited: its session may outlive it. The child is not reaped
+    # yet (its zombie keeps the group id from being reused) unless _death() already waited.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     for pipe in (proc.stdin, proc.stdout):
         pipe.close()
@@ -104,8 +105,13 @@ class Child:
         return line
 
     def _death(self) -> str:
-        code = self.proc.wait()
-        how = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit status {code}"
+        try:
+            code = self.proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return "the grader process closed its output and stopped answering"
+        how = f"signal {-code}" if code < 0 else f"exit status {code}"
+        with contextlib.suppress(ValueError):
+            how = f"signal {signal.Signals(-code).name}" if code < 0 else how
         lines = self.log.read_text(errors="replace").strip().splitlines()
         return f"the grader process died ({how})" + (f": {lines[-1]}" if lines else "")
 
