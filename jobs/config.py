@@ -22,6 +22,8 @@ from pydantic import (
     model_validator,
 )
 
+from jobs.graders.config import GraderConfig
+
 Model = TypeVar("Model", bound=BaseModel)
 
 
@@ -195,6 +197,9 @@ class LoraConfig(Section):
     target_modules: str | list[str] = "all-linear"
     use_rslora: bool = False  # scale by alpha/sqrt(r) instead of alpha/r (stable at high rank)
     use_dora: bool = False  # weight-decomposed LoRA; the serving app does not serve DoRA yet
+    # A peft adapter directory to start from (e.g. an SFT warm start before GRPO): its weights,
+    # and its r/alpha/target_modules, which must match the ones above
+    init_from: str | None = None
 
 
 class FsdpConfig(Section):
@@ -242,13 +247,61 @@ class DpoConfig(Section):
         return self
 
 
+class RolloutConfig(Section):
+    """GRPO's rollout actors (jobs/rollout.py): Ray actors that hold the base model once each and
+    sample the groups with the adapter the trainer publishes after every optimizer step."""
+
+    engine: Literal["hf", "vllm"] = "hf"  # serve/'s engines: transformers, or vLLM's offline LLM
+    num_actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1, ge=0)
+    gpus_per_actor: float = Field(0, ge=0)
+    resources_per_actor: dict[str, float] = {}
+    # torch threads in each actor; None: max(1, cpus_per_actor). On a laptop, where sampling and
+    # training take turns (async_steps 0), the actor may use every core while the trainer waits.
+    threads: int | None = Field(None, ge=1)
+    # A placement group of its own, apart from the Train workers' (PACK: as few nodes as can
+    # hold the actors; SPREAD: one per node where it can)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    placement_timeout_s: float = Field(300, gt=0)
+    # 0: on-policy, every batch sampled with the weights of the step before; 1: the next batch is
+    # sampled while this one trains, one version behind, with the importance ratio against the
+    # version that produced it
+    async_steps: Literal[0, 1] = 0
+    max_restarts: int = Field(-1, ge=-1)  # a lost actor is restarted (and its calls retried)
+    vllm_engine_kwargs: dict[str, Any] = {}  # engine: vllm, passed to vllm.LLM
+
+
+class GrpoConfig(Section):
+    """Reinforcement fine-tuning (train.method: grpo). Names and defaults as TRL's GRPOConfig;
+    the loss is TRL's own code (jobs/objectives/grpo.py). For grpo, train.micro_batch_size and
+    train.effective_batch_size count prompts: each prompt's group of num_generations completions
+    stays in one micro-batch."""
+
+    grader: GraderConfig  # OpenAI's grader shapes (jobs/graders): string_check, python, multi...
+    num_generations: int = Field(4, ge=2)  # the group: completions per prompt
+    max_completion_length: int = Field(32, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    beta: float = Field(0.0, ge=0)  # KL to the reference: the base with the adapter switched off
+    use_bias_correction_kl: bool = True  # TRL's default: the KL term weighted by the ratio
+    epsilon: float = Field(0.2, gt=0)  # the ratio's clip range, low side
+    epsilon_high: float | None = Field(None, gt=0)  # high side (DAPO's clip-higher); None: epsilon
+    loss_type: Literal["grpo", "bnpo", "dr_grpo", "dapo"] = "dapo"
+    importance_sampling_level: Literal["token", "sequence"] = "token"  # sequence: GSPO
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    # held-out prompts: one greedy completion each, scored by the same grader at every eval
+    eval_temperature: float = Field(0.0, ge=0)
+
+
 class TrainConfig(Section):
     # ddp: every worker holds the whole model; fsdp / deepspeed: shard it (see fsdp / deepspeed)
     strategy: Literal["ddp", "fsdp", "deepspeed"] = "ddp"
-    method: Literal["sft", "dpo"] = "sft"  # dpo: prompt/chosen/rejected pairs
+    # dpo: prompt/chosen/rejected pairs; grpo: prompts (+ fields the grader reads) and a grader
+    method: Literal["sft", "dpo", "grpo"] = "sft"
     fsdp: FsdpConfig = FsdpConfig()
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     dpo: DpoConfig = DpoConfig()
+    grpo: GrpoConfig | None = None  # train.method: grpo
     # Recompute each decoder layer's activations in backward: memory for ~30% more compute.
     gradient_checkpointing: bool = True
     # Several examples per sequence of data.max_seq_len tokens, attention kept inside each one.
@@ -347,6 +400,7 @@ class JobConfig(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
+    rollout: RolloutConfig = RolloutConfig()  # train.method: grpo
 
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:
@@ -391,6 +445,10 @@ class JobConfig(Section):
             raise ValueError("train.deepspeed.offload_params needs train.deepspeed.stage: 3")
         if self.train.method == "dpo":
             self._check_dpo()
+        if self.train.method == "grpo":
+            self._check_grpo()
+        elif self.train.grpo is not None:
+            raise ValueError("train.grpo is read by train.method: grpo only")
         if self.model.attn_implementation == "flash_attention_2" and not self.scaling.use_gpu:
             raise ValueError(
                 "model.attn_implementation: flash_attention_2 needs scaling.use_gpu: true"
@@ -414,6 +472,24 @@ class JobConfig(Section):
             raise ValueError(
                 "data.prepared: a prepared set holds SFT conversations; train.method: dpo reads "
                 "prompt/chosen/rejected rows from data.train_files or data.sources"
+            )
+
+    def _check_grpo(self) -> None:
+        if self.train.grpo is None:
+            raise ValueError("train.method: grpo needs a train.grpo section with a grader")
+        if self.lora is None:
+            # rollout actors receive the adapter after every step: a full model would not ship
+            raise ValueError(
+                "train.method: grpo trains a LoRA adapter (the rollout actors receive its weights "
+                "after every step; the reference is the base with the adapter disabled): give a "
+                "lora section"
+            )
+        if self.train.packing:
+            raise ValueError("train.packing: not supported with train.method: grpo; set it false")
+        if self.data.prepared:
+            raise ValueError(
+                "data.prepared: a prepared set holds SFT conversations; train.method: grpo reads "
+                "prompt rows from data.train_files or data.sources"
             )
 
     @property

@@ -3,7 +3,8 @@
 A tiny randomly initialised model can visibly learn it in a few minutes on a CPU: the answer
 depends on which adjectives appear, so a held-out review (unseen combination) tests generalisation
 rather than recall. `python -m jobs.demo_data OUT.jsonl` regenerates the shipped file exactly;
-`--pairs` writes the same task as preference pairs (data/review_pairs.jsonl, train.method: dpo).
+`--pairs` writes the same task as preference pairs (data/review_pairs.jsonl, train.method: dpo),
+`--prompts` as prompts with the label a grader checks (data/review_prompts.jsonl, grpo).
 """
 
 from __future__ import annotations
@@ -131,6 +132,21 @@ def make_preference_rows(n: int = 320, seed: int = 7) -> list[dict]:
     return rows
 
 
+def make_prompt_rows(n: int = 480, seed: int = 11) -> list[dict]:
+    """The same task as GRPO prompts: no answer turn; `answer` is what the grader compares."""
+    rng = random.Random(seed)
+    return [
+        {
+            "messages": [
+                {"role": "system", "content": SYSTEM},
+                {"role": "user", "content": f"Review: {text}"},
+            ],
+            "answer": label,
+        }
+        for text, label in itertools.islice(unique_reviews(rng), n)
+    ]
+
+
 def corpus() -> list[str]:
     """Text the tiny tokenizer is trained on: the task's vocabulary plus common English."""
     words = " ".join(NOUNS + POSITIVE + NEGATIVE + [w.capitalize() for w in POSITIVE + NEGATIVE])
@@ -154,9 +170,11 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
 
 
 if __name__ == "__main__":
-    # python -m jobs.demo_data [OUT.jsonl]  |  python -m jobs.demo_data --pairs [OUT.jsonl]
+    # python -m jobs.demo_data [--pairs | --prompts] [OUT.jsonl]
     args = sys.argv[1:]
     if args[:1] == ["--pairs"]:
         write_jsonl(args[1] if len(args) > 1 else "data/review_pairs.jsonl", make_preference_rows())
+    elif args[:1] == ["--prompts"]:
+        write_jsonl(args[1] if len(args) > 1 else "data/review_prompts.jsonl", make_prompt_rows())
     else:
         write_jsonl(args[0] if args else "data/reviews.jsonl", make_rows())

@@ -19,6 +19,7 @@ import resource
 import shutil
 import tempfile
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -87,9 +88,12 @@ def train_func(config: dict) -> None:
     with (
         start_tracker(cfg, config["run_info"], plan.total_steps) as tracker,
         Checkpointer(cfg, rt, par, tokenizer, state, tracker) as ckpt,
+        closing(obj),  # what the objective started (GRPO's rollout actors)
     ):
         state.worker_nodes = all_gather_objects(ray.get_runtime_context().get_node_id())
-        if cfg.lora is None and state.step == 0:  # a full fine-tune keeps no base to compare with
+        batches = StepBatches(cfg, rt, obj, plan)
+        obj.start(par, state, batches.micro_batches, plan.total_steps)
+        if obj.evaluates_before_training() and state.step == 0:
             print0("evaluating the base model before training")
             state.base_metrics = obj.evaluate(par, full=True)
         par.model.train()
@@ -101,7 +105,7 @@ def train_func(config: dict) -> None:
 
         # --- the loop
         run = TrainingRun(cfg, obj, par, state, tracker, ckpt, plan)
-        meter, batches = Throughput(), StepBatches(cfg, rt, obj, plan)
+        meter = Throughput()
         while state.step < plan.total_steps and not state.stopped_early:
             micro_batches = batches.micro_batches(state.step)
             t0 = time.perf_counter()
@@ -373,6 +377,7 @@ def write_outputs(cfg: JobConfig, data, result, scratch: str, extra: dict) -> di
             shutil.copytree(Path(ckpt_dir) / kind, local_dir / kind)
     summary = run_summary(cfg, data, state, result, f"{run_dir}/{kind}", extra)
     keep_data_report(cfg.data.prepared or scratch, local_dir / "data")
+    objective_class(cfg).write_artifacts(summary, local_dir)  # e.g. GRPO's reward curve
     publish_run(local_dir, run_dir, summary)
     return summary
 
@@ -398,7 +403,7 @@ def run_summary(cfg: JobConfig, data, state: TrainerState, result, out: str, ext
         "adapter": out if lora else None,
         "model": None if lora else out,
         "method": "lora" if lora else "full",
-        "objective": cfg.train.method,  # sft or dpo
+        "objective": cfg.train.method,  # sft, dpo or grpo
         "strategy": cfg.train.strategy,
         "base_model": cfg.model.name_or_path,
         "dataset_hash": data.dataset_hash,
@@ -434,6 +439,9 @@ def resolve_local_paths(cfg: JobConfig) -> JobConfig:
     model = Path(cfg.model.name_or_path).expanduser()
     if not in_working_dir and model.exists():
         cfg.model.name_or_path = str(model.resolve())
+    start = cfg.lora and cfg.lora.init_from and Path(cfg.lora.init_from).expanduser()
+    if start and not in_working_dir and start.exists():
+        cfg.lora.init_from = str(start.resolve())
     if storage.is_remote(cfg.checkpoint.storage_path):
         return cfg
     local = Path(cfg.checkpoint.storage_path).expanduser()

@@ -113,7 +113,32 @@ def peft_lora_config(cfg: LoraConfig) -> PeftLoraConfig:
 
 
 def add_lora(model, cfg: LoraConfig):
-    return get_peft_model(model, peft_lora_config(cfg))
+    model = get_peft_model(model, peft_lora_config(cfg))
+    if cfg.init_from:
+        load_adapter_weights(model, cfg.init_from)
+    return model
+
+
+def load_adapter_weights(model, adapter_dir: str) -> None:
+    """Start from a trained adapter's weights (lora.init_from): every LoRA tensor of the new
+    adapter must come from it, with the same shapes (the same r and target modules)."""
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights_file = Path(adapter_dir) / "adapter_model.safetensors"
+    if not weights_file.is_file():
+        raise ConfigError(f"lora.init_from: {weights_file} not found (a peft adapter directory?)")
+    try:
+        result = set_peft_model_state_dict(model, load_file(str(weights_file)))
+    except RuntimeError as e:  # a shape mismatch: another rank or base
+        raise ConfigError(f"lora.init_from: {adapter_dir} does not fit lora: {e}") from None
+    missing = [k for k in result.missing_keys if "lora_" in k]
+    if missing or result.unexpected_keys:
+        raise ConfigError(
+            f"lora.init_from: {adapter_dir} does not match the lora section (missing "
+            f"{missing[:2]}, unexpected {list(result.unexpected_keys)[:2]}): give the same "
+            "r and target_modules as the adapter was trained with"
+        )
 
 
 def enable_gradient_checkpointing(model) -> None:

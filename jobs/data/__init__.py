@@ -14,6 +14,7 @@ write.py      stage 3: train/eval/test Parquet and the dataset hash
 manifest.py   manifest.json, and reading a prepared set back
 prepare.py    the offline pipeline (`python -m jobs.prepare`) and an SFT job's data
 pairs.py      preference pairs (DPO): TRL's formats -> prompt/chosen/rejected token ids
+prompts.py    prompts (GRPO): prompt token ids and the row's fields the graders read
 prepared.py   PreparedData: what a job trains on, for any objective
 
 A job's driver makes one call, load_for_job: its objective's loader reads (and, for SFT,
@@ -30,6 +31,7 @@ from jobs.data.drops import Drop
 from jobs.data.pairs import prepare_pairs
 from jobs.data.prepare import prepare_data
 from jobs.data.prepared import PreparedData
+from jobs.data.prompts import prepare_prompts
 
 DROP_COUNTS = {d.count_name for d in Drop}
 
@@ -45,10 +47,17 @@ def load_dpo(cfg: JobConfig, tokenizer, workdir: str | Path) -> PreparedData:
     return prepare_pairs(cfg.data, tokenizer, cfg.run.seed)
 
 
+def load_grpo(cfg: JobConfig, tokenizer, workdir: str | Path) -> PreparedData:
+    """Prompts and the fields graders read, read, validated and split now."""
+    completion = cfg.train.grpo.max_completion_length
+    return prepare_prompts(cfg.data, tokenizer, cfg.run.seed, completion)
+
+
 # train.method -> its loader; a new objective is one more entry
 LOADERS: dict[str, Callable[[JobConfig, object, str | Path], PreparedData]] = {
     "sft": load_sft,
     "dpo": load_dpo,
+    "grpo": load_grpo,
 }
 
 

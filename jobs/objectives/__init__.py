@@ -8,6 +8,7 @@ The recipe (jobs/finetune.py) never branches on `train.method`; it asks the obje
     obj.evaluate(par, full)                 # held-out metrics ("eval_loss" always)
     obj.base_metrics(par, state)            # the base model's, for the final comparison
     type(obj).print_summary(summary)        # the driver's final table
+    obj.start(...) / obj.close()            # around the loop: what it runs (GRPO's actors)
 
 A new objective is a new module here and one line in OBJECTIVES.
 """
@@ -17,10 +18,11 @@ from __future__ import annotations
 from jobs.config import JobConfig
 from jobs.objectives.base import Objective, StepResult
 from jobs.objectives.dpo import DPO
+from jobs.objectives.grpo import GRPO
 from jobs.objectives.sft import SFT
 from jobs.runtime import Runtime
 
-OBJECTIVES: dict[str, type[Objective]] = {"sft": SFT, "dpo": DPO}
+OBJECTIVES: dict[str, type[Objective]] = {"sft": SFT, "dpo": DPO, "grpo": GRPO}
 
 __all__ = ["OBJECTIVES", "Objective", "StepResult", "make_objective", "objective_class"]
 

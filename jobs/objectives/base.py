@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -34,6 +35,20 @@ class Objective(ABC):
         self.eval_conversations = data["eval_conversations"]
         self.pad_id = tokenizer.pad_token_id
 
+    def start(self, par, state: TrainerState, upcoming, total_steps: int) -> None:
+        """Before the loop, after a resume: what the objective needs running (GRPO's rollout
+        actors). `upcoming(step)` gives that step's micro-batches (looking ahead)."""
+        return None
+
+    def close(self) -> None:
+        """After the loop, on every way out: what start() started is stopped."""
+        return None
+
+    def evaluates_before_training(self) -> bool:
+        """Whether the base's metrics come from an evaluation before the first step: a full
+        fine-tune keeps no base to compare with."""
+        return self.cfg.lora is None
+
     @abstractmethod
     def batch(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         """A micro-batch's tensors."""
@@ -58,6 +73,11 @@ class Objective(ABC):
     def tracked(self, prefix: str, metrics: dict[str, float]) -> dict[str, float]:
         """Metrics under the tracker's names: prefix/name, with the field's conventional names."""
         return {f"{prefix}/{self.tracked_names.get(k, k)}": v for k, v in metrics.items()}
+
+    @staticmethod
+    def write_artifacts(summary: dict, directory: Path) -> None:
+        """Files of the objective's own in the run directory (summary: run.json's fields)."""
+        return None
 
     @staticmethod
     @abstractmethod
