@@ -7,6 +7,7 @@ Scripts that start Ray are `integration`; those that take over a minute on 2 CPU
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -48,6 +49,7 @@ def test_every_benchmark_script_has_a_test():
     tested = {
         "engines_bench.py",
         "gpu_check.py",
+        "grpo_bench.py",
         "packed_bench.py",
         "prepare_bench.py",
         "ray_overhead.py",
@@ -272,3 +274,14 @@ def test_engines_bench_tiny():
     )
     assert "| poisson | vllm |" in out and "| poisson | hf |" in out
     assert re.search(r"vllm / hf = \d+\.\d+", out)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_grpo_bench_tiny():
+    """The rollout benchmark at its smallest: hf and (where installed) vLLM, sync and async."""
+    out = run_script("grpo_bench.py", "--steps", "3", "--rounds", "1", timeout=1200)
+    assert "| hf sync |" in out and "| hf async |" in out
+    assert re.search(r"steps/s hf async / hf sync = \d+\.\d+", out)
+    if importlib.util.find_spec("vllm") is not None:
+        assert "| vllm sync |" in out and "| vllm async |" in out
