@@ -122,6 +122,8 @@ class VllmRolloutEngine:
 
         kwargs = {"enable_lora": True, "max_lora_rank": max(8, cfg.lora.r), "max_loras": 1}
         kwargs |= {"logprobs_mode": "processed_logprobs", "seed": cfg.run.seed}
+        if device.type == "cpu":  # vLLM's CPU default reserves 92% of the machine's memory
+            kwargs["kv_cache_memory_bytes"] = GIB
         self.llm = LLM(resolve_model_path(cfg.model), **(kwargs | cfg.rollout.vllm_engine_kwargs))
         self.dir = Path(tempfile.mkdtemp(prefix="rayft-rollout-"))
         self.request = None

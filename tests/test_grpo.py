@@ -223,3 +223,32 @@ def test_scale_rewards_batch_and_none_follow_trl():
     same = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 0.0])
     adv, zero = group_advantages(same, 3, "group")
     assert adv[:3].tolist() == [0.0, 0.0, 0.0] and zero.tolist() == [True] * 3 + [False] * 3
+
+
+def test_lora_init_from_loads_a_trained_adapter_and_refuses_one_that_does_not_fit(
+    tiny_model_dir, tmp_path
+):
+    from peft import LoraConfig as PeftLora
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from jobs.config import LoraConfig
+    from jobs.model import add_lora
+
+    trained = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        PeftLora(r=4, target_modules="all-linear", init_lora_weights=False),
+    )
+    trained.save_pretrained(tmp_path / "warm")
+    model = add_lora(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        LoraConfig(r=4, init_from=str(tmp_path / "warm")),
+    )
+    want = {k: v for k, v in trained.state_dict().items() if "lora_B" in k}
+    got = model.state_dict()
+    assert want and all(torch.equal(got[k], v) for k, v in want.items())
+    with pytest.raises(ConfigError, match="lora.init_from"):
+        add_lora(
+            AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+            LoraConfig(r=8, init_from=str(tmp_path / "warm")),
+        )
