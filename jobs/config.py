@@ -486,6 +486,12 @@ class JobConfig(Section):
             )
         if self.train.packing:
             raise ValueError("train.packing: not supported with train.method: grpo; set it false")
+        if self.rollout.async_steps and self.scaling.num_workers > 1:
+            # rank 0 submits the next batch ahead of time, and it knows only its own share
+            raise ValueError(
+                "rollout.async_steps: 1 runs with scaling.num_workers: 1 (synchronous rollouts "
+                "work with several workers)"
+            )
         if self.data.prepared:
             raise ValueError(
                 "data.prepared: a prepared set holds SFT conversations; train.method: grpo reads "

@@ -239,7 +239,10 @@ class TrainingRun:
         metrics |= extra
         extra = {k.removeprefix("eval_"): v for k, v in extra.items()}
         self.tracker.log({"eval/loss": loss} | self.obj.tracked("eval", extra), state.step)
-        print0(f"eval at step {state.step}: loss {loss:.4f}" + (" (best)" if improved else ""))
+        shown = "".join(f" | {k} {metrics[k]:.3f}" for k in self.obj.shown_on_eval)
+        print0(
+            f"eval at step {state.step}: loss {loss:.4f}{shown}" + (" (best)" if improved else "")
+        )
         patience = self.cfg.eval.early_stopping_patience
         if patience and state.evals_without_improvement >= patience:
             state.stopped_early = True

@@ -86,6 +86,11 @@ def test_grpo_config_errors_name_the_field():
         load_config("configs/grpo.yaml", [*base, "train.grpo.grader.operation=similar"])
     with pytest.raises(ConfigError, match="train.grpo.num_generations"):
         load_config("configs/grpo.yaml", ["train.grpo.num_generations=1"])
+    with pytest.raises(ConfigError, match="rollout.async_steps: 1 runs with scaling.num_workers"):
+        load_config(
+            "configs/grpo.yaml",
+            ["rollout.async_steps=1", "scaling.num_workers=2", "train.micro_batch_size=8"],
+        )
     with pytest.raises(ConfigError, match="lora section"):
         load_config("configs/grpo.yaml", ["lora=null"])
     with pytest.raises(ConfigError, match="train.grpo is read by train.method: grpo only"):

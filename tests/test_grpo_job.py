@@ -88,15 +88,22 @@ def kill_rollout_actor_at(run_name: str, version: int, killed: dict) -> threadin
     return thread
 
 
+@pytest.fixture(scope="module")
+def whole(tiny_model_dir, tmp_path_factory, warm_start) -> dict:
+    """The uninterrupted 6-step run the others are compared with."""
+    summary = run_job(
+        grpo_job(tiny_model_dir, tmp_path_factory.mktemp("whole"), warm_start, "whole")
+    )
+    assert summary["objective"] == "grpo" and summary["steps"] == 6
+    return summary
+
+
 @pytest.mark.slow
 def test_resumed_and_actor_killed_runs_give_the_same_rewards_and_losses(
-    tiny_model_dir, tmp_path, warm_start
+    tiny_model_dir, tmp_path, warm_start, whole
 ):
     """Fixed seeds: a run stopped after 3 steps and resumed, and a run whose rollout actor is
-    killed after step 2, reward and lose exactly as the uninterrupted run, step by step."""
-    whole = run_job(grpo_job(tiny_model_dir, tmp_path, warm_start, "whole"))
-    assert whole["objective"] == "grpo" and whole["steps"] == 6
-
+    killed after step 2, reward and lose as the uninterrupted run, step by step."""
     first = run_job(
         grpo_job(tiny_model_dir, tmp_path, warm_start, "resumed", "run.stop_after_steps=3")
     )
@@ -112,6 +119,22 @@ def test_resumed_and_actor_killed_runs_give_the_same_rewards_and_losses(
     assert killed["before"] != killed["after"]  # the actor was restarted in a new process
     assert_same_steps(per_step(survived), per_step(whole))
     assert survived["metrics"]["eval_reward"] == whole["metrics"]["eval_reward"]
+
+
+@pytest.mark.slow
+def test_two_train_workers_step_as_one(tiny_model_dir, tmp_path, warm_start, whole):
+    """Rank 0 samples every rank's groups, each rank trains on its share, and the step's loss
+    is one big batch's: the first steps match the one-worker run's."""
+    two = grpo_job(
+        tiny_model_dir,
+        tmp_path,
+        warm_start,
+        "two",
+        "run.stop_after_steps=3",
+        "scaling.num_workers=2",
+    )
+    two.scaling.cpus_per_worker = two.rollout.cpus_per_actor = 0.5
+    assert_same_steps(per_step(run_job(two)), per_step(whole)[:3])
 
 
 def test_grpo_job_learns_a_reward_and_records_what_produced_it(

@@ -26,8 +26,9 @@ class Objective(ABC):
 
     # metric names as the tracker shows them, where the field has a convention (TRL's)
     tracked_names: dict[str, str] = {}
-    # step metrics shown on the progress line besides the loss
+    # step metrics shown on the progress line besides the loss, and held-out ones on eval lines
     shown_on_progress: tuple[str, ...] = ()
+    shown_on_eval: tuple[str, ...] = ()
 
     def __init__(self, cfg: JobConfig, rt: Runtime, tokenizer, data: dict):
         self.cfg, self.rt, self.tokenizer = cfg, rt, tokenizer

@@ -138,6 +138,7 @@ def micro_batch_weight(
 class GRPO(Objective):
     tracked_names = TRACKED
     shown_on_progress = ("reward", "kl")
+    shown_on_eval = ("eval_reward",)
 
     def __init__(self, cfg, rt, tokenizer, data):
         super().__init__(cfg, rt, tokenizer, data)
