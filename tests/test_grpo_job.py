@@ -79,9 +79,16 @@ def kill_rollout_actor_at(run_name: str, version: int, killed: dict) -> threadin
                 threading.Event().wait(0.2)
         while (ray.get(actor.loaded_version.remote()) or 0) < version:
             threading.Event().wait(0.1)
-        killed["before"] = ray.get(actor.pid.remote())
+        killed["before"] = before = ray.get(actor.pid.remote())
         ray.kill(actor, no_restart=False)
-        killed["after"] = ray.get(actor.pid.remote(), timeout=300)
+        # the kill lands asynchronously: a call may still reach the old process
+        killed["after"] = before
+        while killed["after"] == before:
+            try:
+                killed["after"] = ray.get(actor.pid.remote(), timeout=300)
+            except ray.exceptions.RayActorError:
+                pass
+            threading.Event().wait(0.2)
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
