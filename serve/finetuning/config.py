@@ -76,7 +76,9 @@ class FinetuningSettings(BaseModel):
         for field in ("files", "runs"):
             setattr(self, field, absolute(getattr(self, field)))
         if self.database_url.startswith("sqlite:///") and self.database_url != "sqlite:///:memory:":
-            self.database_url = "sqlite:///" + absolute(self.database_url.removeprefix("sqlite:///"))
+            self.database_url = "sqlite:///" + absolute(
+                self.database_url.removeprefix("sqlite:///")
+            )
         return self
 
     def limits_for(self, tenant: str) -> TenantLimits:

@@ -89,8 +89,13 @@ class Progress:
         valid = {e["step"]: e["eval_loss"] for e in evals}
         for row in history:
             step = row["step"]
-            data = {"step": step, "train_loss": row["loss"], "total_steps": self.total_steps}
-            text = f"Step {step}/{self.total_steps}: training loss={row['loss']:.4f}"
+            # the total is an estimate (dedup and the held-out split are decided in the job)
+            data = {
+                "step": step,
+                "train_loss": row["loss"],
+                "estimated_total_steps": self.total_steps,
+            }
+            text = f"Step {step}: training loss={row['loss']:.4f}"
             if step in valid:
                 data["valid_loss"] = valid[step]
                 text += f", validation loss={valid[step]:.4f}"
