@@ -106,8 +106,15 @@ def ray_head(num_cpus: int = 4):
     token = secrets.token_hex(16)
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     dashboard_port, port = free_port(), free_port()
+    # Every port of our own: other heads on this machine hold Ray's defaults (10001, 52365).
+    ports = [
+        f"--ray-client-server-port={free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}",
+        f"--metrics-export-port={free_port()}",
+    ]
     proc, session_dir, _ = start_ray_head(
-        f"--num-cpus={num_cpus}", port=port, dashboard_port=dashboard_port, env=auth
+        f"--num-cpus={num_cpus}", *ports, port=port, dashboard_port=dashboard_port, env=auth
     )
     saved = {k: os.environ.get(k) for k in auth}
     refresh_auth(auth)

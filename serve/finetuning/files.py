@@ -21,8 +21,9 @@ class FileStore:
     def __init__(self, root: str):
         self.root = root if storage.is_remote(root) else str(Path(root).expanduser().resolve())
 
-    def uri(self, tenant: str, file_id: str) -> str:
-        return storage.join(self.root, tenant, file_id)
+    def uri(self, tenant: str, file_id: str, ext: str = ".jsonl") -> str:
+        # with its extension: the data pipeline knows a file's format by it
+        return storage.join(self.root, tenant, file_id + ext)
 
     def put(self, tenant: str, file_id: str, src: BinaryIO, max_bytes: int) -> tuple[int, str]:
         """Copy `src` in, stopping (and removing the partial copy) past `max_bytes`; returns
@@ -44,8 +45,8 @@ class FileStore:
             raise
         return size, h.hexdigest()
 
-    def put_bytes(self, tenant: str, file_id: str, data: bytes) -> str:
-        uri = self.uri(tenant, file_id)
+    def put_bytes(self, tenant: str, file_id: str, data: bytes, ext: str) -> str:
+        uri = self.uri(tenant, file_id, ext)
         fs, path = storage.filesystem(uri)
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         with fs.open(path, "wb") as f:

@@ -127,7 +127,7 @@ def metrics_csv(summary: dict) -> bytes:
 def result_file(sessions, job: db.JobRow, summary: dict) -> str:
     data = metrics_csv(summary)
     file_id = f"file-{job.id.removeprefix('ftjob-')}"  # one per job: a rerun writes the same
-    uri = FileStore(job.runner["files"]).put_bytes(job.tenant, file_id, data)
+    uri = FileStore(job.runner["files"]).put_bytes(job.tenant, file_id, data, ".csv")
     with db.transaction(sessions) as s:
         if s.get(db.FileRow, file_id) is None:
             s.add(
@@ -206,6 +206,16 @@ def run(sessions, job_id: str, resume: bool) -> None:
     succeed(sessions, job, summary, job.runner.get("tokens_per_row", 0.0))
 
 
+def redacted(sessions, job_id: str, message: str) -> str:
+    """A message without this deployment's storage paths (a client sees only its file ids)."""
+    job = db.get_job(sessions, job_id)
+    roots = [job.runner.get("files"), job.runner.get("registry")]
+    roots.append(job.job_config.get("checkpoint", {}).get("storage_path"))
+    for root in filter(None, roots):
+        message = message.replace(root, "<storage>")
+    return message
+
+
 def fail(sessions, job_id: str, error: dict) -> None:
     if db.set_status(
         sessions, job_id, "failed", only_from=LIVE, error=error, estimated_finish=None
@@ -231,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except Exception as e:
         traceback.print_exc()
-        message = f"Training failed: {last_cause(e)}"
+        message = redacted(sessions, args.job_id, f"Training failed: {last_cause(e)}")
         fail(sessions, args.job_id, {"code": "training_failed", "message": message, "param": None})
         return 1
     return 0
