@@ -502,3 +502,53 @@ def test_the_routes_are_404s_without_a_finetuning_section(api_server):
         assert error_of(lambda: client(api_server["url"]).files.list())[0] == 404
     finally:
         ft_api.install(service, Tenants.from_file(api_server["tmp"] / "tenants.yaml"))
+
+
+def test_a_file_is_checked_row_by_row_naming_the_line(tmp_path, tokenizer):
+    from serve.finetuning.validate import InvalidFile, check_file
+
+    good = tmp_path / "good.jsonl"
+    good.write_bytes(training_rows(5))
+    checked = check_file(str(good), "good.jsonl", "training_file", False, tokenizer)
+    assert checked.rows == 5 and checked.tokens > 5 * 20
+    rows = training_rows(5).decode().splitlines()
+    for line, bad, says in (
+        (2, "not json", "invalid JSON"),
+        (4, '{"messages": [{"role": "user", "content": "hi"}]}', "assistant"),
+        (3, '{"text": 7}', "text"),
+    ):
+        broken = rows.copy()
+        broken[line - 1] = bad
+        path = tmp_path / "bad.jsonl"
+        path.write_text("\n".join(broken) + "\n")
+        with pytest.raises(InvalidFile) as info:
+            check_file(str(path), "bad.jsonl", "training_file", False, tokenizer)
+        assert info.value.error["code"] == "invalid_training_file"
+        assert f"bad.jsonl, line {line}" in info.value.error["message"]
+        assert says in info.value.error["message"]
+
+
+def test_dpo_rows_in_openai_format_become_pairs(tmp_path, tokenizer):
+    from serve.finetuning.validate import InvalidFile, check_file
+
+    row = {
+        "input": {"messages": [{"role": "user", "content": "Review: great. Sentiment?"}]},
+        "preferred_output": [{"role": "assistant", "content": "positive"}],
+        "non_preferred_output": [{"role": "assistant", "content": "negative"}],
+    }
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(json.dumps(row) + "\n" + json.dumps({"input": {"messages": []}}) + "\n")
+    with pytest.raises(InvalidFile) as info:
+        check_file(str(path), "pairs.jsonl", "training_file", True, tokenizer)
+    assert (
+        "pairs.jsonl, line 2: missing field(s) ['preferred_output'" in info.value.error["message"]
+    )
+    path.write_text(json.dumps(row) + "\n")
+    checked = check_file(str(path), "pairs.jsonl", "training_file", True, tokenizer)
+    assert checked.pairs == [
+        {
+            "prompt": row["input"]["messages"],
+            "chosen": row["preferred_output"],
+            "rejected": row["non_preferred_output"],
+        }
+    ]

@@ -5,6 +5,7 @@ One app and one head for the module; the snippet's job is run once and shared.""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -16,9 +17,11 @@ from openai.types.fine_tuning import FineTuningJob, FineTuningJobEvent
 from openai.types.fine_tuning.jobs import FineTuningJobCheckpoint
 from peft import PeftModel
 from ray import serve
+from ray.job_submission import JobSubmissionClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serve.app import build_app
+from serve.finetuning import db
 from tests.helpers import free_port
 from tests.test_finetuning_api import (
     KEYS,
@@ -178,8 +181,6 @@ def test_events_paginate_without_duplicates(app, trained):
     ) as r:
         lines = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert lines[-1] == "data: [DONE]"
-    import json
-
     streamed = [json.loads(line[6:])["id"] for line in lines[:-1]]
     assert streamed == [e.id for e in reversed(everything)]
 
@@ -233,8 +234,6 @@ def test_a_malformed_file_fails_the_job_naming_the_line(app):
 
 
 def test_cancel_mid_run_stops_its_ray_job(app):
-    from ray.job_submission import JobSubmissionClient
-
     c = client(app["url"])
     f = upload(c, training_rows(128))
     job = c.fine_tuning.jobs.create(
@@ -282,9 +281,20 @@ def test_the_api_killed_mid_job_restarts_and_the_job_still_succeeds(app):
         suffix="restart",
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 4}}},
     )
+    # A second job whose cancel the API wrote down but died before passing on to Ray.
+    other = c.fine_tuning.jobs.create(
+        model="tiny-llama",
+        training_file=f.id,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 200}}},
+    )
     wait_for(lambda: c.fine_tuning.jobs.retrieve(job.id).status == "running", 240, "running")
+    wait_for(lambda: c.fine_tuning.jobs.retrieve(other.id).status == "running", 240, "running")
+    sessions = db.connect(app["settings"]["finetuning"]["database_url"])
     (pid,) = replica_pids()
     os.kill(pid, signal.SIGKILL)  # the API process, at any moment: no shutdown hook runs
+    # written while no replica runs (a new one takes seconds to start): only the new replica's
+    # reconciler can stop this Ray job
+    assert db.set_status(sessions, other.id, "cancelled", only_from=("running",), stop_pending=True)
 
     def answers():
         try:
@@ -296,13 +306,57 @@ def test_the_api_killed_mid_job_restarts_and_the_job_still_succeeds(app):
     assert replica_pids() != [pid]
     job = finished(c, job.id)
     assert job.status == "succeeded", job.error
-    events = c.fine_tuning.jobs.list_events(job.id, limit=100).data
-    messages = [e.message for e in events]
+    messages = [e.message for e in c.fine_tuning.jobs.list_events(job.id, limit=100)]
     assert len(messages) == len(set(messages)), "an event written twice"
     steps = [m for m in messages if m.startswith("Step ")]
     csv = c.files.content(job.result_files[0]).read().decode().splitlines()
     assert len(steps) == len(csv) - 1  # every step once
     assert sum("successfully completed" in m for m in messages) == 1
+    # the new replica's reconciler stopped the cancelled job's Ray job
+    ray_jobs = JobSubmissionClient(app["settings"]["finetuning"]["ray_address"])
+    wait_for(
+        lambda: ray_jobs.get_job_status(f"{other.id}-0").value in ("STOPPED", "FAILED"),
+        120,
+        "the cancelled job's Ray job to be stopped after the restart",
+    )
+    wait_for(lambda: not db.get_job(sessions, other.id).stop_pending, 60, "stop_pending cleared")
+    assert c.fine_tuning.jobs.retrieve(other.id).status == "cancelled"
+
+
+def test_pause_then_resume_continues_from_its_checkpoint(app):
+    c = client(app["url"])
+    f = upload(c, training_rows(128))
+    job = c.fine_tuning.jobs.create(
+        model="tiny-llama",
+        training_file=f.id,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 12}}},
+        extra_body={"rayft": {"checkpoint_every_steps": 8, "eval_every_steps": 8}},
+    )
+    wait_for(
+        lambda: any(
+            e.message.startswith("Checkpoint created")
+            for e in c.fine_tuning.jobs.list_events(job.id)
+        ),
+        300,
+        "a checkpoint",
+        every=1,
+    )
+    assert c.fine_tuning.jobs.pause(job.id).status == "paused"
+    ray_jobs = JobSubmissionClient(app["settings"]["finetuning"]["ray_address"])
+    wait_for(
+        lambda: ray_jobs.get_job_status(f"{job.id}-0").value in ("STOPPED", "FAILED"),
+        120,
+        "the paused job's Ray job to stop",
+    )
+    assert c.fine_tuning.jobs.retrieve(job.id).status == "paused"
+    assert c.fine_tuning.jobs.resume(job.id).status == "queued"
+    job = finished(c, job.id)
+    assert job.status == "succeeded", job.error
+    messages = [e.message for e in c.fine_tuning.jobs.list_events(job.id, limit=100)]  # all pages
+    assert "Fine-tuning job started (resumed)" in messages
+    assert len(messages) == len(set(messages))
+    run = json.loads((app["tmp"] / "runs" / job.id / "run.json").read_text())
+    assert run["resumed_at_steps"] and run["resumed_at_steps"][0] >= 8  # from its checkpoint
 
 
 def test_no_key_is_written_anywhere(app, trained):
