@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from serve.errors import ApiError, InvalidRequest
 from serve.finetuning.service import FineTuning
+from serve.finetuning.views import event_object, file_object
 from serve.tenants import Tenants
 
 DEFAULT_TENANT = "default"  # allow_unauthenticated: everything belongs to one tenant
@@ -111,8 +112,6 @@ async def list_files(request: Request) -> JSONResponse:
 @router.get("/files/{file_id}")
 async def retrieve_file(file_id: str, request: Request) -> JSONResponse:
     service, tenant = tenant_of(request)
-    from serve.finetuning.views import file_object
-
     return JSONResponse(file_object(await asyncio.to_thread(service.file_row, tenant, file_id)))
 
 
@@ -194,8 +193,6 @@ async def event_stream(
     service: FineTuning, tenant: str, job_id: str, poll_s: float = 0.5
 ) -> AsyncIterator[str]:
     """Every event of the job, oldest first, as server-sent events, until the job has ended."""
-    from serve.finetuning.views import event_object
-
     seq = 0
     while True:
         events, ended = await asyncio.to_thread(service.events_since, tenant, job_id, seq)

@@ -201,6 +201,20 @@ def add_event(
     raise RuntimeError(f"could not write event {key} of {job_id}")
 
 
+def first_event(job_id: str, key: str, message: str) -> EventRow:
+    """A new job's first event, added in the transaction that creates the job."""
+    return EventRow(
+        id=new_id("ftevent"),
+        job_id=job_id,
+        seq=1,
+        key=key,
+        created_at=now(),
+        level="info",
+        type="message",
+        message=message,
+    )
+
+
 def set_status(
     sessions: sessionmaker[Session],
     job_id: str,

@@ -15,7 +15,14 @@ from typing import Any
 from jobs import storage
 from jobs.config import ConfigError, JobConfig, apply_overrides, read_yaml, validate_config
 from serve.errors import InvalidRequest
-from serve.finetuning.config import REPO, BaseModelEntry, JobRequest, SupervisedHyperparameters
+from serve.finetuning.config import (
+    REPO,
+    BaseModelEntry,
+    DpoMethod,
+    JobRequest,
+    SupervisedHyperparameters,
+    SupervisedMethod,
+)
 
 
 def local_path(path: str) -> str:
@@ -61,8 +68,6 @@ def method_of(req: JobRequest) -> tuple[str, SupervisedHyperparameters]:
         )
     section = getattr(req.method, kind)
     if section is None:
-        from serve.finetuning.config import DpoMethod, SupervisedMethod
-
         section = DpoMethod() if kind == "dpo" else SupervisedMethod()
     return kind, section.hyperparameters
 

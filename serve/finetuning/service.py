@@ -240,9 +240,10 @@ class FineTuning:
             valid.uri if valid else None,
         )
         row = self.new_job_row(tenant, req, job_id, cfg, method, seed, entry)
-        with db.transaction(self.sessions) as s:
+        with db.transaction(self.sessions) as s:  # the job and its first event, or neither
             s.add(row)
-        db.add_event(self.sessions, job_id, "created", f"Created fine-tuning job: {job_id}")
+            s.flush()
+            s.add(db.first_event(job_id, "created", f"Created fine-tuning job: {job_id}"))
         self.start(row)
         return views.job_object(db.get_job(self.sessions, job_id))
 
