@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serve.app import build_app
 from serve.finetuning import db
-from tests.helpers import free_port
+from tests.helpers import REPO, free_port
 from tests.test_finetuning_api import (
     KEYS,
     client,
@@ -365,3 +365,34 @@ def test_no_key_is_written_anywhere(app, trained):
             data = path.read_bytes()
             for key in KEYS.values():
                 assert key.encode() not in data, path
+
+
+def test_a_dpo_job_on_openai_preference_rows(app):
+    rows = []
+    for line in (REPO / "data/review_pairs.jsonl").read_text().splitlines()[:64]:
+        pair = json.loads(line)
+        rows.append(
+            {
+                "input": {"messages": pair["prompt"]},
+                "preferred_output": pair["chosen"],
+                "non_preferred_output": pair["rejected"],
+            }
+        )
+    c = client(app["url"])
+    f = upload(c, "".join(json.dumps(r) + "\n" for r in rows).encode(), "pairs.jsonl")
+    job = c.fine_tuning.jobs.create(
+        model="tiny-llama",
+        training_file=f.id,
+        suffix="dpo",
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 1}}},
+    )
+    assert job.method.dpo.hyperparameters.beta == 0.2
+    job = finished(c, job.id, timeout=300)
+    assert job.status == "succeeded", job.error
+    events = list(c.fine_tuning.jobs.list_events(job.id, limit=100))
+    warned = [e for e in events if e.level == "warn"]
+    assert [e.message for e in warned] == [
+        "Promoted without an evaluation gate (dpo: no built-in gate)"
+    ]
+    reply = c.chat.completions.create(model=job.fine_tuned_model, messages=MESSAGES, max_tokens=4)
+    assert reply.model == job.fine_tuned_model
