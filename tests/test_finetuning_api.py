@@ -552,3 +552,25 @@ def test_dpo_rows_in_openai_format_become_pairs(tmp_path, tokenizer):
             "rejected": row["non_preferred_output"],
         }
     ]
+
+
+def test_file_bytes_on_s3(s3_server):
+    import io
+
+    import boto3
+
+    from serve.finetuning.files import FileStore, TooLarge
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="ft-files")
+    store = FileStore("s3://ft-files/tenants")
+    size, sha = store.put("acme", "file-1", io.BytesIO(training_rows(4)), max_bytes=1_000_000)
+    uri = store.uri("acme", "file-1")
+    assert uri == "s3://ft-files/tenants/acme/file-1.jsonl" and size == len(training_rows(4))
+    assert b"".join(store.read(uri)) == training_rows(4)
+    with pytest.raises(TooLarge):
+        store.put("acme", "file-2", io.BytesIO(b"x" * 100), max_bytes=10)
+    from jobs import storage
+
+    assert not storage.exists(store.uri("acme", "file-2"))  # no partial copy left
+    store.delete(uri)
+    assert not storage.exists(uri)

@@ -100,6 +100,19 @@ def test_the_snippet_job_succeeds_and_its_model_answers_like_its_adapter(
     steps = len(csv.splitlines()) - 1
     messages = [e.message for e in c.fine_tuning.jobs.list_events(job.id)]
     assert any("successfully completed" in m for m in messages)
+    # validating_files -> queued -> running -> succeeded, in the events' order (oldest first)
+    order = [
+        next(i for i, m in enumerate(reversed(messages)) if m.startswith(prefix))
+        for prefix in (
+            "Validating training file",
+            "Fine-tuning job queued",
+            "Fine-tuning job started",
+            "Step 1:",
+            "Evaluation gate passed",
+            "The job has successfully completed",
+        )
+    ]
+    assert order == sorted(order), messages
     assert any(m.startswith(f"Step {steps}:") for m in messages)
     # served at once by the same endpoint, for its tenant, with the registry version's header
     assert job.fine_tuned_model in [m.id for m in c.models.list()]
