@@ -147,6 +147,7 @@ def refresh_auth(env: dict) -> None:
 
 
 # ---------------------------------------------------------------------- the fast tests
+# (seconds; those marked integration start a server on 127.0.0.1, as the repo's marker says)
 # The API's own behaviour on a real FastAPI app (the router the serving app mounts) served by
 # uvicorn on 127.0.0.1, real SQLite and storage, the real openai client. No Ray cluster: the
 # jobs' Ray jobs cannot be submitted here (tests/test_finetuning_api_jobs.py runs them), so
@@ -323,6 +324,7 @@ def test_hyperparameters_reach_the_job_config_and_auto_means_the_template(tiny_m
     assert cfg.train.epochs == 5
 
 
+@pytest.mark.integration  # a server on 127.0.0.1
 def test_files_in_openai_shapes_per_tenant(api_server):
     acme, beta = client(api_server["url"]), client(api_server["url"], "beta")
     f = acme.files.create(file=("train.jsonl", training_rows(10)), purpose="fine-tune")
@@ -342,6 +344,7 @@ def test_files_in_openai_shapes_per_tenant(api_server):
     assert error_of(lambda: acme.files.retrieve(f.id))[0] == 404
 
 
+@pytest.mark.integration  # a server on 127.0.0.1
 def test_files_paginate(api_server):
     c = client(api_server["url"], "beta")
     ids = [c.files.create(file=(f"f{i}.jsonl", b"{}\n"), purpose="fine-tune").id for i in range(5)]
@@ -360,6 +363,7 @@ def test_files_paginate(api_server):
         c.files.delete(i)
 
 
+@pytest.mark.integration  # a server on 127.0.0.1
 def test_file_limits_are_400s_in_openai_shape(api_server):
     c = client(api_server["url"], "beta")
     status, body = error_of(
@@ -379,6 +383,7 @@ def test_file_limits_are_400s_in_openai_shape(api_server):
         c.files.delete(f.id)
 
 
+@pytest.mark.integration  # a server on 127.0.0.1
 def test_job_requests_we_cannot_honour_are_400s_naming_the_field(api_server):
     acme, beta = client(api_server["url"]), client(api_server["url"], "beta")
     f = acme.files.create(file=("t.jsonl", training_rows(10)), purpose="fine-tune")
@@ -442,6 +447,7 @@ def test_job_requests_we_cannot_honour_are_400s_naming_the_field(api_server):
         assert body["type"] == "invalid_request_error"
 
 
+@pytest.mark.integration  # a server on 127.0.0.1
 def test_jobs_per_tenant_limit_and_pagination(api_server):
     acme, beta = client(api_server["url"]), client(api_server["url"], "beta")
     f = acme.files.create(file=("t.jsonl", training_rows(10)), purpose="fine-tune")
@@ -483,6 +489,7 @@ def test_jobs_per_tenant_limit_and_pagination(api_server):
     )
 
 
+@pytest.mark.integration  # a server on 127.0.0.1
 def test_no_key_reaches_the_database_or_storage(api_server):
     c = client(api_server["url"])
     c.files.create(file=("t.jsonl", training_rows(3)), purpose="fine-tune")
@@ -495,6 +502,7 @@ def test_no_key_reaches_the_database_or_storage(api_server):
     assert scanned >= 2  # the database and a file at least
 
 
+@pytest.mark.integration  # a server on 127.0.0.1
 def test_the_routes_are_404s_without_a_finetuning_section(api_server):
     service = ft_api.installed.service
     ft_api.install(None, None)
@@ -554,6 +562,7 @@ def test_dpo_rows_in_openai_format_become_pairs(tmp_path, tokenizer):
     ]
 
 
+@pytest.mark.integration  # a server on 127.0.0.1
 def test_file_bytes_on_s3(s3_server):
     import io
 

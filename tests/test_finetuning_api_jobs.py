@@ -278,10 +278,13 @@ def test_cancel_mid_run_stops_its_ray_job(app):
         )
 
 
-def replica_pids() -> list[int]:
+def replica_pids(dashboard: str) -> list[int]:
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("state", "=", "ALIVE")], detail=True, limit=1000)
+    # this head's, by address: other Ray clusters may run on the machine
+    actors = list_actors(
+        address=dashboard, filters=[("state", "=", "ALIVE")], detail=True, limit=1000
+    )
     return [a.pid for a in actors if "MultiAdapterServer" in (a.class_name or "")]
 
 
@@ -303,7 +306,8 @@ def test_the_api_killed_mid_job_restarts_and_the_job_still_succeeds(app):
     wait_for(lambda: c.fine_tuning.jobs.retrieve(job.id).status == "running", 240, "running")
     wait_for(lambda: c.fine_tuning.jobs.retrieve(other.id).status == "running", 240, "running")
     sessions = db.connect(app["settings"]["finetuning"]["database_url"])
-    (pid,) = replica_pids()
+    dashboard = app["settings"]["finetuning"]["ray_address"]
+    (pid,) = replica_pids(dashboard)
     os.kill(pid, signal.SIGKILL)  # the API process, at any moment: no shutdown hook runs
     # written while no replica runs (a new one takes seconds to start): only the new replica's
     # reconciler can stop this Ray job
@@ -316,7 +320,7 @@ def test_the_api_killed_mid_job_restarts_and_the_job_still_succeeds(app):
             return None
 
     wait_for(answers, 180, "a new API replica")
-    assert replica_pids() != [pid]
+    assert replica_pids(dashboard) != [pid]
     job = finished(c, job.id)
     assert job.status == "succeeded", job.error
     messages = [e.message for e in c.fine_tuning.jobs.list_events(job.id, limit=100)]
