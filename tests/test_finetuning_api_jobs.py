@@ -288,7 +288,7 @@ def replica_pids(dashboard: str) -> list[int]:
     return [a.pid for a in actors if "MultiAdapterServer" in (a.class_name or "")]
 
 
-def test_the_api_killed_mid_job_restarts_and_the_job_still_succeeds(app):
+def test_the_api_killed_mid_job_restarts_and_the_job_still_succeeds(app, request):
     c = client(app["url"])
     f = upload(c, training_rows(128))
     job = c.fine_tuning.jobs.create(
@@ -303,6 +303,9 @@ def test_the_api_killed_mid_job_restarts_and_the_job_still_succeeds(app):
         training_file=f.id,
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 200}}},
     )
+    # whatever happens here, its 200 epochs must not slow the tests after this one
+    ray_jobs = JobSubmissionClient(app["settings"]["finetuning"]["ray_address"])
+    request.addfinalizer(lambda: ray_jobs.stop_job(f"{other.id}-0"))
     wait_for(lambda: c.fine_tuning.jobs.retrieve(job.id).status == "running", 240, "running")
     wait_for(lambda: c.fine_tuning.jobs.retrieve(other.id).status == "running", 240, "running")
     sessions = db.connect(app["settings"]["finetuning"]["database_url"])
@@ -330,7 +333,6 @@ def test_the_api_killed_mid_job_restarts_and_the_job_still_succeeds(app):
     assert len(steps) == len(csv) - 1  # every step once
     assert sum("successfully completed" in m for m in messages) == 1
     # the new replica's reconciler stopped the cancelled job's Ray job
-    ray_jobs = JobSubmissionClient(app["settings"]["finetuning"]["ray_address"])
     wait_for(
         lambda: ray_jobs.get_job_status(f"{other.id}-0").value in ("STOPPED", "FAILED"),
         120,
