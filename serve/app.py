@@ -34,8 +34,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serve.adapters import AdapterRef, AdapterRegistry
 from serve.config import ServeSettings
 from serve.engine import GenerationRequest, GenerationResult
-from serve.finetuning import api as finetuning_api
-from serve.finetuning import models as finetuned
 from serve.errors import (
     ApiError,
     BodyTooLarge,
@@ -43,6 +41,8 @@ from serve.errors import (
     InvalidRequest,
     ModelNotFound,
 )
+from serve.finetuning import api as finetuning_api
+from serve.finetuning import models as finetuned
 from serve.limits import LocalLimits, Release, SharedLimits, limiter_name
 from serve.metrics import Metrics
 from serve.model import Job, ModelServer, ModelWorker, Prompts
