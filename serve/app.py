@@ -41,6 +41,8 @@ from serve.errors import (
     InvalidRequest,
     ModelNotFound,
 )
+from serve.finetuning import api as finetuning_api
+from serve.finetuning import models as finetuned
 from serve.limits import LocalLimits, Release, SharedLimits, limiter_name
 from serve.metrics import Metrics
 from serve.model import Job, ModelServer, ModelWorker, Prompts
@@ -70,6 +72,8 @@ BATCH_HEADER = "x-batch"
 
 
 api = FastAPI(title="rayft serve", docs_url=None, redoc_url=None)
+# /v1/files and /v1/fine_tuning/jobs: 404s unless the settings have a finetuning section
+api.include_router(finetuning_api.router)
 
 
 @api.exception_handler(ApiError)
@@ -177,6 +181,20 @@ class MultiAdapterServer:
         # OpenAI shape here, before Serve's own queue limit would answer in plain text.
         self.admitted = 0
         self.max_admitted = admission_limit(s)
+        self.finetuning = self.start_finetuning(s)
+
+    def start_finetuning(self, s: ServeSettings):
+        """The fine-tuning API's service in this replica, and its reconciler (jobs brought in
+        line with their Ray jobs now, after a restart, and every few seconds)."""
+        if s.finetuning is None:
+            return None
+        from serve.finetuning.reconcile import Reconciler
+        from serve.finetuning.service import FineTuning
+
+        service = FineTuning(s.finetuning, s.registry, s.max_lora_rank)
+        finetuning_api.install(service, self.tenants)
+        Reconciler(service.sessions, service.launcher, s.finetuning.reconcile_every_s).start()
+        return service
 
     # --- routes ------------------------------------------------------------------------------
     @api.get("/health")
@@ -193,7 +211,12 @@ class MultiAdapterServer:
     async def models(self, request: Request) -> dict:
         tenant = self.authenticate(request)
         names = [self.settings.base_model_id, *await asyncio.to_thread(self.registry.names)]
+        # ftjob-* registry names are served only as their owner's ft: ids
+        names = [n for n in names if not finetuned.is_reserved(n)]
         allowed = [n for n in dict.fromkeys(names) if tenant is None or tenant.may_use(n)]
+        if self.finetuning is not None:
+            owner = tenant.name if tenant else finetuning_api.DEFAULT_TENANT
+            allowed += await asyncio.to_thread(self.finetuning.owned_models, owner)
         return {
             "object": "list",
             "data": [
@@ -228,7 +251,14 @@ class MultiAdapterServer:
     async def resolve(self, model: str, tenant: Tenant | None) -> AdapterRef | None:
         """The adapter version `model` names (None: the base); 404 alike for unknown and not
         allowed, so that a tenant learns nothing about other tenants' adapters."""
+        if finetuned.is_fine_tuned(model) and self.finetuning is not None:
+            # a fine-tuned model: its owner's, whatever the tenant's allow-list says
+            owner = tenant.name if tenant else finetuning_api.DEFAULT_TENANT
+            name = await asyncio.to_thread(self.finetuning.model_name, model, owner)
+            return await asyncio.to_thread(self.registry.resolve, name)
         name = parse_model_name(model)
+        if finetuned.is_reserved(name.name):
+            raise ModelNotFound(model)
         if tenant is not None and not tenant.may_use(name.name):
             raise ModelNotFound(model)
         if name.name == self.settings.base_model_id:
@@ -253,6 +283,8 @@ class MultiAdapterServer:
             ref = await self.resolve(body.model, tenant)
             model_label = self.model_label(ref)
             call = await self.admit(body, ref, tenant, chat)
+            if finetuned.is_fine_tuned(body.model):
+                call.served = body.model  # answers name the ft: id; the header, the version
             if self.vllm is not None:
                 response = await self.vllm_response(body, call)
                 admitted = not body.stream

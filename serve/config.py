@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serve.finetuning.config import FinetuningSettings
 from serve.names import is_valid_name
 
 
@@ -109,6 +110,9 @@ class ServeSettings(BaseModel):
     default_max_tokens: int = Field(256, ge=1)
     max_body_bytes: int = Field(1_000_000, ge=1024)
     expose_metrics: bool = True  # GET /metrics (this replica's counters), without a key
+    # The OpenAI fine-tuning API on this app (/v1/files, /v1/fine_tuning/jobs; serve/finetuning/):
+    # its jobs run on the Ray cluster and their models are served here, to their tenant only.
+    finetuning: FinetuningSettings | None = None
 
     @model_validator(mode="after")
     def _check(self):
@@ -133,6 +137,8 @@ class ServeSettings(BaseModel):
                 "layout: single is the hf engine's; engine vllm always runs the model in its own "
                 "deployment behind the ingress (leave layout out, or set engine: hf)"
             )
+        if self.finetuning is not None and self.registry is None:
+            raise ValueError("finetuning: needs a registry (fine-tuned models are promoted there)")
         bad = [n for n in [*self.adapters, self.base_model_id] if not is_valid_name(n)]
         if bad:
             raise ValueError(f"invalid model names {bad}: use [a-z0-9][a-z0-9-_.]{{0,62}}")
