@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 
@@ -84,10 +85,8 @@ def kill_rollout_actor_at(run_name: str, version: int, killed: dict) -> threadin
         # the kill lands asynchronously: a call may still reach the old process
         killed["after"] = before
         while killed["after"] == before:
-            try:
+            with contextlib.suppress(ray.exceptions.RayActorError):
                 killed["after"] = ray.get(actor.pid.remote(), timeout=300)
-            except ray.exceptions.RayActorError:
-                pass
             threading.Event().wait(0.2)
 
     thread = threading.Thread(target=watch, daemon=True)
