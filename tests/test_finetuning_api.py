@@ -52,6 +52,7 @@ def settings(tmp: Path, tiny_model_dir: Path, dashboard: str | None, **limits) -
                     "overrides": {
                         "model.name_or_path": str(tiny_model_dir),
                         "scaling.cpus_per_worker": 1,
+                        "rollout.cpus_per_actor": 0,  # reinforcement: shares the trainer's CPU
                         "checkpoint.every_steps": 4,
                         "eval.every_steps": 4,
                         "eval.early_stopping_patience": None,
@@ -383,6 +384,15 @@ def test_file_limits_are_400s_in_openai_shape(api_server):
         c.files.delete(f.id)
 
 
+GRADER = {
+    "type": "string_check",
+    "name": "label",
+    "input": "{{ sample.output_text }}",
+    "reference": "{{ item.answer }}",
+    "operation": "eq",
+}
+
+
 @pytest.mark.integration  # a server on 127.0.0.1
 def test_job_requests_we_cannot_honour_are_400s_naming_the_field(api_server):
     acme, beta = client(api_server["url"]), client(api_server["url"], "beta")
@@ -397,8 +407,56 @@ def test_job_requests_we_cannot_honour_are_400s_naming_the_field(api_server):
                 training_file=f.id,
                 method={"type": "reinforcement", "reinforcement": {}},
             ),
-            "method.type",
-            "reinforcement",
+            "method.reinforcement.grader",
+            "grader",
+        ),
+        (
+            dict(
+                model="tiny-llama",
+                training_file=f.id,
+                method={
+                    "type": "reinforcement",
+                    "reinforcement": {
+                        "grader": GRADER,
+                        "hyperparameters": {"compute_multiplier": 2},
+                    },
+                },
+            ),
+            "method.reinforcement.hyperparameters.compute_multiplier",
+            "compute_multiplier",
+        ),
+        (
+            dict(
+                model="tiny-llama",
+                training_file=f.id,
+                method={
+                    "type": "reinforcement",
+                    "reinforcement": {"grader": {**GRADER, "operation": "similar"}},
+                },
+            ),
+            "method",
+            "train.grpo.grader",
+        ),
+        (
+            dict(
+                model="tiny-llama",
+                training_file=f.id,
+                method={
+                    "type": "reinforcement",
+                    "reinforcement": {
+                        "grader": {
+                            "type": "multi",
+                            "name": "m",
+                            "graders": {
+                                "a": {"type": "python", "name": "p", "function": "os:getcwd"}
+                            },
+                            "calculate_output": "a",
+                        }
+                    },
+                },
+            ),
+            "method.reinforcement.grader.graders.a.function",
+            "function",
         ),
         (
             dict(
@@ -517,7 +575,7 @@ def test_a_file_is_checked_row_by_row_naming_the_line(tmp_path, tokenizer):
 
     good = tmp_path / "good.jsonl"
     good.write_bytes(training_rows(5))
-    checked = check_file(str(good), "good.jsonl", "training_file", False, tokenizer)
+    checked = check_file(str(good), "good.jsonl", "training_file", "sft", tokenizer)
     assert checked.rows == 5 and checked.tokens > 5 * 20
     rows = training_rows(5).decode().splitlines()
     for line, bad, says in (
@@ -530,7 +588,7 @@ def test_a_file_is_checked_row_by_row_naming_the_line(tmp_path, tokenizer):
         path = tmp_path / "bad.jsonl"
         path.write_text("\n".join(broken) + "\n")
         with pytest.raises(InvalidFile) as info:
-            check_file(str(path), "bad.jsonl", "training_file", False, tokenizer)
+            check_file(str(path), "bad.jsonl", "training_file", "sft", tokenizer)
         assert info.value.error["code"] == "invalid_training_file"
         assert f"bad.jsonl, line {line}" in info.value.error["message"]
         assert says in info.value.error["message"]
@@ -547,12 +605,12 @@ def test_dpo_rows_in_openai_format_become_pairs(tmp_path, tokenizer):
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps(row) + "\n" + json.dumps({"input": {"messages": []}}) + "\n")
     with pytest.raises(InvalidFile) as info:
-        check_file(str(path), "pairs.jsonl", "training_file", True, tokenizer)
+        check_file(str(path), "pairs.jsonl", "training_file", "dpo", tokenizer)
     assert (
         "pairs.jsonl, line 2: missing field(s) ['preferred_output'" in info.value.error["message"]
     )
     path.write_text(json.dumps(row) + "\n")
-    checked = check_file(str(path), "pairs.jsonl", "training_file", True, tokenizer)
+    checked = check_file(str(path), "pairs.jsonl", "training_file", "dpo", tokenizer)
     assert checked.pairs == [
         {
             "prompt": row["input"]["messages"],

@@ -415,3 +415,38 @@ def test_a_dpo_job_on_openai_preference_rows(app):
     ]
     reply = c.chat.completions.create(model=job.fine_tuned_model, messages=MESSAGES, max_tokens=4)
     assert reply.model == job.fine_tuned_model
+
+
+def test_a_reinforcement_job_on_prompt_rows_with_a_grader(app):
+    """method reinforcement: OpenAI's RFT rows (messages up to the user's turn, an `answer`
+    field) and a string_check grader train GRPO; the model is served to its tenant."""
+    from jobs.demo_data import make_prompt_rows
+
+    c = client(app["url"])
+    rows = "".join(json.dumps(r) + "\n" for r in make_prompt_rows(48)).encode()
+    f = upload(c, rows, "prompts.jsonl")
+    grader = {
+        "type": "string_check",
+        "name": "label",
+        "input": "{{ sample.output_text }}",
+        "reference": "{{ item.answer }}",
+        "operation": "eq",
+    }
+    job = c.fine_tuning.jobs.create(
+        model="tiny-llama",
+        training_file=f.id,
+        suffix="rft",
+        method={
+            "type": "reinforcement",
+            "reinforcement": {"grader": grader, "hyperparameters": {"batch_size": 4}},
+        },
+        extra_body={"rayft": {"max_steps": 4}},
+    )
+    assert job.method.type == "reinforcement"
+    assert job.method.reinforcement.grader.reference == "{{ item.answer }}"
+    job = finished(c, job.id, timeout=400)
+    assert job.status == "succeeded", job.error
+    messages = [e.message for e in c.fine_tuning.jobs.list_events(job.id, limit=100)]
+    assert "Promoted without an evaluation gate (reinforcement: no built-in gate)" in messages
+    reply = c.chat.completions.create(model=job.fine_tuned_model, messages=MESSAGES, max_tokens=4)
+    assert reply.model == job.fine_tuned_model

@@ -129,6 +129,30 @@ class DpoHyperparameters(SupervisedHyperparameters):
         return v
 
 
+class ReinforcementHyperparameters(SupervisedHyperparameters):
+    """OpenAI's reinforcement hyperparameters. batch_size counts prompts (each sampled
+    train.grpo.num_generations times); eval_interval is steps between held-out evaluations."""
+
+    eval_interval: Auto | int = "auto"
+    # One greedy completion per held-out prompt is what we evaluate; OpenAI's knobs of its own
+    # sampling and reasoning models are refused rather than ignored.
+    eval_samples: Auto | Literal[1] = "auto"
+    compute_multiplier: Auto = "auto"
+    reasoning_effort: Auto | Literal["default"] = "auto"
+
+    @field_validator("eval_interval")
+    @classmethod
+    def _interval(cls, v):
+        if v != "auto" and not (1 <= v <= 10_000):
+            raise ValueError("must be 'auto' or an integer from 1 to 10000")
+        return v
+
+
+class ReinforcementMethod(Strict):
+    grader: dict[str, Any]  # OpenAI's grader shapes (jobs/graders), validated with the job config
+    hyperparameters: ReinforcementHyperparameters = ReinforcementHyperparameters()
+
+
 class SupervisedMethod(Strict):
     hyperparameters: SupervisedHyperparameters = SupervisedHyperparameters()
 
@@ -141,7 +165,7 @@ class Method(Strict):
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: SupervisedMethod | None = None
     dpo: DpoMethod | None = None
-    reinforcement: dict[str, Any] | None = None
+    reinforcement: ReinforcementMethod | None = None
 
 
 class RayftExtension(Strict):

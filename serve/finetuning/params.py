@@ -43,7 +43,7 @@ def template(entry: BaseModelEntry) -> dict[str, Any]:
 
 
 def method_of(req: JobRequest) -> tuple[str, SupervisedHyperparameters]:
-    """(supervised | dpo, its hyperparameters); reinforcement and conflicting fields are 400s."""
+    """(supervised | dpo | reinforcement, its hyperparameters); conflicting fields are 400s."""
     if req.method is not None and req.hyperparameters is not None:
         raise InvalidRequest(
             "give hyperparameters under method.supervised.hyperparameters or the deprecated "
@@ -53,23 +53,40 @@ def method_of(req: JobRequest) -> tuple[str, SupervisedHyperparameters]:
     if req.method is None:
         return "supervised", req.hyperparameters or SupervisedHyperparameters()
     kind = req.method.type
-    if kind == "reinforcement":
-        raise InvalidRequest(
-            "method.type 'reinforcement' is not supported yet by this server; use 'supervised' "
-            "or 'dpo'",
-            param="method.type",
-            code="unsupported_method",
-        )
-    other = {"supervised": "dpo", "dpo": "supervised"}[kind]
-    if getattr(req.method, other) is not None or req.method.reinforcement is not None:
-        raise InvalidRequest(
-            f"method.type is '{kind}': give method.{kind}, not another method's section",
-            param=f"method.{other}",
-        )
+    for other in METHODS:
+        if other != kind and getattr(req.method, other) is not None:
+            raise InvalidRequest(
+                f"method.type is '{kind}': give method.{kind}, not another method's section",
+                param=f"method.{other}",
+            )
     section = getattr(req.method, kind)
+    if section is None and kind == "reinforcement":
+        raise InvalidRequest(
+            "method.type 'reinforcement' needs method.reinforcement.grader",
+            param="method.reinforcement.grader",
+        )
     if section is None:
         section = DpoMethod() if kind == "dpo" else SupervisedMethod()
     return kind, section.hyperparameters
+
+
+def refuse_server_code(grader: Any, where: str) -> None:
+    """A tenant's python grader brings its code as `source`; `function` (a module of the
+    server's own import path) is for job YAMLs written by the cluster's owner."""
+    if not isinstance(grader, dict):
+        return
+    if grader.get("type") == "python" and grader.get("function") is not None:
+        raise InvalidRequest(
+            "a python grader sent to the API gives its code as `source`; `function` imports "
+            "a module of the server's and is refused",
+            param=f"{where}.function",
+        )
+    for name, sub in (grader.get("graders") or {}).items():
+        refuse_server_code(sub, f"{where}.graders.{name}")
+
+
+METHODS = ("supervised", "dpo", "reinforcement")
+TRAIN_METHOD = {"supervised": "sft", "dpo": "dpo", "reinforcement": "grpo"}
 
 
 def overrides(req: JobRequest, kind: str, hp, raw: dict, job_id: str, seed: int) -> dict:
@@ -78,7 +95,7 @@ def overrides(req: JobRequest, kind: str, hp, raw: dict, job_id: str, seed: int)
     out: dict[str, Any] = {
         "run.name": job_id,
         "run.seed": seed,
-        "train.method": "dpo" if kind == "dpo" else "sft",
+        "train.method": TRAIN_METHOD[kind],
         "tracking.backend": "none",
     }
     if hp.n_epochs != "auto":
@@ -91,6 +108,12 @@ def overrides(req: JobRequest, kind: str, hp, raw: dict, job_id: str, seed: int)
         out["train.lr"] = float(train.get("lr", 2e-4)) * hp.learning_rate_multiplier
     if kind == "dpo" and hp.beta != "auto":
         out["train.dpo.beta"] = hp.beta
+    if kind == "reinforcement":
+        refuse_server_code(req.method.reinforcement.grader, "method.reinforcement.grader")
+        # GRPO on the prompts, the template's train.grpo settings (if any) under OpenAI's grader
+        out["train.grpo"] = {**train.get("grpo", {}), "grader": req.method.reinforcement.grader}
+        if hp.eval_interval != "auto":
+            out["eval.every_steps"] = hp.eval_interval
     ext = req.rayft
     for key, value in (
         ("lora.r", ext.lora_rank),
@@ -146,4 +169,8 @@ def resolved_method(kind: str, cfg: JobConfig, asked) -> dict[str, Any]:
     }
     if kind == "dpo":
         hp["beta"] = cfg.train.dpo.beta
+    if kind == "reinforcement":
+        hp["eval_interval"] = cfg.eval.every_steps or cfg.train.max_steps or hp["n_epochs"]
+        grader = cfg.train.grpo.grader.model_dump(mode="json", exclude_none=True)
+        return {"type": kind, kind: {"grader": grader, "hyperparameters": hp}}
     return {"type": kind, kind: {"hyperparameters": hp}}

@@ -51,7 +51,7 @@ def validate_files(sessions, job: db.JobRow) -> Checked:
     event(sessions, job, "validating", f"Validating training file: {job.training_file}")
     cfg = JobConfig.model_validate(job.job_config)
     tokenizer = load_tokenizer(ModelConfig.model_validate(job.job_config["model"]))
-    dpo = cfg.train.method == "dpo"
+    kind = cfg.train.method
     checked = None
     for param, file_id, target in (
         ("training_file", job.training_file, cfg.data.train_files),
@@ -63,8 +63,8 @@ def validate_files(sessions, job: db.JobRow) -> Checked:
             row = s.get(db.FileRow, file_id)
         if row is None:
             raise InvalidFile(f"{param} {file_id} was deleted before the job started", param)
-        result = check_file(row.uri, row.filename, param, dpo, tokenizer)
-        if dpo:
+        result = check_file(row.uri, row.filename, param, kind, tokenizer)
+        if kind == "dpo":
             write_pairs(result.pairs, target[0])
         checked = checked or result
     event(sessions, job, "validated", f"Files validated: {checked.rows} training examples")
@@ -90,8 +90,9 @@ def gate_and_register(sessions, job: db.JobRow, run_dir: str, registry: Registry
     runner = job.runner
     name = job.id
     limits = ServingLimits(max_lora_rank=runner["max_lora_rank"])
-    if not runner["gate"] or (runner["eval"] is None and job.method["type"] == "dpo"):
-        why = "gate off (rayft.gate: false)" if not runner["gate"] else "dpo: no built-in gate"
+    kind = job.method["type"]
+    if not runner["gate"] or (runner["eval"] is None and kind in ("dpo", "reinforcement")):
+        why = "gate off (rayft.gate: false)" if not runner["gate"] else f"{kind}: no built-in gate"
         event(sessions, job, "gate", f"Promoted without an evaluation gate ({why})", level="warn")
         return promote_run(registry, run_dir, name, force=True, limits=limits)
     cfg = load_eval_config(runner["eval"]) if runner["eval"] else default_eval()

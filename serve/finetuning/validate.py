@@ -1,6 +1,7 @@
 """A job's files checked row by row before anything trains, in OpenAI's formats: chat rows
 ({"messages": [...]}) for supervised jobs, preference rows ({"input": {"messages": [...]},
-"preferred_output": [...], "non_preferred_output": [...]}) for dpo. The first bad row fails the
+"preferred_output": [...], "non_preferred_output": [...]}) for dpo, prompt rows ({"messages":
+[... up to the user's turn], fields the grader reads}) for reinforcement. The first bad row fails the
 job with an error naming the file and the line. DPO rows are written out in the pair format
 jobs/data/pairs.py reads."""
 
@@ -13,6 +14,7 @@ from typing import Any
 from jobs import storage
 from jobs.data.formats import to_example
 from jobs.data.pairs import to_pair
+from jobs.data.prompts import to_prompt
 from jobs.data.sources import RowError
 
 
@@ -61,7 +63,22 @@ def count_tokens(tokenizer, messages: list[dict] | None, text: str | None) -> in
     return len(tokenizer(text)["input_ids"])
 
 
-def check_file(uri: str, filename: str, param: str, dpo: bool, tokenizer) -> Checked:
+def count_row(row: Any, kind: str, tokenizer, pairs: list | None) -> int:
+    """The row validated for the job's method; the tokens it trains on (a prompt's, for grpo)."""
+    if kind == "dpo":
+        pair = openai_pair(row)
+        pairs.append(pair)
+        return count_tokens(tokenizer, pair["prompt"] + pair["chosen"], None)
+    if kind == "grpo":  # OpenAI's RFT rows: messages up to the user's turn, fields for graders
+        messages, _ = to_prompt(row)
+        return count_tokens(tokenizer, messages, None)
+    example = to_example(row)
+    return count_tokens(tokenizer, example.get("messages"), example.get("text"))
+
+
+def check_file(uri: str, filename: str, param: str, kind: str, tokenizer) -> Checked:
+    """`kind`: the job's train.method (sft, dpo or grpo)."""
+    dpo = kind == "dpo"
     rows, tokens, pairs = 0, 0, [] if dpo else None
     with storage.open_url(uri, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
@@ -69,13 +86,7 @@ def check_file(uri: str, filename: str, param: str, dpo: bool, tokenizer) -> Che
                 continue
             try:
                 row = json.loads(raw.decode("utf-8"))
-                if dpo:
-                    pair = openai_pair(row)
-                    pairs.append(pair)
-                    tokens += count_tokens(tokenizer, pair["prompt"] + pair["chosen"], None)
-                else:
-                    example = to_example(row)
-                    tokens += count_tokens(tokenizer, example.get("messages"), example.get("text"))
+                tokens += count_row(row, kind, tokenizer, pairs)
             except (UnicodeDecodeError, json.JSONDecodeError, RowError) as e:
                 what = (
                     f"invalid JSON ({e.msg} at column {e.colno})"
