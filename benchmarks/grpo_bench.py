@@ -2,7 +2,7 @@
 the hf engine and (where installed) vLLM, synchronous vs `rollout.async_steps: 1`.
 
     python benchmarks/grpo_bench.py [--steps 12] [--rounds 2]
-    python benchmarks/grpo_bench.py --steps 3 --rounds 1 --engines hf     # smoke
+    python benchmarks/grpo_bench.py --steps 2 --rounds 1 --modes sync     # smoke
 
 Each variant is a real `jobs.finetune` GRPO job (configs/grpo.yaml on the tiny model, no warm
 start, 8 prompts x 8 completions of up to --max-tokens a step) on one local Ray; rounds take
@@ -27,13 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def variants(engines: list[str]) -> list[tuple[str, str, int]]:
+def variants(engines: list[str], modes: list[str]) -> list[tuple[str, str, int]]:
     out = []
     for engine in engines:
         if engine == "vllm" and importlib.util.find_spec("vllm") is None:
             print("vllm is not installed: its rows are left out")
             continue
-        out += [(f"{engine} sync", engine, 0), (f"{engine} async", engine, 1)]
+        out += [(f"{engine} {mode}", engine, int(mode == "async")) for mode in modes]
     return out
 
 
@@ -83,6 +83,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--engines", default="hf,vllm")
+    parser.add_argument("--modes", default="sync,async", help="rollout.async_steps 0 and/or 1")
     parser.add_argument("--model", default=str(ROOT / ".cache/tiny-llama"))
     args = parser.parse_args()
     if not Path(args.model).is_dir():
@@ -95,7 +96,9 @@ def main() -> None:
     results: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
-            for label, engine, async_steps in variants(args.engines.split(",")):
+            for label, engine, async_steps in variants(
+                args.engines.split(","), args.modes.split(",")
+            ):
                 name = f"{label.replace(' ', '-')}-{r}"
                 results.setdefault(label, []).append(
                     run_variant(engine, async_steps, args, Path(tmp), name)

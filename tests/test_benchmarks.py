@@ -279,9 +279,12 @@ def test_engines_bench_tiny():
 @pytest.mark.integration
 @pytest.mark.slow
 def test_grpo_bench_tiny():
-    """The rollout benchmark at its smallest: hf and (where installed) vLLM, sync and async."""
-    out = run_script("grpo_bench.py", "--steps", "3", "--rounds", "1", timeout=1200)
-    assert "| hf sync |" in out and "| hf async |" in out
-    assert re.search(r"steps/s hf async / hf sync = \d+\.\d+", out)
+    """The rollout benchmark at its smallest: the hf engine and (where installed) vLLM, sync
+    (async rollouts are tests/test_grpo_job.py's; each vLLM start costs a minute or two)."""
+    out = run_script(
+        "grpo_bench.py", "--steps", "2", "--rounds", "1", "--modes", "sync", timeout=1200
+    )
+    assert "| hf sync |" in out
     if importlib.util.find_spec("vllm") is not None:
-        assert "| vllm sync |" in out and "| vllm async |" in out
+        assert "| vllm sync |" in out
+        assert re.search(r"steps/s vllm sync / hf sync = \d+\.\d+", out)
