@@ -19,11 +19,16 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def warm_start(tiny_model_dir, tmp_path_factory, ray_local) -> str:
-    """configs/grpo_warmstart.yaml: the SFT adapter that answers with a label."""
+    """configs/grpo_warmstart.yaml, cut to 20 steps: an SFT adapter that answers with a label,
+    rarely the one the tests' grader wants ("positive"), so that a rise has room."""
     out = tmp_path_factory.mktemp("warm")
     cfg = load_config(
         "configs/grpo_warmstart.yaml",
-        [f"model.name_or_path={tiny_model_dir}", f"checkpoint.storage_path={out}"],
+        [
+            f"model.name_or_path={tiny_model_dir}",
+            f"checkpoint.storage_path={out}",
+            "train.max_steps=20",
+        ],
     )
     return run_job(cfg)["adapter"]
 
@@ -143,6 +148,7 @@ def test_two_train_workers_step_as_one(tiny_model_dir, tmp_path, warm_start, who
     assert_same_steps(per_step(run_job(two)), per_step(whole)[:3])
 
 
+@pytest.mark.slow  # shares the module's warm start with the other slow tests (~40 s more)
 def test_grpo_job_learns_a_reward_and_records_what_produced_it(
     tiny_model_dir, tmp_path, warm_start
 ):
