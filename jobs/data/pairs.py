@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 from jobs.config import ConfigError, DataConfig
@@ -157,7 +158,22 @@ def prepare_pairs(cfg: DataConfig, tokenizer, seed: int) -> PreparedData:
 def read_pairs(cfg: DataConfig, tokenizer, seed: int):
     """({split: [(the pair's canonical text, its token ids)]}, counts, errors) over every
     source's rows; a test source's pairs are validated and left out."""
-    split_pairs: dict[str, list] = {"train": [], "eval": []}
+
+    def parse(row):
+        pair = normalize_pair(to_pair(row, cfg.system_prompt), cfg.normalize)
+        ids = tokenize_pair(pair, tokenizer, cfg.max_seq_len)
+        return json.dumps(pair, sort_keys=True, ensure_ascii=False), ids
+
+    return read_keyed_rows(cfg, seed, parse)
+
+
+def read_keyed_rows(cfg: DataConfig, seed: int, parse: Callable[[Any], tuple[str, Any]]):
+    """({split: [(key, example)]}, counts, errors) over every source's rows, `parse` making a
+    row's canonical key and example (or raising RowError). A row goes to its source's split,
+    else to the key's hash split; a test source's rows are validated and left out. A bad row is
+    counted with file:line, or stops the job with data.on_error=fail. DPO's pairs and GRPO's
+    prompts (jobs/data/prompts.py) are read this way."""
+    splits: dict[str, list] = {"train": [], "eval": []}
     malformed = Drop.MALFORMED.count_name
     counts = {"input_rows": 0, malformed: 0, "train": 0, "eval": 0}
     errors: list[dict[str, str]] = []
@@ -168,17 +184,15 @@ def read_pairs(cfg: DataConfig, tokenizer, seed: int):
                 try:
                     if isinstance(row, RowError):
                         raise row
-                    pair = normalize_pair(to_pair(row, cfg.system_prompt), cfg.normalize)
-                    ids = tokenize_pair(pair, tokenizer, cfg.max_seq_len)
+                    key, example = parse(row)
                 except RowError as e:
                     if cfg.on_error == "fail":
                         raise ConfigError(f"{where}: {e} (data.on_error=fail)") from None
                     counts[malformed] += 1
                     errors.append({"where": where, "reason": str(e)})
                     continue
-                key = json.dumps(pair, sort_keys=True, ensure_ascii=False)
                 if source.split in ("train", "eval"):
-                    split_pairs[source.split].append((key, ids))
+                    splits[source.split].append((key, example))
                 elif source.split != "test":
-                    split_pairs[key_split(key, seed, cfg.eval_fraction)].append((key, ids))
-    return split_pairs, counts, errors
+                    splits[key_split(key, seed, cfg.eval_fraction)].append((key, example))
+    return splits, counts, errors

@@ -16,12 +16,11 @@ import json
 from typing import Any
 
 from jobs.config import ConfigError, DataConfig
-from jobs.data.drops import Drop
 from jobs.data.formats import to_messages
 from jobs.data.normalize import normalize_text
+from jobs.data.pairs import read_keyed_rows
 from jobs.data.prepared import PreparedData
-from jobs.data.sources import RowError, expand_source, read_rows
-from jobs.data.split import key_split
+from jobs.data.sources import RowError
 
 PROMPT_KEYS = ("prompt", "messages", "conversations")
 
@@ -98,34 +97,14 @@ def prepare_prompts(cfg: DataConfig, tokenizer, seed: int, completion_len: int) 
 
 
 def read_prompts(cfg: DataConfig, tokenizer, seed: int, room: int):
-    """({split: [(canonical text, {"prompt_ids", "item"})]}, counts, errors) over every source."""
-    splits: dict[str, list] = {"train": [], "eval": []}
-    malformed = Drop.MALFORMED.count_name
-    counts = {"input_rows": 0, malformed: 0, "train": 0, "eval": 0}
-    errors: list[dict[str, str]] = []
-    for index, source in enumerate(cfg.all_sources()):
-        for file in expand_source(index, source):
-            for where, row in read_rows(file):
-                counts["input_rows"] += 1
-                try:
-                    if isinstance(row, RowError):
-                        raise row
-                    messages, item = to_prompt(row, cfg.system_prompt)
-                    messages = [
-                        {**m, "content": normalize_text(m["content"], cfg.normalize)}
-                        for m in messages
-                    ]
-                    ids = tokenize_prompt(messages, tokenizer, room)
-                except RowError as e:
-                    if cfg.on_error == "fail":
-                        raise ConfigError(f"{where}: {e} (data.on_error=fail)") from None
-                    counts[malformed] += 1
-                    errors.append({"where": where, "reason": str(e)})
-                    continue
-                key = json.dumps([messages, item], sort_keys=True, ensure_ascii=False)
-                example = {"prompt_ids": ids, "item": item, "messages": messages}
-                if source.split in ("train", "eval"):
-                    splits[source.split].append((key, example))
-                elif source.split != "test":
-                    splits[key_split(key, seed, cfg.eval_fraction)].append((key, example))
-    return splits, counts, errors
+    """({split: [(canonical text, {"prompt_ids", "item", "messages"})]}, counts, errors) over
+    every source (jobs/data/pairs.py's read_keyed_rows)."""
+
+    def parse(row):
+        messages, item = to_prompt(row, cfg.system_prompt)
+        messages = [{**m, "content": normalize_text(m["content"], cfg.normalize)} for m in messages]
+        ids = tokenize_prompt(messages, tokenizer, room)
+        key = json.dumps([messages, item], sort_keys=True, ensure_ascii=False)
+        return key, {"prompt_ids": ids, "item": item, "messages": messages}
+
+    return read_keyed_rows(cfg, seed, parse)
