@@ -90,7 +90,7 @@ def main() -> None:
         import subprocess
 
         subprocess.run([sys.executable, "-m", "jobs.tiny_model", args.model], check=True)
-    from jobs.distributed import shutdown_ray, start_local_ray
+    from core.ray_cluster import shutdown_ray, start_local_ray
 
     start_local_ray(num_cpus=2)
     results: dict[str, list[dict]] = {}

@@ -1,4 +1,4 @@
-"""4 LoRA trials packed on one base model (jobs/packed.py) vs the same 4 trials run separately.
+"""4 LoRA trials packed on one base model (jobs/packed_trials.py) vs the same 4 trials run separately.
 
     python benchmarks/packed_bench.py              # ~8 minutes on 2 quiet CPUs (2 rounds)
     python benchmarks/packed_bench.py --sweeps     # and the same as 2 Ray Tune sweeps, ~+5 min
@@ -20,7 +20,7 @@ loop time is training and evals only. Targets: packed wall <= 0.6x the separate 
 packed peak RSS about one separate trial's (one base model, not four). The packed losses are
 checked against the separate ones (rel 1e-4). Ray's own cost (a sweep's trial actors, Ray
 Train's workers) is left out on both sides; `--sweeps` adds it: the same trials as a normal
-sweep (one Ray Train job per trial) and as a packed one (tune.packed), end to end.
+sweep (one Ray Train job per trial) and as a packed one (tune.packed_trials), end to end.
 """
 
 from __future__ import annotations
@@ -63,8 +63,8 @@ def job(args: argparse.Namespace, extra: list[str]):
 
 
 def load(cfg):
+    from inference.model import load_tokenizer
     from jobs.data import load_for_job
-    from jobs.model import load_tokenizer
 
     with tempfile.TemporaryDirectory() as scratch:
         data = load_for_job(cfg, load_tokenizer(cfg.model), scratch)
@@ -75,9 +75,9 @@ def separate_trial(args: argparse.Namespace) -> dict:
     """One trial, the normal recipe (no Ray): its losses and evals."""
     import torch
 
+    from inference.runtime import Runtime
     from jobs.finetune import StepBatches, plan_steps, setup
     from jobs.objectives import make_objective
-    from jobs.runtime import Runtime
 
     cfg, rt = job(args, CONFIGS[args.trial]), Runtime(torch.device("cpu"))
     data = load(cfg)
@@ -98,9 +98,9 @@ def packed_trials(args: argparse.Namespace) -> dict:
     """All trials in one PackedTrainer: their losses and evals, in CONFIGS order."""
     import torch
 
-    from jobs.model import load_base_model, load_tokenizer
-    from jobs.packed import PackedTrainer
-    from jobs.runtime import Runtime
+    from inference.model import load_base_model, load_tokenizer
+    from inference.runtime import Runtime
+    from jobs.packed_trials import PackedTrainer
 
     cfgs, rt = [job(args, extra) for extra in CONFIGS], Runtime(torch.device("cpu"))
     data = load(cfgs[0])
@@ -191,7 +191,7 @@ def sweeps(args: argparse.Namespace, tmp: str) -> None:
     (worker_peak_rss_mb: its Train worker, or the pack host that trained it)."""
     import ray
 
-    from jobs.distributed import start_local_ray
+    from core.ray_cluster import start_local_ray
     from tune.sweep import SweepConfig, run_sweep
 
     job = [

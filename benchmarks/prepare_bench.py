@@ -104,7 +104,7 @@ def bench_pipeline(rows: int, workers: int, tokenizer: str) -> None:
             chunk_rows=5000,
         )
         if workers:
-            from jobs.distributed import start_local_ray
+            from core.ray_cluster import start_local_ray
 
             start_local_ray(num_cpus=workers)  # workers at normal priority, as jobs.prepare does
         t0 = time.perf_counter()

@@ -19,17 +19,17 @@ from pathlib import Path
 
 import torch
 
+from inference.model import load_tokenizer
 from jobs.config import load_config
 from jobs.data import load_for_job
 from jobs.finetune import StepBatches, plan_steps, run_job, setup
-from jobs.model import load_tokenizer
 from jobs.objectives import make_objective
-from jobs.runtime import Runtime
+from jobs.parallel import job_runtime
 
 
 def plain_loop(cfg, data, device: torch.device, steps: int) -> float:
     """The baseline: the job's own setup, batches and step in this process, no Ray; tokens/s."""
-    rt = Runtime.for_job(cfg, device)
+    rt = job_runtime(cfg, device)
     plan = plan_steps(len(data.train), cfg)
     tokenizer, par = setup(cfg, rt, plan)  # threads, seeds, model, LoRA, optimizer as the job's
     held_out = {"train": data.train, "eval": data.eval, "eval_conversations": []}

@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from inference.engine import GenerationRequest, HFEngine, SamplingParams, read_adapter
 from jobs.tiny_model import main as build_tiny_model
 from serve.adapters import AdapterCache, AdapterRegistry
-from serve.engine import GenerationRequest, HFEngine, SamplingParams, read_adapter
 from serve.names import ModelName
 from serve.scheduler import generate_in_groups
 from serve.testing import make_random_adapter

@@ -30,13 +30,13 @@ from pathlib import Path
 
 import torch
 
+from inference.runtime import Runtime
 from jobs.batching import collate, pack
 from jobs.config import JobConfig, load_config
 from jobs.data.render import render_and_mask
 from jobs.model import add_lora
 from jobs.objectives.sft import train_step
 from jobs.parallel import make_parallel
-from jobs.runtime import Runtime
 from jobs.tiny_model import build_model, build_tokenizer
 
 WORDS = [
@@ -306,7 +306,7 @@ MEMORY_STRATEGIES = {
 def bench_memory(args, tmp: Path) -> None:
     import ray
 
-    from jobs.distributed import start_local_ray
+    from core.ray_cluster import start_local_ray
     from jobs.finetune import run_job
 
     tokenizer, model = setup(args.memory_hidden, args.memory_layers, tmp)

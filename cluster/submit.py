@@ -21,8 +21,9 @@ from typing import Annotated
 import typer
 import yaml
 
-from jobs import cli
-from jobs.config import ConfigError, load_config
+from core import cli
+from core.config import ConfigError
+from jobs.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 RUNTIME_ENV = REPO / "cluster" / "runtime_env.yaml"

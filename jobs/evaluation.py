@@ -7,9 +7,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from inference.runtime import Runtime
 from jobs.batching import collate
 from jobs.data.render import IGNORE_INDEX, prompt_and_answer
-from jobs.runtime import Runtime
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

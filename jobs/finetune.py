@@ -28,18 +28,21 @@ import torch
 import typer
 from transformers import get_cosine_schedule_with_warmup
 
-from jobs import cli, storage
+from core import cli, storage
+from core.config import ConfigError
+from core.ray_cluster import init_ray, shutdown_ray
+from inference.model import load_base_model, load_tokenizer
+from inference.runtime import Runtime
 from jobs.batching import epoch_order, step_micro_batches
 from jobs.checkpointing import Checkpointer, TrainerState, read_trainer_state, resume
-from jobs.config import ConfigError, JobConfig, load_config
+from jobs.config import JobConfig, load_config
 from jobs.data import load_for_job, summary_lines
-from jobs.distributed import all_gather_objects, init_ray, print0, seed_everything, shutdown_ray
-from jobs.manifest import write_run_manifest
+from jobs.distributed import all_gather_objects, print0, seed_everything
 from jobs.memory import preflight_memory
-from jobs.model import add_lora, enable_gradient_checkpointing, load_base_model, load_tokenizer
+from jobs.model import add_lora, enable_gradient_checkpointing
 from jobs.objectives import Objective, StepResult, make_objective, objective_class
-from jobs.parallel import Parallel, deepspeed_config, make_parallel
-from jobs.runtime import Runtime
+from jobs.parallel import Parallel, deepspeed_config, job_runtime, make_parallel
+from jobs.run_record import write_run_manifest
 from jobs.tracking import start_tracker, tracking_run_info
 
 
@@ -74,7 +77,7 @@ def train_func(config: dict) -> None:
     cfg = JobConfig.model_validate(config["job"])
     data = config["data"]
     data = ray.get(data) if isinstance(data, ray.ObjectRef) else data
-    rt = Runtime.for_job(cfg, ray.train.torch.get_device())
+    rt = job_runtime(cfg, ray.train.torch.get_device())
     plan = plan_steps(len(data["train"]), cfg)
     tokenizer, par = setup(cfg, rt, plan)
     obj = make_objective(cfg, rt, tokenizer, data)

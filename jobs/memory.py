@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from jobs.config import ConfigError, JobConfig
+from core.config import ConfigError
+from jobs.config import JobConfig
 
 GIB = 1024**3
 WARN_FRACTION = 0.85  # above this share of a worker's memory: a warning
@@ -130,7 +131,7 @@ def load_model_shape(cfg: JobConfig) -> ModelShape:
     """The job's model shape from its config.json only (local dir, hub id or s3://)."""
     from transformers import AutoConfig
 
-    from jobs.model import resolve_model_path
+    from inference.model import resolve_model_path
 
     hf_config = AutoConfig.from_pretrained(
         resolve_model_path(cfg.model),
@@ -202,7 +203,7 @@ def compute_bytes(cfg: JobConfig) -> int:
 
 
 def weight_bytes(cfg: JobConfig) -> int:
-    """Bytes per stored weight, as jobs.runtime.resolve_dtype loads them (auto: bf16 on GPU)."""
+    """Bytes per stored weight, as inference.runtime.resolve_dtype loads them (auto: bf16 on GPU)."""
     dtype = cfg.model.dtype
     if dtype == "auto":
         dtype = "bfloat16" if cfg.scaling.use_gpu else "float32"

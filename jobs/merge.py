@@ -17,8 +17,9 @@ from typing import Annotated, Literal
 import torch
 import typer
 
-from jobs.config import ConfigError, ModelConfig
-from jobs.model import load_base_model, load_tokenizer
+from core.config import ConfigError
+from inference.config import ModelConfig
+from inference.model import load_base_model, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -27,9 +27,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from jobs.config import ConfigError, JobConfig
+from core.config import ConfigError
+from inference.runtime import Runtime, rank_and_world, resolve_dtype, resolve_precision
+from jobs.config import JobConfig
 from jobs.model import trainable_parameters
-from jobs.runtime import Runtime, resolve_dtype
 
 BuildOptimizer = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
 BuildScheduler = Callable[[torch.optim.Optimizer], Any]
@@ -37,6 +38,21 @@ BuildScheduler = Callable[[torch.optim.Optimizer], Any]
 
 def make_parallel(cfg: JobConfig, rt: Runtime) -> Parallel:
     return {"ddp": Parallel, "fsdp": FSDP, "deepspeed": DeepSpeed}[cfg.train.strategy](cfg, rt)
+
+
+def job_runtime(cfg: JobConfig, device: torch.device) -> Runtime:
+    """The Runtime of a job's worker: its rank and world, its precision, and whether its forward
+    passes are collective."""
+    rank, world = rank_and_world()
+    precision = resolve_precision(cfg.train.precision, device)
+    return Runtime(device, rank, world, precision, collective_forward(cfg))
+
+
+def collective_forward(cfg: JobConfig) -> bool:
+    """Whether every forward pass is collective (parameters sharded: FSDP, ZeRO-3), so that ranks
+    must run the same number of passes, in evaluation and generation too."""
+    strategy = cfg.train.strategy
+    return strategy == "fsdp" or (strategy == "deepspeed" and cfg.train.deepspeed.stage == 3)
 
 
 def decoder_layer_classes(model: torch.nn.Module) -> set[type]:

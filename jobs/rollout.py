@@ -66,8 +66,8 @@ class HFRolloutEngine:
     """serve/'s transformers engine: the adapter in a slot, every group's rows in one batch."""
 
     def __init__(self, cfg: JobConfig, device: torch.device):
-        from jobs.model import load_base_model, load_tokenizer
-        from serve.engine import HFEngine
+        from inference.engine import HFEngine
+        from inference.model import load_base_model, load_tokenizer
 
         rank = cfg.lora.r
         self.engine = HFEngine(
@@ -76,7 +76,7 @@ class HFRolloutEngine:
         self.key: str | None = None
 
     def load(self, version: int, config: dict, state_dict: dict) -> None:
-        from serve.engine import AdapterWeights
+        from inference.engine import AdapterWeights
 
         if self.key is not None:
             self.engine.unload_adapter(self.key)
@@ -84,7 +84,7 @@ class HFRolloutEngine:
         self.engine.load_adapter(self.key, AdapterWeights(self.key, config, state_dict))
 
     def generate(self, groups: list[Group], sampling: Sampling) -> list[tuple[list[int], str, str]]:
-        from serve.engine import GenerationRequest, SamplingParams
+        from inference.engine import GenerationRequest, SamplingParams
 
         requests = [
             GenerationRequest(
@@ -118,7 +118,7 @@ class VllmRolloutEngine:
     def __init__(self, cfg: JobConfig, device: torch.device):
         from vllm import LLM
 
-        from jobs.model import resolve_model_path
+        from inference.model import resolve_model_path
 
         kwargs = {"enable_lora": True, "max_lora_rank": max(8, cfg.lora.r), "max_loras": 1}
         kwargs |= {"logprobs_mode": "processed_logprobs", "seed": cfg.run.seed}

@@ -15,7 +15,7 @@ Failures never cost the training run by default: a tracker that cannot start (no
 URI, no credentials, the library missing) or that fails later is reported once as a warning and
 the job goes on untracked. With `tracking.required: true` a tracker that cannot start fails the
 job before its first step instead (a failure later still only warns: by then the work is worth
-more than its record). Logged configs are redacted and error messages scrubbed (jobs.manifest).
+more than its record). Logged configs are redacted and error messages scrubbed (jobs.run_record).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from jobs.config import JobConfig
-from jobs.manifest import git_state, hardware, library_versions, redact, scrub
+from jobs.run_record import git_state, hardware, library_versions, redact, scrub
 
 logger = logging.getLogger(__name__)
 
@@ -335,7 +335,7 @@ def flat_params(config: dict, prefix: str = "") -> dict[str, str]:
 def start_tracker(cfg: JobConfig, info: dict, total_steps: int) -> Tracker:
     """The run's tracker on rank 0, a no-op elsewhere. A start failure warns and returns the no-op
     tracker, or raises TrackerStartError when tracking.required is set."""
-    from jobs.distributed import rank_and_world
+    from inference.runtime import rank_and_world
 
     backend = cfg.tracking.backend
     if backend == "none" or rank_and_world()[0] != 0:

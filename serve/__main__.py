@@ -18,7 +18,7 @@ from typing import Annotated
 
 import typer
 
-from jobs import cli
+from core import cli
 from serve import preflight
 
 

@@ -5,7 +5,7 @@ Registry layout (written by tune/registry/store.py; only read here):
     ROOT/NAME/aliases/ALIAS    text file holding a VERSION
 The writer puts lineage.json last: a version directory without it is a copy in progress (or an
 interrupted one) and is not served.
-ROOT is a local directory or s3://bucket/prefix, read through jobs.storage.
+ROOT is a local directory or s3://bucket/prefix, read through core.storage.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from jobs import storage
+from core import storage
+from inference.engine import AdapterWeights, Engine, read_adapter
 from serve.config import ServeSettings
-from serve.engine import AdapterWeights, Engine, read_adapter
 from serve.errors import AdapterUnavailable, ModelNotFound
 from serve.names import DEFAULT_ALIAS, VERSION_RE, ModelName, is_valid_name
 
@@ -54,7 +54,7 @@ class AdapterRef:
 
 
 class _RegistryFiles:
-    """The few reads the registry needs, on a local directory or s3:// (jobs.storage underneath)."""
+    """The few reads the registry needs, on a local directory or s3:// (core.storage underneath)."""
 
     def __init__(self, root: str):
         if not storage.is_remote(root):

@@ -31,9 +31,9 @@ from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from inference.engine import GenerationRequest, GenerationResult
 from serve.adapters import AdapterRef, AdapterRegistry
 from serve.config import ServeSettings
-from serve.engine import GenerationRequest, GenerationResult
 from serve.errors import (
     ApiError,
     BodyTooLarge,

@@ -6,55 +6,14 @@ into its exception class (404 -> NotFoundError, 429 -> RateLimitError, ...).
 
 from __future__ import annotations
 
-from typing import Any
+from inference.errors import AdapterIncompatible, ApiError, InvalidRequest
 
-
-class ApiError(Exception):
-    """An error the API returns as-is: the message is safe to show a client (no keys, no paths)."""
-
-    status = 500
-    type = "server_error"
-    code: str | None = None
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ):
-        super().__init__(message)
-        self.message = message
-        self.param = param
-        if code is not None:
-            self.code = code
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
-
-
-class InvalidRequest(ApiError):
-    status = 400
-    type = "invalid_request_error"
+# The shape and the engines' errors come from the inference layer; the gateway imports every error from here.
+__all__ = ["AdapterIncompatible", "ApiError", "InvalidRequest"]
 
 
 class InvalidModelName(InvalidRequest):
     code = "invalid_model_name"
-
-
-class AdapterIncompatible(InvalidRequest):
-    """The adapter cannot run on this server's base model (other base, shapes, rank)."""
-
-    code = "adapter_incompatible"
 
 
 class ContextTooLong(InvalidRequest):

@@ -18,9 +18,9 @@ import ray
 import torch
 from ray import serve
 
+from inference.engine import GenerationRequest, GenerationResult, HFEngine, context_window_of
 from serve.adapters import AdapterCache, AdapterRef, AdapterRegistry
 from serve.config import ServeSettings
-from serve.engine import GenerationRequest, GenerationResult, HFEngine, context_window_of
 from serve.errors import ApiError
 from serve.metrics import Metrics
 from serve.scheduler import generate_in_groups
@@ -39,13 +39,13 @@ class Job:
 
 
 def _model_config(settings: ServeSettings):
-    from jobs.config import ModelConfig
+    from inference.config import ModelConfig
 
     return ModelConfig(name_or_path=settings.base_model, dtype=settings.dtype)
 
 
 def build_engine(settings: ServeSettings) -> HFEngine:
-    from jobs.model import load_base_model, load_tokenizer
+    from inference.model import load_base_model, load_tokenizer
 
     device = settings.device
     if device == "auto":
@@ -74,7 +74,7 @@ class Prompts:
     def __init__(self, settings: ServeSettings):
         from transformers import AutoConfig
 
-        from jobs.model import load_tokenizer, resolve_model_path
+        from inference.model import load_tokenizer, resolve_model_path
 
         cfg = _model_config(settings)
         self.tokenizer = load_tokenizer(cfg)

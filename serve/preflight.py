@@ -18,8 +18,8 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from jobs import storage
-from jobs.config import ConfigError
+from core import storage
+from core.config import ConfigError
 from serve.config import ServeSettings
 from serve.tenants import Tenants
 

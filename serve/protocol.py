@@ -17,7 +17,7 @@ from pydantic import (
     model_validator,
 )
 
-from serve.engine import GenerationResult, SamplingParams
+from inference.engine import GenerationResult, SamplingParams
 from serve.errors import InvalidRequest, Unprocessable
 
 

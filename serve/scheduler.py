@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
+from inference.engine import Engine, GenerationRequest, GenerationResult
 from serve.adapters import AdapterCache
-from serve.engine import Engine, GenerationRequest, GenerationResult
 from serve.errors import ApiError
 
 log = logging.getLogger(__name__)

@@ -30,7 +30,7 @@ import typer
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from jobs import cli
+from core import cli
 from serve.errors import InvalidRequest, RateLimited, Unauthorized
 
 

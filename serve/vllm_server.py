@@ -41,8 +41,8 @@ def local_model_path(name_or_path: str) -> str:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return str(path.resolve())
-    from jobs.config import ModelConfig
-    from jobs.model import resolve_model_path
+    from inference.config import ModelConfig
+    from inference.model import resolve_model_path
 
     return resolve_model_path(ModelConfig(name_or_path=name_or_path))
 
@@ -94,7 +94,7 @@ def llm_config(s: ServeSettings) -> LLMConfig:
 def check_base(config: dict, base_names: set[str], adapter: str) -> None:
     """The base the adapter was trained on, checked as the hf engine checks it; vLLM checks the
     shapes and the rank itself when it loads the adapter."""
-    from serve.engine import check_trained_on
+    from inference.engine import check_trained_on
 
     check_trained_on(config, base_names, adapter)
     if config.get("peft_type") != "LORA":
@@ -131,7 +131,7 @@ class VllmServer(LLMServer):
     """LLMServer with adapters read from our registry."""
 
     async def __init__(self, llm_config: LLMConfig, settings: dict):
-        from serve.engine import base_name
+        from inference.engine import base_name
 
         # Ray Serve LLM's VLLMEngine.resolve_lora checks "already loaded?" and then loads: two
         # first requests for one adapter at once both load it, and vLLM refuses the second

@@ -36,8 +36,8 @@ def tools_adapter(tiny_model_dir, tmp_path_factory) -> Path:
     serves. Only tests marked slow ask for it."""
     import ray
 
+    from core.ray_cluster import start_local_ray
     from jobs.config import load_config
-    from jobs.distributed import start_local_ray
     from jobs.finetune import run_job
 
     out = tmp_path_factory.mktemp("tools-run")
@@ -129,7 +129,7 @@ def ray_local():
     """A fresh local Ray (2 CPUs) for a module's Ray Train runs."""
     import ray
 
-    from jobs.distributed import start_local_ray
+    from core.ray_cluster import start_local_ray
 
     start_local_ray(num_cpus=2)
     yield

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.config import ConfigError, apply_overrides, load_config, parse_overrides
+from core.config import ConfigError, apply_overrides, parse_overrides
+from jobs.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 # Job configs; serve*, prepare*, sweep* and pipeline* files are loaded by their own tests.

@@ -44,10 +44,10 @@ def load_sweep(path: Path):
 
 
 def load_eval(path: Path):
-    from tune.evaluate import EvalConfig, load_eval_config
+    from tune.evaluate import EvalSuiteConfig, load_eval_config
 
     cfg = load_eval_config(path)
-    assert isinstance(cfg, EvalConfig)
+    assert isinstance(cfg, EvalSuiteConfig)
     return cfg
 
 

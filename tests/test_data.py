@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.config import ConfigError
 from jobs.batching import collate, epoch_order, step_micro_batches
-from jobs.config import ConfigError, DataConfig
+from jobs.config import DataConfig
 from jobs.data.formats import RowError, to_messages
 from jobs.data.prepare import prepare_data
 from jobs.data.render import IGNORE_INDEX, render_and_mask

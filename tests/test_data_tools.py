@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from jobs.config import ConfigError, DataConfig
+from core.config import ConfigError
+from jobs.config import DataConfig
 from jobs.data.formats import RowError, to_example
 from jobs.data.prepare import prepare_data, read_split
 from jobs.data.render import IGNORE_INDEX, render, render_and_mask, template_messages

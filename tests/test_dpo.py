@@ -8,12 +8,12 @@ import pytest
 import ray
 import torch
 
+from core.ray_cluster import start_local_ray
 from jobs.batching import collate_pairs
 from jobs.config import DataConfig, DpoConfig, load_config
 from jobs.data.pairs import prepare_pairs, to_pair, tokenize_pair
 from jobs.data.sources import RowError
 from jobs.demo_data import SYSTEM, make_preference_rows
-from jobs.distributed import start_local_ray
 from jobs.finetune import run_job
 from jobs.objectives.dpo import answer_token_logps, trl_dpo_loss
 

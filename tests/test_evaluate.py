@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from tune.registry import Registry, RegistryError
 
+from inference.model import load_base_model, load_tokenizer
 from jobs.batching import collate
 from jobs.config import JudgeConfig, load_config
 from jobs.data.prepare import prepare_data
-from jobs.model import add_lora, load_base_model, load_tokenizer
+from jobs.model import add_lora
 from tests.helpers import REPO, openai_chat_stub
 from tests.test_registry import make_adapter
 from tune.evaluate import (
-    EvalConfig,
+    EvalSuiteConfig,
     evaluate_target,
     gate,
     load_eval_config,
@@ -27,6 +27,7 @@ from tune.evaluate import (
     with_few_shot,
 )
 from tune.promote import promote_run
+from tune.registry import Registry, RegistryError
 from tune.servability import ServingLimits, servability_problems
 
 
@@ -73,7 +74,7 @@ def runs(tiny_model_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def eval_cfg() -> EvalConfig:
+def eval_cfg() -> EvalSuiteConfig:
     cfg = load_eval_config(REPO / "configs/eval_reviews.yaml")
     task = cfg.tasks[0].model_copy(update={"max_samples": 24})
     return cfg.model_copy(update={"tasks": [task]})

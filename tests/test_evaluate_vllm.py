@@ -5,28 +5,29 @@ from __future__ import annotations
 
 import pytest
 
-from jobs.config import ConfigError, load_config, validate
+from core.config import ConfigError, validate
+from jobs.config import load_config
 from serve.testing import make_random_adapter
 from tests.helpers import REPO
 from tune import evaluate as evaluate_module
-from tune.evaluate import EvalConfig, evaluate
+from tune.evaluate import EvalSuiteConfig, evaluate
 
 TASK = {"name": "sentiment", "metrics": ["exact_match", "contains"], "max_samples": 6}
 
 
 def test_engine_defaults_to_transformers():
-    assert validate(EvalConfig, {"tasks": [TASK]}).engine == "transformers"
+    assert validate(EvalSuiteConfig, {"tasks": [TASK]}).engine == "transformers"
 
 
 def test_engine_vllm_without_vllm_is_a_config_error(monkeypatch):
     monkeypatch.setattr(evaluate_module, "vllm_installed", lambda: False)
     with pytest.raises(ConfigError, match=r"eval.yaml: engine: vllm is not importable here"):
-        validate(EvalConfig, {"tasks": [TASK], "engine": "vllm"}, "eval.yaml")
+        validate(EvalSuiteConfig, {"tasks": [TASK], "engine": "vllm"}, "eval.yaml")
 
 
 def test_engine_args_need_engine_vllm():
     with pytest.raises(ConfigError, match="engine_args are vllm.LLM arguments"):
-        validate(EvalConfig, {"tasks": [TASK], "engine_args": {"enforce_eager": True}})
+        validate(EvalSuiteConfig, {"tasks": [TASK], "engine_args": {"enforce_eager": True}})
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +50,13 @@ def test_vllm_and_transformers_give_the_same_replies(vllm_ready, tiny_model_dir,
         for name in ("first", "second")
     ]
     raw = {"tasks": tasks, "keep_samples": 6}
-    by_hf = evaluate(validate(EvalConfig, raw), adapter, str(tiny_model_dir))
+    by_hf = evaluate(validate(EvalSuiteConfig, raw), adapter, str(tiny_model_dir))
     vllm_raw = {
         **raw,
         "engine": "vllm",
         "engine_args": {"enforce_eager": True, "max_model_len": 512},
     }
-    by_vllm = evaluate(validate(EvalConfig, vllm_raw), adapter, str(tiny_model_dir))
+    by_vllm = evaluate(validate(EvalSuiteConfig, vllm_raw), adapter, str(tiny_model_dir))
 
     replies = [s["reply"] for task in by_hf["samples"].values() for s in task]
     assert len(set(replies)) > 1, "all replies alike: the comparison would show nothing"

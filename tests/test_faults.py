@@ -23,6 +23,7 @@ import torch
 from ray.util.state import list_actors
 from safetensors.torch import load_file
 
+from core.ray_cluster import start_local_ray
 from jobs.checkpointing import (
     checkpoint_dir_name,
     checkpoint_step,
@@ -31,7 +32,6 @@ from jobs.checkpointing import (
     write_commit_marker,
 )
 from jobs.config import load_config
-from jobs.distributed import start_local_ray
 from jobs.durable import upload_with_retry
 from jobs.finetune import run_job
 from tests.helpers import REPO, TcpProxy

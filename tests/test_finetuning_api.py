@@ -636,7 +636,7 @@ def test_file_bytes_on_s3(s3_server):
     assert b"".join(store.read(uri)) == training_rows(4)
     with pytest.raises(TooLarge):
         store.put("acme", "file-2", io.BytesIO(b"x" * 100), max_bytes=10)
-    from jobs import storage
+    from core import storage
 
     assert not storage.exists(store.uri("acme", "file-2"))  # no partial copy left
     store.delete(uri)

@@ -65,8 +65,8 @@ def test_first_losses_match_the_golden_file(tiny_model_dir, tmp_path):
     import ray
     import torch
 
-    from jobs.distributed import start_local_ray
-    from jobs.manifest import hardware
+    from core.ray_cluster import start_local_ray
+    from jobs.run_record import hardware
 
     golden = json.loads(GOLDEN.read_text())
     assert golden["overrides"] == OVERRIDES and golden["tiny_model"] == TINY_MODEL, (
@@ -93,8 +93,8 @@ def regenerate() -> None:
 
     import torch
 
-    from jobs.distributed import start_local_ray
-    from jobs.manifest import hardware
+    from core.ray_cluster import start_local_ray
+    from jobs.run_record import hardware
     from jobs.tiny_model import main as build_tiny_model
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -10,21 +10,15 @@ import pytest
 import torch
 from peft import PeftModel
 
+from inference.model import attn_implementation, load_base_model, load_tokenizer
 from jobs.batching import collate, epoch_order, step_micro_batches
 from jobs.config import load_config
 from jobs.data.prepare import prepare_data
 from jobs.evaluation import eval_loss, exact_match
 from jobs.finetune import plan_steps
-from jobs.model import (
-    add_lora,
-    attn_implementation,
-    load_base_model,
-    load_tokenizer,
-    trainable_parameters,
-)
+from jobs.model import add_lora, trainable_parameters
 from jobs.objectives.sft import train_step
-from jobs.parallel import make_parallel
-from jobs.runtime import Runtime
+from jobs.parallel import job_runtime, make_parallel
 
 pytestmark = [
     pytest.mark.gpu,
@@ -56,7 +50,7 @@ def test_bf16_lora_training_on_cuda(tiny_model_dir, tmp_path):
     assert all(p.dtype == torch.float32 for p in trainable_parameters(model))  # adapters stay fp32
     assert attn_implementation(cfg.model, device) in {"sdpa", "flash_attention_2"}
 
-    rt = Runtime.for_job(cfg, device)
+    rt = job_runtime(cfg, device)
     pad = tokenizer.pad_token_id
     base_loss = eval_loss(model, data.eval, 32, pad, rt)
     plan = plan_steps(len(data.train), cfg)
@@ -100,7 +94,7 @@ def test_qlora_trains_a_4bit_base_on_cuda(tiny_model_dir):
 
     quantized = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert quantized and quantized[0].weight.quant_type == "nf4"
-    rt, pad = Runtime.for_job(cfg, device), tokenizer.pad_token_id
+    rt, pad = job_runtime(cfg, device), tokenizer.pad_token_id
     base_loss = eval_loss(model, data.eval, 32, pad, rt)
     par = constant_lr_parallel(cfg, model, rt)
     model.train()

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from rapidfuzz import fuzz
 from rouge_score import rouge_scorer
 
-from jobs.config import ConfigError, validate
+from core.config import ConfigError, validate
 from jobs.graders import Grade, GraderConfig, make_grader, summarize
 
 

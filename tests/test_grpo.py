@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from jobs.config import ConfigError, DataConfig, GrpoConfig, load_config
+from core.config import ConfigError
+from jobs.config import DataConfig, GrpoConfig, load_config
 from jobs.data.prompts import prepare_prompts, to_prompt
 from jobs.data.sources import RowError
 from jobs.demo_data import SYSTEM, make_prompt_rows

@@ -14,7 +14,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from jobs.config import ConfigError, apply_overrides, load_config, parse_overrides, validate_config
+from core.config import ConfigError, apply_overrides, parse_overrides
+from jobs.config import load_config, validate_config
 from jobs.evaluation import token_loss_sum
 from jobs.memory import (
     GIB,

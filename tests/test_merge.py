@@ -10,7 +10,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from jobs.config import ConfigError
+from core.config import ConfigError
 from jobs.merge import merge_adapter
 from tests.helpers import REPO
 from tests.test_registry import make_adapter

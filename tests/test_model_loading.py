@@ -8,8 +8,9 @@ import boto3
 import pytest
 import torch
 
-from jobs.config import ConfigError, ModelConfig
-from jobs.model import attn_implementation, load_base_model, load_tokenizer, resolve_model_path
+from core.config import ConfigError
+from inference.config import ModelConfig
+from inference.model import attn_implementation, load_base_model, load_tokenizer, resolve_model_path
 from tests.helpers import upload_dir
 
 

@@ -16,7 +16,7 @@ import openai
 import pytest
 import yaml
 
-from jobs.config import ConfigError
+from core.config import ConfigError
 from jobs.data.sources import file_sha256
 from serve.tenants import hash_key
 from serve.testing import make_random_adapter
@@ -295,7 +295,7 @@ def test_pipeline_config_is_checked_before_anything_runs(tmp_path, tiny_model_di
         load_pipeline_config(shipped_path, ["job.run.name=x"])
     from typer.testing import CliRunner
 
-    from jobs import cli
+    from core import cli
     from tune.pipeline import main
 
     app = cli.app()

@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from jobs.config import ConfigError, DataConfig, load_config
+from core.config import ConfigError
+from jobs.config import DataConfig, load_config
 from jobs.data.prepare import (
     PrepareConfig,
     load_prepare_config,
@@ -476,7 +477,7 @@ def test_ray_workers_give_the_same_prepared_set(tmp_path, tokenizer, tiny_model_
     cfg = messy_config(tmp_path).model_copy(
         update={"workers": 2, "chunk_rows": 7, "tokenizer": str(tiny_model_dir)}
     )
-    from jobs.distributed import start_local_ray
+    from core.ray_cluster import start_local_ray
 
     start_local_ray(num_cpus=2)
     try:

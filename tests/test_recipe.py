@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from inference.runtime import Runtime, resolve_dtype, resolve_precision
 from jobs.batching import epoch_order, step_micro_batches
 from jobs.config import load_config
 from jobs.finetune import StepBatches, Throughput, plan_steps, scratch_dir
 from jobs.objectives import DPO, SFT, make_objective
-from jobs.runtime import Runtime, collective_forward, resolve_dtype, resolve_precision
+from jobs.parallel import collective_forward, job_runtime
 
 
 def job(*overrides):
@@ -24,7 +25,7 @@ def job(*overrides):
 
 def test_runtime_decides_precision_dtype_and_lockstep_once():
     cpu = torch.device("cpu")
-    rt = Runtime.for_job(job(), cpu)
+    rt = job_runtime(job(), cpu)
     assert (rt.rank, rt.world, rt.precision) == (0, 1, "fp32")  # auto: this CPU has no bf16 units
     assert resolve_precision("bf16", cpu) == "bf16" and resolve_dtype("auto", cpu) == torch.float32
     with rt.autocast():

@@ -14,9 +14,9 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
-from tune.registry import NotInRegistry, Registry, RegistryError, adapter_version, check_name
 
 from tests.helpers import REPO
+from tune.registry import NotInRegistry, Registry, RegistryError, adapter_version, check_name
 
 
 def make_adapter(base_dir: Path, out: Path, seed: int, r: int = 4, **lora) -> Path:
@@ -159,8 +159,9 @@ def test_cli_list_show_alias_rollback_delete(adapters, tmp_path):
 
 
 def test_a_missing_name_says_what_the_registry_holds_and_how_to_read_another(adapters, tmp_path):
-    from tune.registry.cli import app
     from typer.testing import CliRunner
+
+    from tune.registry.cli import app
 
     root = str(tmp_path / "registry")
     reg = Registry(root)

@@ -11,8 +11,8 @@ import shutil
 import pytest
 from transformers import AutoModelForCausalLM
 
+from inference.engine import GenerationRequest, HFEngine, SamplingParams
 from serve.adapters import AdapterCache, AdapterRegistry
-from serve.engine import GenerationRequest, HFEngine, SamplingParams
 from serve.errors import AdapterIncompatible, InvalidModelName, ModelNotFound
 from serve.names import ModelName, parse_model_name
 from serve.testing import make_random_adapter

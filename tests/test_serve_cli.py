@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.config import ConfigError
+from core.config import ConfigError
 from serve.preflight import check_serve_config
 from tests.helpers import REPO
 

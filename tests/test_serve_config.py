@@ -11,9 +11,9 @@ from ray._common.utils import import_attr
 from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 from ray.serve.schema import ServeDeploySchema
 
+from inference.engine import GenerationRequest
 from serve.app import MultiAdapterServer
 from serve.config import ServeSettings
-from serve.engine import GenerationRequest
 from serve.model import ModelServer
 from serve.scheduler import group_by_adapter_limit
 from serve.vllm_server import DEPLOYMENT

@@ -8,14 +8,14 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from jobs.tiny_model import main as build_tiny_model
-from serve.engine import (
+from inference.engine import (
     GenerationRequest,
     HFEngine,
     SamplingParams,
     _top_p_filter,
     read_adapter,
 )
+from jobs.tiny_model import main as build_tiny_model
 from serve.errors import AdapterIncompatible
 from serve.testing import make_random_adapter
 

@@ -18,9 +18,10 @@ import ray
 import s3fs
 from safetensors.torch import load
 
-from jobs import storage
-from jobs.config import ConfigError, load_config
-from jobs.distributed import start_local_ray
+from core import storage
+from core.config import ConfigError
+from core.ray_cluster import start_local_ray
+from jobs.config import load_config
 from jobs.finetune import run_job
 
 # a run directory as the recipe leaves it: what put_dir, get_dir and the copies move

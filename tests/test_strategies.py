@@ -20,7 +20,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from jobs.config import ConfigError, load_config
+from core.config import ConfigError
+from jobs.config import load_config
 from jobs.finetune import run_job
 from jobs.parallel import deepspeed_config
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobs.config import ConfigError
+from core.config import ConfigError
 from tests.helpers import REPO
 from tune.registry import Registry
 from tune.sweep import load_sweep_config, promote_best, run_sweep
@@ -129,7 +129,7 @@ def test_sweep_on_s3_resumes_and_promotes_from_the_bucket(
     import s3fs
     from typer.testing import CliRunner
 
-    from jobs.distributed import start_local_ray
+    from core.ray_cluster import start_local_ray
     from tune.registry.cli import app as registry_app
 
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="rayft")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from jobs.config import load_config
-from jobs.manifest import git_state
+from jobs.run_record import git_state
 from jobs.tracking import (
     MlflowTracker,
     Tracker,

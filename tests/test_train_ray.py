@@ -9,12 +9,12 @@ import ray
 import torch
 from peft import PeftModel
 
+from inference.model import load_base_model, load_tokenizer
+from inference.runtime import Runtime
 from jobs.config import load_config
 from jobs.data.prepare import prepare_data
 from jobs.evaluation import eval_loss
 from jobs.finetune import run_job
-from jobs.model import load_base_model, load_tokenizer
-from jobs.runtime import Runtime
 
 pytestmark = pytest.mark.integration
 

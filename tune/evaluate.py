@@ -28,23 +28,17 @@ import torch
 import typer
 from pydantic import Field, field_validator, model_validator
 
-from jobs import cli
-from jobs.config import (
-    ConfigError,
-    DataConfig,
-    JudgeConfig,
-    ModelConfig,
-    Section,
-    read_yaml,
-    validate,
-)
+from core import cli
+from core.config import ConfigError, Section, read_yaml, validate
+from core.storage import exists as url_exists
+from core.storage import local_copy, open_url
+from inference.config import ModelConfig
+from inference.model import load_base_model, load_tokenizer, resolve_model_path
+from inference.runtime import Runtime
+from jobs.config import DataConfig, JudgeConfig
 from jobs.data.prepare import prepare_data
 from jobs.data.render import prompt_and_answer
 from jobs.evaluation import eval_loss, perplexity
-from jobs.model import load_base_model, load_tokenizer, resolve_model_path
-from jobs.runtime import Runtime
-from jobs.storage import exists as url_exists
-from jobs.storage import local_copy, open_url
 
 METRICS = ("loss", "perplexity", "exact_match", "accuracy", "f1", "contains", "regex", "judge")
 LOWER_IS_BETTER = {"loss", "perplexity"}
@@ -82,7 +76,10 @@ class GateConfig(Section):
     guard_tolerance: float = Field(0.1, ge=0)  # guard loss may rise by this fraction at most
 
 
-class EvalConfig(Section):
+class EvalSuiteConfig(Section):
+    """An evaluation suite (tune.evaluate's YAML): tasks, a guard, a gate. Not the job's own
+    periodic held-out evaluation, which is jobs/config.py's EvalConfig."""
+
     base_model: str | None = None  # default: the run's base model
     tasks: list[TaskConfig] = Field(min_length=1)
     guard: DataConfig | None = None  # general prompts with reference answers (forgetting)
@@ -110,13 +107,13 @@ class EvalConfig(Section):
         return engine
 
     @model_validator(mode="after")
-    def _engine_args_need_vllm(self) -> EvalConfig:
+    def _engine_args_need_vllm(self) -> EvalSuiteConfig:
         if self.engine_args and self.engine != "vllm":
             raise ValueError("engine_args are vllm.LLM arguments: set engine: vllm, or drop them")
         return self
 
     @model_validator(mode="after")
-    def _gate_metric_exists(self) -> EvalConfig:
+    def _gate_metric_exists(self) -> EvalSuiteConfig:
         if self.gate:
             task, _, metric = self.gate.metric.partition(".")
             names = {t.name: t for t in self.tasks}
@@ -127,8 +124,8 @@ class EvalConfig(Section):
         return self
 
 
-def load_eval_config(path: str | Path) -> EvalConfig:
-    return validate(EvalConfig, read_yaml(path), str(path))
+def load_eval_config(path: str | Path) -> EvalSuiteConfig:
+    return validate(EvalSuiteConfig, read_yaml(path), str(path))
 
 
 def vllm_installed() -> bool:
@@ -252,7 +249,7 @@ def with_few_shot(prompt: list[dict], shots: list[list[dict]]) -> list[dict]:
 
 
 def evaluate(
-    cfg: EvalConfig,
+    cfg: EvalSuiteConfig,
     adapter: Path | None,
     base_model: str,
     run_data: DataConfig | None = None,
@@ -424,7 +421,7 @@ class VLLMGenerator:
 
 
 def evaluate_task(
-    task: TaskConfig, prepared, models: Models, cfg: EvalConfig
+    task: TaskConfig, prepared, models: Models, cfg: EvalSuiteConfig
 ) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
     """(a task's scores per model, the adapter's first replies kept as samples, None without
     an adapter), on the task's held-out rows."""
@@ -514,7 +511,7 @@ def gate(cfg: GateConfig, results: dict[str, Any]) -> dict[str, Any]:
 
 
 def evaluate_target(
-    target: str | Path, cfg: EvalConfig, base: str | None = None
+    target: str | Path, cfg: EvalSuiteConfig, base: str | None = None
 ) -> tuple[dict[str, Any], str]:
     """A run directory (adapter/ + run.json) or an adapter directory, local or s3:// (read from a
     temporary copy) -> (results, where eval.json was written: beside them, in the same storage)."""

@@ -37,20 +37,12 @@ import typer
 import yaml
 from pydantic import Field
 
-from jobs import cli
-from jobs.config import (
-    ConfigError,
-    JobConfig,
-    Section,
-    apply_overrides,
-    parse_overrides,
-    read_yaml,
-    validate,
-    validate_config,
-)
-from jobs.storage import is_remote
+from core import cli
+from core.config import ConfigError, Section, apply_overrides, parse_overrides, read_yaml, validate
+from core.storage import is_remote
+from jobs.config import JobConfig, validate_config
 from serve.config import ServeSettings
-from tune.evaluate import EvalConfig
+from tune.evaluate import EvalSuiteConfig
 from tune.sweep import SweepConfig
 
 log = logging.getLogger("rayft.pipeline")
@@ -85,7 +77,7 @@ class PipelineConfig(Section):
     workdir: str = "pipelines"  # stage outputs and the report: WORKDIR/NAME/
     job: JobConfig  # default: the sweep's job
     sweep: SweepConfig  # its `job` is the job above; its `promote` is replaced by the pipeline's
-    eval: EvalConfig  # must have a gate
+    eval: EvalSuiteConfig  # must have a gate
     serve: ServeSection
     promote: PromoteSection
     canary: CanarySection = CanarySection()
@@ -549,7 +541,7 @@ def start_app(loaded: Loaded) -> tuple[str, bool]:
     from ray.serve._private.api import serve_start
     from ray.serve.schema import ServeDeploySchema
 
-    from jobs.distributed import init_ray
+    from core.ray_cluster import init_ray
 
     init_ray()
     name, prefix = loaded.app.get("name", "default"), loaded.app.get("route_prefix", "/")
@@ -714,7 +706,7 @@ def roll_back(run: Run, ask, messages: list[dict]) -> None:
 
 def run_pipeline(loaded: Loaded, from_stage: str | None = None) -> Run:
     """Every stage in order; a failed stage stops the ones after it (marked skipped)."""
-    from jobs.distributed import init_ray
+    from core.ray_cluster import init_ray
 
     init_ray()  # the sweep's trials and the app run on this Ray (RAY_ADDRESS, or a local one)
     run = Run(loaded, workdir(loaded.cfg), from_stage)

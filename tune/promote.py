@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobs.config import ConfigError, ModelConfig
-from jobs.model import resolve_model_path
-from jobs.storage import is_remote, local_copy
+from core.config import ConfigError
+from core.storage import is_remote, local_copy
+from inference.config import ModelConfig
+from inference.model import resolve_model_path
 from tune.registry import Registry, RegistryError, adapter_version
 from tune.servability import ServingLimits, servability_problems
 

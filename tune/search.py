@@ -14,7 +14,7 @@ import math
 import random
 from typing import Any
 
-from jobs.config import ConfigError
+from core.config import ConfigError
 
 MODEL_BASED = ("optuna", "bohb")
 

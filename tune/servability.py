@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from jobs.config import Section
+from core.config import Section
 
 # Linear layers of the usual decoder blocks (Llama, Mistral, Qwen, Gemma, Phi-3 style names).
 SUPPORTED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",

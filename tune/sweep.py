@@ -23,19 +23,11 @@ from typing import Annotated, Any, Literal
 import typer
 from pydantic import Field, model_validator
 
-from jobs import cli
-from jobs.config import (
-    ConfigError,
-    Section,
-    StoragePath,
-    apply_overrides,
-    load_config,
-    parse_overrides,
-    read_yaml,
-    validate,
-)
-from jobs.storage import exists as url_exists
-from jobs.storage import is_remote, join, open_url, ray_storage
+from core import cli
+from core.config import ConfigError, Section, apply_overrides, parse_overrides, read_yaml, validate
+from core.storage import exists as url_exists
+from core.storage import is_remote, join, open_url, ray_storage
+from jobs.config import StoragePath, load_config
 from tune.progress import progress_callback
 from tune.search import (
     MODEL_BASED,
@@ -91,7 +83,7 @@ class SweepConfig(Section):
     search: Literal["random", "grid", "optuna", "bohb"] = "random"
     num_trials: int = Field(4, ge=1)  # random/optuna/bohb: samples; grid: repeats of the grid
     max_concurrent_trials: int = Field(2, ge=1)
-    # >1: trials train N at a time in one process on one copy of the base model (tune.packed)
+    # >1: trials train N at a time in one process on one copy of the base model (tune.packed_trials)
     pack_trials: int = Field(1, ge=1)
     scheduler: SchedulerConfig = SchedulerConfig()
     budget: BudgetConfig = BudgetConfig()
@@ -161,7 +153,7 @@ def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> S
     probe = [f"{k}={_first(v)}" for k, v in cfg.space.items()]
     job = load_config(cfg.job, [*cfg.overrides, *probe])
     if cfg.pack_trials > 1:  # what packed trials cannot vary or use fails here, not on Ray
-        from jobs.packed import check_packable
+        from jobs.packed_trials import check_packable
 
         check_packable(job, cfg.space, where=f"{path}: {cfg.job} (pack_trials)")
     return cfg
@@ -226,7 +218,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = True) -> dict[str, Any]:
     import ray
     from ray import tune
 
-    from jobs.distributed import init_ray
+    from core.ray_cluster import init_ray
 
     init_ray()
     job = load_config(cfg.job, cfg.overrides)
@@ -241,7 +233,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = True) -> dict[str, Any]:
         "cwd": os.getcwd(),
     }
     if cfg.pack_trials > 1:
-        from tune.packed import packed_trainable
+        from tune.packed_trials import packed_trainable
 
         trainable = packed_trainable(cfg, job, sweep)
     else:
@@ -339,9 +331,9 @@ def new_tuner(cfg: SweepConfig, job, root: str, trainable):
 
 
 def plan_total_steps(job) -> int:
+    from inference.model import load_tokenizer
     from jobs.data.prepare import prepare_data
     from jobs.finetune import plan_steps
-    from jobs.model import load_tokenizer
 
     data = prepare_data(job.data, load_tokenizer(job.model), job.run.seed)
     return plan_steps(len(data.train), job).total_steps

@@ -23,7 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs.config import ConfigError, DataConfig
+from core.config import ConfigError
+from jobs.config import DataConfig
 from jobs.data.dedup import signatures
 from jobs.data.drops import Drop, DroppedLog, malformed_kind
 from jobs.data.formats import to_example, turn_text
@@ -75,8 +76,8 @@ class Kept:
 
 @functools.lru_cache(maxsize=2)
 def cached_tokenizer(name: str):
-    from jobs.config import ModelConfig
-    from jobs.model import load_tokenizer
+    from inference.config import ModelConfig
+    from inference.model import load_tokenizer
 
     return load_tokenizer(ModelConfig(name_or_path=name))
 

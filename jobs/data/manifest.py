@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from jobs import storage
-from jobs.config import ConfigError
+from core import storage
+from core.config import ConfigError
 from jobs.data.chunks import Shards, read_examples
 from jobs.data.decisions import Decision
 from jobs.data.drops import DECIDED, KEPT, Drop

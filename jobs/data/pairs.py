@@ -18,7 +18,8 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-from jobs.config import ConfigError, DataConfig
+from core.config import ConfigError
+from jobs.config import DataConfig
 from jobs.data.drops import Drop
 from jobs.data.formats import to_messages
 from jobs.data.normalize import normalize_text

@@ -30,17 +30,9 @@ from typing import Annotated
 import typer
 from pydantic import Field
 
-from jobs import storage
-from jobs.config import (
-    ConfigError,
-    DataConfig,
-    Section,
-    apply_overrides,
-    parse_overrides,
-    read_yaml,
-    validate,
-    validate_config,
-)
+from core import storage
+from core.config import ConfigError, Section, apply_overrides, parse_overrides, read_yaml, validate
+from jobs.config import DataConfig, validate_config
 from jobs.data.chunks import cached_tokenizer, read_chunks
 from jobs.data.decisions import decide
 from jobs.data.drops import Drop, DroppedLog
@@ -221,7 +213,7 @@ def main(
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cfg = load_prepare_config(config, overrides)
     if cfg.workers:
-        from jobs.distributed import init_ray
+        from core.ray_cluster import init_ray
 
         init_ray(None, num_cpus=None)
     print_report(prepare(cfg))

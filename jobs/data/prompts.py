@@ -15,7 +15,8 @@ import hashlib
 import json
 from typing import Any
 
-from jobs.config import ConfigError, DataConfig
+from core.config import ConfigError
+from jobs.config import DataConfig
 from jobs.data.formats import to_messages
 from jobs.data.normalize import normalize_text
 from jobs.data.pairs import read_keyed_rows

@@ -15,7 +15,8 @@ import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from jobs.config import ConfigError, JudgeConfig
+from core.config import ConfigError
+from jobs.config import JudgeConfig
 from jobs.data.formats import turn_text
 
 DEFAULT_RUBRIC = (

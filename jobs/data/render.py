@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from jobs.config import ConfigError, DataConfig
+from core.config import ConfigError
+from jobs.config import DataConfig
 from jobs.data.sources import RowError
 
 IGNORE_INDEX = -100  # positions the loss skips (prompt tokens, padding)

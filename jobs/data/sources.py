@@ -18,8 +18,9 @@ from typing import Any
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from jobs.config import ConfigError, SourceConfig
-from jobs.storage import filesystem, is_remote, open_url, protocol
+from core.config import ConfigError
+from core.storage import filesystem, is_remote, open_url, protocol
+from jobs.config import SourceConfig
 
 KINDS = {
     ".jsonl": "jsonl",

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs import storage
+from core import storage
 from jobs.data.chunks import PLAIN_MESSAGES_TYPE
 from jobs.data.decisions import Decision, column
 from jobs.data.drops import KEPT, Drop, DroppedLog

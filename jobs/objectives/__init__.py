@@ -15,12 +15,12 @@ A new objective is a new module here and one line in OBJECTIVES.
 
 from __future__ import annotations
 
+from inference.runtime import Runtime
 from jobs.config import JobConfig
 from jobs.objectives.base import Objective, StepResult
 from jobs.objectives.dpo import DPO
 from jobs.objectives.grpo import GRPO
 from jobs.objectives.sft import SFT
-from jobs.runtime import Runtime
 
 OBJECTIVES: dict[str, type[Objective]] = {"sft": SFT, "dpo": DPO, "grpo": GRPO}
 

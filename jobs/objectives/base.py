@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
+from inference.runtime import Runtime
 from jobs.checkpointing import TrainerState
 from jobs.config import JobConfig
-from jobs.runtime import Runtime
 
 
 @dataclass

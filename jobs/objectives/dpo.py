@@ -14,12 +14,12 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from inference.runtime import Runtime
 from jobs.batching import collate_pairs
 from jobs.config import DpoConfig
 from jobs.data.render import IGNORE_INDEX
 from jobs.evaluation import rank_batches
 from jobs.objectives.base import Objective, StepResult
-from jobs.runtime import Runtime
 
 # DPO metric names as TRL logs them (train/rewards/margins, ...)
 TRACKED = {

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from functools import partial
 
+from inference.runtime import Runtime
 from jobs.batching import collate, pack
 from jobs.evaluation import eval_loss, exact_match, perplexity, token_loss_sum
 from jobs.objectives.base import Objective, StepResult
-from jobs.runtime import Runtime
 
 
 def train_step(par, micro_batches, rt: Runtime, max_grad_norm) -> tuple[float, int]:

@@ -1,4 +1,4 @@
-"""File bytes in storage: a local directory or s3://bucket/prefix (jobs.storage underneath).
+"""File bytes in storage: a local directory or s3://bucket/prefix (core.storage underneath).
 The database holds each file's record; storage holds its bytes under TENANT/FILE_ID."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from jobs import storage
+from core import storage
 
 CHUNK = 1 << 20
 

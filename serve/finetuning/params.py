@@ -12,8 +12,9 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from jobs import storage
-from jobs.config import ConfigError, JobConfig, apply_overrides, read_yaml, validate_config
+from core import storage
+from core.config import ConfigError, apply_overrides, read_yaml
+from jobs.config import JobConfig, validate_config
 from serve.errors import InvalidRequest
 from serve.finetuning.config import (
     REPO,

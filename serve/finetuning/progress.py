@@ -15,7 +15,7 @@ from pathlib import Path
 import pyarrow.fs
 from sqlalchemy import select
 
-from jobs import storage
+from core import storage
 from jobs.checkpointing import checkpoint_step, torn_reason
 from serve.finetuning import db, models
 from tune.registry import Registry

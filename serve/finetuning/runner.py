@@ -19,16 +19,17 @@ import sys
 import traceback
 from typing import Any
 
-from jobs import storage
-from jobs.config import JobConfig, ModelConfig
+from core import storage
+from inference.config import ModelConfig
+from inference.model import load_tokenizer
+from jobs.config import JobConfig
 from jobs.finetune import last_cause, run_job
-from jobs.model import load_tokenizer
 from serve.finetuning import db, models
 from serve.finetuning.files import FileStore
 from serve.finetuning.launcher import DB_ENV
 from serve.finetuning.progress import Progress
 from serve.finetuning.validate import Checked, InvalidFile, check_file, write_pairs
-from tune.evaluate import EvalConfig, GateConfig, TaskConfig, evaluate_target, load_eval_config
+from tune.evaluate import EvalSuiteConfig, GateConfig, TaskConfig, evaluate_target, load_eval_config
 from tune.promote import gate_and_promote, promote_run
 from tune.registry import Registry
 from tune.servability import ServingLimits
@@ -79,10 +80,10 @@ def total_steps(cfg: JobConfig, rows: int) -> int:
     return max(1, train_rows // cfg.train.effective_batch_size) * cfg.train.epochs
 
 
-def default_eval() -> EvalConfig:
+def default_eval() -> EvalSuiteConfig:
     """The built-in gate: the adapter's loss on the run's held-out rows must beat the base's."""
     task = TaskConfig(name="heldout", data=None, metrics=["loss"], few_shot=0, max_samples=200)
-    return EvalConfig(tasks=[task], gate=GateConfig(metric="heldout.loss", margin=0.0))
+    return EvalSuiteConfig(tasks=[task], gate=GateConfig(metric="heldout.loss", margin=0.0))
 
 
 def gate_and_register(sessions, job: db.JobRow, run_dir: str, registry: Registry) -> str:

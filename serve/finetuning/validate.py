@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from jobs import storage
+from core import storage
 from jobs.data.formats import to_example
 from jobs.data.pairs import to_pair
 from jobs.data.prompts import to_prompt

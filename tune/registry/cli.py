@@ -19,7 +19,7 @@ from typing import Annotated
 
 import typer
 
-from jobs import cli
+from core import cli
 from tune.registry.store import DEFAULT_ROOT, NotInRegistry, Registry, lineage_chain
 
 app = cli.app(no_args_is_help=True)

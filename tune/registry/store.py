@@ -29,8 +29,8 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from safetensors import safe_open
 
-from jobs.config import ConfigError
-from jobs.storage import filesystem, protocol
+from core.config import ConfigError
+from core.storage import filesystem, protocol
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9\-_.]{0,62}")
 VERSION_RE = re.compile(r"[a-f0-9]{12}")

@@ -17,7 +17,7 @@ import re
 import torch
 from torch import nn
 
-from serve.errors import AdapterIncompatible
+from inference.errors import AdapterIncompatible
 
 
 class RowSlots:

@@ -22,8 +22,8 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file
 
-from serve.errors import AdapterIncompatible
-from serve.lora import MultiLora, split_lora_weights, unsupported_features
+from inference.errors import AdapterIncompatible
+from inference.lora import MultiLora, split_lora_weights, unsupported_features
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Packed sweeps (`sweep.pack_trials: N`): N trials train at once on one copy of the base model.
 
 One Ray actor, the pack host, loads the base model and the data once and trains up to N
-trials' adapters in joint steps (jobs/packed.py). Each Tune trial is a thin function trainable
+trials' adapters in joint steps (jobs/packed_trials.py). Each Tune trial is a thin function trainable
 (0.01 CPU) that joins the host with its values, asks it for its next report (the trial's next
 eval, or its end) and passes each to `tune.report`, so ASHA judges packed trials as it judges
 normal ones. Between a report and the trial's next request only that trial's slot waits;
@@ -31,7 +31,7 @@ from typing import Any
 import ray
 
 from jobs.config import JobConfig, load_config
-from jobs.packed import PackedTrainer, check_packable
+from jobs.packed_trials import PackedTrainer, check_packable
 
 log = logging.getLogger("rayft.packed")
 TRIAL_CPUS = 0.01  # a trial only waits on the host (Tune rejects 0)
@@ -219,9 +219,9 @@ def load_host(job: JobConfig) -> tuple[PackedTrainer, Any, str]:
     """The base model and the prepared data, once for every trial: (trainer, data, scratch)."""
     import torch
 
+    from inference.model import load_base_model, load_tokenizer
     from jobs.finetune import load_data, resolve_local_paths, scratch_dir
-    from jobs.model import load_base_model, load_tokenizer
-    from jobs.runtime import Runtime
+    from jobs.parallel import job_runtime
 
     scratch = scratch_dir()  # a set prepared inline lives here while the host lives
     data = load_data(job, scratch)
@@ -229,7 +229,7 @@ def load_host(job: JobConfig) -> tuple[PackedTrainer, Any, str]:
     device = torch.device("cuda" if job.scaling.use_gpu and torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))
-    rt = Runtime.for_job(job, device)
+    rt = job_runtime(job, device)
     payload = {
         "train": data.train,
         "eval": data.eval,
@@ -242,7 +242,7 @@ def load_host(job: JobConfig) -> tuple[PackedTrainer, Any, str]:
 def write_run(trainer: PackedTrainer, trial: str, member: dict, data, scratch: str, sweep) -> None:
     """The finished trial's run directory as the normal job writes it: adapter/, data/, then
     run.json last (for s3:// everything is uploaded from a local copy, run.json last)."""
-    from jobs import storage
+    from core import storage
     from jobs.finetune import keep_data_report, publish_run, run_summary
 
     cfg, state = member["cfg"], trainer.slots[trial].state

@@ -23,7 +23,7 @@ from typing import NoReturn, TypeVar
 
 import typer
 
-from jobs.config import ConfigError
+from core.config import ConfigError
 
 F = TypeVar("F", bound=Callable)
 

@@ -15,7 +15,7 @@ own LoRA forward and not peft's mixed-batch one (`adapter_names`, what serving u
 gathers each adapter's rows by index and scatters its output back (index_put): 25% of a 4-slot
 step's CPU time in a profile. Contiguous blocks need only `split` views and one `cat`.
 
-No Ray here: tune/packed.py runs this inside a Ray actor; the tests run it in-process.
+No Ray here: tune/packed_trials.py runs this inside a Ray actor; the tests run it in-process.
 """
 
 from __future__ import annotations
@@ -36,16 +36,17 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 from transformers import get_cosine_schedule_with_warmup
 
+from core.config import ConfigError
+from inference.runtime import Runtime
 from jobs.batching import collate
 from jobs.checkpointing import TrainerState
-from jobs.config import ConfigError, JobConfig
+from jobs.config import JobConfig
 from jobs.data.render import IGNORE_INDEX
 from jobs.distributed import seed_everything
 from jobs.evaluation import rank_batches
 from jobs.finetune import StepBatches, StepPlan, plan_steps
 from jobs.model import peft_lora_config
 from jobs.objectives import Objective, StepResult, make_objective
-from jobs.runtime import Runtime
 
 # What a packed trial may set differently from the others: its adapter, optimizer and schedule.
 # Anything else changes the shared base, data or batch shape; run.seed too: it seeds the

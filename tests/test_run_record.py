@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from jobs.config import load_config
-from jobs.manifest import git_state, hardware, redact, scrub, write_run_manifest
+from jobs.run_record import git_state, hardware, redact, scrub, write_run_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 

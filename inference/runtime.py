@@ -11,9 +11,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-
-from jobs.config import JobConfig
-from jobs.distributed import all_reduce_sum, rank_and_world
+import torch.distributed as dist
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -37,26 +35,13 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
-def collective_forward(cfg: JobConfig) -> bool:
-    """Whether every forward pass is collective (parameters sharded: FSDP, ZeRO-3), so that ranks
-    must run the same number of passes, in evaluation and generation too."""
-    strategy = cfg.train.strategy
-    return strategy == "fsdp" or (strategy == "deepspeed" and cfg.train.deepspeed.stage == 3)
-
-
 @dataclass(frozen=True)
 class Runtime:
     device: torch.device
     rank: int = 0
     world: int = 1
     precision: str = "fp32"  # autocast: fp32 (none), bf16 or fp16
-    collective_forward: bool = False  # see collective_forward(); with world > 1 it is lockstep
-
-    @classmethod
-    def for_job(cls, cfg: JobConfig, device: torch.device) -> Runtime:
-        rank, world = rank_and_world()
-        precision = resolve_precision(cfg.train.precision, device)
-        return cls(device, rank, world, precision, collective_forward(cfg))
+    collective_forward: bool = False  # sharded weights (jobs/parallel.py); with world > 1: lockstep
 
     @property
     def lockstep(self) -> bool:
@@ -77,3 +62,16 @@ class Runtime:
 
     def sum_over_ranks(self, values: list[float]) -> list[float]:
         return all_reduce_sum(values, self.device)
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()

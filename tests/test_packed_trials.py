@@ -1,4 +1,4 @@
-"""Packed trials (jobs/packed.py, tune/packed.py): several LoRA configurations trained in one
+"""Packed trials (jobs/packed_trials.py, tune/packed_trials.py): several LoRA configurations trained in one
 process on one base model equal each configuration trained alone by the normal recipe (its
 setup, StepBatches and SFT train_step on a peft model); a freed slot's successor trains like
 it would alone; a packed ASHA sweep runs end to end and leaves a promotable run directory.
@@ -18,13 +18,14 @@ import pytest
 import torch
 from peft import get_peft_model_state_dict
 
-from jobs.config import ConfigError, load_config
+from core.config import ConfigError
+from inference.model import load_base_model, load_tokenizer
+from inference.runtime import Runtime
+from jobs.config import load_config
 from jobs.data import load_for_job
 from jobs.finetune import StepBatches, plan_steps, setup
-from jobs.model import load_base_model, load_tokenizer
 from jobs.objectives import make_objective
-from jobs.packed import PackedTrainer, check_packable
-from jobs.runtime import Runtime
+from jobs.packed_trials import PackedTrainer, check_packable
 from tests.helpers import REPO
 
 CPU = Runtime(torch.device("cpu"))
@@ -196,7 +197,7 @@ def test_unpackable_sweeps_are_refused_with_the_key_named(tiny_model_dir):
 def test_packed_asha_sweep_shares_one_host_and_leaves_a_promotable_run(tmp_path, tiny_model_dir):
     import ray
 
-    from jobs.distributed import start_local_ray
+    from core.ray_cluster import start_local_ray
     from tests.test_sweep import first_reviews, sweep_yaml
     from tune.sweep import load_sweep_config, promote_best, run_sweep
 
@@ -245,7 +246,7 @@ def test_packed_asha_sweep_shares_one_host_and_leaves_a_promotable_run(tmp_path,
 
 def test_a_packed_sweep_of_an_unpackable_key_fails_before_any_trial(tmp_path, tiny_model_dir):
     from tests.test_sweep import sweep_yaml
-    from tune.packed import packed_trainable
+    from tune.packed_trials import packed_trainable
     from tune.sweep import load_sweep_config
 
     config = sweep_yaml(tmp_path, tiny_model_dir, ["lora.dropout=0"], pack_trials=2)
