@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from jobs.distributed import print0, rng_state, set_rng_state
-from jobs.durable import Preemption, Uploader
+from jobs.durable import MARKER, Preemption, Uploader
 
 
 @dataclass
@@ -97,7 +97,6 @@ def read_trainer_state(directory: Path) -> TrainerState:
 
 # ------------------------------------------------------------------- commit markers
 
-MARKER = re.compile(r"COMMIT_rank(\d+)_of(\d+)\.json")
 CHECKPOINT_NAME = re.compile(r"checkpoint_(\d+)(_final)?(_retry\d+)?")
 
 

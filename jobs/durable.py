@@ -12,12 +12,16 @@ too many staged checkpoints pile up on local disk.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+# a rank's commit marker (jobs.checkpointing writes and reads it); uploaded after every other file
+MARKER = re.compile(r"COMMIT_rank(\d+)_of(\d+)\.json")
 
 
 class Uploader:
@@ -98,8 +102,6 @@ def copy_committed(local: Path, fs, dest: str) -> None:
 
     files = sorted(p for p in local.rglob("*") if p.is_file())
     # the marker says "every file above is there": it must be the last thing to land
-    from jobs.checkpointing import MARKER  # that module builds on this one
-
     files.sort(key=lambda p: bool(MARKER.fullmatch(p.name)))
     source = pyarrow.fs.LocalFileSystem()
     for f in files:
