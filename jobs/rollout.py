@@ -9,8 +9,8 @@ the groups with the adapter the trainer publishes after every optimizer step.
 Each call carries the published version and a reference to its weights; an actor loads them
 only when its version differs. A lost actor is restarted by Ray (rollout.max_restarts) and the
 call retried on it: it loads the weights again from the reference, and the same seeds give the
-same completions. The engines are serve/'s: the hf engine (transformers with per-row LoRA,
-serve/engine.py), or vLLM's offline LLM where it is installed (rollout.engine: vllm).
+same completions. The engines are inference/'s: the hf engine (transformers with per-row LoRA,
+inference/engine.py), or vLLM's offline LLM where it is installed (rollout.engine: vllm).
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def sample_seed(*parts: int) -> int:
 
 
 class HFRolloutEngine:
-    """serve/'s transformers engine: the adapter in a slot, every group's rows in one batch."""
+    """inference/'s transformers engine: the adapter in a slot, every group's rows in one batch."""
 
     def __init__(self, cfg: JobConfig, device: torch.device):
         from inference.engine import HFEngine
@@ -102,8 +102,6 @@ class HFRolloutEngine:
     def logps(self, prompts: list[list[int]], completions: list[list[int]], temperature: float):
         """log p(token | prefix) of each completion token under the loaded adapter, with the
         sampling temperature, as the trainer computes them (jobs/objectives/grpo.py)."""
-        from jobs.objectives.grpo import completion_logps
-
         engine = self.engine
         engine.lora.set_rows([self.key] * len(prompts), engine.device)
         batch = pad_rollouts(prompts, completions, engine.pad_id)
@@ -196,6 +194,19 @@ def pad_rollouts(prompts: list[list[int]], completions: list[list[int]], pad_id:
         batch["completion_ids"][i, : len(c)] = torch.tensor(c, dtype=torch.long)
         batch["completion_mask"][i, : len(c)] = 1
     return batch
+
+
+def completion_logps(model, batch: dict, temperature: float):
+    """Per-token log-probs and entropies of the completion tokens ([rows, completion width]),
+    from logits divided by the sampling temperature, as TRL's GRPOTrainer computes them."""
+    from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
+    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    width = batch["completion_ids"].shape[1]
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    logits = logits[:, -width - 1 : -1].float() / temperature
+    return selective_log_softmax(logits, batch["completion_ids"]), entropy_from_logits(logits)
 
 
 # ------------------------------------------------------------------------ the actor

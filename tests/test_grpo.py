@@ -13,8 +13,8 @@ from jobs.config import DataConfig, GrpoConfig, load_config
 from jobs.data.prompts import prepare_prompts, to_prompt
 from jobs.data.sources import RowError
 from jobs.demo_data import SYSTEM, make_prompt_rows
-from jobs.objectives.grpo import completion_logps, group_advantages, trl_grpo_loss
-from jobs.rollout import pad_rollouts, sample_seed, split_evenly
+from jobs.objectives.grpo import group_advantages, trl_grpo_loss
+from jobs.rollout import completion_logps, pad_rollouts, sample_seed, split_evenly
 
 USER = {"role": "user", "content": "Is the sky blue?"}
 GRADER = {

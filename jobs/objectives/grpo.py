@@ -26,7 +26,16 @@ from jobs.checkpointing import TrainerState
 from jobs.config import GrpoConfig
 from jobs.distributed import all_gather_objects
 from jobs.objectives.base import Objective, StepResult
-from jobs.rollout import Group, Pending, Rollout, RolloutPool, Sampling, pad_rollouts, sample_seed
+from jobs.rollout import (
+    Group,
+    Pending,
+    Rollout,
+    RolloutPool,
+    Sampling,
+    completion_logps,
+    pad_rollouts,
+    sample_seed,
+)
 
 # step metrics under TRL's names (train/reward, train/kl, ...)
 TRACKED = {
@@ -35,19 +44,6 @@ TRACKED = {
     "completion_length": "completions/mean_length",
     "truncated": "completions/clipped_ratio",
 }
-
-
-def completion_logps(model, batch: dict, temperature: float):
-    """Per-token log-probs and entropies of the completion tokens ([rows, completion width]),
-    from logits divided by the sampling temperature, as TRL's GRPOTrainer computes them."""
-    from trl.trainer.utils import entropy_from_logits, selective_log_softmax
-
-    ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
-    mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
-    width = batch["completion_ids"].shape[1]
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    logits = logits[:, -width - 1 : -1].float() / temperature
-    return selective_log_softmax(logits, batch["completion_ids"]), entropy_from_logits(logits)
 
 
 def group_advantages(
