@@ -66,16 +66,11 @@ class Grader(ABC):
         self.close()
 
     def __reduce__(self):
-        return (_rebuild, (self.config,))
+        # every grader is built from its config alone (jobs.graders.build.make_grader)
+        return (type(self), (self.config,))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, type={self.config.type!r})"
-
-
-def _rebuild(config: Any) -> Grader:
-    from jobs.graders.build import make_grader
-
-    return make_grader(config)
 
 
 def summarize(grades: list[Grade]) -> dict[str, float]:

@@ -30,6 +30,7 @@ def make_grader(
         "text_similarity": TextSimilarityGrader,
         "python": PythonGrader,
         "score_model": ScoreModelGrader,
-        "multi": MultiGrader,
     }
+    if config.type == "multi":
+        return MultiGrader(config, {key: make_grader(sub) for key, sub in config.graders.items()})
     return graders[config.type](config)

@@ -12,11 +12,14 @@ from jobs.graders.formula import evaluate
 class MultiGrader(Grader):
     config: MultiConfig
 
-    def __init__(self, config: MultiConfig):
-        from jobs.graders.build import make_grader
-
+    def __init__(self, config: MultiConfig, graders: dict[str, Grader]):
+        """`graders`: one built grader per key of config.graders (make_grader builds them)."""
         super().__init__(config)
-        self.graders = {key: make_grader(sub) for key, sub in config.graders.items()}
+        self.graders = graders
+
+    def __reduce__(self):
+        # the sub-graders pickle as their configs
+        return (type(self), (self.config, self.graders))
 
     def grade(self, samples: list[dict[str, Any]]) -> list[Grade]:
         # Each sub-grader sees the whole batch (a python child or a model endpoint is used once per batch).
