@@ -34,7 +34,7 @@ from jobs.data.render import render
 from jobs.data.sources import RowError, SourceFile, read_rows
 
 if TYPE_CHECKING:
-    from jobs.data.prepare import PrepareConfig
+    from jobs.data.prepare_config import PrepareConfig
 
 log = logging.getLogger("rayft.prepare")
 

@@ -26,7 +26,7 @@ from jobs.data.quality import JudgeScorer
 from jobs.data.split import assign_splits
 
 if TYPE_CHECKING:
-    from jobs.data.prepare import PrepareConfig
+    from jobs.data.prepare_config import PrepareConfig
 
 
 @dataclass

@@ -20,7 +20,7 @@ from jobs.data.sources import file_sha256
 from jobs.data.split import SPLITS
 
 if TYPE_CHECKING:
-    from jobs.data.prepare import PrepareConfig
+    from jobs.data.prepare_config import PrepareConfig
 
 
 @dataclass

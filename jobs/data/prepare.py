@@ -28,10 +28,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from pydantic import Field
 
 from core import storage
-from core.config import ConfigError, Section, apply_overrides, parse_overrides, read_yaml, validate
+from core.config import ConfigError, apply_overrides, parse_overrides, read_yaml, validate
 from jobs.config import DataConfig, validate_config
 from jobs.data.chunks import cached_tokenizer, read_chunks
 from jobs.data.decisions import decide
@@ -45,6 +44,7 @@ from jobs.data.manifest import (
     read_split,
     summary,
 )
+from jobs.data.prepare_config import PrepareConfig
 from jobs.data.prepared import PreparedData
 from jobs.data.render import tokenize_rows
 from jobs.data.sources import expand_source
@@ -63,15 +63,6 @@ __all__ = [
 ]
 
 log = logging.getLogger("rayft.prepare")
-
-
-class PrepareConfig(Section):
-    data: DataConfig
-    tokenizer: str = Field(min_length=1)  # the job's model: hub id, directory or s3://
-    output: str = Field(min_length=1)  # a directory (local or s3://)
-    seed: int = 0  # of the hash split; a job preparing inline uses its run.seed
-    workers: int = Field(0, ge=0)  # Ray tasks working chunks in parallel; 0: in this process
-    chunk_rows: int = Field(2000, ge=1)
 
 
 def prepare(cfg: PrepareConfig, tokenizer=None, show_progress: bool = True) -> Manifest:

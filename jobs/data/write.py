@@ -20,7 +20,7 @@ from jobs.data.drops import KEPT, Drop, DroppedLog
 from jobs.data.split import SPLITS
 
 if TYPE_CHECKING:
-    from jobs.data.prepare import PrepareConfig
+    from jobs.data.prepare_config import PrepareConfig
 
 OUTPUT_COLUMNS = ["messages", "text", "source", "where", "num_tokens", "score"]
 TOOL_COLUMNS = [*OUTPUT_COLUMNS, "tools"]  # a set with tool-calling rows
