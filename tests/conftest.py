@@ -1,4 +1,13 @@
-"""Shared fixtures: the tiny model every test loads through from_pretrained, built once per session."""
+"""Shared fixtures, and the tiers.
+
+Tiers: a test that starts Ray, a server, vLLM or a subprocess is `integration` (or `slow`, a long
+multi-process run). A test that asks for one of the process fixtures below is marked integration
+here, at collection; any other test that starts a process without the mark fails with a message
+saying so, so `make test-fast` (unit tests only) cannot start one by mistake.
+
+The expensive things are built once per session and shared: the tiny model, the local Ray, the
+Ray head, the trained tools adapter.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +15,7 @@ import json
 import os
 import secrets
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -14,7 +24,55 @@ import pytest
 from transformers import AutoTokenizer
 
 from jobs.tiny_model import main as build_tiny_model
-from tests.helpers import BIN, free_port, start_ray_head, stop_ray_head, wait_for_port
+from tests.helpers import (
+    BIN,
+    REPO,
+    free_port,
+    local_ray,
+    start_ray_head,
+    stop_ray_head,
+    wait_for_port,
+)
+
+# Ray workers, Serve replicas and the subprocesses tests start import this checkout.
+os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+
+# Fixtures that start processes or servers: a test using one (directly or through another
+# fixture) is an integration test.
+PROCESS_FIXTURES = {"ray_local", "head", "s3_server", "tools_adapter"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if PROCESS_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.integration)
+
+
+class StartsAProcess(RuntimeError):
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_process(request, monkeypatch):
+    """Outside integration and slow tests, starting a process or a listening socket fails."""
+    if any(request.node.get_closest_marker(m) for m in ("integration", "slow", "gpu")):
+        yield
+        return
+
+    def refuse(*args, **kwargs):
+        raise StartsAProcess(
+            f"{request.node.nodeid} starts a process or a server: mark it "
+            "@pytest.mark.integration (tests/README.md, tiers)"
+        )
+
+    import multiprocessing.process
+    import socket
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
+    monkeypatch.setattr(socket.socket, "listen", refuse)
+    monkeypatch.setattr(os, "fork", refuse)
+    yield
 
 
 @pytest.fixture(scope="session")
@@ -34,9 +92,7 @@ def tools_adapter(tiny_model_dir, tmp_path_factory) -> Path:
     """configs/tools.yaml trained once for the session, at half its steps (~2 min on 2 CPUs): the tool-calling
     adapter that tests/test_data_tools.py scores offline and tests/test_serve_vllm_tools.py
     serves. Only tests marked slow ask for it."""
-    import ray
 
-    from core.ray_cluster import start_local_ray
     from jobs.config import load_config
     from jobs.finetune import run_job
 
@@ -53,11 +109,8 @@ def tools_adapter(tiny_model_dir, tmp_path_factory) -> Path:
             "train.epochs=16",
         ],
     )
-    start_local_ray(num_cpus=2)
-    try:
-        run_job(cfg)
-    finally:
-        ray.shutdown()
+    local_ray()
+    run_job(cfg)
     return out / "tools/adapter"
 
 
@@ -126,11 +179,12 @@ def s3_server():
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """A fresh local Ray (2 CPUs) for a module's Ray Train runs."""
-    import ray
-
-    from core.ray_cluster import start_local_ray
-
-    start_local_ray(num_cpus=2)
+    """The session's local Ray (2 CPUs), shared by every module that needs one (helpers.local_ray)."""
+    local_ray()
     yield
-    ray.shutdown()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()

@@ -27,22 +27,47 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_local_serve(num_cpus: int = 2) -> int:
-    """A Ray of the test's own (this repository on its workers' PYTHONPATH) and Serve's HTTP
-    proxy on 127.0.0.1; the proxy's port. The caller ends both: serve.shutdown(), ray.shutdown()."""
+def local_ray() -> None:
+    """The session's local Ray (2 CPUs), started here unless it runs: every test that needs a plain
+    local Ray shares it (tests/conftest.py's `ray_local`). A test that needs a cluster of its own
+    calls `ray.shutdown()` first; the next user starts the shared one again."""
     import ray
+
+    from core.ray_cluster import start_local_ray
+
+    if not ray.is_initialized():
+        start_local_ray(num_cpus=2)
+
+
+def start_local_serve() -> int:
+    """Serve's HTTP proxy on 127.0.0.1, on the session's Ray; the proxy's port. The caller ends it
+    with serve.shutdown() and leaves Ray running for the next module."""
     from ray import serve
 
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"PYTHONPATH": str(REPO)}},
-    )
+    local_ray()
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return port
+
+
+def wait_for(
+    condition: Callable[[], Any],
+    timeout: float,
+    what: str,
+    every: float = 0.5,
+    alive: Callable[[], bool] | None = None,
+) -> Any:
+    """Poll `condition` until it returns something truthy, and return that. Fails after `timeout`
+    seconds, or as soon as `alive()` says the thing being waited on has ended."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert alive is None or alive(), f"it ended before {what}"
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(every)
 
 
 def wait_for_port(port: int, timeout: float = 30) -> None:
@@ -114,33 +139,40 @@ def upload_dir(endpoint: str, local: Path, bucket: str, prefix: str) -> None:
             s3.upload_file(str(f), bucket, f"{prefix}/{f.relative_to(local)}")
 
 
+def chat_completion(content: str, model: str = "stub") -> dict:
+    """An OpenAI chat.completion body whose one choice says `content`."""
+    return {
+        "id": "chatcmpl-stub",
+        "object": "chat.completion",
+        "created": 0,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "finish_reason": "stop",
+                "message": {"role": "assistant", "content": content},
+            }
+        ],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+    }
+
+
 @contextlib.contextmanager
-def openai_chat_stub(reply: Callable[[dict, Any], str]):
-    """A local OpenAI-compatible `/v1/chat/completions` whose answer is reply(body, headers);
-    yields its base URL. For judge scorers and metrics under test."""
+def openai_chat_stub(reply: Callable[..., str | tuple[int, dict]]):
+    """A local OpenAI-compatible `/v1/chat/completions` (under any path prefix); yields its base
+    URL (`http://127.0.0.1:PORT/v1`). Its answer is reply(body, headers, path): a string is the
+    reply's content, a (status, payload) pair is sent as it is. For judges and graders under test."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):  # noqa: N802 - http.server's name
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            content = reply(body, self.headers)  # case-insensitive .get
-            data = json.dumps(
-                {
-                    "id": "stub",
-                    "object": "chat.completion",
-                    "created": 0,
-                    "model": body["model"],
-                    "choices": [
-                        {
-                            "index": 0,
-                            "finish_reason": "stop",
-                            "message": {"role": "assistant", "content": content},
-                        }
-                    ],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-                }
-            ).encode()
-            self.send_response(200)
+            answer = reply(body, self.headers, self.path)  # headers: case-insensitive .get
+            if isinstance(answer, str):
+                answer = (200, chat_completion(answer, body["model"]))
+            status, payload = answer
+            data = json.dumps(payload).encode()
+            self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -155,6 +187,7 @@ def openai_chat_stub(reply: Callable[[dict, Any], str]):
         yield f"http://127.0.0.1:{server.server_address[1]}/v1"
     finally:
         server.shutdown()
+        server.server_close()
 
 
 class TcpProxy:

@@ -84,6 +84,7 @@ def fake_cluster(tmp_path):
     )
     wait_for_port(port, timeout=60)
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    ray.shutdown()  # the session's local Ray: this module's driver joins the autoscaling head
     ray.init(address=f"{ip}:{port}")
     yield
     ray.shutdown()

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import ray
 import torch
 
-from core.ray_cluster import start_local_ray
 from jobs.batching import collate_pairs
 from jobs.config import DataConfig, DpoConfig, load_config
 from jobs.data.pairs import prepare_pairs, to_pair, tokenize_pair
@@ -16,6 +14,7 @@ from jobs.data.sources import RowError
 from jobs.demo_data import SYSTEM, make_preference_rows
 from jobs.finetune import run_job
 from jobs.objectives.dpo import answer_token_logps, trl_dpo_loss
+from tests.helpers import local_ray
 
 USER = {"role": "user", "content": "Is the sky blue?"}
 YES, NO = {"role": "assistant", "content": "yes"}, {"role": "assistant", "content": "no"}
@@ -139,11 +138,8 @@ def test_dpo_job_grows_the_chosen_vs_rejected_margin(tiny_model_dir, tmp_path):
             "checkpoint.every_steps=null",
         ],
     )
-    start_local_ray(num_cpus=2)
-    try:
-        summary = run_job(cfg)
-    finally:
-        ray.shutdown()
+    local_ray()
+    summary = run_job(cfg)
     assert summary["objective"] == "dpo" and summary["method"] == "lora"
     margins = [e["eval_margin"] for e in summary["eval_history"]]
     assert [e["step"] for e in summary["eval_history"]] == [4, 8, 12]

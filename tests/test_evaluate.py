@@ -222,7 +222,7 @@ def test_promotion_refuses_an_unservable_adapter(runs, tmp_path):
         promote_run(Registry(str(tmp_path / "reg")), run, "reviews", force=True)
 
 
-def grade_by_reference(body: dict, headers: dict) -> str:
+def grade_by_reference(body: dict, headers: dict, path: str) -> str:
     """The stub grader: 10 when the reply equals the reference, else 1."""
     reply, _, reference = body["messages"][-1]["content"].rpartition("\n\nREFERENCE: ")
     reply = reply.rsplit("ASSISTANT:\n", 1)[-1].strip()

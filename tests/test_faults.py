@@ -34,7 +34,7 @@ from jobs.checkpointing import (
 from jobs.config import load_config
 from jobs.durable import upload_with_retry
 from jobs.finetune import run_job
-from tests.helpers import REPO, TcpProxy
+from tests.helpers import REPO, TcpProxy, wait_for
 
 QUIET = ["eval.every_steps=null", "eval.early_stopping_patience=null", "eval.task_metric=none"]
 
@@ -57,14 +57,6 @@ def registered_steps(snapshot_text: str | None) -> list[int]:
         return []
     results = json.loads(snapshot_text).get("checkpoint_results", [])
     return sorted(checkpoint_step(r["checkpoint_dir_name"]) for r in results)
-
-
-def wait_for(condition, what: str, runner: threading.Thread, timeout: float = 240) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        assert runner.is_alive(), f"the run ended before {what}"
-        assert time.time() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
 
 
 def train_workers() -> list[int]:
@@ -194,6 +186,7 @@ def test_upload_waits_out_an_outage_and_gives_up_after_the_bound(s3_via_proxy, t
 def test_training_goes_on_while_storage_is_down(s3_via_proxy, tiny_model_dir):
     proxy, endpoint = s3_via_proxy
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="flaky")
+    ray.shutdown()  # the session's Ray: this test needs one whose workers see the relay
     start_local_ray(num_cpus=2)  # after AWS_ENDPOINT_URL points at the relay: workers inherit it
     try:
         cfg = job(
@@ -217,7 +210,9 @@ def test_training_goes_on_while_storage_is_down(s3_via_proxy, tiny_model_dir):
             except OSError:
                 return None
 
-        wait_for(lambda: registered_steps(snapshot()), "a first checkpoint", runner)
+        wait_for(
+            lambda: registered_steps(snapshot()), 240, "a first checkpoint", 0.1, runner.is_alive
+        )
         proxy.down()
         time.sleep(8)
         proxy.up()
@@ -260,7 +255,13 @@ def test_sigterm_then_sigkill_lose_nothing_but_steps_since_the_last_checkpoint(
     runner, outcome = in_background(job(tiny_model_dir, tmp_path, "run.name=chaos", *common))
     snapshot = tmp_path / "chaos" / "checkpoint_manager_snapshot.json"
     read = lambda: registered_steps(snapshot.read_text() if snapshot.is_file() else None)  # noqa: E731
-    wait_for(lambda: read() and len(train_workers()) == 2, "a first checkpoint", runner)
+    wait_for(
+        lambda: read() and len(train_workers()) == 2,
+        240,
+        "a first checkpoint",
+        0.1,
+        runner.is_alive,
+    )
     seen_at_sigterm = max(read())
     first_group = train_workers()
     os.kill(first_group[-1], signal.SIGTERM)  # the node's shutdown reaches one worker
@@ -268,12 +269,18 @@ def test_sigterm_then_sigkill_lose_nothing_but_steps_since_the_last_checkpoint(
     # the group restarts from the SIGTERM checkpoint; after its next regular one, SIGKILL
     wait_for(
         lambda: set(train_workers()).isdisjoint(first_group) and len(train_workers()) == 2,
+        240,
         "the restarted worker group",
-        runner,
+        0.1,
+        runner.is_alive,
     )
     after_restart = max(read())
     wait_for(
-        lambda: max(read()) > after_restart and max(read()) % 20 == 0, "a new checkpoint", runner
+        lambda: max(read()) > after_restart and max(read()) % 20 == 0,
+        240,
+        "a new checkpoint",
+        0.1,
+        runner.is_alive,
     )
     os.kill(train_workers()[0], signal.SIGKILL)
     runner.join(timeout=300)

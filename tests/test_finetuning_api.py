@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import secrets
-import time
 import urllib.request
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import openai
 import yaml
 
 from serve.tenants import hash_key
-from tests.helpers import BIN, REPO, free_port, start_ray_head, stop_ray_head
+from tests.helpers import BIN, REPO, free_port, start_ray_head, stop_ray_head, wait_for
 
 KEYS = {"acme": "sk-acme-" + secrets.token_hex(8), "beta": "sk-beta-" + secrets.token_hex(8)}
 
@@ -74,17 +73,6 @@ def training_rows(n: int) -> bytes:
     return ("\n".join(rows) + "\n").encode()
 
 
-def wait_for(condition, timeout: float, what: str, every: float = 0.5):
-    deadline = time.time() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.time() > deadline:
-            raise TimeoutError(f"{what}: not within {timeout} s")
-        time.sleep(every)
-
-
 def jobs_api_ready(address: str, token: str) -> bool:
     # The dashboard answers before its job agent has registered; a submit in between fails.
     probe = urllib.request.Request(
@@ -122,6 +110,7 @@ def ray_head(num_cpus: int = 4):
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
         wait_for(lambda: jobs_api_ready(address, token), 300, f"the Jobs API at {address}", 1)
+        ray.shutdown()  # the session's local Ray: this module's driver joins the head
         ray.init(
             address=f"127.0.0.1:{port}",
             log_to_driver=False,

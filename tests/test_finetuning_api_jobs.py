@@ -22,14 +22,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from serve.app import build_app
 from serve.finetuning import db
-from tests.helpers import REPO, free_port
+from tests.helpers import REPO, free_port, wait_for
 from tests.test_finetuning_api import (
     KEYS,
     client,
     ray_head,
     settings,
     training_rows,
-    wait_for,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

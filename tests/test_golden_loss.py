@@ -62,21 +62,17 @@ def golden_losses(model_dir: Path, storage: Path, *extra: str) -> list[float]:
 
 @pytest.mark.integration
 def test_first_losses_match_the_golden_file(tiny_model_dir, tmp_path):
-    import ray
     import torch
 
-    from core.ray_cluster import start_local_ray
     from jobs.run_record import hardware
+    from tests.helpers import local_ray
 
     golden = json.loads(GOLDEN.read_text())
     assert golden["overrides"] == OVERRIDES and golden["tiny_model"] == TINY_MODEL, (
         "the golden run's settings changed: regenerate (see this file's docstring)"
     )
-    start_local_ray(num_cpus=2)
-    try:
-        losses = golden_losses(tiny_model_dir, tmp_path)
-    finally:
-        ray.shutdown()
+    local_ray()
+    losses = golden_losses(tiny_model_dir, tmp_path)
     assert len(losses) == STEPS
     assert losses == pytest.approx(golden["losses"], rel=golden["rtol"]), (
         f"losses differ from {GOLDEN.name} (made with torch {golden['torch']} on "

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import secrets
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import sacrebleu
@@ -18,6 +16,7 @@ from rouge_score import rouge_scorer
 
 from core.config import ConfigError, validate
 from jobs.graders import Grade, GraderConfig, make_grader, summarize
+from tests.helpers import openai_chat_stub
 
 
 class Job(BaseModel):  # how the trainer's config holds a grader
@@ -271,41 +270,29 @@ def test_python_grader_pickles_as_its_config():
 KEY = "sk-test-" + secrets.token_hex(12)
 
 
-class Judge(BaseHTTPRequestHandler):
-    """POST /v1/chat/completions in OpenAI's response shape; the score depends on the user message."""
+class Judge:
+    """The judge behind a local OpenAI endpoint: the score depends on the user message; it
+    records the requests and the most it served at once."""
 
     requests: list[dict] = []
     in_flight = 0
     most_in_flight = 0
     lock = threading.Lock()
 
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        keyless = self.path == "/open/v1/chat/completions"  # a local server that takes no key
-        if not keyless and self.headers.get("Authorization") != f"Bearer {KEY}":
+    @classmethod
+    def reply(cls, body: dict, headers, path: str):
+        keyless = path == "/open/v1/chat/completions"  # a local server that takes no key
+        if not keyless and headers.get("Authorization") != f"Bearer {KEY}":
             # Echoes the credentials it got, as a careless server might.
-            return self.reply(
-                401, {"error": {"message": f"bad key {self.headers.get('Authorization')}"}}
-            )
-        with Judge.lock:
-            Judge.requests.append(body)
-            Judge.in_flight += 1
-            Judge.most_in_flight = max(Judge.most_in_flight, Judge.in_flight)
-        time.sleep(0.1)
-        with Judge.lock:
-            Judge.in_flight -= 1
-        self.reply(200, completion(judge(body["messages"][-1]["content"])))
-
-    def reply(self, status: int, payload: dict):
-        data = json.dumps(payload).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+            return 401, {"error": {"message": f"bad key {headers.get('Authorization')}"}}
+        with cls.lock:
+            cls.requests.append(body)
+            cls.in_flight += 1
+            cls.most_in_flight = max(cls.most_in_flight, cls.in_flight)
+        time.sleep(0.1)  # a request's service time, so that concurrent ones overlap
+        with cls.lock:
+            cls.in_flight -= 1
+        return judge(body["messages"][-1]["content"])
 
 
 def judge(text: str) -> str:
@@ -318,31 +305,10 @@ def judge(text: str) -> str:
     return "I cannot score this."
 
 
-def completion(content: str) -> dict:
-    return {
-        "id": "chatcmpl-1",
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": "judge",
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": content},
-                "finish_reason": "stop",
-            }
-        ],
-        "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
-    }
-
-
 @pytest.fixture(scope="module")
 def judge_url():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
+    with openai_chat_stub(Judge.reply) as url:
+        yield url
 
 
 def score_model(url: str, **extra) -> dict:

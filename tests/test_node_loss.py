@@ -21,6 +21,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 @pytest.fixture
 def cluster():
+    ray.shutdown()  # the session's local Ray: this test drives a cluster of its own
     c = Cluster(
         initialize_head=True, head_node_args={"num_cpus": 1}
     )  # drivers and the Train controller

@@ -195,9 +195,7 @@ def test_unpackable_sweeps_are_refused_with_the_key_named(tiny_model_dir):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_packed_asha_sweep_shares_one_host_and_leaves_a_promotable_run(tmp_path, tiny_model_dir):
-    import ray
-
-    from core.ray_cluster import start_local_ray
+    from tests.helpers import local_ray
     from tests.test_sweep import first_reviews, sweep_yaml
     from tune.sweep import load_sweep_config, promote_best, run_sweep
 
@@ -223,12 +221,9 @@ def test_packed_asha_sweep_shares_one_host_and_leaves_a_promotable_run(tmp_path,
         scheduler={"type": "asha", "grace_period": 1, "reduction_factor": 4, "shuffle_grid": False},
     )
     cfg = load_sweep_config(config)
-    start_local_ray(num_cpus=2)
-    try:
-        summary = run_sweep(cfg, resume=False)
-        outcome = promote_best(cfg, summary)
-    finally:
-        ray.shutdown()
+    local_ray()
+    summary = run_sweep(cfg, resume=False)
+    outcome = promote_best(cfg, summary)
 
     trials = summary["trials"]
     assert len(trials) == 4 and not any(t["error"] for t in trials), trials

@@ -79,7 +79,6 @@ def write_configs(tmp: Path, tiny_model_dir: Path) -> tuple[Path, list[str]]:
 def pipeline(tmp_path_factory, tiny_model_dir):
     """One whole run on a local Ray; the app it starts keeps serving for the module's tests. The
     alias first points at a random adapter P, so that moves and rollbacks have somewhere to go."""
-    import ray
     from ray import serve
 
     tmp = tmp_path_factory.mktemp("pipeline")
@@ -105,7 +104,6 @@ def pipeline(tmp_path_factory, tiny_model_dir):
         "first_s": time.monotonic() - start,
     }
     serve.shutdown()
-    ray.shutdown()
     os.chdir(saved_cwd)
     if saved_key is None:
         os.environ.pop("RAYFT_API_KEY", None)

@@ -380,7 +380,7 @@ def test_source_weights_repeat_or_thin_training_rows(tmp_path, tokenizer):
 # ---------------------------------------------------------------- quality: the judge
 
 
-def grade_mixed_low(body: dict, headers: dict) -> str:
+def grade_mixed_low(body: dict, headers: dict, path: str) -> str:
     """The stub judge: "mixed" answers get a 2, the rest a 9; it records the key it was sent."""
     SEEN_KEYS.append(headers.get("Authorization", ""))
     return "Score: 2" if body["messages"][-1]["content"].rstrip().endswith("mixed") else "Score: 9"
@@ -471,19 +471,15 @@ def test_cli_prints_the_counts_table_and_writes_the_manifest(tmp_path, tiny_mode
 
 @pytest.mark.integration
 def test_ray_workers_give_the_same_prepared_set(tmp_path, tokenizer, tiny_model_dir, messy):
-    import ray
 
     manifest, _ = messy
     cfg = messy_config(tmp_path).model_copy(
         update={"workers": 2, "chunk_rows": 7, "tokenizer": str(tiny_model_dir)}
     )
-    from core.ray_cluster import start_local_ray
+    from tests.helpers import local_ray
 
-    start_local_ray(num_cpus=2)
-    try:
-        on_ray = prepare(cfg, show_progress=False)
-    finally:
-        ray.shutdown()
+    local_ray()
+    on_ray = prepare(cfg, show_progress=False)
     assert on_ray.dataset_hash == manifest.dataset_hash
     assert on_ray.counts == manifest.counts
 

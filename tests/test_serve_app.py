@@ -12,7 +12,6 @@ import boto3
 import httpx
 import openai
 import pytest
-import ray
 import torch
 import yaml
 from peft import PeftModel
@@ -143,7 +142,6 @@ def server(files, s3_endpoint, tiny_model_dir):
     )
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
-    ray.shutdown()
 
 
 def client(server, key=ACME, prefix=""):

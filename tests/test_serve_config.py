@@ -21,20 +21,10 @@ from serve.vllm_server import DEPLOYMENT
 CONFIG = Path("configs/serve.yaml")
 
 
-@pytest.fixture()
-def no_ray_left():
-    """Building the vllm app reads Ray's runtime context (LLMServer.get_deployment_options),
-    which starts a local Ray when none runs: it must not outlive the test."""
-    import ray
-
-    running = ray.is_initialized()
-    yield
-    if not running and ray.is_initialized():
-        ray.shutdown()
-
-
 @pytest.mark.parametrize("config", [CONFIG, Path("configs/serve-routed.yaml")])
-@pytest.mark.usefixtures("no_ray_left")
+# Building the vllm app reads Ray's runtime context (LLMServer.get_deployment_options): the
+# session's Ray, else it would start one of its own.
+@pytest.mark.usefixtures("ray_local")
 def test_serve_yaml_is_a_valid_serve_config_that_builds_the_app(config, tiny_model_dir):
     raw = yaml.safe_load(config.read_text())
     raw["applications"][0]["args"]["base_model"] = str(tiny_model_dir)  # a fresh clone has none

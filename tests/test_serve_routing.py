@@ -76,7 +76,6 @@ def routed(tiny_model_dir, tmp_path_factory):
     )
     yield {"url": f"http://127.0.0.1:{port}", "registry": tmp / "registry", "tenants": tenants}
     serve.shutdown()
-    ray.shutdown()
 
 
 def chat(url, model, max_tokens=8, key=OPEN, status=200):

@@ -13,7 +13,6 @@ import time
 
 import httpx
 import pytest
-import ray
 import torch
 import yaml
 from openai import OpenAI
@@ -93,7 +92,6 @@ def app(tiny_model_dir, tmp_path_factory):
     serve.run(build_app(settings), name="vllm", route_prefix="/")
     yield {"url": f"http://127.0.0.1:{port}", "registry": root}
     serve.shutdown()
-    ray.shutdown()
 
 
 def client(app, key=OPEN) -> OpenAI:

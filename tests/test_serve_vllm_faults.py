@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import httpx
 import pytest
@@ -16,7 +15,7 @@ from ray import serve
 
 from serve.app import build_app
 from serve.vllm_server import DEPLOYMENT
-from tests.helpers import start_local_serve
+from tests.helpers import start_local_serve, wait_for
 
 pytest.importorskip("vllm")
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -48,7 +47,6 @@ def app(tiny_model_dir):
     serve.run(build_app(settings), name=APP, route_prefix="/")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
-    ray.shutdown()
 
 
 def running_replicas() -> int:
@@ -56,13 +54,6 @@ def running_replicas() -> int:
 
     status = serve.status().applications[APP].deployments[DEPLOYMENT]
     return status.replica_states.get(ReplicaState.RUNNING, 0)
-
-
-def wait_for(condition, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
-        time.sleep(0.5)
 
 
 def long_body(stream: bool) -> dict:

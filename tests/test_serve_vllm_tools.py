@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import ray
 import torch
 from openai import OpenAI
 from peft import PeftModel
@@ -42,7 +41,6 @@ def client(tiny_model_dir, tools_adapter):
     serve.run(build_app(settings), name="tools", route_prefix="/")
     yield OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=300)
     serve.shutdown()
-    ray.shutdown()
 
 
 def served_calls(message) -> list[tuple[str, dict]] | None:

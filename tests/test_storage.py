@@ -14,13 +14,11 @@ from pathlib import Path
 import boto3
 import pyarrow.fs
 import pytest
-import ray
 import s3fs
 from safetensors.torch import load
 
 from core import storage
 from core.config import ConfigError
-from core.ray_cluster import start_local_ray
 from jobs.config import load_config
 from jobs.finetune import run_job
 
@@ -176,13 +174,6 @@ def test_cached_copy_downloads_once_and_redoes_an_interrupted_copy(s3_server, tm
 
 
 # ---------------------------------------------------------------- a job on s3://
-
-
-@pytest.fixture
-def ray_local():
-    start_local_ray(num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 @pytest.mark.integration

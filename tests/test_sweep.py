@@ -162,6 +162,7 @@ def test_sweep_on_s3_resumes_and_promotes_from_the_bucket(
     cfg = load_sweep_config(config)
     # 3 logical CPUs: each trial's function holds 0.01 CPU, so with 2 the second trial's worker
     # (1 CPU) would wait for the first trial to end
+    ray.shutdown()  # the session's Ray has 2
     start_local_ray(num_cpus=3)
     try:
         summary = run_sweep(cfg)
