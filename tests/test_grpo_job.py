@@ -1,4 +1,9 @@
-"""GRPO as a Ray job: rollout actors, resume, a killed rollout actor, async rollouts, the demo."""
+"""GRPO as a Ray job: rollout actors, resume, a killed rollout actor, async rollouts.
+
+The README's two GRPO commands run here at a small size: `warm_start` is configs/grpo_warmstart.yaml
+and every run is configs/grpo.yaml with overrides. The demo-size run (80 steps of 16 prompts x 8
+completions) is README's measured result, not a test: learning is shown here on a reward every
+prompt can earn, in 8 steps."""
 
 from __future__ import annotations
 
@@ -110,26 +115,23 @@ def whole(tiny_model_dir, tmp_path_factory, warm_start) -> dict:
 
 
 @pytest.mark.slow
-def test_resumed_and_actor_killed_runs_give_the_same_rewards_and_losses(
+def test_a_resumed_run_whose_actor_is_killed_gives_the_same_rewards_and_losses(
     tiny_model_dir, tmp_path, warm_start, whole
 ):
-    """Fixed seeds: a run stopped after 3 steps and resumed, and a run whose rollout actor is
-    killed after step 2, reward and lose as the uninterrupted run, step by step."""
+    """Fixed seeds: a run stopped after 3 steps, then resumed, with its rollout actor killed
+    once it holds version 4, rewards and loses as the uninterrupted run, step by step."""
     first = run_job(
         grpo_job(tiny_model_dir, tmp_path, warm_start, "resumed", "run.stop_after_steps=3")
     )
     assert first["status"] == "paused at step 3"
-    resumed = run_job(grpo_job(tiny_model_dir, tmp_path, warm_start, "resumed"))
-    assert resumed["resumed_at_steps"] == [3]
-    assert_same_steps(per_step(resumed), per_step(whole))
-
     killed: dict = {}
-    watcher = kill_rollout_actor_at("killed", 2, killed)
-    survived = run_job(grpo_job(tiny_model_dir, tmp_path, warm_start, "killed"))
+    watcher = kill_rollout_actor_at("resumed", 4, killed)
+    resumed = run_job(grpo_job(tiny_model_dir, tmp_path, warm_start, "resumed"))
     watcher.join(timeout=60)
+    assert resumed["resumed_at_steps"] == [3]
     assert killed["before"] != killed["after"]  # the actor was restarted in a new process
-    assert_same_steps(per_step(survived), per_step(whole))
-    assert survived["metrics"]["eval_reward"] == whole["metrics"]["eval_reward"]
+    assert_same_steps(per_step(resumed), per_step(whole))
+    assert resumed["metrics"]["eval_reward"] == whole["metrics"]["eval_reward"]
 
 
 @pytest.mark.slow
@@ -168,15 +170,3 @@ def test_grpo_job_learns_a_reward_and_records_what_produced_it(
     assert history[0]["staleness"] == 0 and all(h["staleness"] == 1 for h in history[1:])
     assert (tmp_path / "async" / "reward_curve.png").stat().st_size > 1000
     assert [e["step"] for e in summary["eval_history"]] == [3, 6]
-
-
-@pytest.mark.slow
-def test_the_demo_raises_the_held_out_reward(tiny_model_dir, tmp_path, ray_local):
-    """configs/grpo_warmstart.yaml then configs/grpo.yaml, as README shows them: the held-out
-    label reward of the warm start rises, and the run writes its reward curve."""
-    where = [f"model.name_or_path={tiny_model_dir}", f"checkpoint.storage_path={tmp_path}"]
-    warm = run_job(load_config("configs/grpo_warmstart.yaml", where))
-    cfg = load_config("configs/grpo.yaml", [*where, f"lora.init_from={warm['adapter']}"])
-    m = run_job(cfg)["metrics"]
-    assert m["eval_reward"] >= m["base_eval_reward"] + 0.05, m
-    assert (tmp_path / "grpo" / "reward_curve.png").stat().st_size > 1000
