@@ -11,11 +11,15 @@ Ray head, the trained tools adapter.
 
 from __future__ import annotations
 
+import functools
 import json
+import multiprocessing.process
 import os
 import secrets
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -52,27 +56,44 @@ class StartsAProcess(RuntimeError):
     pass
 
 
-@pytest.fixture(autouse=True)
-def _unit_tests_start_no_process(request, monkeypatch):
-    """Outside integration and slow tests, starting a process or a listening socket fails."""
-    if any(request.node.get_closest_marker(m) for m in ("integration", "slow", "gpu")):
-        yield
-        return
+# The test being set up, run or torn down, when it is a unit test (no integration, slow or gpu
+# mark); None otherwise. Set before its fixtures, so a module fixture that starts a server for
+# a unit test is caught too.
+_unit_test: list[str | None] = [None]
 
-    def refuse(*args, **kwargs):
-        raise StartsAProcess(
-            f"{request.node.nodeid} starts a process or a server: mark it "
-            "@pytest.mark.integration (tests/README.md, tiers)"
-        )
 
-    import multiprocessing.process
-    import socket
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    marked = any(item.get_closest_marker(m) for m in ("integration", "slow", "gpu"))
+    _unit_test[0] = None if marked else item.nodeid
 
-    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse)
-    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse)
-    monkeypatch.setattr(socket.socket, "listen", refuse)
-    monkeypatch.setattr(os, "fork", refuse)
-    yield
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    _unit_test[0] = None
+
+
+def _refused_in_unit_tests(original):
+    """`original`, except in a unit test's own thread, where it raises StartsAProcess."""
+
+    @functools.wraps(original)
+    def guarded(*args, **kwargs):
+        if _unit_test[0] is not None and threading.current_thread() is threading.main_thread():
+            raise StartsAProcess(
+                f"{_unit_test[0]} starts a process or a server: mark it "
+                "@pytest.mark.integration (tests/README.md, the tiers)"
+            )
+        return original(*args, **kwargs)
+
+    return guarded
+
+
+subprocess.Popen._execute_child = _refused_in_unit_tests(subprocess.Popen._execute_child)
+multiprocessing.process.BaseProcess.start = _refused_in_unit_tests(
+    multiprocessing.process.BaseProcess.start
+)
+socket.socket.listen = _refused_in_unit_tests(socket.socket.listen)
+os.fork = _refused_in_unit_tests(os.fork)
 
 
 @pytest.fixture(scope="session")

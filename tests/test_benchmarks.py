@@ -2,7 +2,8 @@
 imports moves: each runs in a subprocess, exits 0 and prints its ratio or table.
 
 The sizes are the smallest each script's --help allows; the numbers they print mean nothing here.
-Scripts that start Ray are `integration`; those that take over a minute on 2 CPUs are also `slow`.
+Every script runs in a subprocess, so the module is `integration`; scripts that take over a minute
+on 2 CPUs are also `slow`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "benchmarks"
+
+pytestmark = pytest.mark.integration
 
 
 def run_script(script: str, *args: str, timeout: int = 300, prelude: str = "") -> str:
@@ -180,7 +183,6 @@ def test_ray_overhead_plain_only(tiny_model_dir):
 # ---------------------------------------------------------------- the benchmarks that start Ray
 
 
-@pytest.mark.integration
 def test_ray_overhead_tiny(tiny_model_dir):
     """`make benchmark`: the Ray Train job against the plain loop, and the ratio."""
     out = run_script(
@@ -195,7 +197,6 @@ def test_ray_overhead_tiny(tiny_model_dir):
     assert "Ray Train job, 1 worker" in out and "ratio Ray / plain:" in out
 
 
-@pytest.mark.integration
 @pytest.mark.slow
 def test_serve_bench_layouts_tiny():
     out = run_script(
@@ -216,7 +217,6 @@ def test_serve_bench_layouts_tiny():
     assert "| single |" in out and "| routed |" in out
 
 
-@pytest.mark.integration
 @pytest.mark.slow
 def test_train_bench_memory():
     """Two of the four strategies (the cheapest and the most sharded) on a small model: each is a
@@ -227,7 +227,6 @@ def test_train_bench_memory():
         assert f"  {strategy} " in out and "peak RSS per worker" in out
 
 
-@pytest.mark.integration
 @pytest.mark.slow
 def test_sweep_bench_tiny(tiny_model_dir):
     args = ["--ranks", "4", "--alphas", "8", "--lrs", "1e-3", "--max-steps", "2", "--rows", "200"]
@@ -262,7 +261,6 @@ def test_packed_bench_tiny():
     assert "max relative difference" in out
 
 
-@pytest.mark.integration
 @pytest.mark.slow
 def test_engines_bench_tiny():
     pytest.importorskip("vllm")
@@ -276,7 +274,6 @@ def test_engines_bench_tiny():
     assert re.search(r"vllm / hf = \d+\.\d+", out)
 
 
-@pytest.mark.integration
 @pytest.mark.slow
 def test_grpo_bench_tiny():
     """The rollout benchmark at its smallest: the hf engine and (where installed) vLLM, sync

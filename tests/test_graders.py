@@ -147,6 +147,7 @@ def grade(sample, item):
 """
 
 
+@pytest.mark.integration  # the grader's child process
 def test_python_source_grades_a_batch_in_one_child():
     grader = make_grader(load(python(GOOD)))
     try:
@@ -164,6 +165,7 @@ def test_python_source_grades_a_batch_in_one_child():
     assert grader._child is None
 
 
+@pytest.mark.integration  # the grader's child process
 def test_python_function_from_the_working_directory(tmp_path, monkeypatch):
     (tmp_path / "my_rewards.py").write_text(
         "def length_reward(sample, item):\n    return len(sample['output_text']) / 10\n"
@@ -178,6 +180,7 @@ def test_python_function_from_the_working_directory(tmp_path, monkeypatch):
         load({"type": "python", "name": "len", "function": "my_rewards:nope"})
 
 
+@pytest.mark.integration  # the grader's child process
 def test_python_errors_score_zero_and_the_batch_goes_on():
     source = """
 def grade(sample, item):
@@ -200,6 +203,7 @@ def grade(sample, item):
     assert summarize(grades)["grader_errors"] == 3.0
 
 
+@pytest.mark.integration  # the grader's child process
 def test_python_timeout_kills_the_child_and_the_next_samples_grade():
     source = """
 def grade(sample, item):
@@ -216,6 +220,7 @@ def grade(sample, item):
     assert elapsed < 15
 
 
+@pytest.mark.integration  # the grader's child process
 def test_python_memory_limit_and_a_dead_child_are_errors():
     source = """
 import os
@@ -234,6 +239,7 @@ def grade(sample, item):
     assert "died (exit status 3)" in grades[1].error
 
 
+@pytest.mark.integration  # the grader's child process
 def test_python_child_sees_no_secrets_and_has_its_own_directory(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "fake-aws-secret")
     monkeypatch.setenv("RAYFT_TEST_HF_TOKEN", "fake-hf-token")
@@ -252,6 +258,7 @@ def grade(sample, item):
     assert grade.score == 7.0, grade
 
 
+@pytest.mark.integration  # the grader's child process
 def test_python_grader_pickles_as_its_config():
     grader = make_grader(load(python(GOOD)))
     grader.grade([sample("1", answer=1)])  # a live child must not stop it pickling
@@ -330,6 +337,7 @@ def score_model(url: str, **extra) -> dict:
     }
 
 
+@pytest.mark.integration  # a judge server on 127.0.0.1
 def test_score_model_against_a_local_endpoint(judge_url, monkeypatch):
     monkeypatch.setenv("RAYFT_TEST_JUDGE_KEY", KEY)
     Judge.requests.clear()
@@ -349,6 +357,7 @@ def test_score_model_against_a_local_endpoint(judge_url, monkeypatch):
     assert Judge.most_in_flight > 1  # the samples were sent concurrently
 
 
+@pytest.mark.integration  # a judge server on 127.0.0.1
 def test_score_model_range_is_the_raw_scale(judge_url, monkeypatch):
     monkeypatch.setenv("RAYFT_TEST_JUDGE_KEY", KEY)
     grader = make_grader(load(score_model(judge_url, range=[0, 10])))
@@ -357,6 +366,7 @@ def test_score_model_range_is_the_raw_scale(judge_url, monkeypatch):
     ] == [0.9, 7.0]
 
 
+@pytest.mark.integration  # a judge server on 127.0.0.1
 def test_score_model_key_never_leaks(judge_url, monkeypatch):
     cfg = load(score_model(judge_url))
     grader = make_grader(cfg)
@@ -381,12 +391,14 @@ def test_score_model_key_never_leaks(judge_url, monkeypatch):
         assert KEY not in text and wrong not in text
 
 
+@pytest.mark.integration  # a judge server on 127.0.0.1
 def test_score_model_without_a_key(judge_url, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     cfg = load(score_model(judge_url.replace("/v1", "/open/v1"), api_key_env=None))
     assert [g.score for g in make_grader(cfg).grade([sample("fine", question="q")])] == [0.5]
 
 
+@pytest.mark.integration  # a judge server on 127.0.0.1
 def test_score_model_missing_template_field_is_an_error(judge_url, monkeypatch):
     monkeypatch.setenv("RAYFT_TEST_JUDGE_KEY", KEY)
     [grade] = make_grader(load(score_model(judge_url))).grade([sample("excellent")])
@@ -472,9 +484,10 @@ def test_summarize():
             python("def score(sample, item):\n    return 1"),
             r"grader\.python\.source: define a top-level `def grade",
         ),
-        (
+        pytest.param(
             {"type": "python", "name": "py", "function": "no_such_module_here:grade"},
             r"grader\.python\.function: cannot import",
+            marks=pytest.mark.integration,  # the import is tried in the grader's child process
         ),
         (
             {

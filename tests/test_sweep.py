@@ -357,6 +357,7 @@ def test_asha_replay_follows_rays_bracket():
     assert replay_asha([good, bad, bad], 10, 2, 2, 41) == [40, 10, 10]
 
 
+@pytest.mark.integration  # the CLI in a subprocess
 def test_explain_prints_the_plan_and_runs_nothing(tmp_path, tiny_model_dir):
     config = sweep_yaml(tmp_path, tiny_model_dir)
     out = subprocess.run(
