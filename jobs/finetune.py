@@ -6,7 +6,7 @@
 The driver (`run_job`) validates the config and the data before any worker starts, then runs
 `train_func` on Ray Train workers. `train_func` reads top to bottom: setup, resume, the loop, the
 final evaluation (base vs tuned) and the final save. What a step computes is the objective's
-(jobs/objectives/: SFT, DPO); how the model is spread over workers is jobs/parallel.py; how
+(jobs/objectives/: SFT, DPO, GRPO); how the model is spread over workers is jobs/parallel.py; how
 checkpoints survive lost workers and storage is jobs/checkpointing.py. Re-running with the same
 run.name resumes from the newest checkpoint in STORAGE_PATH/RUN_NAME.
 """

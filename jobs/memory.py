@@ -24,7 +24,7 @@ REFUSE_FRACTION = 1.0  # above this: the job cannot fit, refuse before starting 
 
 # Fixed costs a worker pays whatever the model: the CUDA context, cuBLAS/NCCL workspaces and
 # the caching allocator's fragmentation on a GPU; Python, torch and the Ray worker in host RAM
-# (PLATFORM.md measured ~1.1 GB per CPU worker).
+# (~1.1 GB per CPU worker measured; benchmarks/README.md: peak RSS per worker).
 CUDA_OVERHEAD = int(1.5 * GIB)
 PROCESS_OVERHEAD = int(1.0 * GIB)
 

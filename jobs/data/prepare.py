@@ -1,6 +1,6 @@
 """Data preparation: messy files in, a versioned, deduplicated, leak-free training set out.
 
-    python -m jobs.prepare configs/prepare_reviews.yaml [key.sub=value ...]
+    python -m jobs.prepare tests/fixtures/messy/prepare.yaml [key.sub=value ...]
     python -m jobs.prepare configs/quickstart.yaml          # a job config: its data section and model
 
 Every input row ends in exactly one place: a split (train/eval/test) or `dropped.jsonl` with the
