@@ -2,18 +2,16 @@
 the base with the adapter switched off (`par.adapter_disabled()`): no second copy in memory.
 
 The data side (TRL's pair formats -> prompt/chosen/rejected token ids) is jobs/data/pairs.py.
-The loss is TRL's own DPO code (`DPOTrainer._compute_loss`), fed the log-probabilities computed
+The loss is TRL's own DPO code (core/upstream/trl.py), fed the log-probabilities computed
 here; tests/test_dpo.py checks it against a real DPOTrainer.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict
-from types import SimpleNamespace
-
 import torch
 import torch.nn.functional as F
 
+from core.upstream.trl import dpo_loss
 from inference.runtime import Runtime
 from jobs.batching import collate_pairs
 from jobs.config import DpoConfig
@@ -43,62 +41,24 @@ def answer_token_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     )
 
 
-class _Gather:
-    """Accelerate's gathers as TRL calls them, for one process: each rank's sums are reduced by
-    the recipe (all_reduce_sum), not inside the loss."""
-
-    def __init__(self, device):
-        self.device = device
-
-    def gather(self, t):
-        return t
-
-    gather_for_metrics = gather
-
-
 def trl_dpo_loss(
     policy_token_logps: torch.Tensor,
     ref_logps: torch.Tensor,
     batch: dict[str, torch.Tensor],
     dpo: DpoConfig,
 ) -> torch.Tensor:
-    """The mean DPO loss over the batch's pairs, computed by TRL's DPOTrainer code.
-
-    TRL 1.x keeps its losses inside `DPOTrainer._compute_loss(model, inputs)`, which runs the
-    policy forward itself. It is called here on a minimal stand-in for the trainer (the
-    attributes that method reads) with a "model" that returns the log-probs computed above and
-    the reference log-probs passed in as precomputed, so the loss (sigmoid, ipo, hinge, robust)
-    is TRL's to the line. tests/test_dpo.py checks it against a real DPOTrainer.
-    """
-    from trl import DPOTrainer
-
-    zeros = torch.zeros_like(policy_token_logps).detach()
-    outputs = SimpleNamespace(
-        log_probs=policy_token_logps,
-        entropy=zeros,  # TRL's logging-only outputs; its metrics are not used here
-        mean_logits=zeros,
-        is_top1=zeros.bool(),
-    )
-    trainer = SimpleNamespace(
-        model=SimpleNamespace(training=False),
-        accelerator=_Gather(policy_token_logps.device),
+    """The mean DPO loss over the batch's pairs, computed by TRL's DPOTrainer code
+    (core/upstream/trl.py): the policy's log-probs computed above, the reference's passed in as
+    precomputed, so the loss (sigmoid, ipo, hinge, robust) is TRL's to the line.
+    tests/test_dpo.py checks it against a real DPOTrainer."""
+    return dpo_loss(
+        policy_token_logps,
+        ref_logps,
+        batch,
         beta=dpo.beta,
-        loss_types=[dpo.loss_type],
-        loss_weights=[1.0],
+        loss_type=dpo.loss_type,
         label_smoothing=dpo.label_smoothing,
-        f_divergence_type="reverse_kl",  # standard DPO
-        f_alpha_divergence_coef=1.0,
-        ld_alpha=None,
-        use_weighting=False,
-        aux_loss_enabled=False,
-        precompute_ref_logps=True,
-        _metrics=defaultdict(lambda: defaultdict(list)),
-        _total_train_tokens=0,
-        _tp_size=1,
     )
-    ref_chosen, ref_rejected = ref_logps.detach().chunk(2)
-    inputs = {**batch, "ref_chosen_logps": ref_chosen, "ref_rejected_logps": ref_rejected}
-    return DPOTrainer._compute_loss(trainer, lambda **_: outputs, inputs, return_outputs=False)
 
 
 class PairStats:

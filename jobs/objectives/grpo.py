@@ -3,7 +3,7 @@
 A step: the step's prompts go to the rollout actors (jobs/rollout.py), which sample a group of
 `num_generations` completions per prompt with the adapter version the trainer published last;
 the grader (jobs/graders, OpenAI's shapes) scores them; advantages are each reward against its
-group (TRL's formula, TRL's nanstd); the loss is TRL's own code (`GRPOTrainer._compute_loss`),
+group (TRL's formula, TRL's nanstd); the loss is TRL's own code (core/upstream/trl.py),
 called on a stand-in for the trainer with the log-probs computed here, as DPO reuses TRL's
 DPO loss; tests/test_grpo.py checks both against a real GRPOTrainer. After the optimizer step
 the adapter's weights are published as the next version.
@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from types import SimpleNamespace
 
 import torch
 
+from core.upstream.trl import grpo_loss
 from jobs.checkpointing import TrainerState
 from jobs.config import GrpoConfig
 from jobs.distributed import all_gather_objects
@@ -65,57 +65,29 @@ def group_advantages(
     return torch.nan_to_num(advantages, nan=0.0), torch.isclose(std, torch.zeros_like(std))
 
 
-class _Accelerator:
-    """Accelerate's collectives as TRL's loss calls them, for one process: the recipe reduces."""
-
-    num_processes = 1
-
-    def gather(self, t):
-        return t
-
-    gather_for_metrics = gather
-
-    def reduce(self, t, reduction="sum"):
-        return t
-
-
 def trl_grpo_loss(
     logps: torch.Tensor,
     entropies: torch.Tensor,
     inputs: dict,
     grpo: GrpoConfig,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The GRPO loss of a batch by TRL's GRPOTrainer code, and TRL's metrics of it (kl, entropy,
-    clip ratios). `inputs` holds TRL's tensors: prompt/completion ids and masks, advantages,
-    old_per_token_logps (off-policy rows), ref_per_token_logps (beta > 0), num_items_in_batch.
-    TRL's accumulation normalizer is 1 here: the caller weights each micro-batch."""
-    from trl import GRPOTrainer
-
-    trainer = SimpleNamespace(
-        _get_per_token_logps_and_entropies=lambda *a, **k: (logps, entropies, None),
-        aux_loss_enabled=False,
-        top_entropy_quantile=1.0,
-        off_policy_mask_threshold=None,
-        importance_sampling_level=grpo.importance_sampling_level,
+    """The GRPO loss of a batch by TRL's GRPOTrainer code (core/upstream/trl.py), and TRL's
+    metrics of it (kl, entropy, clip ratios). `inputs` holds TRL's tensors: prompt/completion ids
+    and masks, advantages, old_per_token_logps (off-policy rows), ref_per_token_logps (beta > 0),
+    num_items_in_batch. TRL's accumulation normalizer is 1 here: the caller weights each
+    micro-batch."""
+    return grpo_loss(
+        logps,
+        entropies,
+        inputs,
         beta=grpo.beta,
-        args=SimpleNamespace(
-            use_bias_correction_kl=grpo.use_bias_correction_kl, delta=None, steps_per_generation=1
-        ),
         loss_type=grpo.loss_type,
         epsilon_low=grpo.epsilon,
         epsilon_high=grpo.epsilon_high or grpo.epsilon,
-        use_vllm=False,
-        vllm_importance_sampling_correction=False,
-        model=SimpleNamespace(training=True),
-        current_gradient_accumulation_steps=1,
+        importance_sampling_level=grpo.importance_sampling_level,
+        use_bias_correction_kl=grpo.use_bias_correction_kl,
         max_completion_length=grpo.max_completion_length,
-        accelerator=_Accelerator(),
-        _entropy_bonus_enabled=False,
-        _metrics=defaultdict(lambda: defaultdict(list)),
     )
-    loss = GRPOTrainer._compute_loss(trainer, None, inputs)
-    metrics = {k: sum(v) / len(v) for k, v in trainer._metrics["train"].items() if v}
-    return loss, metrics
 
 
 def micro_batch_weight(
