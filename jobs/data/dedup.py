@@ -14,8 +14,8 @@ import re
 import numpy as np
 import xxhash
 from datasketch import MinHash
-from datasketch.lsh import _optimal_param
 
+from core.upstream.datasketch import lsh_bands
 from jobs.config import DedupConfig
 
 PUNCTUATION = re.compile(r"[^\w\s]+")
@@ -41,11 +41,6 @@ def signatures(texts: list[str], cfg: DedupConfig) -> np.ndarray:
     sets = [shingles(t, cfg.shingle, cfg.shingle_size) for t in texts]
     hashes = MinHash.bulk(sets, num_perm=cfg.num_perm, seed=SEED, hashfunc=xxhash.xxh32_intdigest)
     return np.stack([m.hashvalues for m in hashes]).astype(np.uint32)
-
-
-def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
-    """(bands, rows per band) minimising false positives + negatives at the threshold (datasketch)."""
-    return _optimal_param(threshold, num_perm, 0.5, 0.5)
 
 
 class UnionFind:
