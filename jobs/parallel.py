@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from core.config import ConfigError
+from core.upstream.deepspeed import zero3_state_dict
 from inference.runtime import Runtime, rank_and_world, resolve_dtype, resolve_precision
 from jobs.config import JobConfig
 from jobs.model import trainable_parameters
@@ -295,9 +296,7 @@ class DeepSpeed(Parallel):
 
     def gathered_state_dict(self, trainable_only: bool) -> dict[str, torch.Tensor] | None:
         if self.rt.collective_forward:  # ZeRO-3: parameters are partitioned, gather layer by layer
-            sd = self.engine._zero3_consolidated_16bit_state_dict(
-                exclude_frozen_parameters=trainable_only
-            )
+            sd = zero3_state_dict(self.engine, trainable_only)
             return sd if self.rank == 0 else None
         return super().gathered_state_dict(trainable_only)
 
