@@ -23,6 +23,7 @@ from core.config import (
     read_yaml,
     validate,
 )
+from core.upstream import require
 from inference.config import ModelConfig
 from jobs.graders.config import GraderConfig
 
@@ -427,6 +428,19 @@ class JobConfig(Section):
             )
         if self.train.precision == "fp16" and not self.scaling.use_gpu:
             raise ValueError("train.precision: fp16 needs scaling.use_gpu: true")
+        return self
+
+    @model_validator(mode="after")
+    def _supported_upstream(self) -> JobConfig:
+        # The private upstream APIs this job will reach (core/upstream/): a version outside their
+        # bounds fails here, naming the field that needs the library, before any worker starts.
+        if self.train.method in ("dpo", "grpo"):
+            require("trl", why=f"train.method: {self.train.method}")
+        if self.train.strategy == "deepspeed":
+            require("deepspeed", why="train.strategy: deepspeed")
+        if self.train.method == "sft" and not self.data.prepared and self.data.dedup.near:
+            # an SFT job prepares its data now (jobs/data/prepare.py); dpo/grpo do not dedup
+            require("datasketch", why="data.dedup.near: true")
         return self
 
     def _check_dpo(self) -> None:

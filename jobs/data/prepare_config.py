@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from core.config import Section
+from core.upstream import require
 from jobs.config import DataConfig
 
 
@@ -15,3 +16,10 @@ class PrepareConfig(Section):
     seed: int = 0  # of the hash split; a job preparing inline uses its run.seed
     workers: int = Field(0, ge=0)  # Ray tasks working chunks in parallel; 0: in this process
     chunk_rows: int = Field(2000, ge=1)
+
+    @model_validator(mode="after")
+    def _supported_datasketch(self) -> PrepareConfig:
+        # near-duplicate removal calls datasketch's private banding (core/upstream/datasketch.py)
+        if self.data.dedup.near:
+            require("datasketch", why="data.dedup.near: true")
+        return self
