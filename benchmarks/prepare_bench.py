@@ -1,7 +1,7 @@
 """Data preparation benchmark: rows/s and peak memory of the whole pipeline on a generated set,
 and near-duplicate recall/precision against known near-duplicates.
 
-    python benchmarks/prepare_bench.py --rows 1000000            # the issue's figure (minutes)
+    python benchmarks/prepare_bench.py --rows 1000000            # a million rows (minutes)
     python benchmarks/prepare_bench.py --rows 50000 --workers 2  # chunks on 2 Ray workers
     python benchmarks/prepare_bench.py --rows 200 --dedup-docs 200 --tokenizer DIR  # seconds: a smoke run
 

@@ -1,1 +1,1 @@
-"""Cluster launcher, KubeRay manifests and laptop-submit helpers (issue #9)."""
+"""Cluster launcher, KubeRay manifests and laptop-submit helpers."""

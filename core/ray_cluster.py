@@ -35,7 +35,7 @@ def start_local_ray(num_cpus: int | None = None) -> None:
       the placement-group cleaner's state-API client looks for "the" local Ray, fails with
       "Found multiple active Ray instances" whenever another Ray runs on the machine (a test
       suite, a second job), and the placement groups of Train runs that Tune stopped are never
-      removed: later trials wait forever for CPUs (the sweep hang in ../shared/PLATFORM.md).
+      removed: later trials wait forever for CPUs (a sweep hangs).
     """
     import ray
 

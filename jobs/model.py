@@ -1,4 +1,5 @@
-"""Loading the base model and tokenizer (hub id, local directory or s3://) and adding LoRA."""
+"""LoRA on a loaded base model (inference/model.py loads it): the adapter, its initial weights,
+gradient checkpointing."""
 
 from __future__ import annotations
 

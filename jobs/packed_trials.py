@@ -7,7 +7,7 @@ every block's own adapter to the base output, so a row only ever meets its own s
 slots share no parameter, so each slot's gradient is the one it gets trained alone. Clipping,
 AdamW and the cosine-warmup schedule are per slot.
 
-Why peft's adapters and not slot tensors of our own (serve/lora.py): `add_adapter` after
+Why peft's adapters and not slot tensors of our own (inference/lora.py): `add_adapter` after
 `seed_everything(seed)` draws the same initial weights as `add_lora` in the normal job, and
 `save_pretrained` writes the adapter that evaluation and serving already read, so a packed
 trial equals the trial run alone by construction, not by a copy of peft's init order. Why our

@@ -12,7 +12,7 @@ The recipe (jobs/finetune.py) sees one interface and never branches on the strat
     par.save_state(dir) / par.load_state(dir)              # resume state, sharded where sharded
 
 Every rank calls every method: under FSDP and ZeRO-3 a forward pass, a state-dict gather and a
-save are collective: `Runtime.lockstep` (jobs/runtime.py) tells evaluation and generation when they
+save are collective: `Runtime.lockstep` (inference/runtime.py) tells evaluation and generation when they
 must keep ranks in step (the same number of forward passes on each, `synced_gpus` for generate).
 """
 

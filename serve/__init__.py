@@ -1,1 +1,3 @@
-"""The Ray Serve multi-adapter, OpenAI-compatible app (issue #8); imports from jobs/."""
+"""The Ray Serve multi-adapter, OpenAI-compatible gateway and its engines. Imports inference/ and
+core/ only; serve/finetuning/ (the fine-tuning API's control plane) also imports jobs/ and tune/
+(.importlinter)."""

@@ -498,3 +498,10 @@ def test_doc_says_what_is_true(doc, pytestconfig):
     problems = doc_problems(doc, markers)
     where = doc.relative_to(ROOT)
     assert not problems, "\n".join(f"{where}:{p}" for p in problems)
+
+
+def test_the_readmes_agree_on_one_registry():
+    """The registry the CLI writes is the one configs/serve.yaml serves."""
+    front = (ROOT / "README.md").read_text()
+    assert "export RAYFT_REGISTRY=runs/registry" in front
+    assert "registry: runs/registry" in (ROOT / "configs/serve.yaml").read_text()

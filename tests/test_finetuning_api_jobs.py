@@ -68,7 +68,7 @@ def finished(c, job_id: str, timeout: float = 420):
 
 @pytest.fixture(scope="module")
 def trained(app):
-    """The issue's snippet: upload, create (3 epochs), list events, retrieve, chat."""
+    """README's snippet: upload, create (3 epochs), list events, retrieve, chat."""
     c = client(app["url"])
     t0 = time.time()
     f = upload(c, training_rows(128))

@@ -1,4 +1,4 @@
-"""jobs/storage.py function by function, on a local directory and on s3:// (moto's S3 server on
+"""core/storage.py function by function, on a local directory and on s3:// (moto's S3 server on
 127.0.0.1); and a job whose storage is s3://: checkpoints go to the bucket through Ray Train, the
 adapter, data report and run.json are uploaded after training (run.json last), and re-running the
 run name resumes from the bucket.

@@ -1,1 +1,2 @@
-"""Ray Tune sweeps, evaluation gates and the adapter registry (issue #7); imports from jobs/."""
+"""The adapter's lifecycle: Ray Tune sweeps, evaluation and the gate, the adapter registry, the
+one-command pipeline. Imports jobs/, inference/ and core/ (.importlinter)."""

@@ -2,7 +2,7 @@
 
 config.py    typed settings (ServeSettings.finetuning) and the request models of a job
 db.py        SQLAlchemy tables: files, jobs, events, checkpoints; idempotent event writes
-files.py     file bytes in storage (local directory or s3://, through jobs.storage)
+files.py     file bytes in storage (local directory or s3://, through core.storage)
 params.py    a job request -> a JobConfig (hyperparameters, "auto", the rayft extension key)
 models.py    OpenAI model ids (ft:BASE:TENANT:SUFFIX:ID) <-> registry names, in one place
 launcher.py  each job as a Ray job (Ray Jobs API): submit, stop, status

@@ -7,7 +7,7 @@
     python -m tune.registry rollback NAME [--alias production]
     python -m tune.registry delete NAME@VERSION
 
-Every command exits 2 with `error: ...` when the registry refuses (jobs/cli.py).
+Every command exits 2 with `error: ...` when the registry refuses (core/cli.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from typing import Annotated
 import typer
 
 from core import cli
-from tune.registry.store import DEFAULT_ROOT, NotInRegistry, Registry, lineage_chain
+from core.registry import DEFAULT_ALIAS, DEFAULT_ROOT
+from tune.registry.store import NotInRegistry, Registry, lineage_chain
 
 app = cli.app(no_args_is_help=True)
 RegistryOpt = Annotated[
@@ -88,7 +89,7 @@ def promote(
         str, typer.Argument(help="a run directory (adapter/ + run.json), local or s3://")
     ],
     name: Annotated[str, typer.Option(help="registry name")],
-    alias: Annotated[str, typer.Option(help="alias to point at the new version")] = "production",
+    alias: Annotated[str, typer.Option(help="alias to point at the new version")] = DEFAULT_ALIAS,
     force: Annotated[bool, typer.Option(help="skip the gate (recorded in lineage)")] = False,
     registry: RegistryOpt = DEFAULT_ROOT,
 ) -> None:
@@ -110,7 +111,7 @@ def alias_cmd(ref: str, alias: str, registry: RegistryOpt = DEFAULT_ROOT) -> Non
 
 @app.command()
 @command
-def rollback(name: str, alias: str = "production", registry: RegistryOpt = DEFAULT_ROOT) -> None:
+def rollback(name: str, alias: str = DEFAULT_ALIAS, registry: RegistryOpt = DEFAULT_ROOT) -> None:
     """Move ALIAS back to the version it pointed at before."""
     version = Registry(registry).rollback(name, alias)
     typer.echo(f"{name}@{alias} -> {version}")
