@@ -1,37 +1,31 @@
 """Adapter lookup (registry or plain directories) and the two-tier adapter cache.
 
-Registry layout (written by tune/registry/store.py; only read here):
-    ROOT/NAME/VERSION/         peft adapter files + lineage.json
-    ROOT/NAME/aliases/ALIAS    text file holding a VERSION
-The writer puts lineage.json last: a version directory without it is a copy in progress (or an
-interrupted one) and is not served.
-ROOT is a local directory or s3://bucket/prefix, read through core.storage.
+The registry is written by tune/registry/store.py and only read here, both by the names, layout
+and "newest version" rule of core/registry.py: a version directory without lineage.json is a
+copy in progress (or an interrupted one) and is not served. ROOT is a local directory or
+s3://bucket/prefix, read through core.storage.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import threading
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
+from core import registry as contract
 from core import storage
 from inference.engine import AdapterWeights, Engine, read_adapter
 from serve.config import ServeSettings
 from serve.errors import AdapterUnavailable, ModelNotFound
-from serve.names import DEFAULT_ALIAS, VERSION_RE, ModelName, is_valid_name
+from serve.names import ModelName, is_valid_name
 
 log = logging.getLogger(__name__)
-
-ALIASES_DIR = "aliases"
-LINEAGE = "lineage.json"
 
 
 @dataclass(frozen=True)
@@ -54,7 +48,7 @@ class AdapterRef:
 
 
 class _RegistryFiles:
-    """The few reads the registry needs, on a local directory or s3:// (core.storage underneath)."""
+    """Where the registry lives: a local directory or s3:// (core.storage underneath)."""
 
     def __init__(self, root: str):
         if not storage.is_remote(root):
@@ -63,32 +57,8 @@ class _RegistryFiles:
         self.fs, path = storage.filesystem(root)
         self.root = path.rstrip("/")
 
-    def path(self, *parts: str) -> str:
-        return "/".join([self.root, *parts])
-
-    def uri(self, *parts: str) -> str:
-        return self.scheme + self.path(*parts)
-
-    def read_text(self, *parts: str) -> str | None:
-        try:
-            return self.fs.cat_file(self.path(*parts)).decode().strip()
-        except FileNotFoundError:
-            return None
-
-    def listdir(self, *parts: str) -> list[dict]:
-        try:
-            return self.fs.ls(self.path(*parts), detail=True, refresh=True)
-        except FileNotFoundError:
-            return []
-
-    def exists(self, *parts: str) -> bool:
-        return self.fs.exists(self.path(*parts))
-
-    def modified(self, *parts: str) -> float:
-        """A file's modification time (seconds since the epoch; 0 when the store has none)."""
-        info = self.fs.info(self.path(*parts))
-        mtime = info.get("mtime") or info.get("LastModified") or 0
-        return mtime.timestamp() if isinstance(mtime, datetime) else float(mtime)
+    def uri(self, name: str, version: str) -> str:
+        return self.scheme + contract.at(self.root, contract.version_path(name, version))
 
 
 class AdapterRegistry:
@@ -107,7 +77,7 @@ class AdapterRegistry:
         self.plain = {name: str(Path(p).expanduser()) for name, p in (adapters or {}).items()}
         bad = [n for n in self.plain if not is_valid_name(n)]
         if bad:
-            raise ValueError(f"adapters: invalid adapter names {bad} (use [a-z0-9][a-z0-9-_.]*)")
+            raise ValueError(f"adapters: invalid adapter names {bad} (use {contract.NAME_RULE})")
         for name, path in self.plain.items():  # a typo should stop the start, not fail requests
             if not (Path(path) / "adapter_config.json").is_file():
                 raise ValueError(
@@ -158,45 +128,7 @@ class AdapterRegistry:
         return AdapterRef(model.name, version, self.files.uri(model.name, version))
 
     def _registry_version(self, model: ModelName) -> str | None:
-        if model.selector is not None:
-            if VERSION_RE.fullmatch(model.selector) and self.files.exists(
-                model.name, model.selector, LINEAGE
-            ):
-                return model.selector
-            return self._alias(model.name, model.selector)
-        return self._alias(model.name, DEFAULT_ALIAS) or self._newest_version(model.name)
-
-    def _alias(self, name: str, alias: str) -> str | None:
-        version = self.files.read_text(name, ALIASES_DIR, alias)
-        if version is None:
-            return None
-        if not VERSION_RE.fullmatch(version) or not self.files.exists(name, version, LINEAGE):
-            log.warning("alias %s@%s points at a missing or invalid version", name, alias)
-            return None
-        return version
-
-    def _newest_version(self, name: str) -> str | None:
-        candidates = []
-        for entry in self.files.listdir(name):
-            version = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-            if entry.get("type") != "directory" or not VERSION_RE.fullmatch(version):
-                continue
-            if version == ALIASES_DIR:
-                continue
-            lineage = self.files.read_text(name, version, LINEAGE)
-            if lineage is None:  # not committed yet
-                continue
-            candidates.append((self._created_at(name, version, lineage), version))
-        return max(candidates)[1] if candidates else None
-
-    def _created_at(self, name: str, version: str, lineage: str) -> float:
-        if lineage:
-            try:
-                return datetime.fromisoformat(json.loads(lineage)["created_at"]).timestamp()
-            except (ValueError, KeyError, TypeError):
-                log.warning("%s/%s/lineage.json has no readable created_at", name, version)
-        # S3 prefixes have no time of their own; a version's files do.
-        return self.files.modified(name, version, "adapter_config.json")
+        return contract.resolve(self.files.fs, self.files.root, model.name, model.selector)
 
     def _plain_ref(self, name: str) -> AdapterRef:
         path = Path(self.plain[name])
@@ -208,13 +140,13 @@ class AdapterRegistry:
             raise AdapterUnavailable(f"adapter '{name}' cannot be read right now") from None
         # A version that changes when the directory is rewritten in place.
         digest = hashlib.sha256(config + f"{stat.st_size}:{stat.st_mtime_ns}".encode())
-        return AdapterRef(name, digest.hexdigest()[:12], str(path))
+        return AdapterRef(name, digest.hexdigest()[: contract.VERSION_LEN], str(path))
 
     def version_ref(self, name: str, version: str | None) -> AdapterRef:
         """The files of a version resolve() returned before (e.g. in another process)."""
         if name in self.plain:
             return AdapterRef(name, version or "", self.plain[name])
-        if self.files is None or version is None or not VERSION_RE.fullmatch(version):
+        if self.files is None or version is None or not contract.is_version(version):
             raise ModelNotFound(f"{name}@{version}")
         return AdapterRef(name, version, self.files.uri(name, version))
 
@@ -223,14 +155,9 @@ class AdapterRegistry:
         found = set(self.plain)
         if self.files is not None:
             try:
-                entries = self.files.listdir()
+                found.update(contract.names(self.files.fs, self.files.root))
             except OSError as e:
                 log.warning("listing the registry failed: %s", type(e).__name__)
-                entries = []
-            for entry in entries:
-                name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-                if entry.get("type") == "directory" and is_valid_name(name):
-                    found.add(name)
         return sorted(found)
 
     def local_path(self, ref: AdapterRef) -> Path:

@@ -4,8 +4,6 @@ concurrent promotions, on local disk and on a real S3-compatible server on 127.0
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -14,9 +12,10 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
 
-from tests.helpers import REPO
 from tune.registry import NotInRegistry, Registry, RegistryError, adapter_version, check_name
+from tune.registry.cli import app
 
 
 def make_adapter(base_dir: Path, out: Path, seed: int, r: int = 4, **lora) -> Path:
@@ -40,7 +39,7 @@ def test_version_is_a_content_hash_of_the_weights(adapters, tmp_path, tiny_model
     assert adapter_version(again) == v0  # same weights, same version
 
 
-@pytest.mark.parametrize("root_kind", ["local", "s3"])
+@pytest.mark.parametrize("root_kind", ["local", pytest.param("s3", marks=pytest.mark.integration)])
 def test_register_alias_rollback_round_trip(root_kind, adapters, tmp_path, request):
     if root_kind == "s3":
         endpoint = request.getfixturevalue("s3_server")
@@ -134,35 +133,25 @@ def test_cli_list_show_alias_rollback_delete(adapters, tmp_path):
     v1 = reg.register(adapters[1], "bot", {"base_model": "tiny"})
 
     def cli(*args):
-        return subprocess.run(
-            [sys.executable, "-m", "tune.registry", *args, "--registry", str(tmp_path)],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        return CliRunner().invoke(app, [*args, "--registry", str(tmp_path)])
 
-    assert cli("alias", f"bot@{v0}", "production").returncode == 0
-    assert cli("alias", f"bot@{v1}", "production").returncode == 0
+    assert cli("alias", f"bot@{v0}", "production").exit_code == 0
+    assert cli("alias", f"bot@{v1}", "production").exit_code == 0
     listing = cli("list")
-    assert listing.returncode == 0 and v0 in listing.stdout and "production" in listing.stdout
+    assert listing.exit_code == 0 and v0 in listing.stdout and "production" in listing.stdout
     shown = cli("show", "bot@production", "--json")
     assert json.loads(shown.stdout)["version"] == v1
     chain = cli("show", "bot@production").stdout  # the readable chain: version, base, dataset, code
     assert chain.startswith(f"adapter   bot@{v1}") and "base      tiny" in chain
     assert cli("rollback", "bot").stdout.strip() == f"bot@production -> {v0}"
     refused = cli("delete", f"bot@{v0}")
-    assert refused.returncode == 2 and "points at" in refused.stderr
-    assert cli("delete", f"bot@{v1}").returncode == 0
+    assert refused.exit_code == 2 and "points at" in refused.stderr
+    assert cli("delete", f"bot@{v1}").exit_code == 0
     bad = cli("show", "../../etc")
-    assert bad.returncode == 2 and "invalid name" in bad.stderr
+    assert bad.exit_code == 2 and "invalid name" in bad.stderr
 
 
 def test_a_missing_name_says_what_the_registry_holds_and_how_to_read_another(adapters, tmp_path):
-    from typer.testing import CliRunner
-
-    from tune.registry.cli import app
-
     root = str(tmp_path / "registry")
     reg = Registry(root)
     reg.register(adapters[0], "bot", {})

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from core.config import ConfigError
+from core.registry import DEFAULT_ALIAS
 from core.storage import is_remote, local_copy
 from inference.config import ModelConfig
 from inference.model import resolve_model_path
@@ -100,7 +101,7 @@ def promote_run(
     registry: Registry,
     run_dir: str | Path,
     name: str,
-    alias: str = "production",
+    alias: str = DEFAULT_ALIAS,
     force: bool = False,
     limits: ServingLimits | None = None,
     evaluation: dict[str, Any] | None = None,

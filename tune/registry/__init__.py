@@ -1,12 +1,16 @@
-"""The adapter registry (store.py) and its command line (cli.py, `python -m tune.registry`)."""
+"""The adapter registry (store.py) and its command line (cli.py, `python -m tune.registry`); its
+names and layout are core/registry.py, shared with serving."""
 
-from tune.registry.store import (
+from core.registry import (
     ALIASES,
+    DEFAULT_ALIAS,
     DEFAULT_ROOT,
     HISTORY,
     LINEAGE,
     NAME_RE,
     VERSION_RE,
+)
+from tune.registry.store import (
     NotInRegistry,
     Registry,
     RegistryError,
@@ -18,6 +22,7 @@ from tune.registry.store import (
 
 __all__ = [
     "ALIASES",
+    "DEFAULT_ALIAS",
     "DEFAULT_ROOT",
     "HISTORY",
     "LINEAGE",

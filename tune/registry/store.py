@@ -1,4 +1,6 @@
-"""The adapter registry: a directory tree on local disk or s3:// that serving reads.
+"""The adapter registry's writer: a directory tree on local disk or s3:// that serving reads.
+
+Its names, layout and "newest version" rule are core/registry.py, which serving reads by too:
 
     ROOT/NAME/VERSION/                  peft adapter files + lineage.json (written last: the commit)
     ROOT/NAME/aliases/ALIAS             a small text file holding a VERSION (replaced atomically)
@@ -17,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -29,14 +30,20 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from safetensors import safe_open
 
+from core import registry as contract
 from core.config import ConfigError
+from core.registry import (
+    ALIASES,
+    DEFAULT_ALIAS,
+    NAME_RULE,
+    VERSION_LEN,
+    VERSION_RULE,
+    alias_history_path,
+    alias_path,
+    lineage_path,
+    version_path,
+)
 from core.storage import filesystem, protocol
-
-NAME_RE = re.compile(r"[a-z0-9][a-z0-9\-_.]{0,62}")
-VERSION_RE = re.compile(r"[a-f0-9]{12}")
-ALIASES, HISTORY = "aliases", ".history"
-LINEAGE = "lineage.json"
-DEFAULT_ROOT = "runs/registry"  # where configs/serve.yaml and the pipeline look too
 
 
 class RegistryError(ConfigError):
@@ -49,17 +56,14 @@ class NotInRegistry(RegistryError):
 
 def check_name(name: str, what: str = "name") -> str:
     """Names become path components: validated before the filesystem or object store is touched."""
-    if not isinstance(name, str) or not NAME_RE.fullmatch(name) or ".." in name:
-        raise RegistryError(
-            f"invalid {what} {name!r}: use lowercase letters, digits, '-', '_' or '.', "
-            "starting with a letter or digit, at most 63 characters, no '..'"
-        )
+    if not contract.is_name(name):
+        raise RegistryError(f"invalid {what} {name!r}: use {NAME_RULE}")
     return name
 
 
 def check_version(version: str) -> str:
-    if not isinstance(version, str) or not VERSION_RE.fullmatch(version):
-        raise RegistryError(f"invalid version {version!r}: 12 lowercase hex characters")
+    if not contract.is_version(version):
+        raise RegistryError(f"invalid version {version!r}: {VERSION_RULE}")
     return version
 
 
@@ -74,7 +78,7 @@ def adapter_version(adapter_dir: Path) -> str:
             t = f.get_tensor(key).contiguous()
             h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
             h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:12]
+    return h.hexdigest()[:VERSION_LEN]
 
 
 @dataclass
@@ -86,22 +90,24 @@ class Registry:
 
     # ------------------------------------------------------------ paths and small files
 
-    def _path(self, *parts: str) -> str:
-        return "/".join([self.base.rstrip("/"), *parts])
+    def _path(self, *paths: str) -> str:
+        return contract.at(self.base, *paths)
 
-    def _read(self, *parts: str) -> str | None:
+    def _read(self, path: str) -> str | None:
         try:
-            with self.fs.open(self._path(*parts), "r") as f:
+            with self.fs.open(self._path(path), "r") as f:
                 return f.read()
         except FileNotFoundError:
             return None
 
-    def _write_atomic(self, text: str, *parts: str) -> None:
+    def _write_atomic(self, text: str, path: str) -> None:
         """Readers see the old content or the new, never half a file (local: rename; S3: PUT)."""
-        path = self._path(*parts)
-        self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        path = self._path(path)
+        folder, filename = path.rsplit("/", 1)
+        self.fs.makedirs(folder, exist_ok=True)
         if isinstance(self.fs, LocalFileSystem):
-            tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+            # a leading dot: no listing mistakes the half-written file for an alias or a name
+            tmp = f"{folder}/.{filename}.tmp-{uuid.uuid4().hex}"
             with open(tmp, "w") as f:
                 f.write(text)
             os.replace(tmp, path)
@@ -112,25 +118,15 @@ class Registry:
     # ------------------------------------------------------------ reading
 
     def names(self) -> list[str]:
-        if not self.fs.exists(self.base):
-            return []
-        return sorted(
-            p.rstrip("/").rsplit("/", 1)[-1]
-            for p in self.fs.ls(self.base, detail=False)
-            if self.fs.isdir(p) and NAME_RE.fullmatch(p.rstrip("/").rsplit("/", 1)[-1])
-        )
+        return contract.names(self.fs, self.base)
 
     def versions(self, name: str) -> list[dict[str, Any]]:
-        """Complete versions (lineage.json present), oldest first."""
+        """Complete versions (lineage.json present), oldest first (the last is the newest)."""
         check_name(name)
-        if not self.fs.exists(self._path(name)):
-            return []
-        found = []
-        for p in self.fs.ls(self._path(name), detail=False):
-            version = p.rstrip("/").rsplit("/", 1)[-1]
-            if VERSION_RE.fullmatch(version) and (lineage := self._read(name, version, LINEAGE)):
-                found.append(json.loads(lineage))
-        return sorted(found, key=lambda v: v["created_at"])
+        return [
+            {**v.lineage, "version": v.version}
+            for v in contract.committed_versions(self.fs, self.base, name)
+        ]
 
     def aliases(self, name: str) -> dict[str, str]:
         check_name(name)
@@ -140,30 +136,21 @@ class Registry:
         out = {}
         for p in self.fs.ls(folder, detail=False):
             alias = p.rstrip("/").rsplit("/", 1)[-1]
-            if NAME_RE.fullmatch(alias) and not self.fs.isdir(p):
-                out[alias] = (self._read(name, ALIASES, alias) or "").strip()
+            if contract.is_name(alias) and not self.fs.isdir(p):
+                out[alias] = (self._read(alias_path(name, alias)) or "").strip()
         return out
 
     def resolve(self, ref: str) -> tuple[str, str]:
-        """NAME, NAME@VERSION or NAME@ALIAS -> (name, version); NAME alone is `production` if
-        set, else the newest version."""
-        name, _, selector = ref.partition("@")
+        """NAME, NAME@VERSION or NAME@ALIAS -> (name, version); NAME alone is the default alias
+        (production) if set, else the newest version."""
+        name, sep, selector = ref.partition("@")
         check_name(name)
-        if selector and VERSION_RE.fullmatch(selector) and self._read(name, selector, LINEAGE):
-            return name, selector
-        if selector:
+        if sep and not contract.is_version(selector):
             check_name(selector, "alias")
-            version = (self._read(name, ALIASES, selector) or "").strip()
-            if not version:
-                raise self._no_such(name, selector)
-            return name, version
-        version = (self._read(name, ALIASES, "production") or "").strip()
-        if version:
-            return name, version
-        versions = self.versions(name)
-        if not versions:
-            raise self._no_such(name)
-        return name, versions[-1]["version"]
+        version = contract.resolve(self.fs, self.base, name, selector if sep else None)
+        if version is None:
+            raise self._no_such(name, selector)
+        return name, version
 
     def _no_such(self, name: str, selector: str = "") -> NotInRegistry:
         """What was asked for is missing: say what the registry (or the name) does hold."""
@@ -180,14 +167,14 @@ class Registry:
 
     def lineage(self, ref: str) -> dict[str, Any]:
         name, version = self.resolve(ref)
-        text = self._read(name, version, LINEAGE)
+        text = self._read(lineage_path(name, version))
         if text is None:
             raise RegistryError(f"{name}@{version}: no such version in {self.root}")
         return json.loads(text)
 
     def adapter_uri(self, ref: str) -> str:
         name, version = self.resolve(ref)
-        return protocol(self.root) + self._path(name, version)
+        return protocol(self.root) + self._path(version_path(name, version))
 
     # ------------------------------------------------------------ writing
 
@@ -196,9 +183,9 @@ class Registry:
         is an interrupted copy that readers ignore and the next promotion completes."""
         check_name(name)
         version = adapter_version(adapter_dir)
-        if self._read(name, version, LINEAGE):
+        if self._read(lineage_path(name, version)):
             return version  # same weights already here: content addressing makes this a no-op
-        dest = self._path(name, version)
+        dest = self._path(version_path(name, version))
         for f in sorted(Path(adapter_dir).rglob("*")):
             if f.is_file():
                 target = f"{dest}/{f.relative_to(adapter_dir).as_posix()}"
@@ -210,34 +197,32 @@ class Registry:
             "version": version,
             "created_at": datetime.now(timezone.utc).isoformat(timespec="microseconds"),
         }
-        self._write_atomic(json.dumps(record, indent=2, default=str), name, version, LINEAGE)
+        self._write_atomic(json.dumps(record, indent=2, default=str), lineage_path(name, version))
         return version
 
     def set_alias(self, name: str, alias: str, version: str, reason: str = "set") -> None:
         check_name(name)
         check_name(alias, "alias")
         check_version(version)
-        if not self._read(name, version, LINEAGE):
+        if not self._read(lineage_path(name, version)):
             raise RegistryError(f"{name}@{version}: no such version in {self.root}")
         event = {"version": version, "reason": reason, "at": time.time()}
         # one object per move: a unique, time-ordered name, never rewritten
         stamp = f"{time.time_ns():020d}-{uuid.uuid4().hex[:8]}"
-        self._write_atomic(json.dumps(event), name, ALIASES, HISTORY, alias, stamp)
-        self._write_atomic(version, name, ALIASES, alias)
+        self._write_atomic(json.dumps(event), f"{alias_history_path(name, alias)}/{stamp}")
+        self._write_atomic(version, alias_path(name, alias))
 
     def alias_history(self, name: str, alias: str) -> list[dict[str, Any]]:
-        folder = self._path(name, ALIASES, HISTORY, alias)
-        if not self.fs.exists(folder):
+        folder = alias_history_path(name, alias)
+        if not self.fs.exists(self._path(folder)):
             return []
         events = []
-        for p in sorted(self.fs.ls(folder, detail=False)):
+        for p in sorted(self.fs.ls(self._path(folder), detail=False)):
             if ".tmp-" not in p:
-                events.append(
-                    json.loads(self._read(name, ALIASES, HISTORY, alias, p.rsplit("/", 1)[-1]))
-                )
+                events.append(json.loads(self._read(f"{folder}/{p.rsplit('/', 1)[-1]}")))
         return events
 
-    def rollback(self, name: str, alias: str = "production") -> str:
+    def rollback(self, name: str, alias: str = DEFAULT_ALIAS) -> str:
         """Point the alias at the version before its last move (a rollback undoes one set)."""
         check_name(name)
         check_name(alias, "alias")
@@ -261,10 +246,11 @@ class Registry:
             raise RegistryError(
                 f"{name}@{version} is what {', '.join(using)} points at: move the alias first"
             )
-        if not self.fs.exists(self._path(name, version)):
+        if not self.fs.exists(self._path(version_path(name, version))):
             raise RegistryError(f"{name}@{version}: no such version in {self.root}")
-        self.fs.rm(self._path(name, version, LINEAGE))  # uncommitted first: readers skip it now
-        self.fs.rm(self._path(name, version), recursive=True)
+        # uncommitted first: readers skip it from now on
+        self.fs.rm(self._path(lineage_path(name, version)))
+        self.fs.rm(self._path(version_path(name, version)), recursive=True)
 
 
 def lineage_chain(lineage: dict[str, Any]) -> list[str]:
