@@ -39,6 +39,7 @@ from pydantic import Field
 
 from core import cli
 from core.config import ConfigError, Section, apply_overrides, parse_overrides, read_yaml, validate
+from core.registry import DEFAULT_ALIAS
 from core.storage import is_remote
 from jobs.config import JobConfig, validate_config
 from serve.config import ServeSettings
@@ -64,7 +65,7 @@ class ServeSection(Section):
 
 class PromoteSection(Section):
     name: str
-    alias: str = "production"
+    alias: str = DEFAULT_ALIAS
 
 
 class CanarySection(Section):

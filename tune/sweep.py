@@ -25,6 +25,7 @@ from pydantic import Field, model_validator
 
 from core import cli
 from core.config import ConfigError, Section, apply_overrides, parse_overrides, read_yaml, validate
+from core.registry import DEFAULT_ALIAS
 from core.storage import exists as url_exists
 from core.storage import is_remote, join, open_url, ray_storage
 from jobs.config import StoragePath, load_config
@@ -69,7 +70,7 @@ class BudgetConfig(Section):
 
 class PromoteConfig(Section):
     name: str
-    alias: str = "production"
+    alias: str = DEFAULT_ALIAS
     eval: str  # an eval YAML with a gate section (tune.evaluate)
     registry: str = "runs/registry"  # tune.registry's default, which serving reads
 

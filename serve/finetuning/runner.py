@@ -20,6 +20,7 @@ import traceback
 from typing import Any
 
 from core import storage
+from core.registry import DEFAULT_ALIAS
 from inference.config import ModelConfig
 from inference.model import load_tokenizer
 from jobs.config import JobConfig
@@ -113,7 +114,7 @@ def gate_and_register(sessions, job: db.JobRow, run_dir: str, registry: Registry
             }
         )
     event(sessions, job, "gate", f"Evaluation gate passed ({summary})", data=gate)
-    return gate_and_promote(registry, run_dir, name, "production", results, limits).version
+    return gate_and_promote(registry, run_dir, name, DEFAULT_ALIAS, results, limits).version
 
 
 def metrics_csv(summary: dict) -> bytes:
