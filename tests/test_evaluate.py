@@ -26,8 +26,8 @@ from tune.evaluate import (
     predicted_label,
     with_few_shot,
 )
-from tune.promote import promote_run
 from tune.registry import Registry, RegistryError
+from tune.registry.promote import promote_run
 from tune.servability import ServingLimits, servability_problems
 
 

@@ -4,7 +4,7 @@
 
 prepare (jobs/prepare.py) -> sweep (tune/sweep.py) -> evaluate the best trial against the
 baselines and gate it (tune/evaluate.py) -> promote it into the registry under an alias
-(tune/promote.py) -> serve: the running app, or one started here (serve/app.py), which picks up
+(tune/registry/promote.py) -> serve: the running app, or one started here (serve/app.py), which picks up
 the alias move by itself -> canary: the eval set's first prompts through the endpoint must give
 the offline evaluation's answers, else the alias is rolled back -> report (table, report.md).
 
@@ -472,8 +472,8 @@ def evaluate_stage(run: Run) -> None:
 
 
 def promote_stage(run: Run) -> None:
-    """tune/promote.py into the serve app's registry; the alias moves unless it is already there."""
-    from tune.promote import gate_and_promote
+    """tune/registry/promote.py into the serve app's registry; the alias moves unless it is already there."""
+    from tune.registry.promote import gate_and_promote
     from tune.registry import Registry
     from tune.servability import ServingLimits
 

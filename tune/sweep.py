@@ -538,7 +538,7 @@ def scheduler_line(cfg: SweepConfig, every: int | None, steps: int) -> str:
 def promote_best(cfg: SweepConfig, summary: dict[str, Any]) -> dict[str, Any]:
     """Evaluate the best finished trial, gate it, and promote it if it passes."""
     from tune.evaluate import evaluate_target, load_eval_config
-    from tune.promote import gate_and_promote
+    from tune.registry.promote import gate_and_promote
     from tune.registry import Registry
 
     finished = [

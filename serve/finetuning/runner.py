@@ -5,7 +5,7 @@ queued -> running -> succeeded (or failed) and writes its events; the API never 
 Flow: validate the files (the first bad row fails the job, naming its line) -> train with
 jobs.finetune.run_job (the job's JobConfig; a second attempt resumes from the newest checkpoint)
 -> evaluate and gate (tune.evaluate; the base model's eval YAML or the built-in held-out loss
-gate) -> promote into the registry (tune.promote) as the ft: model -> a metrics CSV as a file.
+gate) -> promote into the registry (tune.registry.promote) as the ft: model -> a metrics CSV as a file.
 Every status change is conditional (db.set_status): a job cancelled meanwhile stays cancelled.
 """
 
@@ -31,8 +31,8 @@ from serve.finetuning.launcher import DB_ENV
 from serve.finetuning.progress import Progress
 from serve.finetuning.validate import Checked, InvalidFile, check_file, write_pairs
 from tune.evaluate import EvalSuiteConfig, GateConfig, TaskConfig, evaluate_target, load_eval_config
-from tune.promote import gate_and_promote, promote_run
 from tune.registry import Registry
+from tune.registry.promote import gate_and_promote, promote_run
 from tune.servability import ServingLimits
 
 LIVE = ("validating_files", "queued", "running")

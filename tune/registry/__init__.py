@@ -1,5 +1,5 @@
-"""The adapter registry (store.py) and its command line (cli.py, `python -m tune.registry`); its
-names and layout are core/registry.py, shared with serving."""
+"""The adapter registry (store.py), promotion into it (promote.py) and its command line (cli.py,
+`python -m tune.registry`); its names and layout are core/registry.py, shared with serving."""
 
 from core.registry import (
     ALIASES,

@@ -94,7 +94,9 @@ def promote(
     registry: RegistryOpt = DEFAULT_ROOT,
 ) -> None:
     """Register a run's adapter and move the alias, if its gate passed (or --force)."""
-    from tune.promote import promote_run  # loads transformers: seconds the other commands skip
+    from tune.registry.promote import (
+        promote_run,
+    )  # loads transformers: seconds the other commands skip
 
     version = promote_run(Registry(registry), run, name, alias=alias, force=force)
     typer.echo(f"{name}@{version} ({alias})")

@@ -11,7 +11,7 @@ VERSION is a content hash of the adapter weights: promoting the same weights twi
 version (and the second promotion writes nothing new). `rollback` moves an alias back to the
 version it pointed at before its last move. The command line is tune/registry/cli.py
 (`python -m tune.registry ...`); promotion, which checks a run before it is registered, is
-tune/promote.py.
+tune/registry/promote.py.
 """
 
 from __future__ import annotations

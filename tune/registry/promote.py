@@ -19,7 +19,7 @@ from core.registry import DEFAULT_ALIAS
 from core.storage import is_remote, local_copy
 from inference.config import ModelConfig
 from inference.model import resolve_model_path
-from tune.registry import Registry, RegistryError, adapter_version
+from tune.registry.store import Registry, RegistryError, adapter_version
 from tune.servability import ServingLimits, servability_problems
 
 RUN_PARTS = ("run.json", "eval.json", "adapter", "data")  # what promotion reads of a run
