@@ -8,6 +8,10 @@ import json
 import pytest
 import torch
 
+# Imported while the module is collected, not inside a test: loading TRL's GRPO trainer loads
+# DeepSpeed, whose cpuinfo runs `file -b python` (a process), which a unit test may not start.
+import trl.trainer.grpo_trainer  # noqa: F401
+
 from core.config import ConfigError
 from jobs.config import DataConfig, GrpoConfig, load_config
 from jobs.data.prompts import prepare_prompts, to_prompt
@@ -213,8 +217,10 @@ def test_advantages_and_loss_equal_trl_grpo_trainer(tiny_model_dir, tokenizer, t
     }
     logps, entropies = completion_logps(trainer.model, ours_in, 0.7)
     got, metrics = trl_grpo_loss(logps, entropies, ours_in, grpo)
-    assert abs(expected) > 1e-3  # a loss away from 0, or rel=1e-5 would prove little
-    assert got.item() == pytest.approx(expected, rel=1e-5), loss_type
+    assert abs(expected) > 1e-3  # a loss away from 0, or a relative tolerance would prove little
+    # float32, and TRL's log-probs come from its own forward pass (another batch shape, another
+    # reduction order): measured differences reach 1.1e-5 relative on some CPUs
+    assert got.item() == pytest.approx(expected, rel=1e-4), loss_type
     assert metrics["kl"] == pytest.approx(trainer._metrics["train"]["kl"][-1], rel=1e-4)
     assert got.requires_grad  # the gradient flows through our log-probs
 

@@ -395,6 +395,7 @@ def judge_url():
         yield url
 
 
+@pytest.mark.integration  # a judge server on 127.0.0.1
 def test_judge_scorer_drops_rows_the_endpoint_grades_low(
     tmp_path, tokenizer, judge_url, monkeypatch
 ):
@@ -447,6 +448,7 @@ def test_the_job_reads_a_prepared_set_like_it_prepares_inline(tmp_path, tokenize
         prepare_data(DataConfig(prepared=str(tmp_path)), tokenizer, seed=0)
 
 
+@pytest.mark.integration  # the CLI in a subprocess
 def test_cli_prints_the_counts_table_and_writes_the_manifest(tmp_path, tiny_model_dir):
     out = tmp_path / "cli"
     result = subprocess.run(
