@@ -202,6 +202,8 @@ def test_serve_bench_layouts_tiny():
     out = run_script(
         "serve_bench.py",
         "--layouts",
+        "--samples",
+        "2",
         "--requests",
         "4",
         "--max-tokens",
