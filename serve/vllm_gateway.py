@@ -43,13 +43,10 @@ def engine_request(raw: dict[str, Any], *, chat: bool, model_id: str, max_tokens
     except ValueError as e:  # pydantic's: what our own checks let through, vLLM's refuse
         raise InvalidRequest(_first_line(e)) from None
     if chat:
-        # Tool-call messages hold pydantic iterators that cannot be pickled (Ray's own
-        # ingress does the same before its handle call).
-        from ray.llm._internal.serve.core.ingress.utils import (
-            _sanitize_chat_completion_request,
-        )
+        # Tool-call messages hold pydantic iterators that cannot be pickled.
+        from core.upstream.ray import picklable_chat_request
 
-        request = _sanitize_chat_completion_request(request)
+        request = picklable_chat_request(request)
     return request
 
 

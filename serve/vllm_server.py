@@ -2,9 +2,9 @@
 (serve/app.py) stays in front of it and calls it through a handle (serve/vllm_gateway.py).
 
 What is ours here, and why:
-- `RegistryLoraLoader`: Ray Serve LLM loads adapters only from `dynamic_lora_loading_path`, which
-  must be s3://, gs:// or azure:// (a laptop's registry on local disk is refused). Ours reads the
-  registry through serve/adapters.py, local or s3, and hands vLLM a local directory. The model id
+- `registry_adapter_path`: Ray Serve LLM loads adapters only from `dynamic_lora_loading_path`,
+  which must be s3://, gs:// or azure:// (a laptop's registry on local disk is refused). Ours reads
+  the registry through serve/adapters.py, local or s3, and hands vLLM a local directory. The model id
   is the adapter's immutable `NAME@VERSION`: a promotion or rollback is a new id, so a new vLLM
   LoRA id, and no replica serves a stale adapter.
 - Concurrency: the first requests for a new adapter take turns loading it (VllmServer).
@@ -22,11 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from ray import serve
-from ray.llm._internal.serve.core.configs.llm_config import DiskMultiplexConfig
-from ray.llm._internal.serve.core.server.llm_server import LLMServer
-from ray.llm._internal.serve.utils.lora_serve_utils import LoraModelLoader
-from ray.serve.llm import LLMConfig, build_llm_deployment
+from ray.serve.llm import LLMConfig, LLMServer, build_llm_deployment
 
+from core.upstream import ray as upstream_ray
 from serve.adapters import AdapterRegistry
 from serve.config import ServeSettings
 from serve.errors import AdapterIncompatible
@@ -83,7 +81,7 @@ def llm_config(s: ServeSettings) -> LLMConfig:
             "model_source": local_model_path(s.base_model),
         },
         engine_kwargs=engine_kwargs(s),
-        # No dynamic_lora_loading_path: RegistryLoraLoader finds the adapters.
+        # No dynamic_lora_loading_path: registry_adapter_path finds the adapters.
         lora_config={"max_num_adapters_per_replica": max(s.max_cpu_adapters, 1)},
         placement_group_config={"bundles": [bundle]},
         runtime_env={"env_vars": env},
@@ -101,54 +99,40 @@ def check_base(config: dict, base_names: set[str], adapter: str) -> None:
         raise AdapterIncompatible(f"adapter '{adapter}' is not a LoRA adapter")
 
 
-class RegistryLoraLoader(LoraModelLoader):
+def registry_adapter_path(registry: AdapterRegistry, base_names: set[str], model_id: str) -> str:
     """Serve's multiplexed model id `NAME@VERSION` → a local directory of that version."""
-
-    def __init__(self, registry: AdapterRegistry, base_names: set[str], **kwargs):
-        super().__init__(**kwargs)
-        self.registry = registry
-        self.base_names = base_names
-
-    async def load_model_from_config(self, lora_model_id: str, llm_config) -> DiskMultiplexConfig:
-        return await self.load_model(lora_model_id, lora_model_id)
-
-    def _load_model_sync(self, lora_model_id: str) -> DiskMultiplexConfig:
-        from ray.llm._internal.common.models import global_id_manager
-
-        name = parse_model_name(lora_model_id)
-        ref = self.registry.version_ref(name.name, name.selector)
-        path = self.registry.local_path(ref)
-        check_base(json.loads((path / "adapter_config.json").read_text()), self.base_names, ref.id)
-        return DiskMultiplexConfig(
-            model_id=lora_model_id,
-            max_total_tokens=None,
-            local_path=str(path),
-            lora_assigned_int_id=global_id_manager.next(),
-        )
+    name = parse_model_name(model_id)
+    ref = registry.version_ref(name.name, name.selector)
+    path = registry.local_path(ref)
+    check_base(json.loads((path / "adapter_config.json").read_text()), base_names, ref.id)
+    return str(path)
 
 
+async def one_load_per_adapter(server: VllmServer, resolve) -> None:
+    """Ray Serve LLM's VLLMEngine.resolve_lora checks "already loaded?" and then loads: two first
+    requests for one adapter at once both load it, and vLLM refuses the second ("has already been
+    loaded"). One lock per adapter id makes them take turns."""
+    async with server._lora_locks[serve.get_multiplexed_model_id()]:
+        await resolve()
+
+
+@upstream_ray.around_adapter_resolution(one_load_per_adapter)
 class VllmServer(LLMServer):
     """LLMServer with adapters read from our registry."""
 
     async def __init__(self, llm_config: LLMConfig, settings: dict):
         from inference.engine import base_name
 
-        # Ray Serve LLM's VLLMEngine.resolve_lora checks "already loaded?" and then loads: two
-        # first requests for one adapter at once both load it, and vLLM refuses the second
-        # ("has already been loaded"). One lock per adapter id makes them take turns.
         self._lora_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         s = ServeSettings.model_validate(settings)
         names = [s.base_model, *s.base_model_aliases] if s.check_base_name else []
-        loader = functools.partial(
-            RegistryLoraLoader,
+        adapter_path = functools.partial(
+            registry_adapter_path,
             AdapterRegistry.from_settings(s),
             {base_name(n) for n in names if n},
         )
+        loader = upstream_ray.adapter_loader(adapter_path)
         await super().__init__(llm_config, model_downloader=loader)
-
-    async def _maybe_resolve_lora_from_multiplex(self) -> None:
-        async with self._lora_locks[serve.get_multiplexed_model_id()]:
-            await super()._maybe_resolve_lora_from_multiplex()
 
 
 def vllm_deployment(s: ServeSettings):

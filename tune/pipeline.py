@@ -41,6 +41,7 @@ from core import cli
 from core.config import ConfigError, Section, apply_overrides, parse_overrides, read_yaml, validate
 from core.registry import DEFAULT_ALIAS
 from core.storage import is_remote
+from core.upstream import require
 from jobs.config import JobConfig, validate_config
 from serve.config import ServeSettings
 from tune.evaluate import EvalSuiteConfig
@@ -99,6 +100,7 @@ class Loaded:
 
 def load_pipeline_config(path: str | Path, overrides: list[str] | None = None) -> Loaded:
     """Compose the pipeline YAML with the files it names, apply dotted overrides, check it all."""
+    require("ray", why=f"{path}: the pipeline deploys its Serve app through core/upstream/ray.py")
     parsed = parse_overrides(overrides or [])
     raw, files = compose(read_yaml(path), parsed)
     where = str(path) + "".join(f", {k}: {v}" for k, v in files.items())
@@ -539,10 +541,10 @@ def start_app(loaded: Loaded) -> tuple[str, bool]:
     (paths made absolute: replicas do not share this working directory), unless this Ray already
     runs it; (its URL, whether it was started now)."""
     from ray import serve
-    from ray.serve._private.api import serve_start
     from ray.serve.schema import ServeDeploySchema
 
     from core.ray_cluster import init_ray
+    from core.upstream.ray import deploy_serve_config
 
     init_ray()
     name, prefix = loaded.app.get("name", "default"), loaded.app.get("route_prefix", "/")
@@ -570,8 +572,7 @@ def start_app(loaded: Loaded) -> tuple[str, bool]:
     app["runtime_env"] = app_runtime_env(app.get("runtime_env") or {})
     http = {**loaded.http, "host": host, "port": port}
     config = ServeDeploySchema.model_validate({"http_options": http, "applications": [app]})
-    # serve_start + deploy_apps is what `serve run CONFIG` calls (ray/serve/scripts.py).
-    serve_start(http_options=config.http_options.model_dump()).deploy_apps(config)
+    deploy_serve_config(config)
     deadline = time.monotonic() + loaded.cfg.serve.ready_timeout_s
     while (status := serve.status().applications.get(name)) is None or status.status != "RUNNING":
         if status is not None and status.status == "DEPLOY_FAILED":

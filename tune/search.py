@@ -121,7 +121,7 @@ def trial_scheduler(cfg, eval_every: int | None, total_steps: int):
 
 
 def asha_rungs(grace_steps: int, reduction_factor: float, max_t: int) -> list[float]:
-    """The steps at which ASHA compares a trial with the others, as Ray's _Bracket lays them out
+    """The steps at which ASHA compares a trial with the others, as Ray's ASHA bracket lays them out
     (grace * rf^k while below max_t)."""
     count = int(math.log(max_t / grace_steps) / math.log(reduction_factor) + 1)
     return [grace_steps * reduction_factor**k for k in range(count)]
@@ -139,9 +139,10 @@ def replay_asha(
     each trial would train before ASHA stopped it. For choosing the scheduler's settings from a
     full grid's curves without running a sweep per setting."""
     from ray.tune.schedulers import TrialScheduler
-    from ray.tune.schedulers.async_hyperband import _Bracket
 
-    bracket = _Bracket(grace_steps, max_t, reduction_factor, s=0)
+    from core.upstream.ray import asha_bracket
+
+    bracket = asha_bracket(grace_steps, max_t, reduction_factor)
     queue, running, trained, clock = list(enumerate(curves)), [], [0] * len(curves), 0
     while queue or running:
         while queue and len(running) < concurrent:

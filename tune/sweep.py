@@ -28,6 +28,7 @@ from core.config import ConfigError, Section, apply_overrides, parse_overrides, 
 from core.registry import DEFAULT_ALIAS
 from core.storage import exists as url_exists
 from core.storage import is_remote, join, open_url, ray_storage
+from core.upstream import require
 from jobs.config import StoragePath, load_config
 from tune.progress import progress_callback
 from tune.search import (
@@ -144,6 +145,7 @@ def overlapping(key: str, keys) -> str | None:
 
 
 def load_sweep_config(path: str | Path, overrides: list[str] | None = None) -> SweepConfig:
+    require("ray", why=f"{path}: a sweep runs on Ray Tune, reached through core/upstream/ray.py")
     raw, parsed = read_yaml(path), parse_overrides(overrides or [])
     for key, value in parsed.items():
         if key.startswith("job."):  # the job is a file here: its keys go in `overrides`
