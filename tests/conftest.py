@@ -73,27 +73,42 @@ def pytest_runtest_teardown(item, nextitem):
     _unit_test[0] = None
 
 
-def _refused_in_unit_tests(original):
-    """`original`, except in a unit test's own thread, where it raises StartsAProcess."""
+def _refuse_in_a_unit_test(what: str) -> None:
+    if _unit_test[0] is not None and threading.current_thread() is threading.main_thread():
+        raise StartsAProcess(
+            f"{_unit_test[0]} {what}: mark it @pytest.mark.integration (tests/README.md, the tiers)"
+        )
 
+
+def _refused_in_unit_tests(original, what: str):
     @functools.wraps(original)
     def guarded(*args, **kwargs):
-        if _unit_test[0] is not None and threading.current_thread() is threading.main_thread():
-            raise StartsAProcess(
-                f"{_unit_test[0]} starts a process or a server: mark it "
-                "@pytest.mark.integration (tests/README.md, the tiers)"
-            )
+        _refuse_in_a_unit_test(what)
         return original(*args, **kwargs)
 
     return guarded
 
 
-subprocess.Popen._execute_child = _refused_in_unit_tests(subprocess.Popen._execute_child)
+# A subprocess job is a Python interpreter or one of Ray's or the servers' commands; a short tool
+# (git, file, wandb's writer) is not.
+JOB_COMMANDS = ("python", "ray", "moto_server", "vllm", "serve", "uvicorn")
+_execute_child = subprocess.Popen._execute_child
+
+
+def _guarded_execute_child(self, args, executable, *rest, **kwargs):
+    argv = [args] if isinstance(args, (str, bytes)) else list(args)
+    program = Path(os.fsdecode(executable or argv[0]).split()[0]).name
+    if program.startswith(JOB_COMMANDS):
+        _refuse_in_a_unit_test(f"starts a subprocess job ({program})")
+    return _execute_child(self, args, executable, *rest, **kwargs)
+
+
+subprocess.Popen._execute_child = _guarded_execute_child
 multiprocessing.process.BaseProcess.start = _refused_in_unit_tests(
-    multiprocessing.process.BaseProcess.start
+    multiprocessing.process.BaseProcess.start, "starts a process"
 )
-socket.socket.listen = _refused_in_unit_tests(socket.socket.listen)
-os.fork = _refused_in_unit_tests(os.fork)
+socket.socket.listen = _refused_in_unit_tests(socket.socket.listen, "starts a server")
+os.fork = _refused_in_unit_tests(os.fork, "forks")
 
 
 @pytest.fixture(scope="session")

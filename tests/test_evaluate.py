@@ -86,6 +86,7 @@ def evaluated(runs, eval_cfg):
     return evaluate_target(good, eval_cfg)[0], evaluate_target(bad, eval_cfg)[0]
 
 
+@pytest.mark.integration  # `runs` trains an adapter for 160 steps
 def test_a_trained_adapter_passes_the_gate_with_all_numbers_stored(evaluated, runs):
     good, _ = evaluated
     scores = good["tasks"]["sentiment"]
@@ -101,6 +102,7 @@ def test_a_trained_adapter_passes_the_gate_with_all_numbers_stored(evaluated, ru
     assert json.loads((runs[0] / "eval.json").read_text())["gate"] == good["gate"]
 
 
+@pytest.mark.integration  # `runs` trains an adapter for 160 steps
 def test_an_adapter_that_does_not_beat_the_baseline_is_rejected(evaluated):
     _, bad = evaluated
     g = bad["gate"]
@@ -148,6 +150,7 @@ def test_metric_helpers():
     ]
 
 
+@pytest.mark.integration  # `runs` trains an adapter for 160 steps
 def test_promotion_needs_a_passed_gate_or_force(evaluated, runs, tmp_path):
     good, bad = runs
     reg = Registry(str(tmp_path / "registry"))
@@ -213,6 +216,7 @@ def test_servability_names_each_problem(tiny_model_dir, tmp_path, tokenizer):
     assert any("chat_template differs" in p for p in problems(template))
 
 
+@pytest.mark.integration  # `runs` trains an adapter for 160 steps
 def test_promotion_refuses_an_unservable_adapter(runs, tmp_path):
     good, _ = runs
     run = tmp_path / "run"
@@ -229,6 +233,7 @@ def grade_by_reference(body: dict, headers: dict, path: str) -> str:
     return "10" if reply == reference.strip() else "1"
 
 
+@pytest.mark.integration  # a judge server on 127.0.0.1, and `runs`
 def test_llm_judge_metric_through_a_local_endpoint(runs, eval_cfg):
     with openai_chat_stub(grade_by_reference) as url:
         judge = {"base_url": url, "model": "g", "api_key_env": None}

@@ -500,6 +500,7 @@ def measure_second_step(overrides: list[str]) -> int:
     return _proc_status("VmHWM") - before
 
 
+@pytest.mark.integration  # the step is measured in a process of its own
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 @pytest.mark.parametrize("overrides", [[], ["lora=null", "train.gradient_checkpointing=false"]])
 def test_estimate_within_2x_of_a_measured_cpu_step(overrides):

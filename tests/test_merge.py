@@ -49,6 +49,7 @@ def test_merged_model_equals_base_plus_adapter(adapter, tiny_model_dir, tmp_path
     assert (logits(model, tokenizer) - expected).abs().max() < 0.1 * expected.abs().max()
 
 
+@pytest.mark.integration  # the CLI in a subprocess
 def test_cli_and_errors(adapter, tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "jobs.merge", str(adapter), "--out", str(tmp_path / "m")],

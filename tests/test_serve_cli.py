@@ -91,6 +91,7 @@ CASES = {
 }
 
 
+@pytest.mark.integration  # the CLI in a subprocess
 @pytest.mark.parametrize("case", CASES)
 def test_a_bad_config_exits_2_naming_the_field_before_ray_starts(workdir, case):
     make_config, message = CASES[case]

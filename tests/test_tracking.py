@@ -270,7 +270,7 @@ def test_backend_none_and_ranks_other_than_0_track_nothing(tmp_path, monkeypatch
     cfg = job_config(tmp_path)
     assert type(start_tracker(cfg, tracking_run_info(cfg, "sha256:feed"), 3)) is Tracker
     wandb = job_config(tmp_path, "tracking.backend=wandb", "tracking.mode=offline")
-    monkeypatch.setattr("jobs.distributed.rank_and_world", lambda: (1, 2))  # a second DDP rank
+    monkeypatch.setattr("inference.runtime.rank_and_world", lambda: (1, 2))  # a second DDP rank
     assert type(start_tracker(wandb, tracking_run_info(wandb, "sha256:feed"), 3)) is Tracker
     assert not (tmp_path / "track").exists()  # no wandb directory either
 
@@ -305,6 +305,7 @@ def test_the_tracked_config_hides_secrets(tmp_path, monkeypatch):
     assert "https://***@mlflow.example.com" in text
 
 
+@pytest.mark.integration  # wandb starts its service process
 @pytest.mark.parametrize("backend", ["wandb", "mlflow"])
 def test_tracker_files_hold_no_secret(backend, tmp_path, monkeypatch):
     """Canaries in the environment (as on a real node) and a secret-looking tag in the config:
