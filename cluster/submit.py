@@ -27,6 +27,8 @@ from jobs.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
 RUNTIME_ENV = REPO / "cluster" / "runtime_env.yaml"
+# What a job needs on a node, pinned: no test or lint tools, no GPU extras (the node's set-up).
+RUNTIME_REQUIREMENTS = REPO / "requirements" / "runtime.txt"
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 
 
@@ -34,7 +36,7 @@ def build_runtime_env(pip: bool) -> dict:
     env = yaml.safe_load(RUNTIME_ENV.read_text())
     env["working_dir"] = str((REPO / env.get("working_dir", ".")).resolve())
     if pip:
-        env["pip"] = str(REPO / "requirements.lock")
+        env["pip"] = str(RUNTIME_REQUIREMENTS)
     return env
 
 
@@ -88,7 +90,7 @@ def main(
     ] = DEFAULT_ADDRESS,
     no_wait: Annotated[bool, typer.Option("--no-wait", help="return once submitted")] = False,
     pip: Annotated[
-        bool, typer.Option("--pip", help="install requirements.lock in the job's env")
+        bool, typer.Option("--pip", help="install requirements/runtime.txt in the job's env")
     ] = False,
 ) -> None:
     raise typer.Exit(submit(config, overrides or [], address, not no_wait, pip))

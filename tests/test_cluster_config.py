@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -71,3 +74,43 @@ def test_token_auth_everywhere_and_no_public_dashboard():
 
 def test_cluster_runs_the_laptops_ray_version():
     assert CLUSTER["docker"]["image"].startswith(f"rayproject/ray:{ray.__version__}-")
+
+
+def test_nodes_set_up_with_the_gpu_extras_or_not_at_all():
+    setup = CLUSTER["setup_commands"]
+    assert setup == ["bash /home/ray/rayft/cluster/setup_node.sh /home/ray/rayft"]
+    script = Path("cluster/setup_node.sh").read_text()
+    assert "set -euo pipefail" in script
+    # no fallback to an install without the GPU extras
+    assert "||" not in "".join(setup) + script
+    assert "requirements/gpu.txt" in script
+
+
+@pytest.mark.integration  # runs the script (against a fake pip)
+def test_a_failing_gpu_extra_stops_the_set_up_and_is_named(tmp_path):
+    """The script against a fake pip: the project installs, then bitsandbytes fails."""
+    repo = tmp_path / "repo"
+    (repo / "cluster").mkdir(parents=True)
+    (repo / "cluster" / "setup_node.sh").write_text(Path("cluster/setup_node.sh").read_text())
+    (repo / "pyproject.toml").write_text(Path("pyproject.toml").read_text())
+    log = tmp_path / "pip.log"
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/bin/bash\n"
+        f'if [ "$1" = - ]; then exec {sys.executable} "$@"; fi\n'
+        f'echo "$@" >> {log}\n'
+        '[[ "$*" != *bitsandbytes* ]]\n'
+    )
+    fake.chmod(0o755)
+    done = subprocess.run(
+        ["bash", str(repo / "cluster" / "setup_node.sh")],
+        env={**os.environ, "PYTHON": str(fake)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "the GPU extra 'bitsandbytes' failed to install" in done.stderr
+    calls = log.read_text().splitlines()
+    assert calls[0].endswith(f"-e {repo}")  # the project first
+    assert "gpu.txt" in calls[0] and calls[-1].endswith("bitsandbytes")  # then it stopped

@@ -13,6 +13,7 @@ from pathlib import Path
 import kubernetes_validate
 import pytest
 import ray
+import tomllib
 import yaml
 
 K8S_VERSION = "1.33.0"
@@ -141,8 +142,30 @@ def test_token_auth_from_a_secret_on_every_pod():
         ]  # never a literal
 
 
+def dockerfile() -> list[str]:
+    return [line for line in (KUBERAY / "Dockerfile").read_text().splitlines() if line.strip()]
+
+
 def test_same_ray_version_as_the_laptop():
-    cluster = load("raycluster.yaml")
+    cluster, job = load("raycluster.yaml"), load("rayjob.yaml")
     assert cluster["spec"]["rayVersion"] == ray.__version__
-    for container in containers(cluster):
+    base = next(line.split()[1] for line in dockerfile() if line.startswith("FROM "))
+    assert base.startswith(f"rayproject/ray:{ray.__version__}-")
+    assert base == yaml.safe_load(Path("cluster.yaml").read_text())["docker"]["image"]
+    for container in containers(cluster):  # the image built from that Dockerfile
+        assert container["image"].startswith("YOUR-REGISTRY/rayft:"), container["name"]
+        assert f"-ray{ray.__version__}-" in container["image"], container["name"]
+    for container in job["spec"]["submitterPodTemplate"]["spec"]["containers"]:
         assert container["image"].startswith(f"rayproject/ray:{ray.__version__}-")
+
+
+def test_the_image_is_set_up_like_a_cluster_node_with_no_fallback():
+    lines = dockerfile()
+    assert lines[-1] == "RUN bash cluster/setup_node.sh /home/ray/rayft"  # fails on a failed extra
+    assert not any("||" in line for line in lines)
+    copied = {line.split()[-2] for line in lines if line.startswith("COPY ")}
+    pyproject = tomllib.loads(Path("pyproject.toml").read_text())
+    packages = {
+        p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    }
+    assert packages | {"requirements"} <= copied  # what `pip install -e` and the set-up read
