@@ -475,8 +475,8 @@ def evaluate_stage(run: Run) -> None:
 
 def promote_stage(run: Run) -> None:
     """tune/registry/promote.py into the serve app's registry; the alias moves unless it is already there."""
-    from tune.registry.promote import gate_and_promote
     from tune.registry import Registry
+    from tune.registry.promote import gate_and_promote
     from tune.servability import ServingLimits
 
     cfg, settings = run.loaded.cfg, run.loaded.settings

@@ -540,8 +540,8 @@ def scheduler_line(cfg: SweepConfig, every: int | None, steps: int) -> str:
 def promote_best(cfg: SweepConfig, summary: dict[str, Any]) -> dict[str, Any]:
     """Evaluate the best finished trial, gate it, and promote it if it passes."""
     from tune.evaluate import evaluate_target, load_eval_config
-    from tune.registry.promote import gate_and_promote
     from tune.registry import Registry
+    from tune.registry.promote import gate_and_promote
 
     finished = [
         r for r in summary["trials"] if r["run_dir"] and url_exists(f"{r['run_dir']}/run.json")
