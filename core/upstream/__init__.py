@@ -4,6 +4,10 @@ Each private API (a name starting with `_`) sits in one small module per library
 file; nothing else in the project touches one. Their bounds are here and in pyproject.toml, and a
 config that will reach one checks them when it loads: `require("trl")` raises a ConfigError that
 names the installed version and the supported range, before any worker starts.
+
+vLLM's internal LoRA ops, patched where its CPU build mixes base and LoRA rows wrongly, are the
+one exception: serve/vllm_plugin.py patches them because vLLM loads it, by entry point, in every
+process it starts; it leaves a vLLM whose ops are already correct, or lack the function, alone.
 """
 
 from __future__ import annotations
