@@ -221,12 +221,11 @@ def test_serve_bench_layouts_tiny():
 
 @pytest.mark.slow
 def test_train_bench_memory():
-    """Two of the four strategies (the cheapest and the most sharded) on a small model: each is a
-    2-worker Ray Train run, the costly part here."""
-    args = ["--part", "memory", "--strategies", "ddp,zero3", "--memory-hidden", "64"]
+    """One of the four strategies (the most sharded) on a small model: a 2-worker Ray Train run,
+    the costly part here; the others run the same measuring code."""
+    args = ["--part", "memory", "--strategies", "zero3", "--memory-hidden", "64"]
     out = run_script("train_bench.py", *args, "--memory-layers", "2", timeout=900)
-    for strategy in ("ddp", "zero3"):
-        assert f"  {strategy} " in out and "peak RSS per worker" in out
+    assert "  zero3 " in out and "peak RSS per worker" in out
 
 
 @pytest.mark.slow

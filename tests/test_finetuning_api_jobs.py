@@ -347,7 +347,8 @@ def test_pause_then_resume_continues_from_its_checkpoint(app):
     job = c.fine_tuning.jobs.create(
         model="tiny-llama",
         training_file=f.id,
-        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 12}}},
+        # ~7 steps an epoch: a checkpoint at step 8 leaves the pause ~40 steps to land in
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 7}}},
         extra_body={"rayft": {"checkpoint_every_steps": 8, "eval_every_steps": 8}},
     )
     wait_for(
