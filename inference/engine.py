@@ -1,8 +1,9 @@
 """Generation engines: one base model per replica, many LoRA adapters, mixed-adapter batches.
 
 `Engine` is the small interface the app needs; `HFEngine` implements it with transformers on CPU
-or one GPU, adapters applied per row by serve/lora.py. A vLLM engine (`LoRARequest` per row)
-could back the same interface on GPUs.
+or one GPU, adapters applied per row by inference/lora.py, every batch decoded by
+inference/generate.py's loop: a temperature-0 row is the reply offline evaluation gives. A vLLM
+engine (`LoRARequest` per row) could back the same interface on GPUs.
 
 Sampling: every row has its own temperature, top_p, seed and stop strings. A seeded row draws
 from its own `torch.Generator`, so its tokens do not depend on which other rows share its batch
@@ -23,7 +24,16 @@ import torch
 from safetensors.torch import load_file
 
 from inference.errors import AdapterIncompatible
+from inference.generate import (
+    chat_prompt_ids,
+    decode,
+    finish_reason,
+    greedy_tokens,
+    pad_token_id,
+    stop_token_ids,
+)
 from inference.lora import MultiLora, split_lora_weights, unsupported_features
+from inference.runtime import Runtime
 
 
 @dataclass(frozen=True)
@@ -174,6 +184,7 @@ class HFEngine(Engine):
         # Names an adapter's base_model_name_or_path may carry; empty: do not compare names.
         self.base_names = {base_name(n) for n in base_names if n}
         self.device = next(model.parameters()).device
+        self.runtime = Runtime(self.device)  # the model's own dtype, no autocast, one rank
         self._linear_shapes = {
             name: tuple(m.weight.shape)
             for name, m in model.named_modules()
@@ -181,18 +192,12 @@ class HFEngine(Engine):
         }
         self.lora = MultiLora(model, max_adapters)
         self.context_window = context_window_of(model.config, tokenizer, context_window)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        eos = model.generation_config.eos_token_id
-        eos = eos if isinstance(eos, list) else [eos]
-        self.stop_ids = {i for i in [*eos, tokenizer.eos_token_id] if i is not None}
+        self.pad_id = pad_token_id(tokenizer)
+        self.stop_ids = stop_token_ids(model, tokenizer)
 
     # --- prompts -----------------------------------------------------------------------------
     def encode_chat(self, messages):
-        text = self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=True
-        )
-        # The template writes the special tokens (BOS) itself.
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return chat_prompt_ids(self.tokenizer, messages)
 
     def encode_text(self, text):
         return self.tokenizer(text)["input_ids"]
@@ -243,15 +248,6 @@ class HFEngine(Engine):
         return set(self.lora.slot_of)
 
     # --- generation --------------------------------------------------------------------------
-    def _forward(self, input_ids, attention_mask, position_ids, past):
-        return self.base(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past,
-            use_cache=True,
-        )
-
     @torch.inference_mode()
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         if not requests:
@@ -260,39 +256,30 @@ class HFEngine(Engine):
             if r.adapter is not None and r.adapter not in self.lora.slot_of:
                 raise KeyError(f"adapter {r.adapter} is not loaded")
         rows = [_Row(r, self.tokenizer) for r in requests]
-        n, width = len(rows), max(len(r.request.prompt_ids) for r in rows)
-        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((n, width), dtype=torch.long)
-        for i, row in enumerate(rows):  # left padding: every row's next token is at column -1
-            ids = row.request.prompt_ids
-            input_ids[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-            attention[i, width - len(ids) :] = 1
-        input_ids, attention = input_ids.to(self.device), attention.to(self.device)
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
         self.lora.set_rows([r.adapter for r in requests], self.device)
-
-        out = self._forward(input_ids, attention, positions, None)
-        for _ in range(max(r.params.max_tokens for r in requests)):
-            chosen = self._choose_tokens(out.logits[:, -1, :], rows).tolist()
-            for row, token in zip(rows, chosen, strict=True):
-                if row.done:
-                    continue
-                if row.request.cancelled:
-                    row.cancel()
-                else:
-                    row.add(token, self.stop_ids)
-            if all(row.done for row in rows):
-                break
-            # Finished rows ride along on padding until the whole batch is done.
-            feed = [self.pad_id if row.done else t for row, t in zip(rows, chosen, strict=True)]
-            next_ids = torch.tensor(feed, device=self.device)[:, None]
-            attention = torch.cat([attention, attention.new_ones((n, 1))], dim=1)
-            positions = positions[:, -1:] + 1
-            out = self._forward(next_ids, attention, positions, out.past_key_values)
+        decode(
+            self.base,
+            [r.prompt_ids for r in requests],
+            max(r.params.max_tokens for r in requests),
+            lambda logits: self._choose_tokens(logits, rows),
+            lambda chosen: self._take(rows, chosen),
+            pad_id=self.pad_id,
+            rt=self.runtime,
+        )
         return [row.result() for row in rows]
 
+    def _take(self, rows: list[_Row], chosen: list[int]) -> list[bool]:
+        for row, token in zip(rows, chosen, strict=True):
+            if row.done:
+                continue
+            if row.request.cancelled:
+                row.cancel()
+            else:
+                row.add(token, self.stop_ids)
+        return [row.done for row in rows]
+
     def _choose_tokens(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-        chosen = logits.argmax(dim=-1)
+        chosen = greedy_tokens(logits)  # temperature 0: what offline greedy generation picks
         for i, row in enumerate(rows):
             p = row.request.params
             if row.done or p.temperature == 0:
@@ -336,7 +323,8 @@ class _Row:
     def add(self, token: int, stop_ids: set[int]) -> None:
         params = self.request.params
         self.tokens.append(token)
-        if token in stop_ids:
+        reason = finish_reason(self.tokens, stop_ids, params.max_tokens)
+        if reason == "stop":  # a stop token: the text so far, without it
             self._finish("stop")
             return
         self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
@@ -344,7 +332,7 @@ class _Row:
         if cut >= 0:
             self.text = self.text[:cut]
             self._finish("stop")
-        elif len(self.tokens) >= params.max_tokens:
+        elif reason == "length":
             self._finish("length")
         else:
             self._stream(self._safe_length())

@@ -216,38 +216,15 @@ def parsed_calls(reply: str, tokenizer) -> list[tuple[str, dict]] | None:
 
 def generate_replies(model, tokenizer, rows: list[dict], max_new_tokens=48, batch_size=16):
     """Greedy replies to each row's prompt (up to its first tool-call turn), tools header included."""
-    import torch
-
+    from inference.generate import chat_prompt_ids, greedy_generate
     from jobs.data.render import template_messages
 
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    replies = []
-    try:
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start : start + batch_size]
-            texts = [
-                tokenizer.apply_chat_template(
-                    template_messages(expected_calls(r)[0]),
-                    tools=r["tools"],
-                    tokenize=False,
-                    add_generation_prompt=True,
-                )
-                for r in batch
-            ]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            with torch.no_grad():
-                out = model.generate(
-                    **enc.to(model.device),
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                )
-            new = out[:, enc["input_ids"].shape[1] :]
-            replies += tokenizer.batch_decode(new, skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-    return replies
+    prompts = [
+        chat_prompt_ids(tokenizer, template_messages(expected_calls(r)[0]), tools=r["tools"])
+        for r in rows
+    ]
+    replies = greedy_generate(model, tokenizer, prompts, max_new_tokens, batch_size=batch_size)
+    return [r.text for r in replies]
 
 
 def call_accuracy(model, tokenizer, rows: list[dict]) -> float:

@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from inference.generate import chat_prompt_ids, greedy_generate
 from inference.runtime import Runtime
 from jobs.batching import collate
 from jobs.data.render import IGNORE_INDEX, prompt_and_answer
@@ -62,44 +63,22 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
 
-@torch.no_grad()
 def exact_match(
     model, tokenizer, conversations, max_new_tokens: int, batch_size: int, rt: Runtime
 ) -> float:
     """Share of held-out prompts whose greedy answer equals the reference (whitespace-stripped)."""
-    was_training = model.training
-    model.eval()
-    # generate from the right edge
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
     correct, total = 0, 0
     for chunk in rank_batches(conversations, batch_size, rt):
         prompts, answers = zip(
             *(prompt_and_answer(c) for c in chunk or conversations[:1]), strict=True
         )
-        texts = [
-            tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-            for p in prompts
-        ]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = enc.to(rt.device)
-        with rt.autocast():
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                # sharded weights: a rank that finishes early keeps joining the others' passes
-                synced_gpus=rt.lockstep,
-            )
+        ids = [chat_prompt_ids(tokenizer, p) for p in prompts]
+        replies = greedy_generate(
+            model, tokenizer, ids, max_new_tokens, batch_size=batch_size, rt=rt
+        )
         if chunk is None:
             continue
-        replies = tokenizer.batch_decode(
-            out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
-        )
-        correct += sum(r.strip() == a.strip() for r, a in zip(replies, answers, strict=True))
+        correct += sum(r.text.strip() == a.strip() for r, a in zip(replies, answers, strict=True))
         total += len(answers)
-    tokenizer.padding_side = padding_side
-    model.train(was_training)
     correct, total = rt.sum_over_ranks([correct, total])
     return correct / max(total, 1)

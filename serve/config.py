@@ -3,18 +3,14 @@ application in configs/serve.yaml. Checked when the app is built, before a repli
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from core import upstream
+from inference.vllm import vllm_installed
 from serve.finetuning.config import FinetuningSettings
 from serve.names import is_valid_name
-
-
-def vllm_installed() -> bool:
-    return importlib.util.find_spec("vllm") is not None
 
 
 class VllmSettings(BaseModel):

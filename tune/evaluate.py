@@ -9,14 +9,14 @@ general prompts measures forgetting (reference-answer loss, base vs adapter). Th
 when the adapter beats the best baseline by `gate.margin` on `gate.metric` and the guard loss
 rises by no more than `gate.guard_tolerance`. Everything is written to RUN/eval.json.
 
-Replies (answer metrics, judge inputs, kept samples) come from transformers' `generate` unless
-the config sets `engine: vllm` (vLLM's offline engine, the adapter as a LoRARequest); losses
-always come from transformers.
+Replies (answer metrics, judge inputs, kept samples) come from inference/generate.py's greedy
+generation (transformers; the loop the hf engine serves with) unless the config sets
+`engine: vllm` (vLLM's offline engine, the adapter as a LoRARequest); losses always come from
+transformers.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from contextlib import nullcontext
@@ -33,8 +33,10 @@ from core.config import ConfigError, Section, read_yaml, validate
 from core.storage import exists as url_exists
 from core.storage import local_copy, open_url
 from inference.config import ModelConfig
+from inference.generate import chat_prompt_ids, greedy_generate, stop_token_ids
 from inference.model import load_base_model, load_tokenizer, resolve_model_path
 from inference.runtime import Runtime
+from inference.vllm import vllm_installed
 from jobs.config import DataConfig, JudgeConfig
 from jobs.data.prepare import prepare_data
 from jobs.data.render import prompt_and_answer
@@ -42,6 +44,7 @@ from jobs.evaluation import eval_loss, perplexity
 
 METRICS = ("loss", "perplexity", "exact_match", "accuracy", "f1", "contains", "regex", "judge")
 LOWER_IS_BETTER = {"loss", "perplexity"}
+CPU = Runtime(torch.device("cpu"))  # the models are loaded on the CPU, in their own dtype
 
 
 class TaskConfig(Section):
@@ -128,41 +131,7 @@ def load_eval_config(path: str | Path) -> EvalSuiteConfig:
     return validate(EvalSuiteConfig, read_yaml(path), str(path))
 
 
-def vllm_installed() -> bool:
-    return importlib.util.find_spec("vllm") is not None
-
-
-# ---------------------------------------------------------------- generation and metrics
-
-
-@torch.no_grad()
-def generate(
-    model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, batch_size: int
-) -> list[str]:
-    """Greedy replies to chat prompts, batched with left padding, ending at the tokenizer's EOS."""
-    model.eval()
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    replies = []
-    try:
-        for i in range(0, len(prompts), batch_size):
-            texts = [
-                tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-                for p in prompts[i : i + batch_size]
-            ]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-            )
-            replies += tokenizer.batch_decode(
-                out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
-            )
-    finally:
-        tokenizer.padding_side = side
-    return [r.strip() for r in replies]
+# ---------------------------------------------------------------- metrics
 
 
 def predicted_label(reply: str, labels: list[str]) -> str | None:
@@ -314,7 +283,10 @@ class Models:
         vllm = None
         if engine == "vllm":
             path = resolve_model_path(model_cfg)
-            vllm = VLLMGenerator.start(path, adapter, tokenizer, base.dtype, engine_args or {})
+            stops = stop_token_ids(base, tokenizer)
+            vllm = VLLMGenerator.start(
+                path, adapter, tokenizer, stops, base.dtype, engine_args or {}
+            )
         return cls(tokenizer, base, tuned, batch_size, vllm)
 
     def close(self) -> None:
@@ -326,9 +298,13 @@ class Models:
         """Greedy replies of base + adapter (adapter=True) or of the base."""
         if self.vllm is not None:
             return self.vllm.replies(prompts, max_new_tokens, adapter)
+        ids = [chat_prompt_ids(self.tokenizer, p) for p in prompts]
         with nullcontext() if adapter else self.as_base():
             model = self.tuned if adapter else self.model
-            return generate(model, self.tokenizer, prompts, max_new_tokens, self.batch_size)
+            replies = greedy_generate(
+                model, self.tokenizer, ids, max_new_tokens, batch_size=self.batch_size, rt=CPU
+            )
+        return [r.text.strip() for r in replies]
 
     def as_base(self):
         """A context in which `model` answers as the base does."""
@@ -347,8 +323,7 @@ class Models:
         return losses
 
     def _loss(self, examples) -> float:
-        pad_id, rt = self.tokenizer.pad_token_id, Runtime(torch.device("cpu"))
-        return eval_loss(self.model, examples, self.batch_size, pad_id, rt)
+        return eval_loss(self.model, examples, self.batch_size, self.tokenizer.pad_token_id, CPU)
 
 
 # vLLM's accepted max_lora_rank values (vllm.config.lora.MaxLoRARanks).
@@ -357,16 +332,23 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 @dataclass
 class VLLMGenerator:
-    """Greedy replies from vLLM's offline engine with what `generate` uses: the same chat
-    template token ids, the same stop token (the tokenizer's EOS), the same decoding."""
+    """Greedy replies from vLLM's offline engine with what inference/generate.py uses: the same
+    chat template token ids, the same stop tokens, the same decoding."""
 
     llm: Any
     tokenizer: Any
     lora: Any | None  # the adapter's LoRARequest
+    stop_ids: list[int]
 
     @classmethod
     def start(
-        cls, model_path: str, adapter: Path | None, tokenizer, dtype, engine_args: dict[str, Any]
+        cls,
+        model_path: str,
+        adapter: Path | None,
+        tokenizer,
+        stop_ids: set[int],
+        dtype,
+        engine_args: dict[str, Any],
     ) -> VLLMGenerator:
         from vllm import LLM
         from vllm.lora.request import LoRARequest
@@ -384,7 +366,7 @@ class VLLMGenerator:
             args.update(enable_lora=True, max_loras=1, max_lora_rank=max_rank)
             lora = LoRARequest("adapter", 1, str(adapter))
         llm = LLM(model=model_path, **{**args, **engine_args})
-        return cls(llm, tokenizer, lora)
+        return cls(llm, tokenizer, lora, sorted(stop_ids))
 
     def replies(self, prompts: list[list[dict]], max_new_tokens: int, adapter: bool) -> list[str]:
         """One call holds base rows or adapter rows, never both: a batch without LoRA rows
@@ -393,20 +375,14 @@ class VLLMGenerator:
         from vllm import SamplingParams
 
         tok = self.tokenizer
-        ids = [
-            tok(
-                tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
-                add_special_tokens=False,
-            )["input_ids"]
-            for p in prompts
-        ]
-        # ignore_eos drops the generation config's extra EOS ids, as `generate` does when
-        # given eos_token_id; the tokenizer's EOS is the one stop token.
+        ids = [chat_prompt_ids(tok, p) for p in prompts]
+        # ignore_eos leaves vLLM's own idea of the EOS out: the stop tokens are exactly
+        # inference/generate.py's stop_token_ids.
         params = SamplingParams(
             temperature=0,
             max_tokens=max_new_tokens,
             ignore_eos=True,
-            stop_token_ids=[tok.eos_token_id],
+            stop_token_ids=self.stop_ids,
         )
         outputs = self.llm.generate(
             [{"prompt_token_ids": i} for i in ids],
