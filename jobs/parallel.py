@@ -13,7 +13,8 @@ The recipe (jobs/finetune.py) sees one interface and never branches on the strat
 
 Every rank calls every method: under FSDP and ZeRO-3 a forward pass, a state-dict gather and a
 save are collective: `Runtime.lockstep` (inference/runtime.py) tells evaluation and generation when they
-must keep ranks in step (the same number of forward passes on each, `synced_gpus` for generate).
+must keep ranks in step (the same number of forward passes on each: inference/generate.py keeps a
+rank that finished early joining the others' passes).
 """
 
 from __future__ import annotations

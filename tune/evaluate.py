@@ -91,7 +91,7 @@ class EvalSuiteConfig(Section):
     # The adapter's replies to a task's first rows kept in eval.json, with their prompts: what a
     # reader checks by eye, and what the pipeline's canary replays against the live endpoint.
     keep_samples: int = Field(5, ge=0)
-    # Who writes the replies: transformers' generate (the default: no extra install, the model
+    # Who writes the replies: inference/generate.py's greedy decoding (the default: no extra install, the model
     # that computes the losses, and the engine serve/ answers with, whose replies the pipeline's
     # canary must match) or vLLM's offline engine (faster on a GPU, and the engine where the
     # adapter is served on vLLM). `engine_args` go to vllm.LLM as they are, e.g.
