@@ -120,17 +120,21 @@ def main():
 
 
 def build_model_and_registry(args, work: Path, n_adapters: int) -> None:
-    """The tiny model at work/tiny and a registry at work/registry: a0..a{n-1}, version v1."""
+    """The tiny model at work/tiny and a registry at work/registry: a0..a{n-1}, one version each
+    (a version name of the registry's form, core/registry.py's VERSION_RE)."""
     build_tiny_model(work / "tiny", seed=0, hidden=args.hidden, layers=args.layers)
     base = AutoModelForCausalLM.from_pretrained(work / "tiny")
     for i in range(n_adapters):
         make_random_adapter(
             work / "tiny",
-            work / "registry" / f"a{i}" / "v1",
+            work / "registry" / f"a{i}" / VERSION,
             seed=i,
             base_model=base,
             created_at="2026-01-01",
         )
+
+
+VERSION = "0000000000a1"
 
 
 # --- (a)-(d): the engine in-process -----------------------------------------------------------
