@@ -27,6 +27,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def train_lora(cfg, data, tokenizer, steps: int, batch_size: int, lr: float = 2e-3):
+    """A LoRA model (cfg.model + cfg.lora) trained in this process for `steps` seeded steps of
+    `batch_size` rows of data.train: a real adapter for tests that need one, without Ray."""
+    import torch
+
+    from inference.model import load_base_model
+    from jobs.batching import collate
+    from jobs.model import add_lora
+
+    torch.manual_seed(0)
+    model = add_lora(load_base_model(cfg.model, torch.device("cpu")), cfg.lora)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        idx = torch.randint(len(data.train), (batch_size,), generator=g).tolist()
+        model(**collate([data.train[i] for i in idx], tokenizer.pad_token_id)).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model
+
+
 def local_ray() -> None:
     """The session's local Ray (2 CPUs), started here unless it runs: every test that needs a plain
     local Ray shares it (tests/conftest.py's `ray_local`). A test that needs a cluster of its own

@@ -8,14 +8,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
-from inference.model import load_base_model, load_tokenizer
-from jobs.batching import collate
+from inference.model import load_tokenizer
 from jobs.config import JudgeConfig, load_config
 from jobs.data.prepare import prepare_data
-from jobs.model import add_lora
-from tests.helpers import REPO, openai_chat_stub
+from tests.helpers import REPO, openai_chat_stub, train_lora
 from tests.test_registry import make_adapter
 from tune.evaluate import (
     EvalSuiteConfig,
@@ -53,17 +50,7 @@ def runs(tiny_model_dir, tmp_path_factory):
     cfg = load_config(REPO / "configs/quickstart.yaml", [f"model.name_or_path={tiny_model_dir}"])
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg.data, tokenizer, cfg.run.seed)
-    torch.manual_seed(0)
-    model = add_lora(load_base_model(cfg.model, torch.device("cpu")), cfg.lora)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(160):
-        idx = torch.randint(len(data.train), (16,), generator=g).tolist()
-        batch = collate([data.train[i] for i in idx], tokenizer.pad_token_id)
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+    model = train_lora(cfg, data, tokenizer, steps=160, batch_size=16)
     root = tmp_path_factory.mktemp("runs")
     good = write_run(root / "good", model, tokenizer, cfg, data.dataset_hash)
     bad_dir = root / "bad"

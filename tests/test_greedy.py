@@ -15,29 +15,20 @@ import inference.engine as engine_module
 import inference.generate as generation
 from inference.engine import GenerationRequest, HFEngine, SamplingParams, read_adapter
 from inference.generate import chat_prompt_ids, greedy_generate
-from inference.model import load_base_model
 from inference.runtime import Runtime
-from jobs.batching import collate
 from jobs.config import load_config
 from jobs.data.prepare import prepare_data
 from jobs.data.render import prompt_and_answer
 from jobs.demo_tools import generate_replies, held_out_rows
 from jobs.evaluation import exact_match
-from jobs.model import add_lora
-from tests.helpers import REPO
+from tests.helpers import REPO, train_lora
 from tune.evaluate import Models
 
 MAX_TOKENS = 12
 CPU = Runtime(torch.device("cpu"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One thread, as a Serve replica with num_cpus=1 has (two spin against busy cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -51,15 +42,7 @@ def adapter(reviews, tokenizer, tmp_path_factory) -> Path:
     """A LoRA adapter trained for a few steps on the review task: it answers a label and ends
     its turn (and peft's zero-initialised B has moved: the adapter is not the base)."""
     cfg, data = reviews
-    torch.manual_seed(0)
-    model = add_lora(load_base_model(cfg.model, torch.device("cpu")), cfg.lora)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(15):
-        idx = torch.randint(len(data.train), (8,), generator=g).tolist()
-        model(**collate([data.train[i] for i in idx], tokenizer.pad_token_id)).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    model = train_lora(cfg, data, tokenizer, steps=15, batch_size=8)
     out = tmp_path_factory.mktemp("greedy") / "adapter"
     model.save_pretrained(out)
     return out

@@ -22,14 +22,7 @@ from serve.testing import make_random_adapter
 GREEDY = SamplingParams(max_tokens=16, temperature=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """One thread, as a Serve replica with num_cpus=1 has: two threads on two busy cores
-    spin against other processes and ran these tests 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
