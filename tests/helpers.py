@@ -56,8 +56,23 @@ def local_ray() -> None:
 
     from core.ray_cluster import start_local_ray
 
+    if ray.is_initialized() and not ray_is_idle():
+        ray.shutdown()  # an earlier module left actors or placement groups holding CPUs
     if not ray.is_initialized():
         start_local_ray(num_cpus=2)
+
+
+def ray_is_idle(timeout: float = 30) -> bool:
+    """Whether every CPU of this Ray is free again within `timeout` s (a finished module's actors
+    and placement groups are released asynchronously)."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ray.available_resources().get("CPU", 0) >= ray.cluster_resources().get("CPU", 0):
+            return True
+        time.sleep(0.5)
+    return False
 
 
 def start_local_serve() -> int:

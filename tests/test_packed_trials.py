@@ -195,7 +195,9 @@ def test_unpackable_sweeps_are_refused_with_the_key_named(tiny_model_dir):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_packed_asha_sweep_shares_one_host_and_leaves_a_promotable_run(tmp_path, tiny_model_dir):
-    from tests.helpers import local_ray
+    import ray
+
+    from tests.helpers import local_ray, ray_is_idle
     from tests.test_sweep import first_reviews, sweep_yaml
     from tune.sweep import load_sweep_config, promote_best, run_sweep
 
@@ -224,6 +226,8 @@ def test_packed_asha_sweep_shares_one_host_and_leaves_a_promotable_run(tmp_path,
     local_ray()
     summary = run_sweep(cfg, resume=False)
     outcome = promote_best(cfg, summary)
+    # the pack host is gone with the sweep: its CPUs are free for what runs next on this Ray
+    assert ray_is_idle(timeout=60), ray.available_resources()
 
     trials = summary["trials"]
     assert len(trials) == 4 and not any(t["error"] for t in trials), trials

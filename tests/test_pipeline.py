@@ -76,7 +76,7 @@ def write_configs(tmp: Path, tiny_model_dir: Path) -> tuple[Path, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory, tiny_model_dir):
+def pipeline(tmp_path_factory, tiny_model_dir, ray_local):
     """One whole run on a local Ray; the app it starts keeps serving for the module's tests. The
     alias first points at a random adapter P, so that moves and rollbacks have somewhere to go."""
     from ray import serve

@@ -38,8 +38,9 @@ TRIAL_CPUS = 0.01  # a trial only waits on the host (Tune rejects 0)
 
 
 def packed_trainable(cfg, job: JobConfig, sweep: dict[str, Any]):
-    """The Tune trainable of a packed sweep: the trial function, bound to a new pack host
-    sized for cfg.pack_trials trials. Unpackable sweeps fail here, before any trial starts."""
+    """The Tune trainable of a packed sweep, the trial function bound to a new pack host sized
+    for cfg.pack_trials trials, and that host (the caller kills it when the sweep is over).
+    Unpackable sweeps fail here, before any trial starts."""
     from ray import tune
 
     check_packable(job, cfg.space, where=f"{cfg.job} (sweep {cfg.name})")
@@ -51,10 +52,11 @@ def packed_trainable(cfg, job: JobConfig, sweep: dict[str, Any]):
         num_gpus=1 if scaling.use_gpu else 0,
         resources=scaling.resources_per_worker,
     ).remote(sweep, cfg.pack_trials)
-    return tune.with_resources(
+    trainable = tune.with_resources(
         tune.with_parameters(packed_trial, host=host, sweep=sweep),
         {"cpu": TRIAL_CPUS},  # the host holds the CPUs
     )
+    return trainable, host
 
 
 def trial_config(sweep: dict[str, Any], params: dict[str, Any], trial: str | None) -> JobConfig:

@@ -235,10 +235,11 @@ def run_sweep(cfg: SweepConfig, resume: bool = True) -> dict[str, Any]:
         "runs": f"{root}/runs",
         "cwd": os.getcwd(),
     }
+    host = None  # a packed sweep's pack host: it holds the sweep's CPUs until killed
     if cfg.pack_trials > 1:
         from tune.packed_trials import packed_trainable
 
-        trainable = packed_trainable(cfg, job, sweep)
+        trainable, host = packed_trainable(cfg, job, sweep)
     else:
         trainable = tune.with_resources(
             tune.with_parameters(run_trial, sweep=sweep),
@@ -250,6 +251,8 @@ def run_sweep(cfg: SweepConfig, resume: bool = True) -> dict[str, Any]:
     try:
         results = tuner.fit()
     finally:
+        if host is not None:  # else it outlives the sweep in this Ray (the pipeline serves next)
+            ray.kill(host)
         release_stranded_placement_groups()
     summary = summarize(cfg, results, root, time.time() - start, ray.available_resources())
     return summary
