@@ -62,7 +62,7 @@ def local_ray() -> None:
         start_local_ray(num_cpus=2)
 
 
-def ray_is_idle(timeout: float = 30) -> bool:
+def ray_is_idle(timeout: float = 10) -> bool:
     """Whether every CPU of this Ray is free again within `timeout` s (a finished module's actors
     and placement groups are released asynchronously)."""
     import ray
