@@ -16,7 +16,8 @@ from serve.adapters import AdapterCache, AdapterRegistry
 from serve.errors import AdapterIncompatible, InvalidModelName, ModelNotFound
 from serve.names import ModelName, parse_model_name
 from serve.testing import make_random_adapter
-from tests.test_serve_engine import one_torch_thread  # noqa: F401 (autouse)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 V1, V2, V3 = "a1b2c3d4e5f6", "0f0f0f0f0f0f", "123456abcdef"
 

@@ -24,9 +24,8 @@ from serve.tenants import hash_key
 from serve.testing import make_random_adapter
 from tests.helpers import start_local_serve
 from tests.test_serve_adapters import publish, set_alias
-from tests.test_serve_engine import one_torch_thread  # noqa: F401 (autouse)
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 
 V1, V2, V3 = "a1b2c3d4e5f6", "0f0f0f0f0f0f", "123456abcdef"
 ACME, BETA, SLOW = "sk-test-acme-key-0001", "sk-test-beta-key-0002", "sk-test-slow-key-0003"

@@ -22,9 +22,8 @@ from serve.testing import make_random_adapter
 from tests.helpers import start_local_serve
 from tests.test_serve_adapters import publish
 from tests.test_serve_app import offline
-from tests.test_serve_engine import one_torch_thread  # noqa: F401 (autouse)
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
 
 V1 = "a1b2c3d4e5f6"
 ADAPTERS = ["red", "green", "blue", "gray"]
