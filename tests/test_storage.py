@@ -178,7 +178,6 @@ def test_cached_copy_downloads_once_and_redoes_an_interrupted_copy(s3_server, tm
 # ---------------------------------------------------------------- a job on s3://
 
 
-@pytest.mark.integration
 @pytest.fixture
 def ray_seeing_s3(s3_server):
     """A Ray started after s3_server set AWS_ENDPOINT_URL, so that its workers inherit it (the
@@ -189,6 +188,7 @@ def ray_seeing_s3(s3_server):
     ray.shutdown()
 
 
+@pytest.mark.integration
 def test_s3_storage_checkpoints_uploads_and_resumes(s3_server, ray_seeing_s3, tiny_model_dir):
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="ckpt")
     overrides = [
