@@ -56,10 +56,18 @@ def local_ray() -> None:
 
     from core.ray_cluster import start_local_ray
 
+    global _ray_s3_endpoint
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    if ray.is_initialized() and endpoint and endpoint != _ray_s3_endpoint:
+        ray.shutdown()  # its workers would not see this module's S3 server (tests/conftest.py)
     if ray.is_initialized() and not ray_is_idle():
         ray.shutdown()  # an earlier module left actors or placement groups holding CPUs
     if not ray.is_initialized():
         start_local_ray(num_cpus=2)
+        _ray_s3_endpoint = endpoint
+
+
+_ray_s3_endpoint: str | None = None  # the S3 endpoint the shared Ray's workers inherited
 
 
 def ray_is_idle(timeout: float = 10) -> bool:

@@ -14,13 +14,11 @@ from pathlib import Path
 import boto3
 import pyarrow.fs
 import pytest
-import ray
 import s3fs
 from safetensors.torch import load
 
 from core import storage
 from core.config import ConfigError
-from core.ray_cluster import start_local_ray
 from jobs.config import load_config
 from jobs.finetune import run_job
 
@@ -178,18 +176,8 @@ def test_cached_copy_downloads_once_and_redoes_an_interrupted_copy(s3_server, tm
 # ---------------------------------------------------------------- a job on s3://
 
 
-@pytest.fixture
-def ray_seeing_s3(s3_server):
-    """A Ray started after s3_server set AWS_ENDPOINT_URL, so that its workers inherit it (the
-    session's Ray started before); shut down after, and the next user restarts the shared one."""
-    ray.shutdown()
-    start_local_ray(num_cpus=2)
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.integration
-def test_s3_storage_checkpoints_uploads_and_resumes(s3_server, ray_seeing_s3, tiny_model_dir):
+def test_s3_storage_checkpoints_uploads_and_resumes(s3_server, ray_local, tiny_model_dir):
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="ckpt")
     overrides = [
         f"model.name_or_path={tiny_model_dir}",
