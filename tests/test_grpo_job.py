@@ -115,15 +115,25 @@ def whole(tiny_model_dir, tmp_path_factory, warm_start) -> dict:
 
 
 @pytest.mark.slow
-def test_a_resumed_run_whose_actor_is_killed_gives_the_same_rewards_and_losses(
+def test_two_workers_then_a_resume_on_one_with_its_actor_killed_match_the_whole_run(
     tiny_model_dir, tmp_path, warm_start, whole
 ):
-    """Fixed seeds: a run stopped after 3 steps, then resumed, with its rollout actor killed
-    once it holds version 4, rewards and loses as the uninterrupted run, step by step."""
-    first = run_job(
-        grpo_job(tiny_model_dir, tmp_path, warm_start, "resumed", "run.stop_after_steps=3")
+    """Fixed seeds. Steps 1-3 on two train workers (rank 0 samples every rank's groups, each rank
+    trains on its share, the step's loss is one big batch's), stopped; then resumed on one worker
+    with its rollout actor killed once it holds version 4: rewards and losses match the
+    uninterrupted one-worker run step by step."""
+    two = grpo_job(
+        tiny_model_dir,
+        tmp_path,
+        warm_start,
+        "resumed",
+        "run.stop_after_steps=3",
+        "scaling.num_workers=2",
     )
+    two.scaling.cpus_per_worker = two.rollout.cpus_per_actor = 0.5
+    first = run_job(two)
     assert first["status"] == "paused at step 3"
+    assert_same_steps(per_step(first), per_step(whole)[:3])
     killed: dict = {}
     watcher = kill_rollout_actor_at("resumed", 4, killed)
     resumed = run_job(grpo_job(tiny_model_dir, tmp_path, warm_start, "resumed"))
@@ -132,22 +142,6 @@ def test_a_resumed_run_whose_actor_is_killed_gives_the_same_rewards_and_losses(
     assert killed["before"] != killed["after"]  # the actor was restarted in a new process
     assert_same_steps(per_step(resumed), per_step(whole))
     assert resumed["metrics"]["eval_reward"] == whole["metrics"]["eval_reward"]
-
-
-@pytest.mark.slow
-def test_two_train_workers_step_as_one(tiny_model_dir, tmp_path, warm_start, whole):
-    """Rank 0 samples every rank's groups, each rank trains on its share, and the step's loss
-    is one big batch's: the first steps match the one-worker run's."""
-    two = grpo_job(
-        tiny_model_dir,
-        tmp_path,
-        warm_start,
-        "two",
-        "run.stop_after_steps=3",
-        "scaling.num_workers=2",
-    )
-    two.scaling.cpus_per_worker = two.rollout.cpus_per_actor = 0.5
-    assert_same_steps(per_step(run_job(two)), per_step(whole)[:3])
 
 
 @pytest.mark.slow  # shares the module's warm start with the other slow tests (~40 s more)
