@@ -1,4 +1,4 @@
-"""The job on real Ray Train workers: one worker end to end, resume, two workers."""
+"""The job on real Ray Train workers: one worker end to end; two workers, paused, resumed on one."""
 
 from __future__ import annotations
 
@@ -90,58 +90,39 @@ def test_single_worker_job_writes_an_adapter_that_reloads_exactly(
     )  # the adapter does something
 
 
-def test_resume_continues_exactly(ray_local, tiny_model_dir, tmp_path):
+def test_two_workers_then_a_resume_on_one_continue_exactly(ray_local, tiny_model_dir, tmp_path):
+    """Same seed and data. Steps 1-6 on 2 DDP workers x 8, stopped, then resumed on 1 worker
+    x 16: every step's loss and the final eval loss are the uninterrupted one-worker run's (the
+    two workers compute one worker's steps, and the resume continues where the pause left)."""
     steps = [
         "train.max_steps=12",
+        "train.effective_batch_size=16",
+        "lora.dropout=0",
         "checkpoint.every_steps=100",
         "eval.every_steps=null",
         "eval.task_metric=none",
+        "scaling.cpus_per_worker=1",
     ]
     full = run_job(job_config(tiny_model_dir, tmp_path, "run.name=full", *steps))
-
     first = run_job(
-        job_config(tiny_model_dir, tmp_path, "run.name=split", "run.stop_after_steps=6", *steps)
+        job_config(
+            tiny_model_dir,
+            tmp_path,
+            "run.name=split",
+            "run.stop_after_steps=6",
+            "scaling.num_workers=2",
+            "train.micro_batch_size=8",
+            *steps,
+        )
     )
     assert first["status"] == "paused at step 6"
     assert [h["step"] for h in first["loss_history"]] == list(range(1, 7))
+    expected = [h["loss"] for h in full["loss_history"]]
+    assert [h["loss"] for h in first["loss_history"]] == pytest.approx(expected[:6], rel=1e-4)
     resumed = run_job(job_config(tiny_model_dir, tmp_path, "run.name=split", *steps))
 
     assert resumed["status"] == "completed"
     assert resumed["resumed_at_steps"] == [6] and full["resumed_at_steps"] == []
-    assert [h["step"] for h in resumed["loss_history"]] == list(
-        range(1, 13)
-    )  # none repeated or skipped
-    expected = [h["loss"] for h in full["loss_history"]]
-    got = [h["loss"] for h in resumed["loss_history"]]
-    assert got == pytest.approx(expected, rel=1e-4)
+    assert [h["step"] for h in resumed["loss_history"]] == list(range(1, 13))  # no repeat or gap
+    assert [h["loss"] for h in resumed["loss_history"]] == pytest.approx(expected, rel=1e-4)
     assert resumed["metrics"]["eval_loss"] == pytest.approx(full["metrics"]["eval_loss"], rel=1e-4)
-
-
-def test_two_workers_match_one_worker(ray_local, tiny_model_dir, tmp_path):
-    """Same seed and data: 2 DDP workers x 8 compute the same steps as 1 worker x 16."""
-    common = [
-        "train.max_steps=6",
-        "lora.dropout=0",
-        "eval.every_steps=null",
-        "eval.task_metric=none",
-        "checkpoint.every_steps=null",
-        "train.effective_batch_size=16",
-    ]
-    one = run_job(
-        job_config(tiny_model_dir, tmp_path, "run.name=w1", "scaling.cpus_per_worker=1", *common)
-    )
-    two = run_job(
-        job_config(
-            tiny_model_dir,
-            tmp_path,
-            "run.name=w2",
-            "scaling.num_workers=2",
-            "scaling.cpus_per_worker=1",
-            "train.micro_batch_size=8",
-            *common,
-        )
-    )
-    assert [h["loss"] for h in two["loss_history"]] == pytest.approx(
-        [h["loss"] for h in one["loss_history"]], rel=1e-4
-    )
-    assert two["metrics"]["eval_loss"] == pytest.approx(one["metrics"]["eval_loss"], rel=1e-4)
