@@ -144,7 +144,7 @@ def tokenizer(tiny_model_dir):
 @pytest.fixture(scope="session")
 def tools_adapter(tiny_model_dir, tmp_path_factory) -> Path:
     """configs/tools.yaml trained once for the session, at a quarter of its steps (~1 min on 2 CPUs): the tool-calling
-    adapter that tests/test_data_tools.py scores offline and tests/test_serve_vllm_tools.py
+    adapter that tests/test_data_tools.py scores offline and tests/test_serve_vllm.py
     serves. Only tests marked slow ask for it."""
 
     from jobs.config import load_config

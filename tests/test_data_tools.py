@@ -392,5 +392,6 @@ def test_the_trained_tools_adapter_calls_the_right_tool_with_the_right_arguments
     assert found, out.stdout
     untrained, tuned = float(found[1]), float(found[2])
     assert untrained == 0.0
-    # 0.19 measured at these steps (0.38 at the shipped config's): clearly above untrained
-    assert tuned >= 0.1, f"held-out call accuracy {tuned:.2f} (untrained {untrained:.2f})"
+    # a quarter of the shipped config's steps (tests/conftest.py): some calls exactly right,
+    # where the untrained model gets none (0.38 at the shipped config's steps)
+    assert tuned >= 0.05, f"held-out call accuracy {tuned:.2f} (untrained {untrained:.2f})"
