@@ -1,7 +1,7 @@
-"""tune.sweep end to end on 2 CPUs: a 4-trial ASHA sweep of the job whose driver is killed
-mid-sweep, resumed, finished with at least one trial stopped early, and whose best trial is
-evaluated, gated and promoted; a 2-trial sweep whose storage is s3:// on a real S3-compatible
-server (moto's), evaluated and promoted from the bucket. Also the sweep config's checks."""
+"""tune.sweep end to end on 2 CPUs: the shipped sweep (TPE, ASHA) at a small size with its
+storage and registry on a real S3-compatible server (moto's), its driver killed mid-sweep and
+resumed from the bucket, at least one trial stopped early, and its best trial evaluated, gated
+and promoted from there. Also the sweep config's checks and the searchers' construction."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import yaml
 from core.config import ConfigError
 from tests.helpers import REPO
 from tune.registry import Registry
-from tune.sweep import load_sweep_config, promote_best, run_sweep
+from tune.sweep import load_sweep_config
 
 
 def sweep_yaml(tmp_path: Path, tiny_model_dir: Path, job: list[str] = (), **fields) -> Path:
@@ -33,6 +33,22 @@ def sweep_yaml(tmp_path: Path, tiny_model_dir: Path, job: list[str] = (), **fiel
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+def small_promotion(tmp_path: Path, registry: str | None = None) -> dict:
+    """The shipped promotion on 16 eval rows, its gate open: the gate is not what a sweep test is
+    about (a few steps of training need not beat the base)."""
+    eval_raw = yaml.safe_load((REPO / "configs/eval_reviews.yaml").read_text())
+    eval_raw["tasks"][0].update(max_samples=16, few_shot=1)
+    eval_raw["gate"]["margin"] = -1.0
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(eval_raw))
+    registry = registry or str(tmp_path / "registry")
+    return {
+        "name": "reviews",
+        "alias": "production",
+        "eval": str(tmp_path / "eval.yaml"),
+        "registry": registry,
+    }
 
 
 def first_reviews(tmp_path: Path, rows: int) -> Path:
@@ -61,148 +77,6 @@ def kill_sweep(proc: subprocess.Popen, ray_tmp: str) -> None:
     proc.wait(timeout=30)
     subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False)
     time.sleep(2)
-
-
-@pytest.mark.integration
-@pytest.mark.slow
-def test_asha_sweep_survives_a_killed_driver_and_promotes_its_best_trial(tmp_path, tiny_model_dir):
-    config = sweep_yaml(tmp_path, tiny_model_dir)
-    root = tmp_path / "sweeps" / "reviews"
-    ray_tmp = tempfile.mkdtemp(prefix="rsw", dir="/tmp")  # Ray's socket paths must stay short
-
-    proc = start_sweep(config, ray_tmp)
-    deadline = time.time() + 400
-    first_done = None
-    while time.time() < deadline and proc.poll() is None:  # kill once one trial has finished
-        done = sorted((root / "runs").glob("*/run.json"))
-        if done:
-            first_done = done[0]
-            break
-        time.sleep(2)
-    assert first_done is not None, (
-        proc.stdout.read()[-3000:] if proc.poll() is not None else "no trial finished in time"
-    )
-    before = json.loads(first_done.read_text())
-    kill_sweep(proc, ray_tmp)
-    assert not (root / "results.json").exists()
-
-    resumed = start_sweep(config, ray_tmp)
-    out, _ = resumed.communicate(timeout=600)
-    subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False)
-    assert resumed.returncode == 0, out[-4000:]
-    assert "resuming the sweep" in out
-
-    summary = json.loads((root / "results.json").read_text())
-    trials = summary["trials"]
-    assert len(trials) == 4 and not any(t["error"] for t in trials)
-    assert sum(t["stopped_early"] for t in trials) >= 1  # ASHA stopped at least one at an eval
-    assert trials[0]["best_eval_loss"] == min(t["best_eval_loss"] for t in trials)
-    # the trial that finished before the kill trains no step again: if Tune had not recorded its
-    # end, it restarts, finds its final checkpoint and only rewrites run.json
-    after = json.loads(first_done.read_text())
-    assert after["loss_history"] == before["loss_history"]
-    assert after["resumed_at_steps"] in ([], [before["steps"]])
-    for name in (
-        "results.csv",
-        "eval_curves.png",
-        "eval_loss_vs_train_lr.png",
-        "eval_loss_vs_lora_r.png",
-    ):
-        assert (root / name).stat().st_size > 0, name
-    assert "best eval loss" in out and "stopped early?" in out
-
-    promotion = json.loads((root / "promotion.json").read_text())
-    assert promotion["promoted"], promotion
-    lineage = Registry(str(tmp_path / "registry")).lineage("reviews@production")
-    assert lineage["version"] == promotion["version"]
-    assert lineage["sweep"]["name"] == "reviews" and lineage["sweep"]["trial"] == promotion["trial"]
-    assert lineage["gate"]["passed"] and lineage["dataset_hash"].startswith("sha256:")
-
-
-@pytest.mark.integration
-@pytest.mark.slow
-def test_sweep_on_s3_resumes_and_promotes_from_the_bucket(
-    tmp_path, tiny_model_dir, s3_server, caplog
-):
-    import boto3
-    import ray
-    import s3fs
-    from typer.testing import CliRunner
-
-    from core.ray_cluster import start_local_ray
-    from tune.registry.cli import app as registry_app
-
-    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="rayft")
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
-    # the gate is not what this test is about: 4 steps of training need not beat the base
-    eval_raw = yaml.safe_load((REPO / "configs/eval_reviews.yaml").read_text())
-    eval_raw["tasks"][0].update(max_samples=16, few_shot=1)
-    eval_raw["gate"]["margin"] = -1.0
-    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(eval_raw))
-    reviews = first_reviews(tmp_path, 200)  # a quarter: less to prepare and evaluate
-    config = sweep_yaml(
-        tmp_path,
-        tiny_model_dir,
-        job=[
-            f"data.train_files=[{reviews}]",
-            "train.max_steps=4",
-            "eval.every_steps=2",
-            "checkpoint.every_steps=2",
-            "eval.max_generate_samples=8",
-        ],
-        num_trials=2,
-        scheduler={"type": "none"},
-        storage_path="s3://rayft/sweeps",
-        promote={
-            "name": "reviews",
-            "eval": str(tmp_path / "eval.yaml"),
-            "registry": "s3://rayft/registry",
-        },
-    )
-    cfg = load_sweep_config(config)
-    # 3 logical CPUs: each trial's function holds 0.01 CPU, so with 2 the second trial's worker
-    # (1 CPU) would wait for the first trial to end
-    ray.shutdown()  # the session's Ray has 2
-    start_local_ray(num_cpus=3)
-    try:
-        summary = run_sweep(cfg)
-        outcome = promote_best(cfg, summary)
-        caplog.set_level("INFO", logger="rayft.sweep")
-        again = run_sweep(cfg)  # finished: restored from the bucket, nothing trains again
-    finally:
-        ray.shutdown()
-
-    root = "rayft/sweeps/reviews"
-    stored = json.loads(fs.cat(f"{root}/results.json"))
-    trials = stored["trials"]
-    assert [t["trial"] for t in trials] == [t["trial"] for t in summary["trials"]]
-    assert len(trials) == 2 and not any(t["error"] for t in trials)
-    for t in trials:
-        assert t["run_dir"] == f"s3://{root}/runs/reviews-{t['trial']}" and t["steps"] == 4
-        assert fs.exists(f"{t['run_dir']}/run.json") and fs.exists(f"{t['run_dir']}/adapter")
-    for name in ("results.csv", "eval_curves.png", "eval_loss_vs_train_lr.png"):
-        assert fs.size(f"{root}/{name}") > 0, name
-    assert fs.exists(f"{root}/tune")  # Tune's experiment state, what a restore reads
-    assert "resuming the sweep from s3://rayft/sweeps/reviews/tune" in caplog.text
-    assert [t["trial"] for t in again["trials"]] == [t["trial"] for t in trials]
-    assert not (tmp_path / "sweeps").exists() and not (REPO / "s3:").exists()  # nothing local
-
-    best = trials[0]["run_dir"]
-    assert outcome["promoted"] and outcome["run_dir"] == best, outcome
-    evaluation = json.loads(fs.cat(f"{best}/eval.json"))  # written beside the run, in the bucket
-    assert evaluation["adapter"] == f"{best}/adapter" and evaluation["gate"]["passed"]
-    registry = Registry("s3://rayft/registry")
-    lineage = registry.lineage("reviews@production")
-    assert lineage["version"] == outcome["version"] and lineage["run"]["dir"] == best
-    assert lineage["evaluation"]["adapter"] == f"{best}/adapter"
-    assert lineage["sweep"]["name"] == "reviews" and lineage["sweep"]["trial"] == trials[0]["trial"]
-    # the registry CLI takes the s3:// run directory as well (its gate result is in eval.json)
-    cli = CliRunner().invoke(
-        registry_app,
-        ["promote", best, "--name", "reviews-cli", "--registry", "s3://rayft/registry"],
-    )
-    assert cli.exit_code == 0, cli.output
-    assert registry.lineage("reviews-cli@production")["run"]["dir"] == best
 
 
 def test_sweep_config_is_checked_before_anything_runs(tmp_path, tiny_model_dir):
@@ -252,49 +126,94 @@ def test_sweep_bench_spaces():
 
 @pytest.mark.integration
 @pytest.mark.slow
-# One model-based searcher is enough here: the restore is Tune's Tuner.restore for both, and
-# BOHB's searcher and scheduler are built and checked in test_model_based_searchers_and_their_schedulers.
-@pytest.mark.parametrize("search", ["optuna"])
-def test_model_based_sweep_survives_a_killed_driver(tmp_path, tiny_model_dir, search):
+def test_a_sweep_on_s3_survives_a_killed_driver_and_promotes_its_best_trial_from_the_bucket(
+    tmp_path, tiny_model_dir, s3_server
+):
+    """The shipped sweep (4 trials, ASHA) at a small size, searched by TPE (BOHB's restore is the
+    same Tuner.restore; its searcher and scheduler are checked in
+    test_model_based_searchers_and_their_schedulers), its storage and registry on moto's S3, one
+    trial at a time so that the kill lands between two suggestions. The driver is killed once a
+    trial has finished; the resumed sweep trains that trial no further, suggests only the
+    rest, stops at least one at an ASHA rung, and the best trial is evaluated, gated and
+    promoted from the bucket, its lineage naming the sweep."""
+    import boto3
+    import s3fs
+    from typer.testing import CliRunner
+
+    from tune.registry.cli import app as registry_app
+
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket="rayft")
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
     reviews = first_reviews(tmp_path, 200)  # a quarter: less to prepare and evaluate
     config = sweep_yaml(
         tmp_path,
         tiny_model_dir,
         job=[
             f"data.train_files=[{reviews}]",
-            "train.max_steps=6",
+            "train.max_steps=8",
             "eval.every_steps=2",
             "checkpoint.every_steps=2",
             "eval.max_generate_samples=4",
         ],
-        search=search,
-        num_trials=3,
+        search="optuna",
         max_concurrent_trials=1,  # the searcher must remember its trials across the kill
-        scheduler={"type": "hyperband" if search == "bohb" else "asha", "reduction_factor": 3},
-        promote=None,
+        storage_path="s3://rayft/sweeps",
+        promote=small_promotion(tmp_path, registry="s3://rayft/registry"),
     )
-    root = tmp_path / "sweeps" / "reviews"
+    root = "rayft/sweeps/reviews"
     ray_tmp = tempfile.mkdtemp(prefix="rsw", dir="/tmp")
-    proc = start_sweep(config, ray_tmp)
-    # kill once the searcher has suggested a second trial (its run directory appears); BOHB's
-    # HyperBand pauses the first at a rung to start it, TPE starts it when the first has ended
-    deadline, started = time.time() + 400, []
-    while time.time() < deadline and proc.poll() is None and len(started) < 2:
-        started = list((root / "runs").glob("reviews-*"))
+    proc = start_sweep(config, ray_tmp)  # its Ray's workers inherit the S3 endpoint
+    deadline, done = time.time() + 400, []
+    while time.time() < deadline and proc.poll() is None and not done:
+        fs.invalidate_cache()  # s3fs caches listings
+        done = fs.glob(f"{root}/runs/reviews-*/run.json")  # a trial has finished
         time.sleep(0.5)
-    assert len(started) >= 2, proc.stdout.read()[-3000:] if proc.poll() is not None else started
+    assert done, proc.stdout.read()[-3000:] if proc.poll() is not None else "no trial finished"
+    before = json.loads(fs.cat(done[0]))
     kill_sweep(proc, ray_tmp)
+    assert not fs.exists(f"{root}/results.json")
 
     resumed = start_sweep(config, ray_tmp)
     out, _ = resumed.communicate(timeout=600)
     subprocess.run(["pkill", "-9", "-f", ray_tmp], check=False)
     assert resumed.returncode == 0, out[-4000:]
-    assert "resuming the sweep" in out
-    trials = json.loads((root / "results.json").read_text())["trials"]
+    assert "resuming the sweep from s3://rayft/sweeps/reviews/tune" in out
+    fs.invalidate_cache()
+    trials = json.loads(fs.cat(f"{root}/results.json"))["trials"]
     # the restored searcher knows the trials before the kill: it suggests only the rest
-    assert len(trials) == 3 and not any(t["error"] for t in trials), trials
-    assert len({(t["lora.r"], t["lora.alpha"], t["train.lr"]) for t in trials}) == 3
-    assert {p.name for p in started} <= {f"reviews-{t['trial']}" for t in trials}
+    assert len(trials) == 4 and not any(t["error"] for t in trials), trials
+    assert len({(t["lora.r"], t["lora.alpha"], t["train.lr"]) for t in trials}) == 4
+    assert sum(t["stopped_early"] for t in trials) >= 1  # ASHA stopped at least one at an eval
+    assert trials[0]["best_eval_loss"] == min(t["best_eval_loss"] for t in trials)
+    # the trial that finished before the kill trains no step again: if Tune had not recorded its
+    # end, it restarts, finds its final checkpoint and only rewrites run.json
+    after = json.loads(fs.cat(done[0]))
+    assert after["loss_history"] == before["loss_history"]
+    assert after["resumed_at_steps"] in ([], [before["steps"]])
+    for t in trials:
+        assert t["run_dir"] == f"s3://{root}/runs/reviews-{t['trial']}"
+    for name in ("results.csv", "eval_curves.png", "eval_loss_vs_train_lr.png"):
+        assert fs.size(f"{root}/{name}") > 0, name
+    assert "best eval loss" in out and "stopped early?" in out
+    assert not (tmp_path / "sweeps").exists() and not (REPO / "s3:").exists()  # nothing local
+
+    best = trials[0]["run_dir"]
+    promotion = json.loads(fs.cat(f"{root}/promotion.json"))
+    assert promotion["promoted"] and promotion["run_dir"] == best, promotion
+    evaluation = json.loads(fs.cat(f"{best}/eval.json"))  # written beside the run, in the bucket
+    assert evaluation["adapter"] == f"{best}/adapter" and evaluation["gate"]["passed"]
+    registry = Registry("s3://rayft/registry")
+    lineage = registry.lineage("reviews@production")
+    assert lineage["version"] == promotion["version"] and lineage["run"]["dir"] == best
+    assert lineage["sweep"]["name"] == "reviews" and lineage["sweep"]["trial"] == trials[0]["trial"]
+    assert lineage["gate"]["passed"] and lineage["dataset_hash"].startswith("sha256:")
+    # the registry CLI takes the s3:// run directory as well (its gate result is in eval.json)
+    cli = CliRunner().invoke(
+        registry_app,
+        ["promote", best, "--name", "reviews-cli", "--registry", "s3://rayft/registry"],
+    )
+    assert cli.exit_code == 0, cli.output
+    assert registry.lineage("reviews-cli@production")["run"]["dir"] == best
 
 
 def test_model_based_searchers_and_their_schedulers(tmp_path, tiny_model_dir):
