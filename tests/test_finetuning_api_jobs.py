@@ -388,7 +388,7 @@ def test_no_key_is_written_anywhere(app, trained):
 
 def test_a_dpo_job_on_openai_preference_rows(app):
     rows = []
-    for line in (REPO / "data/review_pairs.jsonl").read_text().splitlines()[:64]:
+    for line in (REPO / "data/review_pairs.jsonl").read_text().splitlines()[:32]:
         pair = json.loads(line)
         rows.append(
             {
@@ -423,7 +423,7 @@ def test_a_reinforcement_job_on_prompt_rows_with_a_grader(app):
     from jobs.demo_data import make_prompt_rows
 
     c = client(app["url"])
-    rows = "".join(json.dumps(r) + "\n" for r in make_prompt_rows(48)).encode()
+    rows = "".join(json.dumps(r) + "\n" for r in make_prompt_rows(24)).encode()
     f = upload(c, rows, "prompts.jsonl")
     grader = {
         "type": "string_check",
@@ -440,7 +440,7 @@ def test_a_reinforcement_job_on_prompt_rows_with_a_grader(app):
             "type": "reinforcement",
             "reinforcement": {"grader": grader, "hyperparameters": {"batch_size": 4}},
         },
-        extra_body={"rayft": {"max_steps": 4}},
+        extra_body={"rayft": {"max_steps": 2}},
     )
     assert job.method.type == "reinforcement"
     assert job.method.reinforcement.grader.reference == "{{ item.answer }}"
