@@ -287,14 +287,19 @@ def replica_pids(dashboard: str) -> list[int]:
     return [a.pid for a in actors if "MultiAdapterServer" in (a.class_name or "")]
 
 
-def test_the_api_killed_mid_job_restarts_and_the_job_still_succeeds(app, request):
+def test_the_api_killed_mid_job_restarts_then_the_job_pauses_resumes_and_succeeds(app, request):
+    """One job lives through an API replica killed mid-run, then a pause and a resume (from its
+    checkpoint) handled by the new replica."""
     c = client(app["url"])
     f = upload(c, training_rows(128))
     job = c.fine_tuning.jobs.create(
         model="tiny-llama",
         training_file=f.id,
         suffix="restart",
-        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 4}}},
+        # ~7 steps an epoch: with a checkpoint every 8 steps, the restart and the pause have
+        # ~75 steps to land in
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 12}}},
+        extra_body={"rayft": {"checkpoint_every_steps": 8, "eval_every_steps": 8}},
     )
     # A second job whose cancel the API wrote down but died before passing on to Ray.
     other = c.fine_tuning.jobs.create(
@@ -323,14 +328,18 @@ def test_the_api_killed_mid_job_restarts_and_the_job_still_succeeds(app, request
 
     wait_for(answers, 180, "a new API replica")
     assert replica_pids(dashboard) != [pid]
+    pause_and_resume(c, ray_jobs, job.id)
     job = finished(c, job.id)
     assert job.status == "succeeded", job.error
-    messages = [e.message for e in c.fine_tuning.jobs.list_events(job.id, limit=100)]
+    messages = [e.message for e in c.fine_tuning.jobs.list_events(job.id, limit=100)]  # all pages
+    assert "Fine-tuning job started (resumed)" in messages
     assert len(messages) == len(set(messages)), "an event written twice"
     steps = [m for m in messages if m.startswith("Step ")]
     csv = c.files.content(job.result_files[0]).read().decode().splitlines()
     assert len(steps) == len(csv) - 1  # every step once
     assert sum("successfully completed" in m for m in messages) == 1
+    run = json.loads((app["tmp"] / "runs" / job.id / "run.json").read_text())
+    assert run["resumed_at_steps"] and run["resumed_at_steps"][0] >= 8  # from its checkpoint
     # the new replica's reconciler stopped the cancelled job's Ray job
     wait_for(
         lambda: ray_jobs.get_job_status(f"{other.id}-0").value in ("STOPPED", "FAILED"),
@@ -341,41 +350,25 @@ def test_the_api_killed_mid_job_restarts_and_the_job_still_succeeds(app, request
     assert c.fine_tuning.jobs.retrieve(other.id).status == "cancelled"
 
 
-def test_pause_then_resume_continues_from_its_checkpoint(app):
-    c = client(app["url"])
-    f = upload(c, training_rows(128))
-    job = c.fine_tuning.jobs.create(
-        model="tiny-llama",
-        training_file=f.id,
-        # ~7 steps an epoch: a checkpoint at step 8 leaves the pause ~40 steps to land in
-        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 7}}},
-        extra_body={"rayft": {"checkpoint_every_steps": 8, "eval_every_steps": 8}},
-    )
+def pause_and_resume(c, ray_jobs, job_id: str) -> None:
+    """Pause once a checkpoint exists, see the Ray job stop, resume."""
     wait_for(
         lambda: any(
             e.message.startswith("Checkpoint created")
-            for e in c.fine_tuning.jobs.list_events(job.id)
+            for e in c.fine_tuning.jobs.list_events(job_id)
         ),
         300,
         "a checkpoint",
         every=1,
     )
-    assert c.fine_tuning.jobs.pause(job.id).status == "paused"
-    ray_jobs = JobSubmissionClient(app["settings"]["finetuning"]["ray_address"])
+    assert c.fine_tuning.jobs.pause(job_id).status == "paused"
     wait_for(
-        lambda: ray_jobs.get_job_status(f"{job.id}-0").value in ("STOPPED", "FAILED"),
+        lambda: ray_jobs.get_job_status(f"{job_id}-0").value in ("STOPPED", "FAILED"),
         120,
         "the paused job's Ray job to stop",
     )
-    assert c.fine_tuning.jobs.retrieve(job.id).status == "paused"
-    assert c.fine_tuning.jobs.resume(job.id).status == "queued"
-    job = finished(c, job.id)
-    assert job.status == "succeeded", job.error
-    messages = [e.message for e in c.fine_tuning.jobs.list_events(job.id, limit=100)]  # all pages
-    assert "Fine-tuning job started (resumed)" in messages
-    assert len(messages) == len(set(messages))
-    run = json.loads((app["tmp"] / "runs" / job.id / "run.json").read_text())
-    assert run["resumed_at_steps"] and run["resumed_at_steps"][0] >= 8  # from its checkpoint
+    assert c.fine_tuning.jobs.retrieve(job_id).status == "paused"
+    assert c.fine_tuning.jobs.resume(job_id).status == "queued"
 
 
 def test_no_key_is_written_anywhere(app, trained):
