@@ -214,7 +214,11 @@ def test_training_goes_on_while_storage_is_down(s3_via_proxy, tiny_model_dir):
             lambda: registered_steps(snapshot()), 240, "a first checkpoint", 0.1, runner.is_alive
         )
         proxy.down()
-        time.sleep(8)
+        # down until an upload meets the outage, however slowly this machine reaches the next
+        # checkpoint (a fixed outage could fall between two uploads on a busy machine)
+        wait_for(
+            lambda: proxy.refused > 0, 300, "an upload to meet the outage", 0.1, runner.is_alive
+        )
         proxy.up()
         runner.join(timeout=300)
     finally:
