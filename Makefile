@@ -60,8 +60,10 @@ test-all: setup
 # (measured: 1062 s one after the other, 864 s side by side; tests/README.md). SIDE's modules
 # share no session fixture with the rest but the tiny model (a second copy takes a second), and
 # each session has a local Ray of its own.
+# The split balances both targets: measured per module in each (tests/README.md).
 SIDE := tests/test_benchmarks.py tests/test_finetuning_api_jobs.py tests/test_sweep.py \
-	tests/test_faults.py tests/test_secrets.py tests/test_node_loss.py tests/test_grpo_job.py
+	tests/test_secrets.py tests/test_train_ray.py tests/test_evaluate.py tests/test_serve_app.py \
+	tests/test_dpo.py tests/test_storage.py
 # $(1): the -m selection (empty: all), $(2): how many of the slowest tests each session prints.
 define two_sessions
 	@log=$$(mktemp); \
