@@ -42,7 +42,7 @@ quickstart: setup
 # vLLM or a subprocess; slow tests are the long multi-process runs. `make test` is every tier but
 # slow (<= 12 min on 2 CPUs), `make test-slow` the slow one, `make test-fast` the unit tests.
 test: setup
-	$(call two_sessions,not slow,20)
+	$(BIN)/python -m pytest -q -m "not slow" --durations=20
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow --durations=20
@@ -50,28 +50,10 @@ test-slow: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not integration and not slow"
 
-# What CI runs: every tier.
+# What CI runs: every tier in one session, so the session's Ray, tiny model, Ray head and
+# trained adapter are built once for all of them.
 test-all: setup
-	$(call two_sessions,,25)
-
-# Two pytest sessions side by side: SIDE's modules in the background, the rest in the foreground.
-# Alone, a session leaves the 2 CPUs idle a fifth to a third of the time while it waits on process
-# start-ups (Ray workers, vLLM, subprocess jobs); side by side, one's waits are the other's work
-# (measured: 1062 s one after the other, 864 s side by side; tests/README.md). SIDE's modules
-# share no session fixture with the rest but the tiny model (a second copy takes a second), and
-# each session has a local Ray of its own.
-# The split balances both targets: measured per module in each (tests/README.md).
-SIDE := tests/test_benchmarks.py tests/test_finetuning_api_jobs.py tests/test_sweep.py \
-	tests/test_secrets.py tests/test_train_ray.py tests/test_evaluate.py tests/test_serve_app.py \
-	tests/test_dpo.py tests/test_storage.py
-# $(1): the -m selection (empty: all), $(2): how many of the slowest tests each session prints.
-define two_sessions
-	@log=$$(mktemp); \
-	$(BIN)/python -m pytest -q -m "$(1)" --durations=$(2) $(SIDE) > $$log 2>&1 & side=$$!; \
-	$(BIN)/python -m pytest -q -m "$(1)" --durations=$(2) $(addprefix --ignore=,$(SIDE)); main=$$?; \
-	wait $$side; side=$$?; echo "=== the session beside it: $(SIDE)"; cat $$log; rm -f $$log; \
-	exit $$(( main || side ))
-endef
+	$(BIN)/python -m pytest -q --durations=25
 
 # The Ray Train overhead: the real job (1 worker) against a plain PyTorch loop, its ratio printed.
 benchmark: setup
