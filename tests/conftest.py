@@ -188,7 +188,7 @@ def head():
         data=json.dumps({"entrypoint": "true"}).encode(),
         headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
     )
-    # generous: beside the other test session on 2 busy CPUs the job agent took over 2 min
+    # generous: on 2 busy CPUs the job agent has taken over 2 min to accept a job
     deadline = time.time() + 400
     while True:
         try:

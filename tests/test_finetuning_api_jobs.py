@@ -59,7 +59,7 @@ def upload(c, data: bytes, name: str = "train.jsonl"):
 
 
 def finished(c, job_id: str, timeout: float = 900):
-    # generous: beside the other test session on 2 CPUs, a 2-step job took 3.5 min end to end
+    # generous: on 2 busy CPUs a 2-step job has taken 3.5 min end to end
     def done():
         job = c.fine_tuning.jobs.retrieve(job_id)
         return job if job.status in ("succeeded", "failed", "cancelled") else None

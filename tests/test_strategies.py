@@ -3,8 +3,8 @@
 Same seed, data and global batch: every strategy computes the same steps. Sharded runs are
 paused half way and resumed from their own checkpoint format (FSDP grad_op with LoRA, FSDP full
 sharding in the full fine-tune test, ZeRO-3), and the whole loss history (before and after the
-resume) is compared with one uninterrupted DDP run; the adapters they save load in plain peft and equal the
-DDP adapter.
+resume) is compared with one uninterrupted DDP run; the adapters they save load in plain peft
+and equal the DDP adapter.
 
 Tolerances: losses rel 1e-4 (float32 on CPU; the sums are reduced in a different order under
 each strategy, measured differences are ~1e-6), adapter weights atol 1e-4.
@@ -72,37 +72,24 @@ def losses(summary):
 
 
 @pytest.mark.parametrize(
-    ("strategy", "pause"),
+    "strategy",
     [
         # gradient checkpointing on (the default for real models) and grad_op sharding
-        (
-            [
-                "train.strategy=fsdp",
-                "train.gradient_checkpointing=true",
-                "train.fsdp.sharding=grad_op",
-            ],
-            True,
-        ),
+        ["train.strategy=fsdp", "train.gradient_checkpointing=true", "train.fsdp.sharding=grad_op"],
         # ZeRO-2 is the same engine code (benchmarks/gpu_check.py's CPU smoke trains it)
-        (
-            [
-                "train.strategy=deepspeed",
-                "train.deepspeed.stage=3",
-                "train.deepspeed.offload_optimizer=true",
-            ],
-            True,
-        ),
+        [
+            "train.strategy=deepspeed",
+            "train.deepspeed.stage=3",
+            "train.deepspeed.offload_optimizer=true",
+        ],
     ],
     ids=["fsdp-grad_op-checkpointing", "zero3-offload"],
 )
 @pytest.mark.slow
 def test_strategy_trains_resumes_and_saves_the_ddp_adapter(
-    ddp_run, tiny_model_dir, tmp_path, strategy, pause
+    ddp_run, tiny_model_dir, tmp_path, strategy
 ):
-    if pause:
-        run = paused_and_resumed(tiny_model_dir, tmp_path, "sharded", *strategy)
-    else:
-        run = run_job(job(tiny_model_dir, tmp_path, "sharded", *strategy))
+    run = paused_and_resumed(tiny_model_dir, tmp_path, "sharded", *strategy)
 
     assert [h["step"] for h in run["loss_history"]] == list(range(1, 7))
     assert losses(run) == pytest.approx(losses(ddp_run), rel=1e-4)
