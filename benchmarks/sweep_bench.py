@@ -1,7 +1,8 @@
-"""What ASHA and TPE save: the full grid vs ASHA on it, and random vs TPE search at one step budget.
+r"""What ASHA and TPE save: the full grid vs ASHA on it, and random vs TPE search at one step budget.
 
     python benchmarks/sweep_bench.py          # ~25 minutes on 2 CPUs (tiny model, 12 configs)
-    python benchmarks/sweep_bench.py --ranks 4 --alphas 8 --lrs 1e-3 --max-steps 2 --rows 200 --trials 2   # smoke
+    python benchmarks/sweep_bench.py --ranks 4 --alphas 8 --lrs 1e-3 --max-steps 2 --rows 200 \
+        --trials 1 --searchers optuna   # smoke
 
 In one run, on the quickstart job (each trial one 1-CPU worker, two at a time):
 1. the full grid, lora.r x lora.alpha x train.lr (12 points), every trial to its end (FIFO);
@@ -113,7 +114,7 @@ def main() -> None:
                 scheduler=asha(),
                 budget={"steps": budget},
             )
-            for search in ("random", "optuna")
+            for search in args.searchers
         }
     print_searchers(searched, budget)
 
@@ -127,10 +128,20 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-steps", type=numbers(int), default=[90], help="each trial's steps")
     ap.add_argument("--rows", type=numbers(int), default=None, help="the first N rows of the data")
     ap.add_argument("--trials", type=numbers(int), default=[24], help="random/TPE samples")
+    ap.add_argument(
+        "--searchers", type=searchers, default=["random", "optuna"], help="step 4's: random,optuna"
+    )
     args = ap.parse_args()
     args.max_steps, args.trials = args.max_steps[0], args.trials[0]
     args.rows = args.rows[0] if args.rows else None
     return args
+
+
+def searchers(text: str) -> list[str]:
+    names = text.split(",")
+    if unknown := set(names) - {"random", "optuna"}:
+        raise argparse.ArgumentTypeError(f"{sorted(unknown)}: the searchers are random, optuna")
+    return names
 
 
 def numbers(kind):

@@ -231,9 +231,8 @@ def test_train_bench_memory():
 @pytest.mark.slow
 def test_sweep_bench_tiny(tiny_model_dir):
     args = ["--ranks", "4", "--alphas", "8", "--lrs", "1e-3", "--max-steps", "2", "--rows", "200"]
-    out = run_script(
-        "sweep_bench.py", "--model", str(tiny_model_dir), *args, "--trials", "1", timeout=900
-    )
+    args += ["--trials", "1", "--searchers", "optuna"]  # random search: the same code, another name
+    out = run_script("sweep_bench.py", "--model", str(tiny_model_dir), *args, timeout=900)
     assert "ASHA replayed on the grid's eval curves" in out and "ASHA / grid: steps" in out
     assert "random vs TPE, both with ASHA, at a budget of" in out
     assert re.search(r"^optuna\s+\d+\s+\d+\s+\d+\.\d+", out, re.MULTILINE), out[-3000:]
