@@ -28,6 +28,7 @@ from pathlib import Path
 from tune.search import replay_asha
 from tune.sweep import SweepConfig, run_sweep
 
+SEARCHERS = ("random", "optuna")  # step 4's, compared at one budget
 GRACE, REDUCTION = 1, 4  # the settings step 2 argues for (and configs/sweep_reviews.yaml ships)
 
 
@@ -129,7 +130,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--rows", type=numbers(int), default=None, help="the first N rows of the data")
     ap.add_argument("--trials", type=numbers(int), default=[24], help="random/TPE samples")
     ap.add_argument(
-        "--searchers", type=searchers, default=["random", "optuna"], help="step 4's: random,optuna"
+        "--searchers", type=searchers, default=list(SEARCHERS), help="step 4's: random,optuna"
     )
     args = ap.parse_args()
     args.max_steps, args.trials = args.max_steps[0], args.trials[0]
@@ -139,8 +140,10 @@ def parse_args() -> argparse.Namespace:
 
 def searchers(text: str) -> list[str]:
     names = text.split(",")
-    if unknown := set(names) - {"random", "optuna"}:
-        raise argparse.ArgumentTypeError(f"{sorted(unknown)}: the searchers are random, optuna")
+    if unknown := set(names) - set(SEARCHERS):
+        raise argparse.ArgumentTypeError(
+            f"{sorted(unknown)}: the searchers are {', '.join(SEARCHERS)}"
+        )
     return names
 
 
