@@ -2,8 +2,8 @@
 imports moves: each runs in a subprocess, exits 0 and prints its ratio or table.
 
 The sizes are the smallest each script's --help allows; the numbers they print mean nothing here.
-Every script runs in a subprocess, so the module is `integration`; scripts that take over a minute
-on 2 CPUs are also `slow`.
+Every script runs in a subprocess, most start Ray or vLLM: the module is `integration` and `slow`
+(CI runs it; `make test` leaves it out).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ROOT / "benchmarks"
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def run_script(script: str, *args: str, timeout: int = 300, prelude: str = "") -> str:
@@ -95,7 +95,6 @@ def test_gpu_check_cpu_smoke_runs_without_ray_pydantic_or_the_repo():
     assert "| skip " in deepspeed and "not importable" in deepspeed
 
 
-@pytest.mark.slow  # DeepSpeed builds its shared-memory op on first use (~1 min on 2 CPUs)
 def test_gpu_check_deepspeed_row_on_cpu():
     out = run_script("gpu_check.py", "--cpu-smoke", "--only", "deepspeed", timeout=400)
     row = next(line for line in out.splitlines() if "DeepSpeed ZeRO-2" in line)
@@ -140,7 +139,6 @@ def test_serve_bench_tiny():
     assert "| (b) mixed batches" in out and "(b)/(a) =" in out
 
 
-@pytest.mark.slow  # ~1 min on 2 busy CPUs
 def test_train_bench_packing_tiny():
     out = run_script(
         "train_bench.py", "--part", "packing", "--steps", "1", "--hidden", "64", "--layers", "1"
@@ -148,7 +146,6 @@ def test_train_bench_packing_tiny():
     assert "packed / padded:" in out
 
 
-@pytest.mark.slow  # TRL's SFTTrainer set-up: ~1 min on 2 CPUs
 def test_train_bench_trl_tiny():
     out = run_script(
         "train_bench.py",
@@ -197,7 +194,6 @@ def test_ray_overhead_tiny(tiny_model_dir):
     assert "Ray Train job, 1 worker" in out and "ratio Ray / plain:" in out
 
 
-@pytest.mark.slow
 def test_serve_bench_layouts_tiny():
     out = run_script(
         "serve_bench.py",
@@ -219,7 +215,6 @@ def test_serve_bench_layouts_tiny():
     assert "| single |" in out and "| routed |" in out
 
 
-@pytest.mark.slow
 def test_train_bench_memory():
     """One of the four strategies (the most sharded) on a small model: a 2-worker Ray Train run,
     the costly part here; the others run the same measuring code."""
@@ -228,7 +223,6 @@ def test_train_bench_memory():
     assert "  zero3 " in out and "peak RSS per worker" in out
 
 
-@pytest.mark.slow
 def test_sweep_bench_tiny(tiny_model_dir):
     args = ["--ranks", "4", "--alphas", "8", "--lrs", "1e-3", "--max-steps", "2", "--rows", "200"]
     args += ["--trials", "1", "--searchers", "optuna"]  # random search: the same code, another name
@@ -261,7 +255,6 @@ def test_packed_bench_tiny():
     assert "max relative difference" in out
 
 
-@pytest.mark.slow
 def test_engines_bench_tiny():
     pytest.importorskip("vllm")
     out = run_script(
@@ -274,7 +267,6 @@ def test_engines_bench_tiny():
     assert re.search(r"vllm / hf = \d+\.\d+", out)
 
 
-@pytest.mark.slow
 def test_grpo_bench_tiny():
     """The rollout benchmark at its smallest: the hf engine and (where installed) vLLM, sync
     (async rollouts are tests/test_grpo_job.py's; each vLLM start costs a minute or two)."""

@@ -1,8 +1,9 @@
 """engine: vllm behind our gateway, on a real local Ray: Ray Serve LLM's LLMServer (vLLM) as the
 model deployment, a registry on local disk, more adapters than LoRA slots, tenants; and the
-trained tool-calling adapter served with the pythonic tool-call parser (slow).
+trained tool-calling adapter served with the pythonic tool-call parser.
 
-One app for the module (a vLLM replica takes tens of seconds to start). Greedy answers are
+One app for the module. The module is slow: a vLLM replica takes over a minute to start on 2 CPUs
+(the hf engine's serving tests, tests/test_serve_app.py, are in `make test`). Greedy answers are
 compared with plain transformers + peft (fp32) for the same adapter."""
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from tests.test_serve_adapters import publish, set_alias
 from tests.test_serve_app import offline
 
 vllm = pytest.importorskip("vllm")
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 V1, V2 = "a1b2c3d4e5f6", "0f9e8d7c6b5a"
 ADAPTERS = ["red", "green", "blue", "gray"]  # 4 adapters, 2 LoRA slots on the model
@@ -315,7 +316,7 @@ def test_streams_rename_the_model_and_count_usage(app):
     assert done.model == f"blue@{V1}" and 0 < done.usage.completion_tokens <= 4
 
 
-# ------------------------------------------------ a tool-calling fine-tune, served (slow)
+# ------------------------------------------------ a tool-calling fine-tune, served
 # configs/tools.yaml trained (the session's tools_adapter, tests/conftest.py), published into this
 # app's registry and served with the pythonic tool-call parser: the openai client gets parsed
 # tool_calls back, the same calls as the adapter's offline greedy replies parsed by the same
@@ -337,7 +338,6 @@ def served_calls(message) -> list[tuple[str, dict]] | None:
     return [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls]
 
 
-@pytest.mark.slow  # the tools adapter takes a minute to train
 def test_served_tool_calls_are_the_adapters_own_and_mostly_right(
     tools_client, tiny_model_dir, tools_adapter
 ):
@@ -369,7 +369,6 @@ def test_served_tool_calls_are_the_adapters_own_and_mostly_right(
     assert right / ROWS >= 0.05, f"{right}/{ROWS} held-out calls right"  # as offline (conftest)
 
 
-@pytest.mark.slow
 def test_streamed_and_required_tool_calls_from_the_adapter(tools_client):
     for row in held_out_rows(ROWS):  # the first question the adapter answers with a call
         prompt, _ = expected_calls(row)
