@@ -32,21 +32,30 @@ def job_config(tiny_model_dir, storage, *overrides):
     )
 
 
-def test_single_worker_job_writes_an_adapter_that_reloads_exactly(
-    ray_local, tiny_model_dir, tmp_path
-):
-    cfg = job_config(
-        tiny_model_dir,
-        tmp_path,
-        "run.name=one",
-        "train.max_steps=24",
-        "eval.every_steps=8",
-        "checkpoint.every_steps=8",
-        "checkpoint.keep_last=2",
-    )
-    summary = run_job(cfg)
+STEPS = [
+    "train.max_steps=12",
+    "train.effective_batch_size=16",
+    "lora.dropout=0",
+    "eval.every_steps=4",
+    "eval.task_metric=none",
+    "checkpoint.every_steps=4",
+    "checkpoint.keep_last=2",
+    "scaling.cpus_per_worker=1",
+]
 
-    run_dir = tmp_path / "one"
+
+@pytest.fixture(scope="module")
+def one_worker(ray_local, tiny_model_dir, tmp_path_factory):
+    """The uninterrupted one-worker run: checked end to end below, and the reference that the
+    two-worker, paused and resumed run must reproduce step by step."""
+    storage = tmp_path_factory.mktemp("train-ray")
+    cfg = job_config(tiny_model_dir, storage, "run.name=one", *STEPS)
+    return cfg, storage, run_job(cfg)
+
+
+def test_single_worker_job_writes_an_adapter_that_reloads_exactly(one_worker, tiny_model_dir):
+    cfg, storage, summary = one_worker
+    run_dir = storage / "one"
     adapter = run_dir / "adapter"
     for name in (
         "adapter_config.json",
@@ -65,11 +74,11 @@ def test_single_worker_job_writes_an_adapter_that_reloads_exactly(
     assert manifest["base_model"] == str(tiny_model_dir)
     assert manifest["libraries"]["ray"] == ray.__version__
     assert manifest["config"]["lora"]["r"] == 16
-    assert [h["step"] for h in manifest["loss_history"]] == list(range(1, 25))
-    assert [e["step"] for e in manifest["eval_history"]] == [8, 16, 24]
+    assert [h["step"] for h in manifest["loss_history"]] == list(range(1, 13))
+    assert [e["step"] for e in manifest["eval_history"]] == [4, 8, 12]
     assert sorted(p.name for p in run_dir.glob("checkpoint_0*")) == [
-        "checkpoint_000016",
-        "checkpoint_000024_final",
+        "checkpoint_000008",
+        "checkpoint_000012_final",
     ]  # keep_last
 
     metrics = summary["metrics"]
@@ -90,39 +99,62 @@ def test_single_worker_job_writes_an_adapter_that_reloads_exactly(
     )  # the adapter does something
 
 
-def test_two_workers_then_a_resume_on_one_continue_exactly(ray_local, tiny_model_dir, tmp_path):
+def test_two_workers_then_a_resume_on_one_continue_exactly(one_worker, tiny_model_dir):
     """Same seed and data. Steps 1-6 on 2 DDP workers x 8, stopped, then resumed on 1 worker
-    x 16: every step's loss and the final eval loss are the uninterrupted one-worker run's (the
-    two workers compute one worker's steps, and the resume continues where the pause left)."""
-    steps = [
-        "train.max_steps=12",
-        "train.effective_batch_size=16",
-        "lora.dropout=0",
-        "checkpoint.every_steps=100",
-        "eval.every_steps=null",
-        "eval.task_metric=none",
-        "scaling.cpus_per_worker=1",
-    ]
-    full = run_job(job_config(tiny_model_dir, tmp_path, "run.name=full", *steps))
+    x 16: every step's loss, every held-out evaluation and the final eval loss are the
+    uninterrupted one-worker run's (the two workers compute one worker's steps, and the resume
+    continues where the pause left)."""
+    _, storage, full = one_worker
     first = run_job(
         job_config(
             tiny_model_dir,
-            tmp_path,
+            storage,
             "run.name=split",
             "run.stop_after_steps=6",
             "scaling.num_workers=2",
             "train.micro_batch_size=8",
-            *steps,
+            *STEPS,
         )
     )
     assert first["status"] == "paused at step 6"
     assert [h["step"] for h in first["loss_history"]] == list(range(1, 7))
     expected = [h["loss"] for h in full["loss_history"]]
     assert [h["loss"] for h in first["loss_history"]] == pytest.approx(expected[:6], rel=1e-4)
-    resumed = run_job(job_config(tiny_model_dir, tmp_path, "run.name=split", *steps))
+    resumed = run_job(job_config(tiny_model_dir, storage, "run.name=split", *STEPS))
 
     assert resumed["status"] == "completed"
     assert resumed["resumed_at_steps"] == [6] and full["resumed_at_steps"] == []
     assert [h["step"] for h in resumed["loss_history"]] == list(range(1, 13))  # no repeat or gap
     assert [h["loss"] for h in resumed["loss_history"]] == pytest.approx(expected, rel=1e-4)
+    evals, reference = resumed["eval_history"], full["eval_history"]
+    assert [e["step"] for e in evals] == [e["step"] for e in reference] == [4, 8, 12]
+    assert [e["eval_loss"] for e in evals] == pytest.approx(
+        [e["eval_loss"] for e in reference], rel=1e-4
+    )
     assert resumed["metrics"]["eval_loss"] == pytest.approx(full["metrics"]["eval_loss"], rel=1e-4)
+
+
+def test_a_job_in_this_process_computes_the_workers_steps(one_worker, tiny_model_dir):
+    """scaling.local (Ray Train's local mode): paused at step 6 and resumed, in this process,
+    it trains the worker run's steps, evaluates the same, keeps the same checkpoints
+    (checkpoint.keep_last), and gives this process its torch threads back."""
+    _, storage, full = one_worker
+    threads = torch.get_num_threads()
+    here = [*STEPS, "scaling.local=true", "run.name=here"]
+    first = run_job(job_config(tiny_model_dir, storage, *here, "run.stop_after_steps=6"))
+    assert first["status"] == "paused at step 6"
+    resumed = run_job(job_config(tiny_model_dir, storage, *here))
+
+    assert resumed["status"] == "completed" and resumed["resumed_at_steps"] == [6]
+    expected = [h["loss"] for h in full["loss_history"]]
+    assert [h["loss"] for h in resumed["loss_history"]] == pytest.approx(expected, rel=1e-4)
+    assert [e["eval_loss"] for e in resumed["eval_history"]] == pytest.approx(
+        [e["eval_loss"] for e in full["eval_history"]], rel=1e-4
+    )
+    assert resumed["metrics"]["eval_loss"] == pytest.approx(full["metrics"]["eval_loss"], rel=1e-4)
+    assert sorted(p.name for p in (storage / "here").glob("checkpoint_0*")) == [
+        "checkpoint_000008",
+        "checkpoint_000012_final",
+    ]
+    assert (storage / "here" / "adapter" / "adapter_model.safetensors").is_file()
+    assert torch.get_num_threads() == threads  # the job ran with scaling.cpus_per_worker: 1
