@@ -6,7 +6,9 @@
 Both loops run the job's own setup, batches and SFT step on the same data with the same thread count,
 skip the first (warm-up) step, and count non-padding tokens. The Ray side is the real job
 (`run_job`), evaluation and checkpoints off during the loop, so the ratio is what Ray Train costs.
-Target: ratio >= 0.95.
+Target: ratio >= 0.95. Each round also runs the job in this process (`scaling.local`, Ray Train's
+local mode) and prints the median wall time of the whole job both ways: what starting the
+controller and worker processes costs a short run.
 """
 
 from __future__ import annotations
@@ -84,19 +86,14 @@ def main() -> None:
         threads = f"{cfg.scaling.cpus_per_worker:g} threads" if device.type == "cpu" else "GPU"
         # Alternate the two and compare medians: on a small shared machine one run of either
         # varies by 10-15% with whatever else the machine is doing.
-        plain, ray_runs = [], []
+        plain, ray_runs, walls = [], [], {"worker": [], "local": []}
         for i in range(args.repeats):
             plain.append(plain_loop(cfg, data, device, args.steps))
             print(f"plain PyTorch loop ({device}, {threads}): {plain[-1]:,.0f} tokens/s")
             if args.plain_only:
                 continue
-            summary = run_job(
-                cfg.model_copy(
-                    update={"run": cfg.run.model_copy(update={"name": f"benchmark-{i}"})}
-                )
-            )
-            ray_runs.append(summary["metrics"]["train_tokens_per_s"])
-            print(f"Ray Train job, 1 worker: {ray_runs[-1]:,.0f} tokens/s")
+            ray_runs.append(timed_job(cfg, f"benchmark-{i}", False, walls["worker"]))
+            timed_job(cfg, f"benchmark-local-{i}", True, walls["local"])
         if ray_runs:
             ratio = statistics.median(ray_runs) / statistics.median(plain)
             print(
@@ -105,6 +102,28 @@ def main() -> None:
                 f"(target >= 0.95; {args.steps} steps x {args.repeats}, "
                 f"config {Path(args.config).name})"
             )
+            worker, local = (statistics.median(walls[k]) for k in ("worker", "local"))
+            print(
+                f"median job wall time: on a Ray Train worker {worker:.1f} s, in this process "
+                f"(scaling.local) {local:.1f} s; ratio worker / local: {worker / local:.2f}"
+            )
+
+
+def timed_job(cfg, name: str, local: bool, walls: list[float]) -> float:
+    """The real job, on a worker or in this process; its tokens/s, its wall time in `walls`."""
+    cfg = cfg.model_copy(
+        update={
+            "run": cfg.run.model_copy(update={"name": name}),
+            "scaling": cfg.scaling.model_copy(update={"local": local}),
+        }
+    )
+    t0 = time.perf_counter()
+    rate = run_job(cfg)["metrics"]["train_tokens_per_s"]
+    wall = time.perf_counter() - t0
+    where = "in this process (scaling.local)" if local else "Ray Train job, 1 worker"
+    print(f"{where}: {rate:,.0f} tokens/s, job wall time {wall:.1f} s")
+    walls.append(wall)
+    return rate
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ Layout of one checkpoint directory (Ray Train merges what each rank writes into 
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -184,7 +185,42 @@ def newest_complete_checkpoint(fs, run_path: str) -> tuple[str | None, list[dict
 # ------------------------------------------------------------------- resume and save, on Ray Train
 
 
-def resume(par, rank: int, total_steps: int) -> TrainerState:
+def remove_old_checkpoints(fs, run_path: str, keep: int | None) -> None:
+    """Ray Train's CheckpointConfig(num_to_keep) for a job in this process (scaling.local),
+    which Ray's local mode does not apply: the newest `keep` checkpoints stay."""
+    import pyarrow.fs
+
+    if keep is None:
+        return
+    entries = fs.get_file_info(pyarrow.fs.FileSelector(run_path))
+    steps = sorted(
+        (checkpoint_step(e.base_name), e.path)
+        for e in entries
+        if e.type == pyarrow.fs.FileType.Directory and checkpoint_step(e.base_name) is not None
+    )
+    for _, path in steps[:-keep]:
+        fs.delete_dir(path)
+
+
+def run_storage(cfg) -> tuple:
+    """(pyarrow filesystem, path) of the run's directory: Ray Train's storage context on a
+    worker; the same place, from the config, for a job in this process (scaling.local)."""
+    import ray.train
+
+    if not cfg.scaling.local:
+        context = ray.train.get_context().get_storage()
+        return context.storage_filesystem, context.experiment_fs_path
+    import pyarrow.fs
+
+    from core.storage import ray_storage
+
+    path, fs = ray_storage(cfg.checkpoint.storage_path)
+    if fs is None:
+        fs, path = pyarrow.fs.LocalFileSystem(), os.path.abspath(path)
+    return fs, f"{path}/{cfg.run.name}"
+
+
+def resume(cfg, par, rank: int, total_steps: int) -> TrainerState:
     """The state of the newest complete checkpoint of this run, loaded into `par`; a fresh state
     when there is none. Torn checkpoints are skipped, with a warning, and recorded.
 
@@ -193,9 +229,8 @@ def resume(par, rank: int, total_steps: int) -> TrainerState:
     depend on the worker count, so a resume may change it."""
     import ray.train
 
-    storage = ray.train.get_context().get_storage()
-    fs = storage.storage_filesystem
-    path, torn = newest_complete_checkpoint(fs, storage.experiment_fs_path)
+    fs, run_path = run_storage(cfg)
+    path, torn = newest_complete_checkpoint(fs, run_path)
     for t in torn:
         print0(f"WARNING: skipping torn checkpoint {t['checkpoint']}: {t['reason']}")
     state = TrainerState()
@@ -222,8 +257,11 @@ class Checkpointer:
         self.state, self.tracker = state, tracker
         self.torn = {t["checkpoint"] for t in state.skipped_checkpoints}
         ck = cfg.checkpoint
-        self.uploader = Uploader(ck.upload_retry_s, ck.max_pending_uploads, log=self._log)
-        self.preemption = Preemption(ck.save_on_sigterm)
+        self.uploader = Uploader(
+            run_storage(cfg), ck.upload_retry_s, ck.max_pending_uploads, log=self._log
+        )
+        # a job in this process (scaling.local) leaves SIGTERM to the process that runs it
+        self.preemption = Preemption(ck.save_on_sigterm and not cfg.scaling.local)
 
     def _log(self, message: str) -> None:  # every rank's uploads, not only rank 0's
         print(f"[rank {self.rt.rank}] {message}", flush=True)
@@ -259,11 +297,19 @@ class Checkpointer:
         except BaseException:
             self.uploader.unstage(staged)
             raise
+        checkpoint = ray.train.Checkpoint.from_directory(str(staged))
+        name = checkpoint_dir_name(step, final, self.torn)
+        if self.cfg.scaling.local:  # Ray Train's local mode reports without uploading
+            checkpoint = self.uploader.upload(checkpoint, name)
+            up = self.uploader
+            remove_old_checkpoints(up.fs, up.root, self.cfg.checkpoint.keep_last)
+            ray.train.report(metrics, checkpoint=checkpoint)
+            return
         mode = ray.train.CheckpointUploadMode
         ray.train.report(
             metrics,
-            checkpoint=ray.train.Checkpoint.from_directory(str(staged)),
-            checkpoint_dir_name=checkpoint_dir_name(step, final, self.torn),
+            checkpoint=checkpoint,
+            checkpoint_dir_name=name,
             checkpoint_upload_mode=mode.SYNC if final or now else mode.ASYNC,
             checkpoint_upload_fn=self.uploader.upload,
             delete_local_checkpoint_after_upload=False,  # the uploader removes it, on any outcome

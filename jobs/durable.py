@@ -27,7 +27,8 @@ MARKER = re.compile(r"COMMIT_rank(\d+)_of(\d+)\.json")
 class Uploader:
     """One per worker: staging directories, the retrying upload, the bound on what waits."""
 
-    def __init__(self, retry_s: float, max_pending: int, log=print):
+    def __init__(self, storage: tuple, retry_s: float, max_pending: int, log=print):
+        self.fs, self.root = storage  # the run's directory: (pyarrow filesystem, path)
         self.retry_s, self.max_pending, self.log = retry_s, max_pending, log
         self.staged: set[str] = set()  # local directories not yet uploaded
         self.saved: list[str] = []  # checkpoint names uploaded, in order; read by the loop
@@ -63,14 +64,13 @@ class Uploader:
         answers or `retry_s` has passed, then fail (the run restarts from the last complete one)."""
         import ray.train
 
-        storage = ray.train.get_context().get_storage()
-        fs, dest = storage.storage_filesystem, f"{storage.experiment_fs_path}/{dir_name}"
+        dest = f"{self.root}/{dir_name}"
         try:
-            upload_with_retry(Path(checkpoint.path), fs, dest, self.retry_s, self.log)
+            upload_with_retry(Path(checkpoint.path), self.fs, dest, self.retry_s, self.log)
         finally:
             self._done(checkpoint.path)
         self.saved.append(dir_name)
-        return ray.train.Checkpoint(path=dest, filesystem=fs)
+        return ray.train.Checkpoint(path=dest, filesystem=self.fs)
 
 
 def upload_with_retry(local: Path, fs, dest: str, retry_s: float, log=print) -> None:

@@ -82,7 +82,7 @@ def train_func(config: dict) -> None:
     tokenizer, par = setup(cfg, rt, plan)
     obj = make_objective(cfg, rt, tokenizer, data)
 
-    state = resume(par, rt.rank, plan.total_steps)
+    state = resume(cfg, par, rt.rank, plan.total_steps)
     if state.completed:
         print0("this run already finished; nothing to train")
         ray.train.report({"step": state.step, **state.final_metrics})
@@ -331,6 +331,8 @@ def fit(cfg: JobConfig, data, callbacks: list):
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    if cfg.scaling.local and callbacks:
+        raise ConfigError("scaling.local: a sweep's trials train on Ray Train workers; remove it")
     run_dir = storage.join(cfg.checkpoint.storage_path, cfg.run.name)
     storage_path, storage_fs = storage.ray_storage(cfg.checkpoint.storage_path)
     print(f"run directory: {run_dir}")
@@ -348,7 +350,7 @@ def fit(cfg: JobConfig, data, callbacks: list):
             "run_info": tracking_run_info(cfg, data.dataset_hash),
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=scaling.num_workers,
+            num_workers=0 if scaling.local else scaling.num_workers,  # 0: Ray's local mode
             use_gpu=scaling.use_gpu,
             resources_per_worker={"CPU": scaling.cpus_per_worker, **scaling.resources_per_worker},
             placement_strategy=scaling.placement_strategy,
@@ -362,7 +364,11 @@ def fit(cfg: JobConfig, data, callbacks: list):
             callbacks=callbacks,
         ),
     )
-    result = trainer.fit()
+    threads = torch.get_num_threads()
+    try:
+        result = trainer.fit()
+    finally:
+        torch.set_num_threads(threads)  # a job in this process (scaling.local) set its own
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint in {run_dir}")
     return result

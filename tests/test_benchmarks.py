@@ -192,6 +192,7 @@ def test_ray_overhead_tiny(tiny_model_dir):
         timeout=400,
     )
     assert "Ray Train job, 1 worker" in out and "ratio Ray / plain:" in out
+    assert "in this process (scaling.local)" in out and "ratio worker / local:" in out
 
 
 def test_serve_bench_layouts_tiny():

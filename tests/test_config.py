@@ -265,3 +265,25 @@ def test_single_file_string_becomes_a_list(tmp_path):
     data = minimal()
     data["data"]["train_files"] = "only.jsonl"
     assert load_config(write(tmp_path, data)).data.train_files == ["only.jsonl"]
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "scaling.num_workers=2 train.micro_batch_size=8",
+        "train.strategy=fsdp",
+        "scaling.max_failures=1",
+    ],
+)
+def test_a_job_in_this_process_has_one_ddp_worker_and_no_restarts(override):
+    with pytest.raises(ConfigError, match=r"scaling\.local: a job in this process has"):
+        load_config(REPO / "configs/quickstart.yaml", ["scaling.local=true", *override.split()])
+    load_config(REPO / "configs/quickstart.yaml", ["scaling.local=true"])
+
+
+def test_a_sweep_trial_does_not_train_in_its_own_process():
+    from jobs.finetune import fit
+
+    cfg = load_config(REPO / "configs/quickstart.yaml", ["scaling.local=true"])
+    with pytest.raises(ConfigError, match="a sweep's trials train on Ray Train workers"):
+        fit(cfg, None, callbacks=[object()])
