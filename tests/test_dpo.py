@@ -136,6 +136,7 @@ def test_dpo_job_grows_the_chosen_vs_rejected_margin(tiny_model_dir, tmp_path):
             "train.warmup_ratio=0",
             "eval.every_steps=4",
             "checkpoint.every_steps=null",
+            "scaling.local=true",  # in this process: no worker to start
         ],
     )
     local_ray()

@@ -33,6 +33,7 @@ def warm_start(tiny_model_dir, tmp_path_factory, ray_local) -> str:
             f"model.name_or_path={tiny_model_dir}",
             f"checkpoint.storage_path={out}",
             "train.max_steps=20",
+            "scaling.local=true",  # in this process: no worker to start
         ],
     )
     return run_job(cfg)["adapter"]
@@ -152,7 +153,13 @@ def test_grpo_job_learns_a_reward_and_records_what_produced_it(
     start, every step records the grader's metrics, TRL's, and the time in generation; with
     async_steps 1 later batches were sampled one adapter version behind."""
     cfg = grpo_job(
-        tiny_model_dir, tmp_path, warm_start, "async", "train.max_steps=8", "rollout.async_steps=1"
+        tiny_model_dir,
+        tmp_path,
+        warm_start,
+        "async",
+        "train.max_steps=8",
+        "rollout.async_steps=1",
+        "scaling.local=true",  # in this process, its rollouts on Ray actors
     )
     summary = run_job(cfg)
     m = summary["metrics"]

@@ -189,9 +189,11 @@ def test_s3_storage_checkpoints_uploads_and_resumes(s3_server, ray_local, tiny_m
         "eval.task_metric=none",
         "checkpoint.every_steps=null",
     ]
+    # paused on a Ray Train worker, resumed in this process (scaling.local): both write and read
+    # the same checkpoints in the bucket
     first = run_job(load_config("configs/quickstart.yaml", [*overrides, "run.stop_after_steps=3"]))
     assert first["status"] == "paused at step 3"
-    resumed = run_job(load_config("configs/quickstart.yaml", overrides))
+    resumed = run_job(load_config("configs/quickstart.yaml", [*overrides, "scaling.local=true"]))
 
     assert resumed["status"] == "completed" and resumed["resumed_at_steps"] == [3]
     assert [h["step"] for h in resumed["loss_history"]] == list(range(1, 7))

@@ -359,6 +359,7 @@ def test_a_job_tracked_with_mlflow_logs_steps_evals_checkpoints_and_final_metric
         "eval.early_stopping_patience=null",
         "tracking.backend=mlflow",
         f"tracking.tracking_uri={store}",
+        "scaling.local=true",  # in this process: no worker to start
     ]
     first = run_job(job_config(tmp_path / "runs", "run.stop_after_steps=3", *common))
     assert first["status"] == "paused at step 3"
