@@ -1,17 +1,22 @@
-"""engine: vllm under faults and load, on a real local Ray: a model replica killed mid-stream
-gives the client an OpenAI-shaped error (not a hang) and later requests succeed; sustained load
-raises the model replicas from 1 to 2 (Serve's queue-depth autoscaling) and idleness brings them
-back to 1. Slow: each new vLLM replica takes tens of seconds to start on 2 CPUs."""
+"""engine: vllm under load and faults, on a real local Ray, told as one story so that it needs
+two vLLM replica starts (each takes tens of seconds on 2 CPUs): sustained load raises the model
+replicas from 1 to 2 (Serve's queue-depth autoscaling) and no request fails; once the load ends,
+idleness brings the autoscaler's target back to 1 and Serve removes the newer replica, which waits
+for the stream it holds; that replica killed mid-stream gives the client an OpenAI-shaped error
+(not a hang), later requests succeed on the older replica, and no replica starts in its place."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
+from collections.abc import Iterator
 
 import httpx
 import pytest
 import ray
 from ray import serve
+from ray.serve._private.common import ReplicaState
 
 from serve.app import build_app
 from serve.vllm_server import DEPLOYMENT
@@ -39,7 +44,8 @@ def app(tiny_model_dir):
             "max_replicas": 2,
             "target_ongoing_requests": 2,
             "upscale_delay_s": 2,
-            "downscale_delay_s": 5,
+            # time to open a stream on the newer replica before idleness removes it
+            "downscale_delay_s": 8,
             "look_back_period_s": 2,
             "metrics_interval_s": 0.5,
         },
@@ -49,11 +55,25 @@ def app(tiny_model_dir):
     serve.shutdown()
 
 
-def running_replicas() -> int:
-    from ray.serve._private.common import ReplicaState
+def model_deployment():
+    """The VllmServer deployment as Serve's controller sees it: its target number of replicas
+    (the autoscaler's decision) and its replicas with their states and actor names."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeInstanceDetails
 
-    status = serve.status().applications[APP].deployments[DEPLOYMENT]
-    return status.replica_states.get(ReplicaState.RUNNING, 0)
+    details = ServeInstanceDetails(**_get_global_client().get_serve_details())
+    return details.applications[APP].deployments[DEPLOYMENT]
+
+
+def running_replicas() -> list[str]:
+    """The running model replicas' actor names, oldest first."""
+    replicas = [r for r in model_deployment().replicas if r.state == ReplicaState.RUNNING]
+    return [r.actor_name for r in sorted(replicas, key=lambda r: r.start_time_s)]
+
+
+def ongoing(actor) -> int:
+    """Requests in a model replica now (Serve's own count, which its router reads too)."""
+    return ray.get(actor.get_num_ongoing_requests.remote(), timeout=30)
 
 
 def long_body(stream: bool) -> dict:
@@ -68,45 +88,18 @@ def long_body(stream: bool) -> dict:
     }
 
 
-def test_a_replica_killed_mid_stream_ends_the_stream_with_an_error_and_later_requests_succeed(app):
-    handle = serve.get_deployment_handle(DEPLOYMENT, app_name=APP)
-    [actor] = [
-        a["name"]
-        for a in ray.util.list_named_actors(all_namespaces=True)
-        if DEPLOYMENT in a["name"] and APP in a["name"]
-    ]
-    replica = ray.get_actor(actor, namespace="serve")
-    lines = []
-    with httpx.stream("POST", f"{app}/v1/chat/completions", json=long_body(True), timeout=300) as r:
-        assert r.status_code == 200
-        events = r.iter_lines()
-        for line in events:
-            lines.append(line)
-            if '"content": "' in line and '"content": ""' not in line:
-                break  # a generated token: the request is in the engine
-        # Frozen in the engine (vLLM's pause, mode keep), so that the stream is provably
-        # unfinished when the replica dies, however fast the machine generates.
-        handle.pause.remote(mode="keep").result(timeout_s=60)
-        ray.kill(replica, no_restart=False)
-        lines += list(events)  # must end, not hang (httpx's timeout would fail the test)
-    data = [json.loads(x[len("data: ") :]) for x in lines if x.startswith("data: {")]
-    assert "data: [DONE]" not in lines
-    assert data[-1]["error"]["message"] == "generation failed", data[-1]
-    assert data[-1]["error"]["type"] == "server_error"
-
-    def answers() -> bool:
-        body = {**long_body(False), "max_tokens": 4}
-        try:
-            r = httpx.post(f"{app}/v1/chat/completions", json=body, timeout=60)
-        except httpx.HTTPError:
-            return False
-        return r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
-
-    wait_for(answers, 600, "a request to succeed on the restarted replica")
+def answers(app: str) -> bool:
+    body = {**long_body(False), "max_tokens": 4}
+    try:
+        r = httpx.post(f"{app}/v1/chat/completions", json=body, timeout=60)
+    except httpx.HTTPError:
+        return False
+    return r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
 
 
-def test_sustained_load_adds_a_model_replica_and_idleness_removes_it(app):
-    wait_for(lambda: running_replicas() == 1, 600, "one running model replica")
+def test_a_replica_added_under_load_removed_when_idle_and_killed_mid_stream(app):
+    # --- sustained load adds a model replica, and no request fails -------------------------
+    [first] = running_replicas()
     stop = threading.Event()
     failures = []
 
@@ -114,19 +107,79 @@ def test_sustained_load_adds_a_model_replica_and_idleness_removes_it(app):
         with httpx.Client(timeout=300) as c:
             while not stop.is_set():
                 r = c.post(
-                    f"{app}/v1/chat/completions", json={**long_body(False), "max_tokens": 64}
+                    f"{app}/v1/chat/completions", json={**long_body(False), "max_tokens": 32}
                 )
                 if r.status_code != 200:
                     failures.append(r.text)
 
-    workers = [threading.Thread(target=load, daemon=True) for _ in range(8)]
+    workers = [threading.Thread(target=load, daemon=True) for _ in range(4)]
     for w in workers:
         w.start()
     try:
-        wait_for(lambda: running_replicas() == 2, 600, "a second model replica under load")
+        wait_for(lambda: len(running_replicas()) == 2, 600, "a second model replica under load")
     finally:
         stop.set()
         for w in workers:
             w.join(timeout=300)
     assert failures == []
-    wait_for(lambda: running_replicas() == 1, 600, "back to one model replica when idle")
+
+    # --- a stream on the newer replica, frozen --------------------------------------------
+    [newer] = [name for name in running_replicas() if name != first]
+    older, victim = (ray.get_actor(name, namespace="serve") for name in (first, newer))
+    handle = serve.get_deployment_handle(DEPLOYMENT, app_name=APP)
+    wait_for(lambda: not ongoing(older) and not ongoing(victim), 60, "the load's requests to end")
+    with contextlib.ExitStack() as streams:
+
+        def open_stream() -> tuple[list[str], Iterator[str]]:
+            r = streams.enter_context(
+                httpx.stream(
+                    "POST", f"{app}/v1/chat/completions", json=long_body(True), timeout=300
+                )
+            )
+            assert r.status_code == 200
+            lines, events = [], r.iter_lines()
+            for line in events:
+                lines.append(line)
+                if '"content": "' in line and '"content": ""' not in line:
+                    break  # a generated token: the request is in the engine
+            return lines, events
+
+        lines, events = open_stream()
+        if not ongoing(victim):
+            # It runs on the older replica (and goes on there): Serve's router sends the next
+            # request to the less busy replica, the newer one.
+            lines, events = open_stream()
+        # Frozen in the engines (vLLM's pause, mode keep, on every replica), so that the stream
+        # is provably unfinished when its replica dies, however fast the machine generates.
+        handle.broadcast("pause", mode="keep").results(timeout_s=60)
+        assert ongoing(victim) == 1, "no stream on the newer replica"
+
+        # --- idleness removes a replica: the newer one, which waits for its stream ------------
+        # Two requests at most (the streams) are under the target of 2 per replica. Serve stops
+        # the newest replica first and lets its requests finish (for up to 20 s, Serve's
+        # graceful_shutdown_timeout_s) before it kills it.
+        def newer_stopping() -> bool:
+            d = model_deployment()
+            running = [r.actor_name for r in d.replicas if r.state == ReplicaState.RUNNING]
+            return d.target_num_replicas == 1 and running == [first]
+
+        wait_for(newer_stopping, 120, "the autoscaler to remove the newer replica when idle")
+
+        # --- the newer replica killed mid-stream ----------------------------------------------
+        ray.kill(victim, no_restart=False)
+        lines += list(events)  # must end, not hang (httpx's timeout would fail the test)
+        # The older replica generates again (a broadcast that still reaches the dead one gets
+        # its death back).
+        resumed = handle.broadcast("resume").results(timeout_s=60, return_exceptions=True)
+        assert None in resumed, resumed
+    data = [json.loads(x[len("data: ") :]) for x in lines if x.startswith("data: {")]
+    assert "data: [DONE]" not in lines
+    assert data[-1]["error"]["message"] == "generation failed", data[-1]
+    assert data[-1]["error"]["type"] == "server_error"
+    wait_for(lambda: answers(app), 600, "a request to succeed after the kill")
+    # gone, and none started in its place (the target is 1)
+    wait_for(
+        lambda: [r.actor_name for r in model_deployment().replicas] == [first],
+        120,
+        "only the older model replica",
+    )
