@@ -1,10 +1,17 @@
 """The fine-tuning API end to end: a real `ray start --head` (token auth, the Jobs API), the
 serving app on it (hf engine), jobs as Ray jobs, SQLite, and the real openai client.
 
-One app and one head for the module; the snippet's job is run once and shared."""
+One app and one head for the module. Every Ray Train run costs seconds of start-up, so each job
+proves as much as it can: the snippet's job is the one that lives through a killed API replica and
+a pause and a resume, and is then shared by the tests that read a finished job; the cancel, dpo
+and reinforcement jobs are started together so that their start-ups overlap.
+
+A window to act in is made by freezing the job's trainer (SIGSTOP), not by many steps: while it
+is frozen the job cannot move on, whatever the machine's speed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -64,13 +71,81 @@ def finished(c, job_id: str, timeout: float = 900):
         job = c.fine_tuning.jobs.retrieve(job_id)
         return job if job.status in ("succeeded", "failed", "cancelled") else None
 
-    return wait_for(done, timeout, f"job {job_id} to finish", every=1)
+    return wait_for(done, timeout, f"job {job_id} to finish", every=0.5)
+
+
+def has_event(c, job_id: str, prefix: str) -> bool:
+    return any(e.message.startswith(prefix) for e in c.fine_tuning.jobs.list_events(job_id))
+
+
+def replica_pids(dashboard: str) -> list[int]:
+    from ray.util.state import list_actors
+
+    # this head's, by address: other Ray clusters may run on the machine
+    actors = list_actors(
+        address=dashboard, filters=[("state", "=", "ALIVE")], detail=True, limit=1000
+    )
+    return [a.pid for a in actors if "MultiAdapterServer" in (a.class_name or "")]
+
+
+def trainer_pid(dashboard: str, ray_jobs: JobSubmissionClient, submission_id: str) -> int:
+    """The pid of the Ray Train worker of one Ray job (one worker a run), once it runs."""
+    from ray.util.state import list_actors
+
+    def pids():
+        driver = ray_jobs.get_job_info(submission_id).driver_info
+        if driver is None:
+            return None
+        actors = list_actors(
+            address=dashboard, filters=[("state", "=", "ALIVE")], detail=True, limit=1000
+        )
+        return [
+            a.pid
+            for a in actors
+            if a.class_name == "RayTrainWorker" and a.job_id == driver.id and a.pid
+        ]
+
+    (pid,) = wait_for(pids, 300, f"the Ray Train worker of {submission_id}")
+    return pid
+
+
+def thaw(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGCONT)
+
+
+def gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")  # a zombie has ended
+    except FileNotFoundError:
+        return True
 
 
 @pytest.fixture(scope="module")
-def trained(app):
-    """README's snippet: upload, create (3 epochs), list events, retrieve, chat."""
+def malformed(app):
+    """A job on a file whose third line is cut short, created before the snippet's job (see
+    `trained`): it fails in validation, while the snippet's job starts."""
     c = client(app["url"])
+    rows = training_rows(40).decode().splitlines()
+    rows[2] = '{"messages": [{"role": "user", "content": "no answer"'
+    f = upload(c, ("\n".join(rows) + "\n").encode(), "bad.jsonl")
+    return c.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id)
+
+
+@pytest.fixture(scope="module")
+def trained(app, request, malformed):
+    """README's snippet (upload, create with 3 epochs, list events, retrieve, chat), and the job
+    lives through an API replica killed mid-run, then a pause and a resume (from its checkpoint)
+    handled by the new replica. Beside it, a second job whose cancel the API wrote down but died
+    before passing on to Ray. What happened on the way is returned for the tests to check.
+
+    `malformed`'s job is created first only so that its short life overlaps this one's start."""
+    c = client(app["url"])
+    dashboard = app["settings"]["finetuning"]["ray_address"]
+    ray_jobs = JobSubmissionClient(dashboard)
+    sessions = db.connect(app["settings"]["finetuning"]["database_url"])
+    seen = {}
     t0 = time.time()
     f = upload(c, training_rows(128))
     job = c.fine_tuning.jobs.create(
@@ -79,9 +154,56 @@ def trained(app):
         suffix="reviews",
         method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 3}}},
     )
+    trainer = trainer_pid(dashboard, ray_jobs, f"{job.id}-0")
+    # A second job whose cancel the API writes down but dies before passing on to Ray. Started
+    # once the first one trains, so that its start-up overlaps the first one's steps, not its
+    # start-up (it only has to be running when the API dies).
+    other = c.fine_tuning.jobs.create(
+        model="tiny-llama",
+        training_file=f.id,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 200}}},
+    )
+    # whatever happens here, its 200 epochs must not slow the tests after this one
+    request.addfinalizer(lambda: ray_jobs.stop_job(f"{other.id}-0"))
+    wait_for(lambda: has_event(c, job.id, "Checkpoint created"), 300, "a checkpoint")
+    # Frozen mid-run: from here until it is let go, the job takes no step, so the restart and
+    # the pause below land mid-run however fast the machine is (the test checks it: the resumed
+    # run starts before the last step). Ray Train's controller waits 10 min before it calls a
+    # silent worker dead.
+    os.kill(trainer, signal.SIGSTOP)
+    request.addfinalizer(lambda: thaw(trainer))
+    wait_for(lambda: c.fine_tuning.jobs.retrieve(other.id).status == "running", 240, "running")
+    assert c.fine_tuning.jobs.retrieve(job.id).status == "running"
+    (pid,) = replica_pids(dashboard)
+    os.kill(pid, signal.SIGKILL)  # the API process, at any moment: no shutdown hook runs
+    # written while no replica runs (a new one takes seconds to start): only the new replica's
+    # reconciler can stop this Ray job
+    seen["other_cancel_written"] = db.set_status(
+        sessions, other.id, "cancelled", only_from=("running",), stop_pending=True
+    )
+
+    def answers():
+        try:
+            return c.fine_tuning.jobs.retrieve(job.id)
+        except Exception:
+            return None
+
+    seen["after_restart"] = wait_for(answers, 180, "a new API replica").status
+    seen["killed"], seen["replicas"] = pid, replica_pids(dashboard)
+    # pause (the new replica), see the Ray job stop, resume
+    seen["pause"] = c.fine_tuning.jobs.pause(job.id).status
+    wait_for(
+        lambda: ray_jobs.get_job_status(f"{job.id}-0").value in ("STOPPED", "FAILED"),
+        120,
+        "the paused job's Ray job to stop",
+    )
+    thaw(trainer)  # its run has ended: let it go, and see it exit
+    wait_for(lambda: gone(trainer), 120, "the paused run's worker to exit")
+    seen["paused"] = c.fine_tuning.jobs.retrieve(job.id).status
+    seen["resume"] = c.fine_tuning.jobs.resume(job.id).status
     job = finished(c, job.id)
     print(f"the snippet's job took {time.time() - t0:.1f} s")
-    return {"job": job, "file": f, "wall_s": time.time() - t0}
+    return {"job": job, "file": f, "other": other, "seen": seen, "sessions": sessions}
 
 
 def test_the_snippet_job_succeeds_and_its_model_answers_like_its_adapter(
@@ -232,13 +354,9 @@ def openai_not_found():
     return openai.NotFoundError
 
 
-def test_a_malformed_file_fails_the_job_naming_the_line(app):
+def test_a_malformed_file_fails_the_job_naming_the_line(app, malformed):
     c = client(app["url"])
-    rows = training_rows(40).decode().splitlines()
-    rows[2] = '{"messages": [{"role": "user", "content": "no answer"'
-    f = upload(c, ("\n".join(rows) + "\n").encode(), "bad.jsonl")
-    job = c.fine_tuning.jobs.create(model="tiny-llama", training_file=f.id)
-    job = finished(c, job.id, timeout=240)
+    job = finished(c, malformed.id, timeout=240)
     assert job.status == "failed"
     assert job.error.code == "invalid_training_file"
     assert job.error.param == "training_file"
@@ -246,91 +364,13 @@ def test_a_malformed_file_fails_the_job_naming_the_line(app):
     assert job.fine_tuned_model is None
 
 
-def test_cancel_mid_run_stops_its_ray_job(app):
-    c = client(app["url"])
-    f = upload(c, training_rows(128))
-    job = c.fine_tuning.jobs.create(
-        model="tiny-llama",
-        training_file=f.id,
-        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 200}}},
-        extra_body={"rayft": {"checkpoint_every_steps": 10, "eval_every_steps": 10}},
-    )
-    wait_for(
-        lambda: any(e.message.startswith("Step ") for e in c.fine_tuning.jobs.list_events(job.id)),
-        300,
-        "a training step event",
-        every=1,
-    )
-    cancelled = c.fine_tuning.jobs.cancel(job.id)
-    assert cancelled.status == "cancelled"
-    jobs = JobSubmissionClient(app["settings"]["finetuning"]["ray_address"])
-    wait_for(
-        lambda: jobs.get_job_status(f"{job.id}-0").value in ("STOPPED", "FAILED"),
-        120,
-        "the cancelled job's Ray job to stop",
-    )
-    time.sleep(0)  # the status is read again below, after the Ray job has gone
-    after = c.fine_tuning.jobs.retrieve(job.id)
-    assert after.status == "cancelled" and after.fine_tuned_model is None
-    with pytest.raises(openai_not_found()):
-        c.chat.completions.create(
-            model=f"ft:tiny-llama:acme::{job.id.removeprefix('ftjob-')}", messages=MESSAGES
-        )
-
-
-def replica_pids(dashboard: str) -> list[int]:
-    from ray.util.state import list_actors
-
-    # this head's, by address: other Ray clusters may run on the machine
-    actors = list_actors(
-        address=dashboard, filters=[("state", "=", "ALIVE")], detail=True, limit=1000
-    )
-    return [a.pid for a in actors if "MultiAdapterServer" in (a.class_name or "")]
-
-
-def test_the_api_killed_mid_job_restarts_then_the_job_pauses_resumes_and_succeeds(app, request):
-    """One job lives through an API replica killed mid-run, then a pause and a resume (from its
-    checkpoint) handled by the new replica."""
-    c = client(app["url"])
-    f = upload(c, training_rows(128))
-    job = c.fine_tuning.jobs.create(
-        model="tiny-llama",
-        training_file=f.id,
-        suffix="restart",
-        # ~7 steps an epoch: with a checkpoint every 8 steps, the restart and the pause have
-        # ~75 steps to land in
-        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 12}}},
-        extra_body={"rayft": {"checkpoint_every_steps": 8, "eval_every_steps": 8}},
-    )
-    # A second job whose cancel the API wrote down but died before passing on to Ray.
-    other = c.fine_tuning.jobs.create(
-        model="tiny-llama",
-        training_file=f.id,
-        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 200}}},
-    )
-    # whatever happens here, its 200 epochs must not slow the tests after this one
-    ray_jobs = JobSubmissionClient(app["settings"]["finetuning"]["ray_address"])
-    request.addfinalizer(lambda: ray_jobs.stop_job(f"{other.id}-0"))
-    wait_for(lambda: c.fine_tuning.jobs.retrieve(job.id).status == "running", 240, "running")
-    wait_for(lambda: c.fine_tuning.jobs.retrieve(other.id).status == "running", 240, "running")
-    sessions = db.connect(app["settings"]["finetuning"]["database_url"])
-    dashboard = app["settings"]["finetuning"]["ray_address"]
-    (pid,) = replica_pids(dashboard)
-    os.kill(pid, signal.SIGKILL)  # the API process, at any moment: no shutdown hook runs
-    # written while no replica runs (a new one takes seconds to start): only the new replica's
-    # reconciler can stop this Ray job
-    assert db.set_status(sessions, other.id, "cancelled", only_from=("running",), stop_pending=True)
-
-    def answers():
-        try:
-            return c.fine_tuning.jobs.retrieve(job.id)
-        except Exception:
-            return None
-
-    wait_for(answers, 180, "a new API replica")
-    assert replica_pids(dashboard) != [pid]
-    pause_and_resume(c, ray_jobs, job.id)
-    job = finished(c, job.id)
+def test_the_api_killed_mid_job_restarts_then_the_job_pauses_resumes_and_succeeds(app, trained):
+    """The snippet's job lived through an API replica killed mid-run, then a pause and a resume
+    (from its checkpoint) handled by the new replica (the `trained` fixture)."""
+    c, job, seen = client(app["url"]), trained["job"], trained["seen"]
+    assert seen["killed"] not in seen["replicas"] and len(seen["replicas"]) == 1
+    assert seen["after_restart"] == "running"  # the new replica left the running job alone
+    assert (seen["pause"], seen["paused"], seen["resume"]) == ("paused", "paused", "queued")
     assert job.status == "succeeded", job.error
     messages = [e.message for e in c.fine_tuning.jobs.list_events(job.id, limit=100)]  # all pages
     assert "Fine-tuning job started (resumed)" in messages
@@ -340,36 +380,21 @@ def test_the_api_killed_mid_job_restarts_then_the_job_pauses_resumes_and_succeed
     assert len(steps) == len(csv) - 1  # every step once
     assert sum("successfully completed" in m for m in messages) == 1
     run = json.loads((app["tmp"] / "runs" / job.id / "run.json").read_text())
-    assert run["resumed_at_steps"] and run["resumed_at_steps"][0] >= 8  # from its checkpoint
+    # from its checkpoint (one every 4 steps), and before the last step: the pause was mid-run
+    assert 4 <= run["resumed_at_steps"][0] < len(csv) - 1, run["resumed_at_steps"]
     # the new replica's reconciler stopped the cancelled job's Ray job
+    other = trained["other"]
+    assert seen["other_cancel_written"]
+    ray_jobs = JobSubmissionClient(app["settings"]["finetuning"]["ray_address"])
     wait_for(
         lambda: ray_jobs.get_job_status(f"{other.id}-0").value in ("STOPPED", "FAILED"),
         120,
         "the cancelled job's Ray job to be stopped after the restart",
     )
+    sessions = trained["sessions"]
     wait_for(lambda: not db.get_job(sessions, other.id).stop_pending, 60, "stop_pending cleared")
-    assert c.fine_tuning.jobs.retrieve(other.id).status == "cancelled"
-
-
-def pause_and_resume(c, ray_jobs, job_id: str) -> None:
-    """Pause once a checkpoint exists, see the Ray job stop, resume."""
-    wait_for(
-        lambda: any(
-            e.message.startswith("Checkpoint created")
-            for e in c.fine_tuning.jobs.list_events(job_id)
-        ),
-        300,
-        "a checkpoint",
-        every=1,
-    )
-    assert c.fine_tuning.jobs.pause(job_id).status == "paused"
-    wait_for(
-        lambda: ray_jobs.get_job_status(f"{job_id}-0").value in ("STOPPED", "FAILED"),
-        120,
-        "the paused job's Ray job to stop",
-    )
-    assert c.fine_tuning.jobs.retrieve(job_id).status == "paused"
-    assert c.fine_tuning.jobs.resume(job_id).status == "queued"
+    after = c.fine_tuning.jobs.retrieve(other.id)
+    assert after.status == "cancelled" and after.fine_tuned_model is None
 
 
 def test_no_key_is_written_anywhere(app, trained):
@@ -380,7 +405,23 @@ def test_no_key_is_written_anywhere(app, trained):
                 assert key.encode() not in data, path
 
 
-def test_a_dpo_job_on_openai_preference_rows(app):
+@pytest.fixture(scope="module")
+def side_jobs(app, request):
+    """Three jobs created together (the tenant's limit), so that their start-ups overlap: a long
+    one to cancel mid-run, a dpo one and a reinforcement one."""
+    from jobs.demo_data import make_prompt_rows
+
+    c = client(app["url"])
+    ray_jobs = JobSubmissionClient(app["settings"]["finetuning"]["ray_address"])
+    long = c.fine_tuning.jobs.create(
+        model="tiny-llama",
+        training_file=upload(c, training_rows(128)).id,
+        method={"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 200}}},
+        # a step event as soon as the first step is checkpointed
+        extra_body={"rayft": {"checkpoint_every_steps": 1, "eval_every_steps": 10}},
+    )
+    # whatever happens, its 200 epochs must not slow the other jobs
+    request.addfinalizer(lambda: ray_jobs.stop_job(f"{long.id}-0"))
     rows = []
     for line in (REPO / "data/review_pairs.jsonl").read_text().splitlines()[:32]:
         pair = json.loads(line)
@@ -391,14 +432,59 @@ def test_a_dpo_job_on_openai_preference_rows(app):
                 "non_preferred_output": pair["rejected"],
             }
         )
-    c = client(app["url"])
     f = upload(c, "".join(json.dumps(r) + "\n" for r in rows).encode(), "pairs.jsonl")
-    job = c.fine_tuning.jobs.create(
+    dpo = c.fine_tuning.jobs.create(
         model="tiny-llama",
         training_file=f.id,
         suffix="dpo",
         method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "n_epochs": 1}}},
     )
+    rows = "".join(json.dumps(r) + "\n" for r in make_prompt_rows(24)).encode()
+    f = upload(c, rows, "prompts.jsonl")
+    grader = {
+        "type": "string_check",
+        "name": "label",
+        "input": "{{ sample.output_text }}",
+        "reference": "{{ item.answer }}",
+        "operation": "eq",
+    }
+    rft = c.fine_tuning.jobs.create(
+        model="tiny-llama",
+        training_file=f.id,
+        suffix="rft",
+        method={
+            "type": "reinforcement",
+            "reinforcement": {"grader": grader, "hyperparameters": {"batch_size": 4}},
+        },
+        extra_body={"rayft": {"max_steps": 2}},
+    )
+    return {"long": long, "dpo": dpo, "rft": rft}
+
+
+def test_cancel_mid_run_stops_its_ray_job(app, side_jobs):
+    c = client(app["url"])
+    job = side_jobs["long"]
+    wait_for(lambda: has_event(c, job.id, "Step "), 300, "a training step event")
+    cancelled = c.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.status == "cancelled"
+    jobs = JobSubmissionClient(app["settings"]["finetuning"]["ray_address"])
+    wait_for(
+        lambda: jobs.get_job_status(f"{job.id}-0").value in ("STOPPED", "FAILED"),
+        120,
+        "the cancelled job's Ray job to stop",
+    )
+    # the status is read again, after the Ray job has gone
+    after = c.fine_tuning.jobs.retrieve(job.id)
+    assert after.status == "cancelled" and after.fine_tuned_model is None
+    with pytest.raises(openai_not_found()):
+        c.chat.completions.create(
+            model=f"ft:tiny-llama:acme::{job.id.removeprefix('ftjob-')}", messages=MESSAGES
+        )
+
+
+def test_a_dpo_job_on_openai_preference_rows(app, side_jobs):
+    c = client(app["url"])
+    job = side_jobs["dpo"]
     assert job.method.dpo.hyperparameters.beta == 0.2
     job = finished(c, job.id)
     assert job.status == "succeeded", job.error
@@ -411,31 +497,11 @@ def test_a_dpo_job_on_openai_preference_rows(app):
     assert reply.model == job.fine_tuned_model
 
 
-def test_a_reinforcement_job_on_prompt_rows_with_a_grader(app):
+def test_a_reinforcement_job_on_prompt_rows_with_a_grader(app, side_jobs):
     """method reinforcement: OpenAI's RFT rows (messages up to the user's turn, an `answer`
     field) and a string_check grader train GRPO; the model is served to its tenant."""
-    from jobs.demo_data import make_prompt_rows
-
     c = client(app["url"])
-    rows = "".join(json.dumps(r) + "\n" for r in make_prompt_rows(24)).encode()
-    f = upload(c, rows, "prompts.jsonl")
-    grader = {
-        "type": "string_check",
-        "name": "label",
-        "input": "{{ sample.output_text }}",
-        "reference": "{{ item.answer }}",
-        "operation": "eq",
-    }
-    job = c.fine_tuning.jobs.create(
-        model="tiny-llama",
-        training_file=f.id,
-        suffix="rft",
-        method={
-            "type": "reinforcement",
-            "reinforcement": {"grader": grader, "hyperparameters": {"batch_size": 4}},
-        },
-        extra_body={"rayft": {"max_steps": 2}},
-    )
+    job = side_jobs["rft"]
     assert job.method.type == "reinforcement"
     assert job.method.reinforcement.grader.reference == "{{ item.answer }}"
     job = finished(c, job.id)
