@@ -297,7 +297,7 @@ class TrainConfig(Section):
 class ScalingConfig(Section):
     num_workers: int = Field(1, ge=1)
     # true: the job trains in the process that runs it (Ray Train's local mode): no worker
-    # processes to start (~10 s less per run on a small machine), and a debugger stops in the
+    # processes to start (a 30-step job: 5.7 s instead of 26 s on 2 CPUs), a debugger stops in the
     # training loop. One worker, train.strategy ddp, no restarts; checkpoints, resume and
     # checkpoint.keep_last work as on workers.
     local: bool = False
