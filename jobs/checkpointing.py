@@ -160,21 +160,25 @@ def checkpoint_step(name: str) -> int | None:
     return int(m[1]) if m else None
 
 
-def newest_complete_checkpoint(fs, run_path: str) -> tuple[str | None, list[dict]]:
-    """(path of the newest complete checkpoint under run_path or None, the torn ones newer than it)."""
+def checkpoint_dirs(fs, run_path: str) -> list[tuple[int, bool, str]]:
+    """(step, final?, path) of every checkpoint directory under run_path, oldest first."""
     import pyarrow.fs
 
     try:
         entries = fs.get_file_info(pyarrow.fs.FileSelector(run_path))
     except FileNotFoundError:
-        return None, []
-    dirs = [
+        return []
+    return sorted(
         (checkpoint_step(e.base_name), "_final" in e.base_name, e.path)
         for e in entries
         if e.type == pyarrow.fs.FileType.Directory and checkpoint_step(e.base_name) is not None
-    ]
+    )
+
+
+def newest_complete_checkpoint(fs, run_path: str) -> tuple[str | None, list[dict]]:
+    """(path of the newest complete checkpoint under run_path or None, the torn ones newer than it)."""
     skipped = []
-    for _, _, path in sorted(dirs, reverse=True):
+    for _, _, path in reversed(checkpoint_dirs(fs, run_path)):
         reason = torn_reason(fs, path)
         if reason is None:
             return path, skipped
@@ -188,17 +192,9 @@ def newest_complete_checkpoint(fs, run_path: str) -> tuple[str | None, list[dict
 def remove_old_checkpoints(fs, run_path: str, keep: int | None) -> None:
     """Ray Train's CheckpointConfig(num_to_keep) for a job in this process (scaling.local),
     which Ray's local mode does not apply: the newest `keep` checkpoints stay."""
-    import pyarrow.fs
-
     if keep is None:
         return
-    entries = fs.get_file_info(pyarrow.fs.FileSelector(run_path))
-    steps = sorted(
-        (checkpoint_step(e.base_name), e.path)
-        for e in entries
-        if e.type == pyarrow.fs.FileType.Directory and checkpoint_step(e.base_name) is not None
-    )
-    for _, path in steps[:-keep]:
+    for _, _, path in checkpoint_dirs(fs, run_path)[:-keep]:
         fs.delete_dir(path)
 
 
