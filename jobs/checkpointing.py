@@ -216,6 +216,16 @@ def run_storage(cfg) -> tuple:
     return fs, f"{path}/{cfg.run.name}"
 
 
+def stored_checkpoint(cfg):
+    """The run's newest complete checkpoint in storage (None when there is none): how a job in
+    this process (scaling.local) ends, as Ray's local mode records none inside a Tune trial."""
+    import ray.train
+
+    fs, run_path = run_storage(cfg)
+    path, _ = newest_complete_checkpoint(fs, run_path)
+    return ray.train.Checkpoint(path=path, filesystem=fs) if path else None
+
+
 def resume(cfg, par, rank: int, total_steps: int) -> TrainerState:
     """The state of the newest complete checkpoint of this run, loaded into `par`; a fresh state
     when there is none. Torn checkpoints are skipped, with a warning, and recorded.
@@ -248,9 +258,10 @@ class Checkpointer:
     `ray.train.report` costs about a second on a small machine: it is called only here, at
     eval/checkpoint steps. As a context manager it hands SIGTERM back to Ray on the way out."""
 
-    def __init__(self, cfg, rt, par, tokenizer, state: TrainerState, tracker):
+    def __init__(self, cfg, rt, par, tokenizer, state: TrainerState, tracker, on_report=None):
         self.cfg, self.rt, self.par, self.tokenizer = cfg, rt, par, tokenizer
         self.state, self.tracker = state, tracker
+        self.on_report = on_report  # a sweep trial in this process (scaling.local): Tune's report
         self.torn = {t["checkpoint"] for t in state.skipped_checkpoints}
         ck = cfg.checkpoint
         self.uploader = Uploader(
@@ -299,7 +310,10 @@ class Checkpointer:
             checkpoint = self.uploader.upload(checkpoint, name)
             up = self.uploader
             remove_old_checkpoints(up.fs, up.root, self.cfg.checkpoint.keep_last)
-            ray.train.report(metrics, checkpoint=checkpoint)
+            if self.on_report:  # a Tune trial (which refuses ray.train.report): it may stop here
+                self.on_report(metrics, checkpoint.path)
+            else:
+                ray.train.report(metrics, checkpoint=checkpoint)
             return
         mode = ray.train.CheckpointUploadMode
         ray.train.report(

@@ -19,6 +19,7 @@ import resource
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,13 @@ from core.ray_cluster import init_ray, shutdown_ray
 from inference.model import load_base_model, load_tokenizer
 from inference.runtime import Runtime
 from jobs.batching import epoch_order, step_micro_batches
-from jobs.checkpointing import Checkpointer, TrainerState, read_trainer_state, resume
+from jobs.checkpointing import (
+    Checkpointer,
+    TrainerState,
+    read_trainer_state,
+    resume,
+    stored_checkpoint,
+)
 from jobs.config import JobConfig, load_config
 from jobs.data import load_for_job, summary_lines
 from jobs.distributed import all_gather_objects, print0, seed_everything
@@ -82,15 +89,17 @@ def train_func(config: dict) -> None:
     tokenizer, par = setup(cfg, rt, plan)
     obj = make_objective(cfg, rt, tokenizer, data)
 
+    on_report = config.get("on_report")  # a sweep trial in this process (scaling.local)
     state = resume(cfg, par, rt.rank, plan.total_steps)
     if state.completed:
         print0("this run already finished; nothing to train")
-        ray.train.report({"step": state.step, **state.final_metrics})
+        report = on_report or ray.train.report  # ray.train.report refuses a Tune trial
+        report({"step": state.step, **state.final_metrics}, None)
         return
     # the tracker is rank 0's; it is finished on the way out, and marked failed on an exception
     with (
         start_tracker(cfg, config["run_info"], plan.total_steps) as tracker,
-        Checkpointer(cfg, rt, par, tokenizer, state, tracker) as ckpt,
+        Checkpointer(cfg, rt, par, tokenizer, state, tracker, on_report) as ckpt,
         closing(obj),  # what the objective started (GRPO's rollout actors)
     ):
         state.worker_nodes = all_gather_objects(ray.get_runtime_context().get_node_id())
@@ -275,12 +284,18 @@ class TrainingRun:
 
 
 def run_job(
-    cfg: JobConfig, address: str | None = None, callbacks: list | None = None, **extra
+    cfg: JobConfig,
+    address: str | None = None,
+    callbacks: list | None = None,
+    on_report: Callable[[dict, str | None], None] | None = None,
+    **extra,
 ) -> dict:
     """Validate data, train on Ray, then write the adapter and run.json; returns the run summary.
 
-    `callbacks` go to Ray Train's RunConfig (a sweep passes Tune's report callback); `extra`
-    fields are recorded in run.json (a sweep records its name, trial and parameters).
+    `callbacks` go to Ray Train's RunConfig (a sweep passes Tune's report callback to a job on
+    workers); a job in this process (scaling.local) calls `on_report(metrics, checkpoint_path)`
+    at each of its reports instead. `extra` fields are recorded in run.json (a sweep records its
+    name, trial and parameters).
     """
     scratch = scratch_dir()  # a set prepared inline lives here until the run ends
     try:
@@ -288,7 +303,7 @@ def run_job(
         init_ray(address)
         preflight_memory(cfg)  # refuses a job that cannot fit, before any worker starts
         cfg = resolve_local_paths(cfg)
-        result = fit(cfg, data, callbacks or [])
+        result = fit(cfg, data, callbacks or [], on_report)
         return write_outputs(cfg, data, result, scratch, extra)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -325,14 +340,18 @@ def load_data(cfg: JobConfig, scratch: str):
     return data
 
 
-def fit(cfg: JobConfig, data, callbacks: list):
+def fit(cfg: JobConfig, data, callbacks: list, on_report=None):
     """Run train_func on Ray Train workers; the result of a run that saved its final checkpoint."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    # Ray Train's local mode runs no controller, so it calls no callback: a job in this process
+    # reports through on_report, which the train function is given as it is (nothing is pickled)
     if cfg.scaling.local and callbacks:
-        raise ConfigError("scaling.local: a sweep's trials train on Ray Train workers; remove it")
+        raise ConfigError("scaling.local: a job in this process calls no Ray Train callback")
+    if on_report and not cfg.scaling.local:
+        raise ValueError("on_report is for a job in this process (scaling.local)")
     run_dir = storage.join(cfg.checkpoint.storage_path, cfg.run.name)
     storage_path, storage_fs = storage.ray_storage(cfg.checkpoint.storage_path)
     print(f"run directory: {run_dir}")
@@ -348,6 +367,7 @@ def fit(cfg: JobConfig, data, callbacks: list):
             "job": cfg.model_dump(),
             "data": ray.put(payload),
             "run_info": tracking_run_info(cfg, data.dataset_hash),
+            **({"on_report": on_report} if on_report else {}),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=0 if scaling.local else scaling.num_workers,  # 0: Ray's local mode
@@ -369,6 +389,8 @@ def fit(cfg: JobConfig, data, callbacks: list):
         result = trainer.fit()
     finally:
         torch.set_num_threads(threads)  # a job in this process (scaling.local) set its own
+    if scaling.local:  # Ray's local mode records no checkpoint in a Tune trial: storage has it
+        result.checkpoint = stored_checkpoint(cfg)
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint in {run_dir}")
     return result

@@ -281,9 +281,14 @@ def test_a_job_in_this_process_has_one_ddp_worker_and_no_restarts(override):
     load_config(REPO / "configs/quickstart.yaml", ["scaling.local=true"])
 
 
-def test_a_sweep_trial_does_not_train_in_its_own_process():
+def test_a_job_in_this_process_takes_no_ray_train_callback():
+    """Ray Train's local mode runs no controller to call them: a sweep trial in its own process
+    reports through on_report (tests/test_sweep.py), and on_report is refused on workers."""
     from jobs.finetune import fit
 
     cfg = load_config(REPO / "configs/quickstart.yaml", ["scaling.local=true"])
-    with pytest.raises(ConfigError, match="a sweep's trials train on Ray Train workers"):
+    with pytest.raises(ConfigError, match="a job in this process calls no Ray Train callback"):
         fit(cfg, None, callbacks=[object()])
+    workers = load_config(REPO / "configs/quickstart.yaml")
+    with pytest.raises(ValueError, match="on_report is for a job in this process"):
+        fit(workers, None, callbacks=[], on_report=print)

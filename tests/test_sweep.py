@@ -154,6 +154,7 @@ def test_a_sweep_on_s3_survives_a_killed_driver_and_promotes_its_best_trial_from
             "eval.every_steps=2",
             "checkpoint.every_steps=2",
             "eval.max_generate_samples=4",
+            "scaling.local=true",  # each trial trains in its own process, reporting to Tune
         ],
         search="optuna",
         max_concurrent_trials=1,  # the searcher must remember its trials across the kill

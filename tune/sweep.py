@@ -197,13 +197,34 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
         f"checkpoint.storage_path={sweep['runs']}",
     ]
     cfg = load_config(sweep["job"], overrides)
-    summary = run_job(
-        cfg,
-        callbacks=[TuneReportCallback()],
-        sweep={"name": sweep["name"], "trial": trial, "params": params},
-    )
+    if cfg.scaling.local:  # the job trains in this trial's process and reports to Tune itself
+        hooks = {"on_report": report_to_tune}
+    else:  # Ray Train's controller forwards its workers' reports
+        hooks = {"callbacks": [TuneReportCallback()]}
+    summary = run_job(cfg, **hooks, sweep={"name": sweep["name"], "trial": trial, "params": params})
     # the final report carries the final evaluation; Train's callback has already forwarded it
     log.info("trial %s finished: %s", trial, summary["metrics"])
+
+
+def report_to_tune(metrics: dict, checkpoint_path: str | None) -> None:
+    """What `TuneReportCallback` reports for a job on workers: the metrics, and where the
+    checkpoint they came with is. Tune may stop the trial here (SystemExit)."""
+    from ray import tune
+
+    extra = {"checkpoint_path": checkpoint_path} if checkpoint_path else {}
+    tune.report({**metrics, **extra})
+
+
+def trial_resources(job):
+    """A trial that trains in its own process (scaling.local) holds its worker's resources; one
+    whose job starts Ray Train workers holds almost nothing (Tune rejects 0): they hold them."""
+    from ray.tune import PlacementGroupFactory
+
+    sc = job.scaling
+    if not sc.local:
+        return {"cpu": 0.01}
+    bundle = {"CPU": sc.cpus_per_worker, "GPU": 1 if sc.use_gpu else 0, **sc.resources_per_worker}
+    return PlacementGroupFactory([bundle])
 
 
 # ---------------------------------------------------------------- the sweep
@@ -242,8 +263,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = True) -> dict[str, Any]:
         trainable, host = packed_trainable(cfg, job, sweep)
     else:
         trainable = tune.with_resources(
-            tune.with_parameters(run_trial, sweep=sweep),
-            {"cpu": 0.01},  # the trial's workers hold the CPUs
+            tune.with_parameters(run_trial, sweep=sweep), trial_resources(job)
         )
     tuner = restored_tuner(root, trainable) if resume else None
     tuner = tuner or new_tuner(cfg, job, root, trainable)
@@ -520,7 +540,8 @@ def explain(cfg: SweepConfig) -> list[str]:
         f"budget: {steps} steps a trial, {steps * trials} if every trial ran to its end; "
         f"stops at {', '.join(x for x in limits if x) or 'no limit'}"
     )
-    lines.append(f"each trial: {workers} worker(s) x {job.scaling.cpus_per_worker:g} CPU")
+    where = " in the trial's process (scaling.local)" if job.scaling.local else ""
+    lines.append(f"each trial: {workers} worker(s) x {job.scaling.cpus_per_worker:g} CPU{where}")
     if cfg.pack_trials > 1:
         lines.append(f"packed: {cfg.pack_trials} trials share one copy of {job.model.name_or_path}")
     return lines
