@@ -114,9 +114,8 @@ class VllmRolloutEngine:
     """vLLM's offline engine; each version is written once as a peft directory (LoRARequest)."""
 
     def __init__(self, cfg: JobConfig, device: torch.device):
-        from vllm import LLM
-
         from inference.model import resolve_model_path
+        from inference.vllm import offline_llm
 
         kwargs = {"enable_lora": True, "max_lora_rank": max(8, cfg.lora.r), "max_loras": 1}
         kwargs |= {"logprobs_mode": "processed_logprobs", "seed": cfg.run.seed}
@@ -128,7 +127,9 @@ class VllmRolloutEngine:
             # as serving does on CPU (serve/vllm_server.py): no CUDA graphs to capture; on 2
             # CPUs the engine started and answered its first batch in 20 s instead of 31 s
             kwargs["enforce_eager"] = True
-        self.llm = LLM(resolve_model_path(cfg.model), **(kwargs | cfg.rollout.vllm_engine_kwargs))
+        self.llm = offline_llm(
+            resolve_model_path(cfg.model), **(kwargs | cfg.rollout.vllm_engine_kwargs)
+        )
         self.dir = Path(tempfile.mkdtemp(prefix="rayft-rollout-"))
         self.request = None
 

@@ -350,8 +350,9 @@ class VLLMGenerator:
         dtype,
         engine_args: dict[str, Any],
     ) -> VLLMGenerator:
-        from vllm import LLM
         from vllm.lora.request import LoRARequest
+
+        from inference.vllm import offline_llm
 
         args: dict[str, Any] = {"dtype": str(dtype).removeprefix("torch."), "seed": 0}
         lora = None
@@ -365,7 +366,7 @@ class VLLMGenerator:
             max_rank = min(r for r in VLLM_LORA_RANKS if r >= rank)
             args.update(enable_lora=True, max_loras=1, max_lora_rank=max_rank)
             lora = LoRARequest("adapter", 1, str(adapter))
-        llm = LLM(model=model_path, **{**args, **engine_args})
+        llm = offline_llm(model_path, **{**args, **engine_args})
         return cls(llm, tokenizer, lora, sorted(stop_ids))
 
     def replies(self, prompts: list[list[dict]], max_new_tokens: int, adapter: bool) -> list[str]:
