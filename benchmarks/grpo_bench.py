@@ -5,7 +5,8 @@ the hf engine and (where installed) vLLM, synchronous vs `rollout.async_steps: 1
     python benchmarks/grpo_bench.py --steps 2 --rounds 1 --modes sync     # smoke
 
 Each variant is a real `jobs.finetune` GRPO job (configs/grpo.yaml on the tiny model, no warm
-start, 8 prompts x 8 completions of up to --max-tokens a step) on one local Ray; rounds take
+start, 8 prompts x 8 completions of up to --max-tokens a step) on one local Ray, its trainer in
+this process (scaling.local: what is compared is the rollouts, on their Ray actors); rounds take
 turns over the variants so that a change in the machine's load hits all of them. Per variant,
 from run.json's step records (step 1 left out: it pays the first load): rollout tokens/s (the
 completion tokens over the time the trainer waited for them), the median step's generation and
@@ -56,6 +57,7 @@ def run_variant(engine: str, async_steps: int, args, workdir: Path, name: str) -
             f"train.grpo.max_completion_length={args.max_tokens}",
             f"rollout.engine={engine}",
             f"rollout.async_steps={async_steps}",
+            "scaling.local=true",  # the trainer in this process, the rollouts on Ray actors
         ],
     )
     t0 = time.perf_counter()

@@ -107,10 +107,10 @@ def kill_rollout_actor_at(run_name: str, version: int, killed: dict) -> threadin
 
 @pytest.fixture(scope="module")
 def whole(tiny_model_dir, tmp_path_factory, warm_start) -> dict:
-    """The uninterrupted 6-step run the others are compared with."""
-    summary = run_job(
-        grpo_job(tiny_model_dir, tmp_path_factory.mktemp("whole"), warm_start, "whole")
-    )
+    """The uninterrupted 6-step run the others are compared with, in this process (its
+    rollouts on a Ray actor)."""
+    out = tmp_path_factory.mktemp("whole")
+    summary = run_job(grpo_job(tiny_model_dir, out, warm_start, "whole", "scaling.local=true"))
     assert summary["objective"] == "grpo" and summary["steps"] == 6
     return summary
 
@@ -120,9 +120,9 @@ def test_two_workers_then_a_resume_on_one_with_its_actor_killed_match_the_whole_
     tiny_model_dir, tmp_path, warm_start, whole
 ):
     """Fixed seeds. Steps 1-3 on two train workers (rank 0 samples every rank's groups, each rank
-    trains on its share, the step's loss is one big batch's), stopped; then resumed on one worker
-    with its rollout actor killed once it holds version 4: rewards and losses match the
-    uninterrupted one-worker run step by step."""
+    trains on its share, the step's loss is one big batch's), stopped; then resumed in this
+    process (one worker, scaling.local) with its rollout actor killed once it holds version 4:
+    rewards and losses match the uninterrupted one-worker run step by step."""
     two = grpo_job(
         tiny_model_dir,
         tmp_path,
@@ -137,7 +137,9 @@ def test_two_workers_then_a_resume_on_one_with_its_actor_killed_match_the_whole_
     assert_same_steps(per_step(first), per_step(whole)[:3])
     killed: dict = {}
     watcher = kill_rollout_actor_at("resumed", 4, killed)
-    resumed = run_job(grpo_job(tiny_model_dir, tmp_path, warm_start, "resumed"))
+    resumed = run_job(
+        grpo_job(tiny_model_dir, tmp_path, warm_start, "resumed", "scaling.local=true")
+    )
     watcher.join(timeout=60)
     assert resumed["resumed_at_steps"] == [3]
     assert killed["before"] != killed["after"]  # the actor was restarted in a new process

@@ -4,7 +4,8 @@
 
 A trial is a whole run of the job (`jobs.finetune.run_job`, its own Ray Train workers) inside a
 function trainable; Ray Train's `TuneReportCallback` forwards each eval report to Tune, so ASHA
-can stop a poor trial at its next eval. Results land in SWEEP_DIR (storage_path/name, a local
+can stop a poor trial at its next eval. A job with `scaling.local: true` trains in the trial's
+process instead and reports to Tune itself. Results land in SWEEP_DIR (storage_path/name, a local
 directory or s3://bucket/prefix/name that every node of a cluster reaches): results.csv/json,
 plots, one run directory per finished trial (run.json, adapter/), and Tune's own experiment
 state, which `Tuner.restore` uses to resume an interrupted sweep.
