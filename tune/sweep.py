@@ -203,7 +203,7 @@ def run_trial(params: dict[str, Any], sweep: dict[str, Any]) -> None:
     else:  # Ray Train's controller forwards its workers' reports
         hooks = {"callbacks": [TuneReportCallback()]}
     summary = run_job(cfg, **hooks, sweep={"name": sweep["name"], "trial": trial, "params": params})
-    # the final report carries the final evaluation; Train's callback has already forwarded it
+    # the final report carries the final evaluation; it has reached Tune (callback or on_report)
     log.info("trial %s finished: %s", trial, summary["metrics"])
 
 
