@@ -18,7 +18,9 @@ def offline_llm(model: str, **kwargs):
     Without CUDA its engine core runs in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`, unless
     set): on 2 CPUs a tiny model's engine started and answered in 8.6-8.9 s instead of 24-25 s,
     one process of ~1.8 GB fewer. With CUDA vLLM's default stays: a separate engine-core process
-    that schedules while the GPU runs."""
+    that schedules while the GPU runs. In this process vLLM seeds the global RNGs with the
+    engine's seed (its warning says so): harmless to a rollout actor or an evaluation, which
+    draw nothing after it."""
     import torch
     from vllm import LLM
 

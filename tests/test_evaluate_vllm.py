@@ -3,6 +3,8 @@ transformers path; `engine: vllm` without vllm, or engine_args without it, fail 
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from core.config import ConfigError, validate
@@ -35,6 +37,9 @@ def vllm_ready():
     pytest.importorskip("vllm")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; the default takes too much here
+        # unset, so that the test sees inference/vllm.py set it; restored for the later modules
+        env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "unset")
+        env.delenv("VLLM_ENABLE_V1_MULTIPROCESSING")
         yield
 
 
@@ -62,3 +67,5 @@ def test_vllm_and_transformers_give_the_same_replies(vllm_ready, tiny_model_dir,
     assert len(set(replies)) > 1, "all replies alike: the comparison would show nothing"
     assert by_vllm["samples"] == by_hf["samples"]
     assert by_vllm["tasks"] == by_hf["tasks"]
+    # without CUDA the offline engine's core ran in this process (no engine-core process)
+    assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
