@@ -306,14 +306,12 @@ class Checkpointer:
             raise
         checkpoint = ray.train.Checkpoint.from_directory(str(staged))
         name = checkpoint_dir_name(step, final, self.torn)
-        if self.cfg.scaling.local:  # Ray Train's local mode reports without uploading
+        if self.cfg.scaling.local:  # uploaded here; the run's end is read from storage (fit)
             checkpoint = self.uploader.upload(checkpoint, name)
             up = self.uploader
             remove_old_checkpoints(up.fs, up.root, self.cfg.checkpoint.keep_last)
             if self.on_report:  # a Tune trial (which refuses ray.train.report): it may stop here
                 self.on_report(metrics, checkpoint.path)
-            else:
-                ray.train.report(metrics, checkpoint=checkpoint)
             return
         mode = ray.train.CheckpointUploadMode
         ray.train.report(

@@ -389,7 +389,7 @@ def fit(cfg: JobConfig, data, callbacks: list, on_report=None):
         result = trainer.fit()
     finally:
         torch.set_num_threads(threads)  # a job in this process (scaling.local) set its own
-    if scaling.local:  # Ray's local mode records no checkpoint in a Tune trial: storage has it
+    if scaling.local:  # reported to nothing (Ray's local mode refuses it in a Tune trial)
         result.checkpoint = stored_checkpoint(cfg)
     if result.checkpoint is None:
         raise RuntimeError(f"training finished without a checkpoint in {run_dir}")
