@@ -10,6 +10,8 @@ trl      our training step (jobs.objectives.sft.train_step) vs TRL's SFTTrainer 
          LoRA config, pre-tokenized rows in the same order, batch size, steps, precision (fp32),
          clipping and threads, both in this process (no Ray; Ray's own cost is measured by
          benchmarks/ray_overhead.py); best of --repeats interleaved rounds. Target: ours >= 1.0x.
+         Also each run's peak RSS above its start (Linux), the least of the rounds. Target: ours
+         <= 0.5x SFTTrainer's (which computes its loss with TRL's fused, chunked LM head).
 memory   a 2-worker full fine-tune of a ~20M-parameter model under ddp / fsdp / zero2 / zero3 on
          Ray; each worker's peak RSS (run.json's worker_peak_rss_mb).
 
@@ -20,6 +22,7 @@ machine's load, ratios much less.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import random
 import resource
@@ -91,6 +94,33 @@ def job_config(model_dir: Path, storage: Path, *overrides: str) -> JobConfig:
         "configs/quickstart.yaml",
         [f"model.name_or_path={model_dir}", f"checkpoint.storage_path={storage}", *overrides],
     )
+
+
+class PeakRss:
+    """Peak RSS above the start of a `with` block (Linux: the kernel's VmHWM, reset at entry
+    through /proc/self/clear_refs); None elsewhere. Allocations above 64 KiB are mmapped
+    (glibc's M_MMAP_THRESHOLD), so memory an earlier run freed is not reused from the heap
+    without showing in RSS."""
+
+    def __enter__(self):
+        self.bytes = None
+        self.ok = Path("/proc/self/clear_refs").exists()
+        if self.ok:
+            ctypes.CDLL(None).mallopt(-3, 65536)
+            Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+            self.start = _proc_status("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        if self.ok:
+            self.bytes = _proc_status("VmHWM") - self.start
+
+
+def _proc_status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
 
 
 def our_steps(
@@ -259,28 +289,33 @@ def bench_trl(args, tmp: Path) -> None:
         f"torch threads {torch.get_num_threads()}"
     )
     best = {"ours": None, "trl": None}
+    peaks: dict[str, list[int]] = {"ours": [], "trl": []}
     for r in range(args.repeats):
         for name in ("ours", "trl"):
             _, model = setup(args.hidden, args.layers, tmp)  # a fresh model each run
-            if name == "ours":
-                res = our_steps(
-                    cfg,
-                    add_lora(model, cfg.lora),
-                    examples,
-                    args.steps,
-                    False,
-                    tokenizer.pad_token_id,
-                    max_grad_norm=1.0,
-                )
-            else:
-                res = trl_steps(cfg, model, tokenizer, examples, args.steps, tmp, args.trl_bf16)
+            with PeakRss() as peak:
+                if name == "ours":
+                    res = our_steps(
+                        cfg,
+                        add_lora(model, cfg.lora),
+                        examples,
+                        args.steps,
+                        False,
+                        tokenizer.pad_token_id,
+                        max_grad_norm=1.0,
+                    )
+                else:
+                    res = trl_steps(cfg, model, tokenizer, examples, args.steps, tmp, args.trl_bf16)
             extra = f", torch threads {sorted(res['threads'])}" if "threads" in res else ""
+            mem = "" if peak.bytes is None else f", peak RSS +{peak.bytes / 2**20:,.0f} MiB"
             print(
                 f"  round {r + 1} {name:4s} {res['tokens_per_s']:8,.0f} tok/s "
-                f"({res['tokens']:,} tokens in {res['seconds']:.1f} s{extra})"
+                f"({res['tokens']:,} tokens in {res['seconds']:.1f} s{extra}{mem})"
             )
             if best[name] is None or res["tokens_per_s"] > best[name]["tokens_per_s"]:
                 best[name] = res
+            if peak.bytes is not None:
+                peaks[name].append(peak.bytes)
     ours, trl = best["ours"], best["trl"]
     if ours["tokens"] != trl["tokens"]:
         print(
@@ -293,6 +328,13 @@ def bench_trl(args, tmp: Path) -> None:
     print(
         f"  ours / SFTTrainer: {ours['tokens_per_s'] / trl['tokens_per_s']:.2f}x  (target >= 1.0x)"
     )
+    if peaks["ours"] and peaks["trl"]:
+        mine, theirs = min(peaks["ours"]), min(peaks["trl"])
+        print(
+            f"  peak RSS above the run's start (least of {args.repeats}): ours "
+            f"{mine / 2**20:,.0f} MiB, SFTTrainer {theirs / 2**20:,.0f} MiB; "
+            f"ours / SFTTrainer memory: {mine / theirs:.2f}x  (target <= 0.5x)"
+        )
 
 
 MEMORY_STRATEGIES = {

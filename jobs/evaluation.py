@@ -5,29 +5,26 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from inference.generate import chat_prompt_ids, greedy_generate
 from inference.runtime import Runtime
 from jobs.batching import collate
 from jobs.data.render import IGNORE_INDEX, prompt_and_answer
+from jobs.logits import cross_entropy, last_hidden_states, scores_at
 
 
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over label positions, and how many there were."""
+    """Sum of next-token cross-entropy over label positions, and how many there were (the
+    logits computed chunk by chunk at those positions only: jobs/logits.py)."""
     if "position_ids" in batch:  # packed rows: the position-id resets separate the examples
         inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
     else:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    logits = model(**inputs, use_cache=False).logits
+    hidden, head = last_hidden_states(model, **inputs)
     labels = batch["labels"][:, 1:]
-    loss = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        labels.flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss, int((labels != IGNORE_INDEX).sum())
+    mask = labels != IGNORE_INDEX
+    (loss,) = scores_at(head, hidden[:, :-1], labels, mask, cross_entropy)
+    return loss.sum(), int(mask.sum())
 
 
 def rank_batches(items: list, batch_size: int, rt: Runtime) -> list[list | None]:

@@ -17,6 +17,7 @@ import torch
 
 from core.config import ConfigError
 from jobs.config import JobConfig
+from jobs.logits import CHUNK_ROWS
 
 GIB = 1024**3
 WARN_FRACTION = 0.85  # above this share of a worker's memory: a warning
@@ -157,8 +158,9 @@ class MemoryPlan:
     gradients: int = 0
     optimizer: int = 0  # AdamW moments, plus the fp32 master weights under mixed precision
     activations: int = 0  # kept for backward over one micro-batch
-    # Two peaks that do not overlap: the loss over the logits at the end of forward, and one
-    # decoder layer rebuilt in backward under gradient checkpointing. The total counts the larger.
+    # Two peaks that do not overlap: the loss over one chunk of logits (in forward, and rebuilt
+    # in backward), and one decoder layer rebuilt in backward under gradient checkpointing. The
+    # total counts the larger.
     logits: int = 0
     recompute: int = 0
     overhead: int = 0  # CUDA context and fragmentation on a GPU
@@ -342,11 +344,11 @@ def plan_activations(plan: MemoryPlan, cfg: JobConfig, shape: ModelShape) -> Non
     else:
         kept = shape.num_layers * per_layer
     plan.activations = math.ceil(tokens * (kept + shape.hidden * cb))  # + the embedding output
-    # Forward ends holding the logits (compute dtype), their fp32 copy for the loss and the
-    # log-softmax kept for backward; backward starts with that log-softmax, its gradient and the
-    # input gradient, all fp32: max(cb + 8, 12) = 12 bytes per logit. The peak of small models
-    # with large vocabularies.
-    plan.logits = tokens * shape.vocab * 12
+    # The logits exist one chunk of CHUNK_ROWS positions at a time (jobs/logits.py), in forward
+    # and again in backward (recomputed): the chunk's logits (compute dtype), their fp32 copy and
+    # log-softmax, then its gradient and the input gradient, all fp32: max(cb + 8, 12) = 12 bytes
+    # per logit. The whole [tokens x vocab] logits are never built.
+    plan.logits = min(tokens, CHUNK_ROWS) * shape.vocab * 12
 
 
 # ------------------------------------------------------------------------ what the workers have

@@ -45,6 +45,7 @@ from jobs.data.render import IGNORE_INDEX
 from jobs.distributed import seed_everything
 from jobs.evaluation import rank_batches
 from jobs.finetune import StepBatches, StepPlan, plan_steps
+from jobs.logits import cross_entropy, last_hidden_states, scores_at
 from jobs.model import peft_lora_config
 from jobs.objectives import Objective, StepResult, make_objective
 
@@ -356,12 +357,13 @@ def block_loss_sums(
         inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
     else:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    logits = model(**inputs, use_cache=False).logits
+    hidden, head = last_hidden_states(model, **inputs)
     labels = batch["labels"][:, 1:]
-    per_token = F.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(),
-        labels.flatten(),
-        ignore_index=IGNORE_INDEX,
-        reduction="none",
-    ).view(labels.shape)
-    return torch.stack([rows.sum() for rows in per_token.sum(1).split(rows_per_block)])
+    sums = []
+    # each block's positions scored apart: the head's matmuls have the shapes of the trial run
+    # alone, so the same bits (one matmul over all blocks' positions drifted in the last bits)
+    blocks = zip(hidden[:, :-1].split(rows_per_block), labels.split(rows_per_block), strict=True)
+    for h, y in blocks:
+        (per_token,) = scores_at(head, h, y, y != IGNORE_INDEX, cross_entropy)
+        sums.append(per_token.sum(1).sum())
+    return torch.stack(sums)

@@ -202,15 +202,22 @@ def pad_rollouts(prompts: list[list[int]], completions: list[list[int]], pad_id:
 
 def completion_logps(model, batch: dict, temperature: float):
     """Per-token log-probs and entropies of the completion tokens ([rows, completion width]),
-    from logits divided by the sampling temperature, as TRL's GRPOTrainer computes them."""
-    from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+    from logits divided by the sampling temperature, as TRL's GRPOTrainer computes them; 0 at
+    padding (the logits computed chunk by chunk at completion tokens only: jobs/logits.py)."""
+    from jobs.logits import last_hidden_states, logps_and_entropies, scores_at
 
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)
     mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
     width = batch["completion_ids"].shape[1]
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    logits = logits[:, -width - 1 : -1].float() / temperature
-    return selective_log_softmax(logits, batch["completion_ids"]), entropy_from_logits(logits)
+    hidden, head = last_hidden_states(model, input_ids=ids, attention_mask=mask)
+    logps, entropies = scores_at(
+        head,
+        hidden[:, -width - 1 : -1],
+        batch["completion_ids"],
+        batch["completion_mask"],
+        logps_and_entropies(temperature),
+    )
+    return logps, entropies
 
 
 # ------------------------------------------------------------------------ the actor

@@ -17,6 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from core.config import ConfigError, apply_overrides, parse_overrides
 from jobs.config import load_config, validate_config
 from jobs.evaluation import token_loss_sum
+from jobs.logits import CHUNK_ROWS
 from jobs.memory import (
     GIB,
     GPU_MEMORY_FIELD,
@@ -244,7 +245,12 @@ def test_dpo_doubles_sequences_and_needs_a_reference_only_without_lora():
         return cfg
 
     sft, dpo = plan_memory(job(), SHAPE), plan_memory(as_dpo(job()), SHAPE)
-    assert dpo.logits == 2 * sft.logits and dpo.reference == 0
+    assert dpo.activations == pytest.approx(2 * sft.activations, rel=1e-6)
+    assert dpo.reference == 0
+    # the logits exist one chunk at a time (jobs/logits.py): 4 x 1024 tokens, 1024 at a time
+    assert dpo.logits == sft.logits == CHUNK_ROWS * SHAPE.vocab * 12
+    short = plan_memory(job("data.max_seq_len=128", "train.micro_batch_size=1"), SHAPE)
+    assert short.logits == 128 * SHAPE.vocab * 12  # fewer tokens than a chunk
     full_dpo = plan_memory(as_dpo(job("lora=null")), SHAPE)
     assert full_dpo.reference == full_dpo.weights == 4 * SHAPE.total_params  # fp32 on CPU
 

@@ -9,14 +9,13 @@ here; tests/test_dpo.py checks it against a real DPOTrainer.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from core.upstream.trl import dpo_loss
 from inference.runtime import Runtime
 from jobs.batching import collate_pairs
 from jobs.config import DpoConfig
-from jobs.data.render import IGNORE_INDEX
 from jobs.evaluation import rank_batches
+from jobs.logits import cross_entropy, last_hidden_states, scores_at
 from jobs.objectives.base import Objective, StepResult
 
 # DPO metric names as TRL logs them (train/rewards/margins, ...)
@@ -29,16 +28,14 @@ TRACKED = {
 
 
 def answer_token_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """log p(token | prefix) of every answer token ([rows, len - 1]); 0 elsewhere."""
-    logits = model(
-        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-    ).logits[:, :-1]
-    labels = batch["input_ids"][:, 1:].masked_fill(
-        batch["completion_mask"][:, 1:] == 0, IGNORE_INDEX
+    """log p(token | prefix) of every answer token ([rows, len - 1]); 0 elsewhere (the logits
+    computed chunk by chunk at the answer positions only: jobs/logits.py)."""
+    hidden, head = last_hidden_states(
+        model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
     )
-    return -F.cross_entropy(
-        logits.float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
-    )
+    mask = batch["completion_mask"][:, 1:] != 0
+    (ce,) = scores_at(head, hidden[:, :-1], batch["input_ids"][:, 1:], mask, cross_entropy)
+    return -ce
 
 
 def trl_dpo_loss(
