@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from core.config import ConfigError
-from jobs.batching import collate, epoch_order, step_micro_batches
+from jobs.batching import collate, epoch_permutation, step_micro_batches
 from jobs.config import DataConfig
 from jobs.data.formats import RowError, to_messages
 from jobs.data.prepare import prepare_data
@@ -385,9 +385,13 @@ def test_dataset_hash_of_prepared_data_follows_a_changed_row(tmp_path, tokenizer
 
 
 def test_step_batches_do_not_depend_on_worker_count():
-    order = epoch_order(100, seed=1, epoch=0)
+    order = epoch_permutation(100, seed=1, epoch=0).tolist()
     assert sorted(order) == list(range(100))
-    assert epoch_order(100, seed=1, epoch=0) == order != epoch_order(100, seed=1, epoch=1)
+    assert (
+        epoch_permutation(100, seed=1, epoch=0).tolist()
+        == order
+        != epoch_permutation(100, seed=1, epoch=1).tolist()
+    )
     one = step_micro_batches(order, 2, effective=16, rank=0, world=1, micro=16)
     two = [step_micro_batches(order, 2, effective=16, rank=r, world=2, micro=4) for r in range(2)]
     assert [len(mb) for mb in two[0]] == [4, 4]
@@ -401,7 +405,7 @@ def test_step_batches_do_not_depend_on_worker_count():
     [(100, 16, 2, 4), (103, 12, 3, 2), (64, 8, 4, 1), (50, 8, 1, 8)],
 )
 def test_every_rank_gets_equal_disjoint_micro_batches_for_a_whole_epoch(n, effective, world, micro):
-    order = epoch_order(n, seed=5, epoch=2)
+    order = epoch_permutation(n, seed=5, epoch=2).tolist()
     steps_per_epoch = n // effective  # as jobs.finetune plans it: a short last step is dropped
     seen = []
     for k in range(steps_per_epoch):
@@ -414,8 +418,13 @@ def test_every_rank_gets_equal_disjoint_micro_batches_for_a_whole_epoch(n, effec
 
 
 def test_epoch_order_depends_on_seed_and_epoch_only():
-    assert epoch_order(50, seed=1, epoch=3) == epoch_order(50, seed=1, epoch=3)
-    orders = {tuple(epoch_order(50, seed=s, epoch=e)) for s in (1, 2) for e in (0, 1)}
+    assert (
+        epoch_permutation(50, seed=1, epoch=3).tolist()
+        == epoch_permutation(50, seed=1, epoch=3).tolist()
+    )
+    orders = {
+        tuple(epoch_permutation(50, seed=s, epoch=e).tolist()) for s in (1, 2) for e in (0, 1)
+    }
     assert len(orders) == 4
 
 

@@ -11,7 +11,7 @@ import torch
 from peft import PeftModel
 
 from inference.model import attn_implementation, load_base_model, load_tokenizer
-from jobs.batching import collate, epoch_order, step_micro_batches
+from jobs.batching import collate, epoch_permutation, step_micro_batches
 from jobs.config import load_config
 from jobs.data.prepare import prepare_data
 from jobs.evaluation import eval_loss, exact_match
@@ -58,7 +58,7 @@ def test_bf16_lora_training_on_cuda(tiny_model_dir, tmp_path):
     model.train()
     for step in range(plan.total_steps):
         epoch, k = divmod(step, plan.steps_per_epoch)
-        order = epoch_order(len(data.train), 0, epoch)
+        order = epoch_permutation(len(data.train), 0, epoch)
         batches = step_micro_batches(
             order, k, cfg.train.effective_batch_size, 0, 1, cfg.train.micro_batch_size
         )
@@ -99,7 +99,7 @@ def test_qlora_trains_a_4bit_base_on_cuda(tiny_model_dir):
     par = constant_lr_parallel(cfg, model, rt)
     model.train()
     for step in range(60):
-        order = epoch_order(len(data.train), 0, step // 4)
+        order = epoch_permutation(len(data.train), 0, step // 4)
         idx = step_micro_batches(order, step % 4, 16, 0, 1, 16)
         train_step(par, [collate([data.train[j] for j in i], pad) for i in idx], rt, 1.0)
     assert eval_loss(model, data.eval, 32, pad, rt) < base_loss / 2

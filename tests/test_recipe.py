@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from inference.runtime import Runtime, resolve_dtype, resolve_precision
-from jobs.batching import epoch_order, step_micro_batches
+from jobs.batching import epoch_permutation, step_micro_batches
 from jobs.config import load_config
 from jobs.finetune import StepBatches, Throughput, plan_steps, scratch_dir
 from jobs.objectives import DPO, SFT, make_objective
@@ -69,7 +69,7 @@ def test_step_batches_are_each_ranks_share_of_the_epoch_order(rank):
     batches = StepBatches(cfg, rt, obj, plan)
     for step in (0, 1, 2, 5):  # 2 steps per epoch: 5 is the second step of epoch 2
         epoch, k = divmod(step, plan.steps_per_epoch)
-        order = epoch_order(len(train), cfg.run.seed, epoch)
+        order = epoch_permutation(len(train), cfg.run.seed, epoch).tolist()
         want = [[i + 1 for i in idx] for idx in step_micro_batches(order, k, 8, rank, 2, 2)]
         got = [b["input_ids"][:, 0].tolist() for b in batches.micro_batches(step)]
         assert got == want

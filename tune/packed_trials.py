@@ -226,19 +226,15 @@ def load_host(job: JobConfig) -> tuple[PackedTrainer, Any, str]:
     from jobs.parallel import job_runtime
 
     scratch = scratch_dir()  # a set prepared inline lives here while the host lives
+    job = resolve_local_paths(job)  # the storage path the data is written under, too
     data = load_data(job, scratch)
-    job = resolve_local_paths(job)
     device = torch.device("cuda" if job.scaling.use_gpu and torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(max(1, int(job.scaling.cpus_per_worker)))
     rt = job_runtime(job, device)
-    payload = {
-        "train": data.train,
-        "eval": data.eval,
-        "eval_conversations": data.eval_conversations,
-    }
     base = load_base_model(job.model, device)
-    return PackedTrainer(job, rt, load_tokenizer(job.model), base, payload), data, scratch
+    trainer = PackedTrainer(job, rt, load_tokenizer(job.model), base, data.for_workers())
+    return trainer, data, scratch
 
 
 def write_run(trainer: PackedTrainer, trial: str, member: dict, data, scratch: str, sweep) -> None:

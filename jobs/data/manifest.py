@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from core import storage
@@ -133,9 +135,18 @@ def read_manifest(path: str) -> dict[str, Any]:
 
 def read_split(path: str, name: str) -> list[tuple[str, dict[str, Any]]]:
     """(where, example) rows of one split of a prepared set; [] when the split is empty."""
+    return [row for batch in read_split_batches(path, name) for row in batch]
+
+
+def read_split_batches(
+    path: str, name: str, rows: int = 1024
+) -> Iterator[list[tuple[str, dict[str, Any]]]]:
+    """One split of a prepared set, `rows` (where, example) rows at a time: a reader holds one
+    batch, whatever the split's size."""
     manifest = read_manifest(path)
     if name not in manifest["files"]:
-        return []
+        return
     with storage.open_url(storage.join(path, manifest["files"][name])) as f:
-        table = pq.read_table(f)
-    return list(zip(table.column("where").to_pylist(), read_examples(table), strict=True))
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=rows):
+            table = pa.Table.from_batches([batch])
+            yield list(zip(table.column("where").to_pylist(), read_examples(table), strict=True))

@@ -32,6 +32,7 @@ import typer
 from core import storage
 from core.config import ConfigError, apply_overrides, parse_overrides, read_yaml, validate
 from jobs.config import DataConfig, validate_config
+from jobs.data import stored
 from jobs.data.chunks import cached_tokenizer, read_chunks
 from jobs.data.decisions import decide
 from jobs.data.drops import Drop, DroppedLog
@@ -42,6 +43,7 @@ from jobs.data.manifest import (
     manifest_entries,
     read_manifest,
     read_split,
+    read_split_batches,
     summary,
 )
 from jobs.data.prepare_config import PrepareConfig
@@ -58,11 +60,13 @@ __all__ = [
     "main",
     "prepare",
     "prepare_data",
+    "store_sft",
     "read_manifest",
     "read_split",
 ]
 
 log = logging.getLogger("rayft.prepare")
+FEW_SHOT_POOL = 64  # the first train examples few-shot samples are drawn from
 
 
 def prepare(cfg: PrepareConfig, tokenizer=None, show_progress: bool = True) -> Manifest:
@@ -104,48 +108,109 @@ def prepare_data(
     tokenizer_name: str = "",
     inline_output: str | None = None,
 ) -> PreparedData:
-    """What an SFT job trains on: a prepared set (data.prepared), or one prepared now from `cfg`
-    (into `inline_output` when given, so the job can keep its manifest and dropped rows)."""
+    """An SFT set in memory: a prepared set (data.prepared), or one prepared now from `cfg` (into
+    `inline_output` when given, so the job can keep its manifest and dropped rows). A job
+    stores it for its workers instead (store_sft)."""
     path, tmp = cfg.prepared, None
     if path is None:
         path = inline_output or (tmp := tempfile.mkdtemp(prefix="rayft-data-"))
     try:
-        if cfg.prepared is None:  # a bad file fails in here: the temporary directory goes too
-            pcfg = PrepareConfig(
-                data=cfg, tokenizer=tokenizer_name or "inline", output=path, seed=seed
-            )
-            prepare(pcfg, tokenizer=tokenizer, show_progress=False)
-        manifest = read_manifest(path)
-        if cfg.prepared and tokenizer_name and manifest["tokenizer"] != tokenizer_name:
-            log.warning(
-                "data.prepared: %s was prepared with the tokenizer of %s, this job uses %s "
-                "(its length filter counted other tokens)",
-                path,
-                manifest["tokenizer"],
-                tokenizer_name,
-            )
-        report = {
-            "counts": manifest["counts"],
-            "errors": manifest["errors"][:10],
-            "prepared": cfg.prepared or "inline",
-        }
+        manifest = _prepared_manifest(cfg, tokenizer, seed, tokenizer_name, path)
+        report = _report(cfg, manifest)
         train, train_examples = tokenize_rows(read_split(path, "train"), tokenizer, cfg, report)
         eval_, eval_examples = tokenize_rows(read_split(path, "eval"), tokenizer, cfg, report)
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-    _check_usable(train, eval_, manifest)
-    # Generated-answer metrics and few-shot samples are plain chats: a conversation with tools
-    # needs its tools header in the prompt (jobs.demo_tools measures tool calls).
-    convs = [e["messages"] for e in eval_examples if "messages" in e and "tools" not in e]
-    samples = [e["messages"] for e in train_examples[:64] if "messages" in e and "tools" not in e]
+    _check_usable(len(train), len(eval_), manifest)
+    convs, samples = _chats(eval_examples), _chats(train_examples[:FEW_SHOT_POOL])
     return PreparedData(train, eval_, convs, manifest["dataset_hash"], report, samples)
 
 
-def _check_usable(train: list, eval_: list, manifest: dict) -> None:
-    if not train:
+def store_sft(
+    cfg: DataConfig, tokenizer, seed: int, tokenizer_name: str, inline_output: str, directory: str
+) -> PreparedData:
+    """An SFT job's set, tokenized batch by batch into `directory` (on storage, where workers read
+    it; stored.py), or the set already there from the same data and tokenizer (a resumed run):
+    then only the manifest is read."""
+    path = cfg.prepared or inline_output
+    manifest = _prepared_manifest(cfg, tokenizer, seed, tokenizer_name, path)
+    key = stored.set_key(
+        dataset_hash=manifest["dataset_hash"],
+        data=cfg.model_dump(mode="json"),
+        tokenizer=tokenizer_name,
+    )
+    meta = stored.read_meta(directory, key) or _tokenize_into(cfg, tokenizer, path, directory, key)
+    splits = stored.open_splits(directory, meta)
+    _check_usable(len(splits["train"]), len(splits["eval"]), manifest)
+    return PreparedData(
+        splits["train"],
+        splits["eval"],
+        splits["eval_conversations"],
+        manifest["dataset_hash"],
+        meta["report"],
+        meta["samples"],
+    )
+
+
+def _tokenize_into(cfg: DataConfig, tokenizer, path: str, directory: str, key: str) -> dict:
+    """The prepared set at `path` tokenized into `directory`, one batch of rows in memory at a
+    time; returns tokens.json's contents (written last)."""
+    report = _report(cfg, read_manifest(path))
+    names = ("train", "eval", "eval_conversations")
+    writers = {n: stored.SplitWriter(stored.split_url(directory, n)) for n in names}
+    samples: list = []
+    seen = 0
+    for name in ("train", "eval"):
+        for rows in read_split_batches(path, name):
+            ids, examples = tokenize_rows(rows, tokenizer, cfg, report)
+            writers[name].add(ids)
+            if name == "eval":
+                writers["eval_conversations"].add([{"messages": c} for c in _chats(examples)])
+            else:
+                samples += _chats(examples[: max(0, FEW_SHOT_POOL - seen)])
+                seen += len(examples)
+    meta = {"key": key, "report": report, "samples": samples}
+    meta["splits"] = {n: w.close() for n, w in writers.items()}
+    stored.write_meta(directory, meta)
+    return meta
+
+
+def _prepared_manifest(cfg: DataConfig, tokenizer, seed: int, tokenizer_name: str, path: str):
+    """The manifest of the set at `path`: data.prepared's, or that of the pipeline run now."""
+    if cfg.prepared is None:  # a bad file fails in here
+        pcfg = PrepareConfig(data=cfg, tokenizer=tokenizer_name or "inline", output=path, seed=seed)
+        prepare(pcfg, tokenizer=tokenizer, show_progress=False)
+    manifest = read_manifest(path)
+    if cfg.prepared and tokenizer_name and manifest["tokenizer"] != tokenizer_name:
+        log.warning(
+            "data.prepared: %s was prepared with the tokenizer of %s, this job uses %s "
+            "(its length filter counted other tokens)",
+            path,
+            manifest["tokenizer"],
+            tokenizer_name,
+        )
+    return manifest
+
+
+def _report(cfg: DataConfig, manifest: dict) -> dict:
+    return {
+        "counts": manifest["counts"],
+        "errors": manifest["errors"][:10],
+        "prepared": cfg.prepared or "inline",
+    }
+
+
+def _chats(examples: list[dict]) -> list[list[dict]]:
+    """Generated-answer metrics and few-shot samples are plain chats: a conversation with tools
+    needs its tools header in the prompt (jobs.demo_tools measures tool calls)."""
+    return [e["messages"] for e in examples if "messages" in e and "tools" not in e]
+
+
+def _check_usable(n_train: int, n_eval: int, manifest: dict) -> None:
+    if not n_train:
         raise ConfigError(f"data: no usable training rows ({summary(manifest)})")
-    if not eval_:
+    if not n_eval:
         raise ConfigError(
             f"data: the held-out set is empty ({summary(manifest)}); give more rows, a larger "
             "data.eval_fraction or eval files (split: eval)"

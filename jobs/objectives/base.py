@@ -21,8 +21,9 @@ class StepResult:
 
 
 class Objective(ABC):
-    """One training objective. `data` holds the prepared set as the driver sent it: "train" and
-    "eval" (token ids), "eval_conversations" (held-out chats for generated-answer metrics)."""
+    """One training objective. `data` holds the prepared set: "train" and "eval" (token ids),
+    "eval_conversations" (held-out chats for generated-answer metrics), each an indexable
+    sequence; in a job, StoredSplits that read the rows asked for from storage (jobs/data/stored.py)."""
 
     # metric names as the tracker shows them, where the field has a convention (TRL's)
     tracked_names: dict[str, str] = {}
