@@ -277,6 +277,9 @@ class TrainConfig(Section):
     grpo: GrpoConfig | None = None  # train.method: grpo
     # Recompute each decoder layer's activations in backward: memory for ~30% more compute.
     gradient_checkpointing: bool = True
+    # Keep what the backward needs from the forward in CPU memory (pinned) until the backward
+    # uses it: GPU memory for host transfers. On a CPU device it saves nothing (jobs/model.py).
+    activation_offloading: bool = False
     # Several examples per sequence of data.max_seq_len tokens, attention kept inside each one.
     packing: bool = False
     # LoRA's best learning rate is ~10x full fine-tuning's and nearly rank-independent, and LoRA
@@ -292,6 +295,26 @@ class TrainConfig(Section):
     max_grad_norm: float | None = Field(1.0, gt=0)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # autocast; auto = bf16 on CUDA
     log_every_steps: int = Field(10, ge=1)
+    # [first, last] (1-based, inclusive): rank 0 writes a torch profiler trace of these steps to
+    # the run directory's profile/ (Perfetto, chrome://tracing and TensorBoard read it)
+    profile_steps: tuple[int, int] | None = None
+
+    @model_validator(mode="after")
+    def _profile_window(self) -> TrainConfig:
+        if self.profile_steps is None:
+            return self
+        first, last = self.profile_steps
+        if not 1 <= first <= last:
+            raise ValueError(
+                f"train.profile_steps: [{first}, {last}] must be [first, last] steps with "
+                "1 <= first <= last"
+            )
+        if self.max_steps and last > self.max_steps:
+            raise ValueError(
+                f"train.profile_steps: step {last} is past the run's train.max_steps "
+                f"({self.max_steps})"
+            )
+        return self
 
 
 class ScalingConfig(Section):

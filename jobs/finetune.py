@@ -34,7 +34,7 @@ from core.config import ConfigError
 from core.ray_cluster import init_ray, shutdown_ray
 from inference.model import load_base_model, load_tokenizer
 from inference.runtime import Runtime
-from jobs.batching import epoch_order, step_micro_batches
+from jobs.batching import epoch_permutation, step_micro_batches
 from jobs.checkpointing import (
     Checkpointer,
     TrainerState,
@@ -43,13 +43,16 @@ from jobs.checkpointing import (
     stored_checkpoint,
 )
 from jobs.config import JobConfig, load_config
-from jobs.data import load_for_job, summary_lines
+from jobs.data import load_for_job, summary_lines, tokens_dir
+from jobs.data.stored import StoredSplit, remove
 from jobs.distributed import all_gather_objects, print0, seed_everything
 from jobs.memory import preflight_memory
-from jobs.model import add_lora, enable_gradient_checkpointing
+from jobs.model import add_lora, enable_activation_offloading, enable_gradient_checkpointing
 from jobs.objectives import Objective, StepResult, make_objective, objective_class
 from jobs.parallel import Parallel, deepspeed_config, job_runtime, make_parallel
+from jobs.profiling import StepProfiler
 from jobs.run_record import write_run_manifest
+from jobs.step_metrics import ModelFlops, memory_kind, mfu, peak_memory_mb
 from jobs.tracking import start_tracker, tracking_run_info
 
 
@@ -69,6 +72,11 @@ def plan_steps(n_train: int, cfg: JobConfig) -> StepPlan:
             f"{cfg.train.effective_batch_size} examples; lower the batch size or add data"
         )
     total = cfg.train.max_steps or cfg.train.epochs * steps_per_epoch
+    window = cfg.train.profile_steps
+    if window and window[1] > total:
+        raise ConfigError(
+            f"train.profile_steps: step {window[1]} is past the run's last step ({total})"
+        )
     return StepPlan(steps_per_epoch, total, math.ceil(cfg.train.warmup_ratio * total))
 
 
@@ -82,8 +90,7 @@ def train_func(config: dict) -> None:
     import ray.train.torch
 
     cfg = JobConfig.model_validate(config["job"])
-    data = config["data"]
-    data = ray.get(data) if isinstance(data, ray.ObjectRef) else data
+    data = config["data"]  # StoredSplits: where on storage each split lies (jobs/data/stored.py)
     rt = job_runtime(cfg, ray.train.torch.get_device())
     plan = plan_steps(len(data["train"]), cfg)
     tokenizer, par = setup(cfg, rt, plan)
@@ -101,6 +108,7 @@ def train_func(config: dict) -> None:
         start_tracker(cfg, config["run_info"], plan.total_steps) as tracker,
         Checkpointer(cfg, rt, par, tokenizer, state, tracker, on_report) as ckpt,
         closing(obj),  # what the objective started (GRPO's rollout actors)
+        StepProfiler(cfg, rt.rank, rt.device) as profiler,  # train.profile_steps
     ):
         state.worker_nodes = all_gather_objects(ray.get_runtime_context().get_node_id())
         batches = StepBatches(cfg, rt, obj, plan)
@@ -119,11 +127,14 @@ def train_func(config: dict) -> None:
         run = TrainingRun(cfg, obj, par, state, tracker, ckpt, plan)
         meter = Throughput()
         while state.step < plan.total_steps and not state.stopped_early:
+            profiler.before(state.step + 1)
             micro_batches = batches.micro_batches(state.step)
             t0 = time.perf_counter()
             step = obj.train_step(par, micro_batches)
             state.step += 1
-            meter.add(state.step, step.tokens, time.perf_counter() - t0)
+            seconds = time.perf_counter() - t0
+            meter.add(state.step, step.tokens, seconds, run.step_flops(micro_batches, step))
+            profiler.after(state.step)
             metrics = run.record(step, meter)
             if run.evaluate_and_checkpoint(metrics):
                 print0(
@@ -163,6 +174,10 @@ def setup(cfg: JobConfig, rt: Runtime, plan: StepPlan) -> tuple[object, Parallel
         model = add_lora(model, cfg.lora)
     if cfg.train.gradient_checkpointing:
         enable_gradient_checkpointing(model)
+    if cfg.train.activation_offloading:
+        enable_activation_offloading(model, rt.device)
+        if rt.device.type == "cpu":
+            print0("train.activation_offloading: the device is the CPU, so nothing is moved")
     seed_everything(cfg.run.seed + rt.rank)  # distinct dropout masks per rank
     par = make_parallel(cfg, rt)
     train = cfg.train
@@ -186,26 +201,34 @@ class StepBatches:
         epoch, k = divmod(step, self.plan.steps_per_epoch)
         if epoch != self.epoch:
             self.epoch = epoch
-            self.order = epoch_order(len(self.obj.train_examples), self.cfg.run.seed, epoch)
+            self.order = epoch_permutation(len(self.obj.train_examples), self.cfg.run.seed, epoch)
         train, rt = self.cfg.train, self.rt
         indices = step_micro_batches(
             self.order, k, train.effective_batch_size, rt.rank, rt.world, train.micro_batch_size
         )
-        return [self.obj.batch([self.obj.train_examples[j] for j in idx]) for idx in indices]
+        examples = self.obj.train_examples
+        if isinstance(examples, StoredSplit):  # each row group this rank needs is read once
+            return [self.obj.batch(examples.take(idx)) for idx in indices]
+        return [self.obj.batch([examples[j] for j in idx]) for idx in indices]
 
 
 class Throughput:
-    """Training tokens per second, step 1 left out (it pays one-off costs: allocations, lazy init)."""
+    """Training tokens and model FLOPs per second over every rank, step 1 left out (it pays
+    one-off costs: allocations, lazy init)."""
 
     def __init__(self):
-        self.tokens, self.seconds = 0, 0.0
+        self.tokens, self.seconds, self.flops = 0, 0.0, 0.0
 
-    def add(self, step: int, tokens: int, seconds: float) -> None:
+    def add(self, step: int, tokens: int, seconds: float, flops: float = 0.0) -> None:
         if step > 1:
             self.tokens, self.seconds = self.tokens + tokens, self.seconds + seconds
+            self.flops += flops
 
     def rate(self) -> float:
         return self.tokens / max(self.seconds, 1e-9)
+
+    def flops_rate(self) -> float:
+        return self.flops / max(self.seconds, 1e-9)
 
 
 @dataclass
@@ -220,12 +243,31 @@ class TrainingRun:
     ckpt: Checkpointer
     plan: StepPlan
 
+    def __post_init__(self):
+        self.model_flops = ModelFlops.of(self.par.module)
+
+    def step_flops(self, micro_batches: list[dict], step: StepResult) -> float:
+        return self.model_flops.step(micro_batches, step.tokens, self.cfg.data.max_seq_len)
+
+    def costs(self, meter: Throughput) -> dict:
+        """What the steps cost so far: the last step's gradient norm (before clipping), tokens/s
+        over every rank, rank 0's peak memory, and the MFU (None on a CPU or an unknown GPU)."""
+        device, timed = self.par.device, meter.seconds > 0  # step 1 is not timed
+        return {
+            "grad_norm": self.par.last_grad_norm,
+            "tokens_per_s": meter.rate() if timed else None,
+            "peak_memory_mb": round(peak_memory_mb(device), 1),
+            "mfu": mfu(meter.flops_rate() / self.par.world, device) if timed else None,
+        }
+
     def record(self, step: StepResult, meter: Throughput) -> dict:
         """The step in the history, on the progress line and in the tracker; its Ray metrics."""
         state, lr, total = self.state, self.par.last_lr(), self.plan.total_steps
         epoch = (state.step - 1) // self.plan.steps_per_epoch
+        costs = self.costs(meter)
         state.history.append(
-            {"step": state.step, "loss": step.loss, "lr": lr, "epoch": epoch, **step.metrics}
+            {"step": state.step, "loss": step.loss, "lr": lr, "epoch": epoch, **costs}
+            | step.metrics
         )
         if state.step % self.cfg.train.log_every_steps == 0 or state.step == total:
             shown = "".join(
@@ -235,11 +277,19 @@ class TrainingRun:
             )
             print0(
                 f"step {state.step}/{total} | loss {step.loss:.4f}{shown} | lr {lr:.2e} | "
-                f"{meter.rate():,.0f} tok/s"
+                f"{self.cost_text(costs, meter)}"
             )
             logged = {"train/loss": step.loss, "train/lr": lr, "train/tokens_per_s": meter.rate()}
+            logged |= {f"train/{k}": v for k, v in costs.items() if v is not None}
             self.tracker.log(logged | self.obj.tracked("train", step.metrics), state.step)
         return {"step": state.step, "loss": step.loss, "train_tokens_per_s": meter.rate()}
+
+    def cost_text(self, costs: dict, meter: Throughput) -> str:
+        norm = costs["grad_norm"]
+        text = f"grad norm {norm:.3f} | " if norm is not None else "grad norm n/a | "
+        text += f"{meter.rate():,.0f} tok/s | peak mem {costs['peak_memory_mb']:,.0f} MiB "
+        text += f"({memory_kind(self.par.device)}, rank 0)"
+        return text + (f" | MFU {costs['mfu']:.1%}" if costs["mfu"] is not None else "")
 
     def evaluate(self, metrics: dict) -> None:
         """The in-loop evaluation: recorded, tracked, and the early-stopping count kept."""
@@ -299,10 +349,10 @@ def run_job(
     """
     scratch = scratch_dir()  # a set prepared inline lives here until the run ends
     try:
-        data = load_data(cfg, scratch)
         init_ray(address)
+        cfg = resolve_local_paths(cfg)  # the storage path the data is written under, too
+        data = load_data(cfg, scratch)
         preflight_memory(cfg)  # refuses a job that cannot fit, before any worker starts
-        cfg = resolve_local_paths(cfg)
         result = fit(cfg, data, callbacks or [], on_report)
         return write_outputs(cfg, data, result, scratch, extra)
     finally:
@@ -355,17 +405,12 @@ def fit(cfg: JobConfig, data, callbacks: list, on_report=None):
     run_dir = storage.join(cfg.checkpoint.storage_path, cfg.run.name)
     storage_path, storage_fs = storage.ray_storage(cfg.checkpoint.storage_path)
     print(f"run directory: {run_dir}")
-    payload = {
-        "train": data.train,
-        "eval": data.eval,
-        "eval_conversations": data.eval_conversations,
-    }
     scaling = cfg.scaling
     trainer = TorchTrainer(
         train_func,
         train_loop_config={
             "job": cfg.model_dump(),
-            "data": ray.put(payload),
+            "data": data.for_workers(),  # where the splits lie on storage, not their rows
             "run_info": tracking_run_info(cfg, data.dataset_hash),
             **({"on_report": on_report} if on_report else {}),
         },
@@ -413,6 +458,8 @@ def write_outputs(cfg: JobConfig, data, result, scratch: str, extra: dict) -> di
     keep_data_report(cfg.data.prepared or scratch, local_dir / "data")
     objective_class(cfg).write_artifacts(summary, local_dir)  # e.g. GRPO's reward curve
     publish_run(local_dir, run_dir, summary)
+    if state.completed:  # the token ids the workers read; a paused run resumes from them
+        remove(tokens_dir(cfg))
     return summary
 
 

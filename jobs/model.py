@@ -1,5 +1,5 @@
 """LoRA on a loaded base model (inference/model.py loads it): the adapter, its initial weights,
-gradient checkpointing."""
+and the memory options: gradient checkpointing, activation offloading."""
 
 from __future__ import annotations
 
@@ -68,6 +68,53 @@ def enable_gradient_checkpointing(model) -> None:
     else:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     base.config.use_cache = False  # a cache is of no use in training and clashes with recompute
+
+
+class OffloadActivations(torch.autograd.graph.saved_tensors_hooks):
+    """What the backward pass needs from the forward, kept in CPU memory (pinned on CUDA) and
+    brought back when the backward reaches it. torch's `save_on_cpu` with one change (as
+    torchtune's OffloadActivations does): weights, and views of them (`weight.t()` saved by a
+    linear layer), stay where they are; save_on_cpu would copy every frozen base weight to the
+    CPU and back on each forward of a LoRA step. On a CPU device nothing moves: a no-op."""
+
+    def __init__(self, pin_memory: bool):
+        def pack(t: torch.Tensor):
+            weight = isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter)
+            if weight or t.device.type == "cpu":
+                return t
+            packed = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=pin_memory)
+            packed.copy_(t, non_blocking=pin_memory)
+            return (t.device, packed)
+
+        def unpack(packed):
+            if isinstance(packed, torch.Tensor):
+                return packed
+            device, t = packed
+            return t.to(device, non_blocking=pin_memory)
+
+        super().__init__(pack, unpack)
+
+
+def enable_activation_offloading(model, device: torch.device) -> None:
+    """Offload the saved activations of every training forward of the transformers model to CPU
+    memory (`OffloadActivations`). With gradient checkpointing on, the checkpointed layers keep
+    only their inputs and recompute the rest: what is offloaded is what checkpointing keeps."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    entered: list[OffloadActivations | None] = []
+
+    def enter(module, args):
+        hooks = OffloadActivations(pin_memory=device.type == "cuda")
+        entered.append(hooks if torch.is_grad_enabled() else None)
+        if entered[-1] is not None:
+            hooks.__enter__()
+
+    def leave(module, args, output):
+        hooks = entered.pop()
+        if hooks is not None:
+            hooks.__exit__(None, None, None)
+
+    base.register_forward_pre_hook(enter)
+    base.register_forward_hook(leave, always_call=True)  # on an exception too
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:

@@ -7,6 +7,7 @@ The recipe (jobs/finetune.py) sees one interface and never branches on the strat
     loss = forward(par.model, batch)                       # training forward
     par.backward(loss, last=...)                           # per micro-batch, gradient sync on the last
     par.step(max_grad_norm)                                # clip, optimizer, scheduler, zero grads
+    par.last_grad_norm                                     # that step's gradient norm, before clipping
     par.module                                             # the bare (peft) model: eval, generate
     par.gathered_state_dict(trainable_only)                # full weights on rank 0 (collective)
     par.save_state(dir) / par.load_state(dir)              # resume state, sharded where sharded
@@ -77,6 +78,7 @@ class Parallel:
         self.cfg, self.rt, self.device = cfg, rt, rt.device
         self.rank, self.world = rt.rank, rt.world
         self.lora = cfg.lora is not None
+        self.last_grad_norm: float | None = None  # of the last step, before clipping
 
     def setup(self, model, build_optimizer: BuildOptimizer, build_scheduler: BuildScheduler):
         self.trainable_tensors = len(trainable_parameters(model))  # what a save must hold
@@ -98,15 +100,26 @@ class Parallel:
             loss.backward()
 
     def step(self, max_grad_norm: float | None) -> None:
-        if max_grad_norm:
-            # under FSDP the gradients are DTensors: the norm is taken over every shard
-            torch.nn.utils.clip_grad_norm_(trainable_parameters(self.module), max_grad_norm)
+        self.last_grad_norm = self._clip(max_grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def last_lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
+
+    def _clip(self, max_grad_norm: float | None) -> float:
+        """The global L2 norm of the gradients before clipping (the same on every rank),
+        clipped to max_grad_norm when set. Under FSDP the gradients are DTensors: the norm is
+        taken over every shard."""
+        params = trainable_parameters(self.module)
+        if max_grad_norm:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        if hasattr(norm, "full_tensor"):  # a DTensor: its shards' partial norms combined
+            norm = norm.full_tensor()
+        return float(norm)
 
     def gathered_state_dict(self, trainable_only: bool) -> dict[str, torch.Tensor] | None:
         if self.rank != 0:
@@ -165,7 +178,8 @@ class FSDP(Parallel):
             ),
         }
         if fsdp.cpu_offload:
-            kwargs["offload_policy"] = CPUOffloadPolicy()
+            # parameters, gradients and optimizer state on the host; pinned memory needs CUDA
+            kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=self.device.type == "cuda")
         classes = tuple(decoder_layer_classes(model))
         root = model.get_base_model() if hasattr(model, "get_base_model") else model
         for layer in [m for m in root.modules() if isinstance(m, classes)]:
@@ -291,6 +305,9 @@ class DeepSpeed(Parallel):
         self.engine.step()
         if last and not self.engine.was_step_applied():
             raise RuntimeError("DeepSpeed did not step at the end of a step's micro-batches")
+        if last:  # the engine's own norm of this step, unscaled, before its clipping
+            norm = self.engine.get_global_grad_norm()
+            self.last_grad_norm = None if norm is None else float(norm)
 
     def step(self, max_grad_norm: float | None) -> None:
         pass  # done in backward(last=True) by the engine

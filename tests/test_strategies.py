@@ -71,6 +71,10 @@ def losses(summary):
     return [h["loss"] for h in summary["loss_history"]]
 
 
+def grad_norms(summary):
+    return [h["grad_norm"] for h in summary["loss_history"]]
+
+
 @pytest.mark.parametrize(
     "strategy",
     [
@@ -93,6 +97,8 @@ def test_strategy_trains_resumes_and_saves_the_ddp_adapter(
 
     assert [h["step"] for h in run["loss_history"]] == list(range(1, 7))
     assert losses(run) == pytest.approx(losses(ddp_run), rel=1e-4)
+    # every strategy reports the global gradient norm: FSDP2's DTensor shards, DeepSpeed's engine
+    assert grad_norms(run) == pytest.approx(grad_norms(ddp_run), rel=1e-3)
     assert run["metrics"]["eval_loss"] == pytest.approx(ddp_run["metrics"]["eval_loss"], rel=1e-4)
     assert run["strategy"] == strategy[0].split("=")[1]
 
@@ -121,6 +127,7 @@ def test_full_fine_tune_under_fsdp_saves_a_consolidated_model(ray_local, tiny_mo
     one = ["scaling.num_workers=1", "scaling.local=true"]
     ref = run_job(job(tiny_model_dir, tmp_path, "full-ddp", "lora=null", "train.lr=1e-4", *one))
     assert losses(run) == pytest.approx(losses(ref), rel=1e-4)
+    assert grad_norms(run) == pytest.approx(grad_norms(ref), rel=1e-3)
     assert run["adapter"] is None and run["method"] == "full" and run["objective"] == "sft"
     manifest = json.loads((tmp_path / "full" / "run.json").read_text())
     assert manifest["model"] == run["model"]
