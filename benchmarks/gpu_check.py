@@ -540,6 +540,19 @@ def print_table(rows: list[Row]) -> None:
         print(f"| {r.name:<{width}} | {r.status:<6} | {r.result} |")
 
 
+def check_device(cpu_smoke: bool) -> torch.device | None:
+    """The device the rows run on, transformers' logging quieted; None (said why) where there is
+    no CUDA and no --cpu-smoke."""
+    if not cpu_smoke and not torch.cuda.is_available():
+        print("no CUDA device: run on a GPU machine, or pass --cpu-smoke", file=sys.stderr)
+        return None
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    if cpu_smoke:  # threads on a small shared machine spin against each other
+        torch.set_num_threads(1)
+    return torch.device("cpu" if cpu_smoke else "cuda")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument(
@@ -551,14 +564,9 @@ def main(argv: list[str] | None = None) -> int:
         help="comma-separated rows: lora,qlora,sdpa,flash,fsdp2,deepspeed,qlora-step,serve,liger",
     )
     args = ap.parse_args(argv)
-    if not args.cpu_smoke and not torch.cuda.is_available():
-        print("no CUDA device: run on a GPU machine, or pass --cpu-smoke", file=sys.stderr)
+    device = check_device(args.cpu_smoke)
+    if device is None:
         return 2
-    device = torch.device("cpu" if args.cpu_smoke else "cuda")
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    if args.cpu_smoke:  # threads on a small shared machine spin against each other
-        torch.set_num_threads(1)
     wanted = {k for k in args.only.split(",") if k}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
